@@ -1,0 +1,31 @@
+"""cdam-fast: fused kernels for CDAM (class distribution-induced attention maps) and a thin
+CLIP pipeline around them. See README.md."""
+from .dispatch import BACKENDS, BackendUnavailableError, available_backends
+from .grids import CDAM_SCALES
+from .ops import (
+    DEFAULT_MEMORY_BUDGET,
+    cdam_attention,
+    cdam_map,
+    jsd_attention,
+    multiscale_cdam_attention,
+    multiscale_cdam_map,
+    pairwise_jsd,
+)
+from .validation import CdamInputError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "CDAM_SCALES",
+    "DEFAULT_MEMORY_BUDGET",
+    "BackendUnavailableError",
+    "CdamInputError",
+    "available_backends",
+    "cdam_attention",
+    "cdam_map",
+    "jsd_attention",
+    "multiscale_cdam_attention",
+    "multiscale_cdam_map",
+    "pairwise_jsd",
+]

@@ -1,0 +1,1 @@
+"""Backend implementations of the ops; cdam_fast.dispatch chooses among them."""

@@ -1,0 +1,158 @@
+"""The public ops. Shapes take any number of leading batch dimensions.
+
+Every op accepts ``backend`` ("auto", "triton", "cuda", "cpu", "reference"; the environment
+variable CDAM_FAST_BACKEND overrides "auto") and ``validate`` (value checks on the inputs:
+finite, probabilities summing to 1; structural checks always run).
+
+Maps come back in float32 (float64 for float64 inputs, which only the reference computes);
+attention outputs in v's dtype.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import _library as lib
+from . import validation as val
+from .dispatch import check_backend_name
+from .grids import CDAM_SCALES
+
+#: Largest N x N float32 buffer (bytes, summed over the batch) that the two-pass CDAM
+#: attention may keep between its passes; beyond it the divergences are recomputed instead.
+DEFAULT_MEMORY_BUDGET = int(os.environ.get("CDAM_FAST_MEMORY_BUDGET", 1 << 30))
+MODES = ("auto", "materialize", "recompute")
+
+
+def _common(backend: str, mode: str | None = None, memory_budget: int | None = None):
+    check_backend_name(backend)
+    if mode is not None and mode not in MODES:
+        raise val.CdamInputError(f"mode must be one of {MODES}, got {mode!r}")
+    if memory_budget is None:
+        return DEFAULT_MEMORY_BUDGET
+    if not isinstance(memory_budget, int) or memory_budget < 0:
+        raise val.CdamInputError(f"memory_budget must be a non-negative int (bytes), got {memory_budget!r}")
+    return memory_budget
+
+
+def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    """[..., N, K] -> [B, N, K] (a view where possible)."""
+    return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1])
+
+
+def _check_classes(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] == 0:
+        raise val.CdamInputError(f"{name} has no classes (last dimension is 0)")
+
+
+def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None, *, backend: str = "auto",
+                 validate: bool = True) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats) between every row of p [..., N, C] and of q [..., M, C].
+
+    q defaults to p (then the diagonal is exactly 0). Returns [..., N, M].
+    """
+    _common(backend)
+    val.check_tensor("p", p, 2)
+    _check_classes("p", p)
+    batch = p.shape[:-2]
+    if q is not None:
+        val.check_tensor("q", q, 2)
+        val.check_same_device(p=p, q=q)
+        val.check_batch("q", q, "p", batch, 2)
+        val.check_dim("q", q.shape[-1], "class count (last dim)", p.shape[-1], "p")
+    out = lib.pairwise_jsd(_rows("p", p), None if q is None else _rows("q", q), backend, validate)
+    return out.reshape(*batch, out.shape[-2], out.shape[-1])
+
+
+def cdam_map(p: torch.Tensor, alpha: float = 10.0, *, backend: str = "auto", validate: bool = True) -> torch.Tensor:
+    """The single-scale CDAM map A [..., N, N] of class distributions p [..., N, C] (spec 2.3-2.6)."""
+    _common(backend)
+    val.check_tensor("p", p, 2)
+    _check_classes("p", p)
+    alpha = val.check_positive("alpha", alpha)
+    out = lib.cdam_map(_rows("p", p), alpha, backend, validate)
+    return out.reshape(*p.shape[:-1], p.shape[-2])
+
+
+def _check_values(p_name: str, p: torch.Tensor, v: torch.Tensor, n: int) -> None:
+    val.check_tensor("v", v, 2)
+    val.check_same_device(**{p_name: p, "v": v})
+    val.check_batch("v", v, p_name, p.shape[:-3] if p_name == "sim" else p.shape[:-2], 2)
+    val.check_dim("v", v.shape[-2], "token count (dim -2)", n, p_name)
+
+
+def cdam_attention(p: torch.Tensor, v: torch.Tensor, alpha: float = 10.0, *, mode: str = "auto",
+                   memory_budget: int | None = None, backend: str = "auto", validate: bool = True) -> torch.Tensor:
+    """cdam_map(p, alpha) @ v for p [..., N, C], v [..., N, D], without writing the N x N map.
+
+    mode "materialize" keeps the N x N float32 divergences between the two passes, "recompute"
+    evaluates them twice in O(N (C + D)) extra memory; "auto" materialises while the buffer fits
+    in memory_budget bytes (default DEFAULT_MEMORY_BUDGET, 1 GiB).
+    """
+    budget = _common(backend, mode, memory_budget)
+    val.check_tensor("p", p, 2)
+    _check_classes("p", p)
+    _check_values("p", p, v, p.shape[-2])
+    alpha = val.check_positive("alpha", alpha)
+    out = lib.cdam_attention(_rows("p", p), _rows("v", v), alpha, mode, budget, backend, validate)
+    return out.reshape(v.shape)
+
+
+def _check_sim(sim: torch.Tensor, scales, tau, alpha):
+    val.check_tensor("sim", sim, 3)
+    if sim.shape[-3] == 0:
+        raise val.CdamInputError("sim has no classes (dim -3 is 0)")
+    return val.check_scales(scales), val.check_positive("tau", tau), val.check_positive("alpha", alpha)
+
+
+def multiscale_cdam_map(sim: torch.Tensor, scales=CDAM_SCALES, tau: float = 0.1, alpha: float = 10.0, *,
+                        backend: str = "auto", validate: bool = True) -> torch.Tensor:
+    """The multi-scale CDAM map [..., N, N] (N = h*w) of raw similarity grids sim [..., C, h, w]:
+    the mean over scales of the single-scale maps (spec section 2)."""
+    _common(backend)
+    scales, tau, alpha = _check_sim(sim, scales, tau, alpha)
+    C, h, w = sim.shape[-3:]
+    out = lib.multiscale_cdam_map(sim.reshape(math.prod(sim.shape[:-3]), C, h, w), scales, tau, alpha, backend, validate)
+    return out.reshape(*sim.shape[:-3], h * w, h * w)
+
+
+def multiscale_cdam_attention(sim: torch.Tensor, v: torch.Tensor, scales=CDAM_SCALES, tau: float = 0.1,
+                              alpha: float = 10.0, *, mode: str = "auto", memory_budget: int | None = None,
+                              backend: str = "auto", validate: bool = True) -> torch.Tensor:
+    """multiscale_cdam_map(sim) @ v for sim [..., C, h, w] and v [..., h*w, D], fused: the seven
+    N x N maps are never written (mode and memory_budget as in cdam_attention)."""
+    budget = _common(backend, mode, memory_budget)
+    scales, tau, alpha = _check_sim(sim, scales, tau, alpha)
+    C, h, w = sim.shape[-3:]
+    _check_values("sim", sim, v, h * w)
+    out = lib.multiscale_cdam_attention(sim.reshape(math.prod(sim.shape[:-3]), C, h, w), _rows("v", v), scales, tau, alpha, mode,
+                                        budget, backend, validate)
+    return out.reshape(v.shape)
+
+
+def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float = 0.1, *, q: torch.Tensor | None = None,
+                  backend: str = "auto", validate: bool = True) -> torch.Tensor:
+    """softmax_j(-J(p_i, q_j) / tau) @ v in one pass with an online softmax, O(N) extra memory.
+
+    p [..., N, C] are the queries' distributions, q [..., M, C] the keys' (default p) and
+    v [..., M, D] the values. Returns [..., N, D].
+    """
+    _common(backend)
+    val.check_tensor("p", p, 2)
+    _check_classes("p", p)
+    tau = val.check_positive("tau", tau)
+    keys = p
+    if q is not None:
+        val.check_tensor("q", q, 2)
+        val.check_same_device(p=p, q=q)
+        val.check_batch("q", q, "p", p.shape[:-2], 2)
+        val.check_dim("q", q.shape[-1], "class count (last dim)", p.shape[-1], "p")
+        keys = q
+    val.check_tensor("v", v, 2)
+    val.check_same_device(p=p, v=v)
+    val.check_batch("v", v, "p", p.shape[:-2], 2)
+    val.check_dim("v", v.shape[-2], "token count (dim -2)", keys.shape[-2], "q" if q is not None else "p")
+    out = lib.jsd_attention(_rows("p", p), _rows("v", v), tau, None if q is None else _rows("q", q), backend,
+                            validate)
+    return out.reshape(*p.shape[:-1], v.shape[-1])

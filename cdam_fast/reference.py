@@ -1,0 +1,110 @@
+"""The pure-torch reference for every op: the definition the fast backends are tested against.
+
+Written for clarity and the spec's literal formulas (entropy of the mixture minus the mean
+entropy, F.interpolate for the grids), not for speed. It never builds an [N, N, C] tensor:
+the pairwise divergence is evaluated in row chunks whose size is bounded. Inputs are
+batch-flattened: p [B, N, C], v [B, N, D], sim [B, C, h, w]. It computes in float64 for
+float64 input and in float32 otherwise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .grids import class_distributions, scale_grid
+
+# A row whose divergences span less than this (in nats) is numerically constant (spec 2.6).
+CONSTANT_ROW_EPS = 1e-6
+# Largest [rows, M, C] block the chunked divergence materialises at once.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -torch.xlogy(p, p).sum(-1)  # xlogy gives 0 log 0 = 0
+
+
+def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+    """J[b, i, j] = H((p_i + q_j) / 2) - (H(p_i) + H(q_j)) / 2 in nats, clamped at 0.
+
+    With q None the divergence is of p against itself and the diagonal is exactly 0.
+    """
+    dt = _compute_dtype(p)
+    pp = p.to(dt)
+    qq = pp if q is None else q.to(dt)
+    B, N, C = pp.shape
+    M = qq.shape[1]
+    hp, hq = _entropy(pp), _entropy(qq)
+    out = torch.empty(B, N, M, dtype=dt, device=p.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, M * C))
+    for b in range(B):
+        for i in range(0, N, rows):
+            m = 0.5 * (pp[b, i:i + rows, None, :] + qq[b, None, :, :])
+            out[b, i:i + rows] = _entropy(m) - 0.5 * (hp[b, i:i + rows, None] + hq[b, None, :])
+    out.clamp_(min=0.0)
+    if q is None:
+        out.diagonal(dim1=-2, dim2=-1).zero_()
+    return out
+
+
+def minmax_expm1(j: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Spec 2.5-2.6: X = row min-max of (1 - J), A = expm1(alpha X) / expm1(alpha).
+
+    Rows whose range is below CONSTANT_ROW_EPS get X = 1 (so A = 1) instead of 0/0.
+    """
+    hi = j.amax(-1, keepdim=True)
+    lo = j.amin(-1, keepdim=True)
+    span = hi - lo
+    flat = span < CONSTANT_ROW_EPS
+    x = torch.where(flat, torch.ones_like(j), (hi - j) / torch.where(flat, torch.ones_like(span), span))
+    return torch.expm1(alpha * x) / math.expm1(alpha)
+
+
+def cdam_map(p: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:
+    return minmax_expm1(pairwise_jsd(p), alpha)
+
+
+def cdam_attention(p: torch.Tensor, v: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:
+    a = cdam_map(p, alpha)
+    return (a @ v.to(a.dtype)).to(v.dtype)
+
+
+def _upsample_pairs(j: torch.Tensor, hs: int, ws: int, h: int, w: int) -> torch.Tensor:
+    """[B, n_s, n_s] -> [B, N, N]: bilinear along the key axis, then along the query axis."""
+    B, n, _ = j.shape
+    up = lambda t: F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)  # noqa: E731
+    keys = up(j.reshape(B * n, 1, hs, ws)).reshape(B, n, h * w)
+    both = up(keys.transpose(1, 2).reshape(B * h * w, 1, hs, ws)).reshape(B, h * w, h * w)
+    return both.transpose(1, 2)  # [query, key] order: row i belongs to full-grid query i
+
+
+def multiscale_cdam_map(sim: torch.Tensor, scales=None, tau: float = 0.1, alpha: float = 10.0) -> torch.Tensor:
+    from .grids import CDAM_SCALES
+
+    scales = CDAM_SCALES if scales is None else scales
+    B, C, h, w = sim.shape
+    total = None
+    for s in scales:
+        hs, ws = scale_grid(h, w, s)
+        j = pairwise_jsd(class_distributions(sim, hs, ws, tau))
+        if (hs, ws) != (h, w):
+            j = _upsample_pairs(j, hs, ws, h, w)
+        a = minmax_expm1(j, alpha)
+        total = a if total is None else total + a
+    return total / len(scales)
+
+
+def multiscale_cdam_attention(sim, v, scales=None, tau: float = 0.1, alpha: float = 10.0) -> torch.Tensor:
+    a = multiscale_cdam_map(sim, scales, tau, alpha)
+    return (a @ v.to(a.dtype)).to(v.dtype)
+
+
+def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float = 0.1, q: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax_j(-J_ij / tau) @ v, the keys' distributions being q (default p)."""
+    j = pairwise_jsd(p, q)
+    return (torch.softmax(-j / tau, dim=-1) @ v.to(j.dtype)).to(v.dtype)
