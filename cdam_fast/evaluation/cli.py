@@ -1,0 +1,142 @@
+"""`cdam-fast eval` (mIoU on a benchmark, resumable, torchrun-aware) and
+`cdam-fast make-coco-object` (COCO-Object labels from COCO-Stuff)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from .datasets import DATASETS, DatasetError
+from .metrics import PredictionError
+
+METHODS = ("maskclip", "sclip", "clearclip", "gem", "naclip")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="mIoU of the CLIP pipeline on a segmentation benchmark",
+        description="Evaluate the segmentation pipeline on a benchmark (mIoU, mAcc, aAcc, per-class IoU). "
+                    "Per-image results are kept in --output, so a rerun continues an interrupted run. "
+                    "Under `torchrun --nproc_per_node=K` each process scores a shard of the images.")
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark")
+    p.add_argument("--root", required=True, help="dataset root folder (standard mmsegmentation layout)")
+    p.add_argument("--split", default=None, help="split (default: the benchmark's validation split)")
+    p.add_argument("--method", default="maskclip", choices=METHODS, help="training-free baseline (default: maskclip)")
+    p.add_argument("--no-cdam", action="store_true", help="the baseline alone, without the CDAM attention")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N images (sorted by name)")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default: ViT-B-16)")
+    p.add_argument("--pretrained", default="openai", help="open_clip weights tag or checkpoint path (default: openai)")
+    p.add_argument("--mode", default="window", help="pipeline inference mode (default: window)")
+    p.add_argument("--backend", default="auto", help="CDAM kernel backend (default: auto)")
+    p.add_argument("--device", default=None, help="torch device (default: this rank's GPU if any, else CPU)")
+    p.add_argument("--dtype", default=None, help="model dtype, e.g. float16 (default: the pipeline's)")
+    p.add_argument("--background", default=None,
+                   help="background rule: entropy, entropy-per-window, a probability threshold, or none "
+                        "(default: entropy for benchmarks with a background class, none otherwise)")
+    p.add_argument("--output", default=None,
+                   help="results folder (default: cdam_eval/DATASET-METHOD-cdam|nocdam-MODEL)")
+    p.add_argument("--overwrite", action="store_true", help="discard results of a different run in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # for tests: MODULE:CALLABLE, called with the dataset, returning an `image -> label map` predictor
+    p.add_argument("--predictor", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=run_eval)
+
+    c = subparsers.add_parser(
+        "make-coco-object", help="write COCO-Object labels (*_instanceTrainIds.png) from COCO-Stuff 164k",
+        description="Fold COCO-Stuff 164k labels into COCO-Object: thing ids 0..79 -> 1..80, stuff -> 0 "
+                    "(background), 255 stays ignored.")
+    c.add_argument("--root", required=True, help="COCO-Stuff root (with annotations/SPLIT/*_labelTrainIds.png)")
+    c.add_argument("--split", default="val2017")
+    c.add_argument("--overwrite", action="store_true", help="replace existing *_instanceTrainIds.png files")
+    c.set_defaults(func=run_make_coco_object)
+
+
+def run_eval(args) -> int:
+    from .datasets import open_dataset
+    from .distributed import distributed_context
+    from .metrics import format_table
+    from .runner import evaluate
+    from .store import StoreError
+
+    try:
+        dataset = open_dataset(args.dataset, args.root, args.split, args.limit)
+        config = _run_config(args, dataset)
+        output = Path(args.output) if args.output else Path("cdam_eval") / _default_run_name(args)
+        use_cuda = None if args.predictor is None else False  # test predictors run on CPU (gloo)
+        with distributed_context(use_cuda=use_cuda) as dist:
+            predictor = _build_predictor(args, dataset, config, dist)
+            result = evaluate(dataset, predictor, output=output, config=config, overwrite=args.overwrite,
+                              dist=dist, progress=not args.no_progress)
+            if dist.is_main:
+                print(f"{dataset.spec.title}, split {dataset.split}, {result.num_images} images, "
+                      f"{_describe(config)}")
+                print(format_table(result.classes, result.scores))
+                print(f"results: {output / 'result.json'}")
+    except (DatasetError, StoreError, PredictionError, UsageError) as e:
+        print(f"cdam-fast eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_make_coco_object(args) -> int:
+    from .coco_object import make_coco_object_labels
+
+    try:
+        n = make_coco_object_labels(args.root, args.split, overwrite=args.overwrite)
+    except DatasetError as e:
+        print(f"cdam-fast make-coco-object: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} COCO-Object label maps")
+    return 0
+
+
+class UsageError(ValueError):
+    """A command-line value the command cannot use."""
+
+
+def background_setting(value, dataset_has_background: bool):
+    """--background text -> the Segmenter's `background` argument."""
+    if value is None:
+        return "entropy" if dataset_has_background else None
+    if value.lower() == "none":
+        return None
+    if value in ("entropy", "entropy-per-window"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise UsageError(f"--background must be entropy, entropy-per-window, none or a number, got {value!r}") from None
+
+
+def _run_config(args, dataset) -> dict:
+    if args.predictor is not None:
+        return {"predictor": args.predictor}
+    return {
+        "method": args.method, "cdam": not args.no_cdam, "model": args.model, "pretrained": args.pretrained,
+        "mode": args.mode, "dtype": args.dtype,
+        "background": background_setting(args.background, dataset.spec.has_background),
+    }
+
+
+def _default_run_name(args) -> str:
+    if args.predictor is not None:
+        return f"{args.dataset}-custom"
+    return f"{args.dataset}-{args.method}-{'nocdam' if args.no_cdam else 'cdam'}-{args.model}"
+
+
+def _describe(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
+def _build_predictor(args, dataset, config, dist):
+    if args.predictor is not None:
+        module, _, name = args.predictor.partition(":")
+        return getattr(importlib.import_module(module), name)(dataset)
+    from cdam_fast.pipeline import Segmenter  # lazy: the evaluation code does not need the model stack
+
+    device = args.device or (str(dist.device) if dist.device is not None else None)
+    segmenter = Segmenter(dataset.classes, model=args.model, pretrained=args.pretrained, method=args.method,
+                          cdam=not args.no_cdam, mode=args.mode, backend=args.backend, device=device,
+                          dtype=args.dtype, background=config["background"])
+    return segmenter.predict
