@@ -1,0 +1,193 @@
+"""Just-in-time build of the C++ (CPU) and CUDA extensions in csrc/, shared by both backends.
+
+The extensions are compiled with torch.utils.cpp_extension.load and ninja on first use and
+cached on disk under ``$TORCH_EXTENSIONS_DIR/cdam_fast`` (default ``~/.cache/torch_extensions``),
+in a folder keyed by the sources, the flags and the torch/Python versions, so later runs only
+import the cached library. A build is attempted at most once per process: success or failure
+is remembered, so asking again is free. A failure becomes a one-line reason (with the first
+compiler error line) that the backends return from ``unavailable_reason``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import cdam_fast.csrc
+
+SOURCE_DIR = Path(cdam_fast.csrc.__file__).parent
+# Set to 1 to never compile (the backends then report themselves unavailable).
+NO_BUILD_ENV = "CDAM_FAST_NO_BUILD"
+# The CUDA kernels use bf16 tensor cores (sm_80+); Hopper gets its own cubin.
+CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+
+class ExtensionBuildError(RuntimeError):
+    """The extension could not be built or imported; str(e) is a one-line reason."""
+
+
+@dataclass(frozen=True)
+class ExtensionSpec:
+    """What to compile: a stable base name, the sources and the compiler flags."""
+
+    base_name: str
+    sources: tuple[Path, ...]
+    cflags: tuple[str, ...] = ()
+    cuda_cflags: tuple[str, ...] = ()
+    ldflags: tuple[str, ...] = ()
+    label: str = "C++"
+    headers: tuple[Path, ...] = field(default_factory=tuple)
+
+    @property
+    def with_cuda(self) -> bool:
+        return any(s.suffix == ".cu" for s in self.sources)
+
+    def fingerprint(self) -> str:
+        """Changes whenever anything that affects the compiled library changes."""
+        h = hashlib.sha256()
+        for path in sorted(self.sources + self.headers):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+        h.update(repr((self.cflags, self.cuda_cflags, self.ldflags, torch.__version__, sys.version_info[:2])).encode())
+        return h.hexdigest()[:12]
+
+    @property
+    def module_name(self) -> str:
+        return f"{self.base_name}_{self.fingerprint()}"
+
+
+def cpu_isa_flags(cpuinfo: str | None = None) -> list[str]:
+    """AVX2/FMA code (and ATen's AVX2 Vectorized, with its vector log2) only if this CPU has them."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    if {"avx2", "fma"} <= flags:
+        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _headers() -> tuple[Path, ...]:
+    return tuple(sorted(SOURCE_DIR.glob("*.h")))
+
+
+def cpu_spec() -> ExtensionSpec:
+    # -fopenmp: at::parallel_for is a header template that only runs in parallel under OpenMP.
+    return ExtensionSpec("cdam_fast_cpu", (SOURCE_DIR / "cdam_cpu.cpp",),
+                         cflags=("-O3", "-fopenmp", *cpu_isa_flags()), ldflags=("-fopenmp",),
+                         label="CPU", headers=_headers())
+
+
+def cuda_spec() -> ExtensionSpec:
+    return ExtensionSpec("cdam_fast_cuda", (SOURCE_DIR / "cdam_cuda.cu",), cflags=("-O3",),
+                         cuda_cflags=(*CUDA_ARCH_FLAGS, "-O3"), label="CUDA", headers=_headers())
+
+
+def build_root() -> Path:
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+    return Path(base) / "cdam_fast"
+
+
+def _first_error_line(text: str) -> str:
+    """The first line a human needs from a failed compiler run."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for pattern in (r"\berror\b", r"fatal", r"not found|No such file"):
+        for ln in lines:
+            if re.search(pattern, ln, re.IGNORECASE) and not ln.startswith("FAILED:"):
+                return ln[:300]
+    return (lines[-1] if lines else "no compiler output")[:300]
+
+
+def toolchain_problem(spec: ExtensionSpec) -> str | None:
+    """Why this machine cannot even try to build `spec` (missing compiler or ninja), else None."""
+    from torch.utils import cpp_extension
+
+    if os.environ.get(NO_BUILD_ENV, "").strip() not in ("", "0"):
+        return f"building the {spec.label} extension is disabled by {NO_BUILD_ENV}"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler found (looked for {cxx!r}; install g++ or set CXX)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    if spec.with_cuda:
+        if cpp_extension.CUDA_HOME is None:
+            return "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
+        if shutil.which(str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc")) is None:
+            return f"nvcc not found under CUDA_HOME={cpp_extension.CUDA_HOME}"
+    return None
+
+
+def _library_exists(folder: Path, name: str) -> bool:
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    return any((folder / f"{name}{s}").exists() for s in {".so", suffix})
+
+
+def build(spec: ExtensionSpec, root: Path | None = None):
+    """Compile (or load from the cache) and import `spec`; raises ExtensionBuildError."""
+    from torch.utils import cpp_extension
+
+    why = toolchain_problem(spec)
+    if why is not None:
+        raise ExtensionBuildError(why)
+    name = spec.module_name
+    folder = (root or build_root()) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if not _library_exists(folder, name):
+        print(f"building cdam_fast {spec.label} extension (first use, ~1 min)...", file=sys.stderr, flush=True)
+    try:
+        return cpp_extension.load(
+            name=name, sources=[str(s) for s in spec.sources], extra_cflags=list(spec.cflags),
+            extra_cuda_cflags=list(spec.cuda_cflags) or None, extra_ldflags=list(spec.ldflags) or None,
+            extra_include_paths=[str(SOURCE_DIR)], build_directory=str(folder), with_cuda=spec.with_cuda,
+            verbose=False)
+    except Exception as e:  # compiler errors arrive as RuntimeError with the whole build log
+        raise ExtensionBuildError(
+            f"building the {spec.label} extension failed: {_first_error_line(str(e))} (build folder {folder})") from e
+
+
+class _Cached:
+    """Builds one extension at most once per process and remembers the module or the failure."""
+
+    def __init__(self, make_spec):
+        self._make_spec = make_spec
+        self._lock = threading.Lock()
+        self._result = None  # the module, or an ExtensionBuildError
+
+    def failure(self) -> str | None:
+        """None once the extension is importable, else the one-line reason (building if needed)."""
+        with self._lock:
+            if self._result is None:
+                try:
+                    self._result = build(self._make_spec())
+                except ExtensionBuildError as e:
+                    self._result = e
+        return str(self._result) if isinstance(self._result, ExtensionBuildError) else None
+
+    def module(self):
+        why = self.failure()
+        if why is not None:
+            raise ExtensionBuildError(why)
+        return self._result
+
+    def reset(self) -> None:
+        """Forget the outcome (tests; or after installing a compiler in a running process)."""
+        with self._lock:
+            self._result = None
+
+
+cpu_extension = _Cached(cpu_spec)
+cuda_extension = _Cached(cuda_spec)

@@ -1,0 +1,468 @@
+// CPU implementation of the CDAM ops: SIMD over key columns (at::vec::Vectorized, whose log2 and
+// expm1 run on the vector units), at::parallel_for over rows, cache-sized tiles, and a BLAS GEMM
+// per bounded row chunk for the products with v. Never builds [N, N, C]; the attention ops in
+// recompute mode keep at most a bounded [rows, N] chunk of the map.
+//
+// Inputs arrive from cdam_fast/backends/cpu_backend.py already float32, contiguous and
+// batch-flattened; that module also prepares the multi-scale grids (distributions and taps).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cdam_common.h"
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+// Keys evaluated together by one inner loop: two vectors give the log2 calls some independence.
+constexpr int64_t kKeyBlock = 2 * kLanes;
+// Square tile (rows x keys) of the symmetric self-divergence; a multiple of kKeyBlock.
+constexpr int64_t kTile = 64;
+// Largest [rows, N] float chunk kept by the chunked (recompute) paths: 8 MiB.
+constexpr int64_t kChunkFloats = int64_t(1) << 21;
+// Keys per step of the online softmax in jsd_attention.
+constexpr int64_t kSoftmaxKeys = 512;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline Vec xlog2x(const Vec& s) {
+  return s * at::vec::maximum(s, Vec(cdam::kTinyMass)).log2();
+}
+
+// Per row r_i = sum_c p_ic (log2 p_ic + 1), for rows [n] of p [n, C]; padded with zeros to pad_to.
+at::Tensor row_terms(const at::Tensor& p, int64_t pad_to) {
+  const int64_t n = p.size(-2), C = p.size(-1);
+  const int64_t rows = p.numel() / C;
+  const int64_t batch = rows / std::max<int64_t>(n, 1);
+  at::Tensor out = at::zeros({batch, pad_to}, p.options());
+  const float* src = p.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* x = src + row * C;
+      Vec acc(0.f);
+      int64_t c = 0;
+      for (; c + kLanes <= C; c += kLanes) {
+        Vec v = Vec::loadu(x + c);
+        acc = acc + xlog2x(v) + v;
+      }
+      if (c < C) {
+        Vec v = Vec::loadu(x + c, C - c);  // masked lanes are 0 and add 0
+        acc = acc + xlog2x(v) + v;
+      }
+      dst[(row / n) * pad_to + row % n] =
+          at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+    }
+  });
+  return out;
+}
+
+// One side of a pairwise divergence laid out for the inner loop: keys in blocks of kKeyBlock,
+// class-major inside a block, so each class step reads kKeyBlock contiguous floats.
+struct Operand {
+  at::Tensor rows;    // [B, n, C]
+  at::Tensor terms;   // [B, n_pad]
+  at::Tensor blocks;  // [B, n_pad / kKeyBlock, C, kKeyBlock]
+  int64_t n = 0, n_pad = 0, C = 0;
+
+  explicit Operand(const at::Tensor& p) : rows(p.contiguous()) {
+    n = p.size(1);
+    C = p.size(2);
+    n_pad = ceil_div(n, kKeyBlock) * kKeyBlock;
+    terms = row_terms(rows, n_pad);
+    blocks = at::constant_pad_nd(rows, {0, 0, 0, n_pad - n})
+                 .view({p.size(0), n_pad / kKeyBlock, kKeyBlock, C})
+                 .transpose(2, 3)
+                 .contiguous();
+  }
+  const float* row(int64_t b, int64_t i) const { return rows.data_ptr<float>() + (b * n + i) * C; }
+  const float* term(int64_t b) const { return terms.data_ptr<float>() + b * n_pad; }
+  const float* block(int64_t b, int64_t kb) const {
+    return blocks.data_ptr<float>() + ((b * (n_pad / kKeyBlock)) + kb) * C * kKeyBlock;
+  }
+};
+
+// J between query row i of `q_side` and the kKeyBlock keys of block kb of `k_side`; writes the
+// first `count` of them to out.
+inline void jsd_key_block(const Operand& q_side, const Operand& k_side, int64_t b, int64_t i, int64_t kb,
+                          float* out, int64_t count) {
+  const float* prow = q_side.row(b, i);
+  const float* keys = k_side.block(b, kb);
+  const int64_t C = q_side.C;
+  Vec acc0(0.f), acc1(0.f);
+  for (int64_t c = 0; c < C; ++c) {
+    const Vec pc(prow[c]);
+    const Vec s0 = pc + Vec::loadu(keys + c * kKeyBlock);
+    const Vec s1 = pc + Vec::loadu(keys + c * kKeyBlock + kLanes);
+    acc0 = at::vec::fmadd(s0, at::vec::maximum(s0, Vec(cdam::kTinyMass)).log2(), acc0);
+    acc1 = at::vec::fmadd(s1, at::vec::maximum(s1, Vec(cdam::kTinyMass)).log2(), acc1);
+  }
+  const Vec ri(q_side.term(b)[i]);
+  const float* rk = k_side.term(b) + kb * kKeyBlock;
+  const Vec zero(0.f), half_ln2(cdam::kHalfLn2);
+  const Vec j0 = at::vec::maximum((ri + Vec::loadu(rk) - acc0) * half_ln2, zero);
+  const Vec j1 = at::vec::maximum((ri + Vec::loadu(rk + kLanes) - acc1) * half_ln2, zero);
+  j0.store(out, std::min(count, kLanes));
+  if (count > kLanes) j1.store(out + kLanes, count - kLanes);
+}
+
+// J[i, k] for rows [i0, i1) x key blocks [kb0, kb1) into out (row i at out + (i - i0) * ld, key k
+// at column k). Key block outer so a block's C x kKeyBlock floats stay in L1 across the rows.
+void jsd_rows(const Operand& q_side, const Operand& k_side, int64_t b, int64_t i0, int64_t i1, int64_t kb0,
+              int64_t kb1, float* out, int64_t ld) {
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const int64_t count = std::min(kKeyBlock, k_side.n - kb * kKeyBlock);
+    for (int64_t i = i0; i < i1; ++i) jsd_key_block(q_side, k_side, b, i, kb, out + (i - i0) * ld + kb * kKeyBlock, count);
+  }
+}
+
+// Full self-divergence J [B, n, n] using symmetry: only tiles on or above the diagonal are
+// evaluated, then mirrored. The diagonal is exactly 0.
+at::Tensor jsd_self_full(const Operand& x) {
+  const int64_t B = x.rows.size(0), n = x.n;
+  at::Tensor J = at::empty({B, n, n}, x.rows.options());
+  float* out = J.data_ptr<float>();
+  const int64_t tiles = ceil_div(n, kTile);
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t a = 0; a < tiles; ++a)
+    for (int64_t c = a; c < tiles; ++c) pairs.emplace_back(a, c);
+  const int64_t work = B * static_cast<int64_t>(pairs.size());
+  at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / pairs.size();
+      const auto [ti, tk] = pairs[w % pairs.size()];
+      const int64_t i0 = ti * kTile, i1 = std::min(n, i0 + kTile);
+      const int64_t k0 = tk * kTile, k1 = std::min(n, k0 + kTile);
+      float* Jb = out + b * n * n;
+      jsd_rows(x, x, b, i0, i1, k0 / kKeyBlock, ceil_div(k1, kKeyBlock), Jb + i0 * n, n);
+      if (ti != tk)
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t k = k0; k < k1; ++k) Jb[k * n + i] = Jb[i * n + k];
+    }
+  });
+  J.diagonal(0, -2, -1).zero_();
+  return J;
+}
+
+// Spec 2.5-2.6 on one row of divergences: dst (+)= weight * expm1(alpha X) / expm1(alpha) with
+// X = (hi - J) / (hi - lo), or weight where the row is constant. src and dst may alias (add=false).
+void cdam_row(const float* src, int64_t n, float alpha, float weight, float* dst, bool add) {
+  Vec vhi(-std::numeric_limits<float>::infinity()), vlo(std::numeric_limits<float>::infinity());
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    const Vec v = Vec::loadu(src + k);
+    vhi = at::vec::maximum(vhi, v);
+    vlo = at::vec::minimum(vlo, v);
+  }
+  float hi = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vhi);
+  float lo = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, vlo);
+  for (; k < n; ++k) {
+    hi = std::max(hi, src[k]);
+    lo = std::min(lo, src[k]);
+  }
+  const bool flat = !(hi - lo >= cdam::kConstantRowEps);
+  const float inv_span = flat ? 0.f : 1.f / (hi - lo);
+  const Vec vscale(weight / static_cast<float>(std::expm1(static_cast<double>(alpha))));
+  const Vec valpha_span(alpha * inv_span), vtop(hi), vweight(weight);
+  for (k = 0; k < n; k += kLanes) {
+    const int64_t count = std::min(kLanes, n - k);
+    Vec a = flat ? vweight : ((vtop - Vec::loadu(src + k, count)) * valpha_span).expm1() * vscale;
+    if (add) a = a + Vec::loadu(dst + k, count);
+    a.store(dst + k, count);
+  }
+}
+
+// One scale of a (multi-scale) CDAM map, with the divergences either kept in memory (`J`, the
+// materialize mode) or evaluated on demand from the distributions (recompute mode).
+struct Scale {
+  Operand dist;        // P_s [B, n_s, C]
+  at::Tensor J;        // [B, n_s, n_s] when materialized, else undefined
+  at::Tensor idx, wts; // [N, 4] bilinear taps onto the full grid, undefined for the full grid
+  Scale(const at::Tensor& p, const c10::optional<at::Tensor>& taps_idx, const c10::optional<at::Tensor>& taps_wts,
+        bool materialize)
+      : dist(p) {
+    if (taps_idx.has_value()) {
+      idx = taps_idx->to(at::kInt).contiguous();
+      wts = taps_wts->to(at::kFloat).contiguous();
+    }
+    if (materialize) J = jsd_self_full(dist);
+  }
+  bool upsampled() const { return idx.defined(); }
+};
+
+// acc[i - i0, :] += weight * A_s[i, :] for the full-grid rows [i0, i1) of batch b; acc is
+// [i1 - i0, N] row-major. Parallel over rows; at most O((i1 - i0 + grid lines) * N) scratch.
+void accumulate_scale(const Scale& s, int64_t b, int64_t i0, int64_t i1, int64_t N, float alpha, float weight,
+                      float* acc, bool add) {
+  const int64_t ns = s.dist.n;
+  if (!s.upsampled()) {
+    if (s.J.defined()) {
+      const float* J = s.J.data_ptr<float>() + b * N * N;
+      at::parallel_for(i0, i1, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) cdam_row(J + i * N, N, alpha, weight, acc + (i - i0) * N, add);
+      });
+      return;
+    }
+    // Recompute: blocks of rows share the key blocks in cache; each block's divergences go to a
+    // private buffer (or straight into acc when it is written, not added to).
+    at::parallel_for(i0, i1, 8, [&](int64_t begin, int64_t end) {
+      constexpr int64_t kRows = 8;
+      std::vector<float> buf(add ? kRows * N : 0);
+      for (int64_t r0 = begin; r0 < end; r0 += kRows) {
+        const int64_t r1 = std::min(end, r0 + kRows);
+        float* J = add ? buf.data() : acc + (r0 - i0) * N;
+        jsd_rows(s.dist, s.dist, b, r0, r1, 0, ceil_div(N, kKeyBlock), J, N);
+        for (int64_t i = r0; i < r1; ++i) {
+          J[(i - r0) * N + i] = 0.f;  // self divergence
+          cdam_row(J + (i - r0) * N, N, alpha, weight, acc + (i - i0) * N, add);
+        }
+      }
+    });
+    return;
+  }
+  // Upsampled scale: the small-grid rows feeding [i0, i1) form one contiguous range [a0, a1).
+  const int32_t* idx = s.idx.data_ptr<int32_t>();
+  const float* wts = s.wts.data_ptr<float>();
+  int64_t a0 = ns, a1 = 0;
+  for (int64_t i = i0; i < i1; ++i)
+    for (int t = 0; t < 4; ++t) {
+      a0 = std::min<int64_t>(a0, idx[i * 4 + t]);
+      a1 = std::max<int64_t>(a1, idx[i * 4 + t] + 1);
+    }
+  const int64_t na = a1 - a0;
+  const float* small;
+  at::Tensor small_buf;
+  if (s.J.defined()) {
+    small = s.J.data_ptr<float>() + (b * ns + a0) * ns;
+  } else {
+    small_buf = at::empty({na, ns}, s.dist.rows.options());
+    float* out = small_buf.data_ptr<float>();
+    at::parallel_for(a0, a1, 8, [&](int64_t begin, int64_t end) {
+      jsd_rows(s.dist, s.dist, b, begin, end, 0, ceil_div(ns, kKeyBlock), out + (begin - a0) * ns, ns);
+      for (int64_t a = begin; a < end; ++a) out[(a - a0) * ns + a] = 0.f;
+    });
+    small = out;
+  }
+  // Upsample along the key axis: keyed[a, k] = sum_t w[k, t] J_s[a, idx[k, t]].
+  at::Tensor keyed_buf = at::empty({na, N}, s.dist.rows.options());
+  float* keyed = keyed_buf.data_ptr<float>();
+  at::parallel_for(0, na, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t a = begin; a < end; ++a) {
+      const float* src = small + a * ns;
+      float* dst = keyed + a * N;
+      for (int64_t k = 0; k < N; ++k) {
+        const int32_t* ik = idx + k * 4;
+        const float* wk = wts + k * 4;
+        dst[k] = wk[0] * src[ik[0]] + wk[1] * src[ik[1]] + wk[2] * src[ik[2]] + wk[3] * src[ik[3]];
+      }
+    }
+  });
+  // Then along the query axis, one full-grid row at a time, and transform.
+  at::parallel_for(i0, i1, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(N);
+    for (int64_t i = begin; i < end; ++i) {
+      const int32_t* ii = idx + i * 4;
+      const float* wi = wts + i * 4;
+      const float* r[4];
+      Vec w[4];
+      for (int t = 0; t < 4; ++t) {
+        r[t] = keyed + (ii[t] - a0) * N;
+        w[t] = Vec(wi[t]);
+      }
+      for (int64_t k = 0; k < N; k += kLanes) {
+        const int64_t count = std::min(kLanes, N - k);
+        Vec u = w[0] * Vec::loadu(r[0] + k, count);
+        for (int t = 1; t < 4; ++t) u = at::vec::fmadd(w[t], Vec::loadu(r[t] + k, count), u);
+        u.store(row.data() + k, count);
+      }
+      cdam_row(row.data(), N, alpha, weight, acc + (i - i0) * N, add);
+    }
+  });
+}
+
+int64_t chunk_rows(int64_t N) { return std::max<int64_t>(16, std::min<int64_t>(N, kChunkFloats / std::max<int64_t>(N, 1))); }
+
+std::vector<Scale> make_scales(const std::vector<at::Tensor>& ps, const std::vector<c10::optional<at::Tensor>>& idx,
+                               const std::vector<c10::optional<at::Tensor>>& wts, bool materialize) {
+  TORCH_CHECK(ps.size() == idx.size() && ps.size() == wts.size(), "one distribution and one tap set per scale");
+  std::vector<Scale> scales;
+  scales.reserve(ps.size());
+  for (size_t s = 0; s < ps.size(); ++s) scales.emplace_back(ps[s].contiguous(), idx[s], wts[s], materialize);
+  return scales;
+}
+
+// ----------------------------------------------------------------------------- public ops
+
+at::Tensor pairwise_jsd(const at::Tensor& p, const c10::optional<at::Tensor>& q) {
+  if (!q.has_value()) return jsd_self_full(Operand(p));
+  const Operand rows(p), keys(*q);
+  const int64_t B = p.size(0), N = p.size(1), M = keys.n;
+  at::Tensor J = at::empty({B, N, M}, p.options());
+  float* out = J.data_ptr<float>();
+  const int64_t row_tiles = ceil_div(N, kTile);
+  at::parallel_for(0, B * row_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / row_tiles, i0 = (w % row_tiles) * kTile, i1 = std::min(N, i0 + kTile);
+      jsd_rows(rows, keys, b, i0, i1, 0, ceil_div(M, kKeyBlock), out + (b * N + i0) * M, M);
+    }
+  });
+  return J;
+}
+
+at::Tensor cdam_map(const at::Tensor& p, double alpha) {
+  at::Tensor A = jsd_self_full(Operand(p));
+  const int64_t N = A.size(1);
+  float* a = A.data_ptr<float>();
+  at::parallel_for(0, A.size(0) * N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) cdam_row(a + row * N, N, static_cast<float>(alpha), 1.f, a + row * N, false);
+  });
+  return A;
+}
+
+// Chunked (map rows) @ v: never more than chunk_rows(N) rows of the map at once.
+at::Tensor multiscale_attention_impl(const std::vector<Scale>& scales, const at::Tensor& v, double alpha) {
+  const int64_t B = v.size(0), N = v.size(1);
+  at::Tensor out = at::empty_like(v);
+  const int64_t R = chunk_rows(N);
+  at::Tensor acc_buf = at::empty({std::min(R, N), N}, v.options());
+  const float weight = 1.f / static_cast<float>(scales.size());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i0 = 0; i0 < N; i0 += R) {
+      const int64_t i1 = std::min(N, i0 + R);
+      at::Tensor acc = acc_buf.narrow(0, 0, i1 - i0);
+      for (size_t s = 0; s < scales.size(); ++s)
+        accumulate_scale(scales[s], b, i0, i1, N, static_cast<float>(alpha), weight, acc.data_ptr<float>(), s > 0);
+      at::Tensor dst = out[b].narrow(0, i0, i1 - i0);
+      at::mm_out(dst, acc, v[b]);
+    }
+  return out;
+}
+
+at::Tensor cdam_attention(const at::Tensor& p, const at::Tensor& v, double alpha, bool materialize) {
+  if (materialize) return at::bmm(cdam_map(p, alpha), v);
+  std::vector<Scale> one;
+  one.emplace_back(p.contiguous(), c10::nullopt, c10::nullopt, false);
+  return multiscale_attention_impl(one, v, alpha);
+}
+
+at::Tensor multiscale_cdam_map(const std::vector<at::Tensor>& ps, const std::vector<c10::optional<at::Tensor>>& idx,
+                               const std::vector<c10::optional<at::Tensor>>& wts, int64_t N, double alpha) {
+  TORCH_CHECK(!ps.empty(), "at least one scale");
+  const int64_t B = ps[0].size(0);
+  at::Tensor out = at::empty({B, N, N}, ps[0].options());
+  const int64_t R = chunk_rows(N);
+  const float weight = 1.f / static_cast<float>(ps.size());
+  // Scale by scale, so only one scale's divergences are held besides the output.
+  for (size_t s = 0; s < ps.size(); ++s) {
+    const Scale scale(ps[s].contiguous(), idx[s], wts[s], /*materialize=*/true);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i0 = 0; i0 < N; i0 += R)
+        accumulate_scale(scale, b, i0, std::min(N, i0 + R), N, static_cast<float>(alpha), weight,
+                         out.data_ptr<float>() + (b * N + i0) * N, s > 0);
+  }
+  return out;
+}
+
+at::Tensor multiscale_cdam_attention(const std::vector<at::Tensor>& ps, const std::vector<c10::optional<at::Tensor>>& idx,
+                                     const std::vector<c10::optional<at::Tensor>>& wts, const at::Tensor& v, double alpha,
+                                     bool materialize) {
+  TORCH_CHECK(!ps.empty(), "at least one scale");
+  return multiscale_attention_impl(make_scales(ps, idx, wts, materialize), v, alpha);
+}
+
+// softmax_j(-J_ij / tau) @ v with an online softmax over blocks of keys: per row a running max m
+// and sum l; O(rows x (kSoftmaxKeys + D)) scratch.
+at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, const c10::optional<at::Tensor>& q) {
+  const Operand rows(p);
+  c10::optional<Operand> keys_own;
+  if (q.has_value()) keys_own.emplace(*q);
+  const Operand& keys = q.has_value() ? *keys_own : rows;
+  const int64_t B = p.size(0), N = p.size(1), M = keys.n, D = v.size(2);
+  const bool self = !q.has_value();
+  at::Tensor out = at::empty({B, N, D}, v.options());
+  const int64_t R = std::min<int64_t>(N, 256);
+  const int64_t K = std::min<int64_t>(ceil_div(M, kKeyBlock) * kKeyBlock, kSoftmaxKeys);
+  at::Tensor weights = at::empty({R, K}, p.options());
+  at::Tensor acc = at::empty({R, D}, p.options());
+  at::Tensor rescale = at::empty({R, 1}, p.options());
+  std::vector<float> run_max(R), run_sum(R);
+  const float neg_inv_tau = static_cast<float>(-1.0 / tau);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i0 = 0; i0 < N; i0 += R) {
+      const int64_t i1 = std::min(N, i0 + R), nr = i1 - i0;
+      std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
+      std::fill(run_sum.begin(), run_sum.end(), 0.f);
+      acc.zero_();
+      for (int64_t k0 = 0; k0 < M; k0 += K) {
+        const int64_t k1 = std::min(M, k0 + K), nk = k1 - k0;
+        float* w = weights.data_ptr<float>();
+        float* sc = rescale.data_ptr<float>();
+        at::parallel_for(i0, i1, 8, [&](int64_t begin, int64_t end) {
+          jsd_rows(rows, keys, b, begin, end, k0 / kKeyBlock, ceil_div(k1, kKeyBlock), w + (begin - i0) * K - k0, K);
+          for (int64_t i = begin; i < end; ++i) {
+            float* wr = w + (i - i0) * K;
+            if (self && i >= k0 && i < k1) wr[i - k0] = 0.f;
+            float mx = -std::numeric_limits<float>::infinity();
+            for (int64_t k = 0; k < nk; ++k) {
+              wr[k] *= neg_inv_tau;
+              mx = std::max(mx, wr[k]);
+            }
+            const float m_new = std::max(run_max[i - i0], mx);
+            Vec total(0.f);
+            for (int64_t k = 0; k < nk; k += kLanes) {
+              const int64_t count = std::min(kLanes, nk - k);
+              const Vec e = (Vec::loadu(wr + k, count) - Vec(m_new)).exp();
+              e.store(wr + k, count);
+              total = total + Vec::loadu(wr + k, count);  // re-read: masked lanes load as 0
+            }
+            const float scale = std::exp(run_max[i - i0] - m_new);  // exp(-inf) = 0 on the first block
+            sc[i - i0] = scale;
+            run_sum[i - i0] = run_sum[i - i0] * scale +
+                              at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, total);
+            run_max[i - i0] = m_new;
+          }
+        });
+        at::Tensor acc_rows = acc.narrow(0, 0, nr);
+        acc_rows.mul_(rescale.narrow(0, 0, nr));
+        acc_rows.addmm_(weights.narrow(0, 0, nr).narrow(1, 0, nk), v[b].narrow(0, k0, nk));
+      }
+      at::Tensor sums = at::from_blob(run_sum.data(), {nr, 1}, p.options());
+      out[b].narrow(0, i0, nr).copy_(acc.narrow(0, 0, nr) / sums);
+    }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cdam_fast CPU kernels (float32 in, float32 out; see cdam_fast/backends/cpu_backend.py)";
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("pairwise_jsd", &pairwise_jsd, "J [B, N, M] of p [B, N, C] against q (None: p itself)", py::arg("p"),
+        py::arg("q") = py::none(), nogil);
+  m.def("cdam_map", &cdam_map, "single-scale CDAM map [B, N, N]", py::arg("p"), py::arg("alpha"), nogil);
+  m.def("cdam_attention", &cdam_attention, "cdam_map(p) @ v", py::arg("p"), py::arg("v"), py::arg("alpha"),
+        py::arg("materialize"), nogil);
+  m.def("multiscale_cdam_map", &multiscale_cdam_map, "mean over scales of the upsampled CDAM maps", py::arg("ps"),
+        py::arg("idx"), py::arg("wts"), py::arg("n"), py::arg("alpha"), nogil);
+  m.def("multiscale_cdam_attention", &multiscale_cdam_attention, "multiscale_cdam_map @ v without the map",
+        py::arg("ps"), py::arg("idx"), py::arg("wts"), py::arg("v"), py::arg("alpha"), py::arg("materialize"), nogil);
+  m.def("jsd_attention", &jsd_attention, "softmax(-J / tau) @ v, online softmax", py::arg("p"), py::arg("v"),
+        py::arg("tau"), py::arg("q") = py::none(), nogil);
+  m.def("vector_isa", []() {
+#if defined(CPU_CAPABILITY_AVX512)
+    return std::string("avx512");
+#elif defined(CPU_CAPABILITY_AVX2)
+    return std::string("avx2");
+#else
+    return std::string("default");
+#endif
+  });
+}
