@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cdam_fast.cli import main
-from cdam_fast.evaluation.cli import background_setting
+from cdam_fast.evaluation.predictors import background_setting
 from cdam_fast.evaluation.metrics import scores
 from test_eval_support import build_dataset, expected_confusion
 

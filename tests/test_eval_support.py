@@ -115,3 +115,11 @@ def test_channel_predictor_reads_back_what_was_written(tmp_path):
     predict = channel_predictor(ds)
     for sample in ds.samples:
         np.testing.assert_array_equal(predict(ds.load_image(sample)), pairs[sample.id][1])
+
+
+def table_predictor(dataset, method, cdam):
+    """Fake predictor factory for the published-table runner: the channel predictor with CDAM,
+    class 0 everywhere without it (so the two rows of a method differ)."""
+    if cdam:
+        return channel_predictor(dataset)
+    return lambda image: np.zeros(np.asarray(image).shape[:2], dtype=np.int64)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
 from .datasets import DATASETS, DatasetError
 from .metrics import PredictionError
-
-METHODS = ("maskclip", "sclip", "clearclip", "gem", "naclip")
+from .predictors import (
+    DEFAULT_OUTPUT_ROOT, METHODS, UsageError, load_factory, pipeline_config, run_name, segmenter_predictor,
+)
 
 
 def register(subparsers) -> None:
@@ -61,16 +61,25 @@ def run_eval(args) -> int:
 
     try:
         dataset = open_dataset(args.dataset, args.root, args.split, args.limit)
-        config = _run_config(args, dataset)
-        output = Path(args.output) if args.output else Path("cdam_eval") / _default_run_name(args)
+        if args.predictor is not None:
+            factory, config = load_factory(args.predictor), {"predictor": args.predictor}
+        else:
+            config = pipeline_config(dataset, method=args.method, cdam=not args.no_cdam, model=args.model,
+                                     pretrained=args.pretrained, mode=args.mode, dtype=args.dtype,
+                                     background=args.background)
+        output = Path(args.output) if args.output else DEFAULT_OUTPUT_ROOT / run_name(dataset.name, config)
         use_cuda = None if args.predictor is None else False  # test predictors run on CPU (gloo)
         with distributed_context(use_cuda=use_cuda) as dist:
-            predictor = _build_predictor(args, dataset, config, dist)
+            if args.predictor is not None:
+                predictor = factory(dataset)
+            else:
+                device = args.device or (str(dist.device) if dist.device is not None else None)
+                predictor = segmenter_predictor(dataset, config, backend=args.backend, device=device)
             result = evaluate(dataset, predictor, output=output, config=config, overwrite=args.overwrite,
                               dist=dist, progress=not args.no_progress)
             if dist.is_main:
                 print(f"{dataset.spec.title}, split {dataset.split}, {result.num_images} images, "
-                      f"{_describe(config)}")
+                      + ", ".join(f"{k}={v}" for k, v in config.items()))
                 print(format_table(result.classes, result.scores))
                 print(f"results: {output / 'result.json'}")
     except (DatasetError, StoreError, PredictionError, UsageError) as e:
@@ -89,54 +98,3 @@ def run_make_coco_object(args) -> int:
         return 2
     print(f"wrote {n} COCO-Object label maps")
     return 0
-
-
-class UsageError(ValueError):
-    """A command-line value the command cannot use."""
-
-
-def background_setting(value, dataset_has_background: bool):
-    """--background text -> the Segmenter's `background` argument."""
-    if value is None:
-        return "entropy" if dataset_has_background else None
-    if value.lower() == "none":
-        return None
-    if value in ("entropy", "entropy-per-window"):
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise UsageError(f"--background must be entropy, entropy-per-window, none or a number, got {value!r}") from None
-
-
-def _run_config(args, dataset) -> dict:
-    if args.predictor is not None:
-        return {"predictor": args.predictor}
-    return {
-        "method": args.method, "cdam": not args.no_cdam, "model": args.model, "pretrained": args.pretrained,
-        "mode": args.mode, "dtype": args.dtype,
-        "background": background_setting(args.background, dataset.spec.has_background),
-    }
-
-
-def _default_run_name(args) -> str:
-    if args.predictor is not None:
-        return f"{args.dataset}-custom"
-    return f"{args.dataset}-{args.method}-{'nocdam' if args.no_cdam else 'cdam'}-{args.model}"
-
-
-def _describe(config: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in config.items())
-
-
-def _build_predictor(args, dataset, config, dist):
-    if args.predictor is not None:
-        module, _, name = args.predictor.partition(":")
-        return getattr(importlib.import_module(module), name)(dataset)
-    from cdam_fast.pipeline import Segmenter  # lazy: the evaluation code does not need the model stack
-
-    device = args.device or (str(dist.device) if dist.device is not None else None)
-    segmenter = Segmenter(dataset.classes, model=args.model, pretrained=args.pretrained, method=args.method,
-                          cdam=not args.no_cdam, mode=args.mode, backend=args.backend, device=device,
-                          dtype=args.dtype, background=config["background"])
-    return segmenter.predict

@@ -1,0 +1,70 @@
+"""Predictors for the evaluation loop, and the configuration their results are stored under.
+
+Shared by `cdam-fast eval` and the published-table runner, so that both name and key their
+result folders the same way (a table run reuses and continues single `eval` runs).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+METHODS = ("maskclip", "sclip", "clearclip", "gem", "naclip")
+DEFAULT_OUTPUT_ROOT = Path("cdam_eval")
+
+
+class UsageError(ValueError):
+    """A command-line value the evaluation cannot use."""
+
+
+def background_setting(value, dataset_has_background: bool):
+    """--background text -> the Segmenter's `background` argument (default: entropy on
+    benchmarks with a background class, none otherwise)."""
+    if value is None:
+        return "entropy" if dataset_has_background else None
+    if value.lower() == "none":
+        return None
+    if value in ("entropy", "entropy-per-window"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise UsageError(f"--background must be entropy, entropy-per-window, none or a number, got {value!r}") from None
+
+
+def pipeline_config(dataset, *, method: str, cdam: bool, model: str, pretrained: str, mode: str = "window",
+                    dtype: str | None = None, background=None) -> dict:
+    """What a stored result depends on (the kernel backend and device are left out: they change
+    rounding, not the method)."""
+    if method not in METHODS:
+        raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return {"method": method, "cdam": bool(cdam), "model": model, "pretrained": pretrained, "mode": mode,
+            "dtype": dtype, "background": background_setting(background, dataset.spec.has_background)}
+
+
+def run_name(dataset_name: str, config: dict) -> str:
+    if "predictor" in config:  # a test predictor, plus whatever else its caller varies
+        others = [f"{k}-{v}" for k, v in config.items() if k != "predictor"]
+        return "-".join([dataset_name, config["predictor"].replace(":", "."), *others])
+    cdam = "cdam" if config["cdam"] else "nocdam"
+    return f"{dataset_name}-{config['method']}-{cdam}-{config['model'].replace('/', '_')}"
+
+
+def segmenter_predictor(dataset, config: dict, *, backend: str = "auto", device=None):
+    """The CLIP pipeline's `predict` for this dataset's classes."""
+    from cdam_fast.pipeline import Segmenter  # lazy: the evaluation code does not need the model stack
+
+    segmenter = Segmenter(dataset.classes, model=config["model"], pretrained=config["pretrained"],
+                          method=config["method"], cdam=config["cdam"], mode=config["mode"], backend=backend,
+                          device=device, dtype=config["dtype"], background=config["background"])
+    return segmenter.predict
+
+
+def load_factory(spec: str):
+    """'module:callable' -> the callable (test predictors, selected from the command line)."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise UsageError(f"--predictor must look like module:callable, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--predictor {spec!r} cannot be loaded: {e}") from None

@@ -1,0 +1,159 @@
+"""Rerun the published CDAM table (spec section 5) and print it beside the paper's numbers.
+
+Needs the datasets on disk and the CLIP weights: MaskCLIP, SCLIP, ClearCLIP and GEM, each with
+and without CDAM, on VOC21, Context60 and COCO-Object (ViT-B/16). Every cell is an ordinary
+resumable evaluation stored under OUTPUT/DATASET-METHOD-cdam|nocdam-MODEL (the folders
+`cdam-fast eval` uses by default), so an interrupted table continues and finished `eval` runs
+are reused. Works under torchrun like `cdam-fast eval`.
+
+    python scripts/published_table.py --voc21 data/VOCdevkit/VOC2012 \
+        --context60 data/VOCdevkit/VOC2010 --coco-object data/coco_stuff164k
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .datasets import DATASETS, DatasetError, open_dataset
+from .distributed import distributed_context
+from .metrics import PredictionError
+from .predictors import DEFAULT_OUTPUT_ROOT, UsageError, load_factory, pipeline_config, run_name, segmenter_predictor
+from .runner import evaluate
+from .store import StoreError
+
+TABLE_DATASETS = ("voc21", "context60", "coco_object")
+TABLE_METHODS = ("maskclip", "sclip", "clearclip", "gem")
+
+# mIoU (%) published for ViT-B/16 without extra training (CDAM, ICLR 2025; spec section 5).
+PUBLISHED = {
+    ("maskclip", False): (33.1, 23.3, 24.8),
+    ("maskclip", True): (55.9, 30.5, 34.3),
+    ("sclip", False): (50.5, 25.8, 31.3),
+    ("sclip", True): (59.0, 30.4, 34.5),
+    ("clearclip", False): (50.7, 27.8, 33.0),
+    ("clearclip", True): (57.6, 29.8, 34.5),
+    ("gem", False): (52.1, 28.1, 33.8),
+    ("gem", True): (58.7, 30.6, 35.2),
+}
+HEADERS = {"voc21": "VOC21", "context60": "Context60", "coco_object": "COCO-Object"}
+
+
+def published(method: str, cdam: bool, dataset: str) -> float:
+    return PUBLISHED[(method, cdam)][TABLE_DATASETS.index(dataset)]
+
+
+def run_table(roots: dict, make_predictor, *, methods=TABLE_METHODS, limit=None, output=DEFAULT_OUTPUT_ROOT,
+              config_for=None, dist=None, progress=True) -> dict:
+    """mIoU (%) per (method, cdam, dataset) for every dataset in `roots` ({name: root}).
+
+    make_predictor(dataset, config) -> predictor; config_for(dataset, method, cdam) -> the
+    stored configuration of one cell.
+    """
+    results = {}
+    for name in TABLE_DATASETS:
+        if name not in roots:
+            continue
+        dataset = open_dataset(name, roots[name], limit=limit)
+        for method in methods:
+            for cdam in (False, True):
+                config = config_for(dataset, method, cdam)
+                predictor = make_predictor(dataset, config)
+                result = evaluate(dataset, predictor, output=Path(output) / run_name(name, config), config=config,
+                                  dist=dist, progress=progress)
+                results[(method, cdam, name)] = 100 * result.scores.miou
+    return results
+
+
+def format_comparison(results: dict, methods=TABLE_METHODS) -> str:
+    """Markdown table: ours / published per dataset, one row per method and CDAM setting."""
+    head = "| method | " + " | ".join(f"{HEADERS[d]} ours | {HEADERS[d]} paper" for d in TABLE_DATASETS) + " |"
+    lines = [head, "|---" * (1 + 2 * len(TABLE_DATASETS)) + "|"]
+    for method in methods:
+        for cdam in (False, True):
+            cells = []
+            for d in TABLE_DATASETS:
+                ours = results.get((method, cdam, d))
+                cells += ["-" if ours is None else f"{ours:.1f}", f"{published(method, cdam, d):.1f}"]
+            label = {"maskclip": "MaskCLIP", "sclip": "SCLIP", "clearclip": "ClearCLIP", "gem": "GEM"}.get(method, method)
+            lines.append(f"| {label}{' + CDAM' if cdam else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="published_table", description=__doc__.split("\n\n")[0])
+    for name in TABLE_DATASETS:
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="ROOT",
+                       help=f"{DATASETS[name].title} root (left out: the column stays empty)")
+    p.add_argument("--methods", nargs="+", default=list(TABLE_METHODS), choices=TABLE_METHODS)
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--pretrained", default="openai")
+    p.add_argument("--mode", default="window")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset (a smoke run)")
+    p.add_argument("--output", default=str(DEFAULT_OUTPUT_ROOT), help="folder for the per-run result folders")
+    p.add_argument("--no-progress", action="store_true")
+    # for tests: MODULE:CALLABLE called with (dataset, method, cdam), returning a predictor
+    p.add_argument("--predictor", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    roots = {d: getattr(args, d) for d in TABLE_DATASETS if getattr(args, d)}
+    if not roots:
+        print("published_table: error: give at least one dataset root (--voc21, --context60, --coco-object)",
+              file=sys.stderr)
+        return 2
+    try:
+        with distributed_context(use_cuda=False if args.predictor else None) as dist:
+            config_for, make_predictor = _cell_builders(args, dist)
+            results = run_table(roots, make_predictor, methods=args.methods, limit=args.limit, output=args.output,
+                                config_for=config_for, dist=dist, progress=not args.no_progress)
+            if dist.is_main:
+                table = format_comparison(results, args.methods)
+                print(table)
+                out = Path(args.output) / "published_table.json"
+                out.write_text(json.dumps({
+                    "model": args.model, "pretrained": args.pretrained, "limit": args.limit,
+                    "rows": [{"method": m, "cdam": c, "dataset": d, "mIoU": v, "published": published(m, c, d)}
+                             for (m, c, d), v in results.items()],
+                }, indent=2) + "\n")
+                print(f"results: {out}")
+    except (DatasetError, StoreError, PredictionError, UsageError) as e:
+        print(f"published_table: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cell_builders(args, dist):
+    """(config_for, make_predictor) for the CLIP pipeline, or for a test predictor factory
+    MODULE:CALLABLE(dataset, method, cdam)."""
+    if args.predictor is not None:
+        factory = load_factory(args.predictor)
+
+        def config_for(dataset, method, cdam):
+            return {"predictor": args.predictor, "method": method, "cdam": cdam}
+
+        def make_predictor(dataset, config):
+            return factory(dataset, config["method"], config["cdam"])
+
+        return config_for, make_predictor
+
+    device = args.device or (str(dist.device) if dist.device is not None else None)
+
+    def config_for(dataset, method, cdam):
+        return pipeline_config(dataset, method=method, cdam=cdam, model=args.model, pretrained=args.pretrained,
+                               mode=args.mode, dtype=args.dtype)
+
+    def make_predictor(dataset, config):
+        return segmenter_predictor(dataset, config, backend=args.backend, device=device)
+
+    return config_for, make_predictor
+
+
+if __name__ == "__main__":
+    sys.exit(main())
