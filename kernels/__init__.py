@@ -1,0 +1,1 @@
+"""Triton kernels, grouped by op family; installed as cdam_fast.kernels."""

@@ -1,0 +1,172 @@
+"""CDAM maps and their product with V, single- and multi-scale, in two passes.
+
+Each scale contributes a divergence surface U_s over the full N x N grid:
+  * the full-resolution scale: J itself, either recomputed from the distributions
+    (FULL_SRC = 1, O(N (C + D)) memory) or read from a materialised J buffer (FULL_SRC = 2);
+  * every smaller scale: its [n_s, n_s] divergences (computed once, tiny) gathered through
+    the 4 x 4 bilinear taps of query and key, so the upsampled N x N maps never exist.
+Pass 1 (`row_stats_kernel`) finds each row's max/min of U_s per scale; pass 2
+(`cdam_product_kernel`) rebuilds each tile, applies the expm1 transform, averages the scales
+and multiplies with V on tensor cores (or writes the map when WRITE_MAP).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, blocks, expm1_transform, fast_log, jsd_tile, product
+
+
+@triton.jit
+def _small_scale_tile(js, taps_idx, taps_w, offs_m, offs_n, n_s, N, BM: tl.constexpr, BN: tl.constexpr):
+    """U_s[i, k] = sum_a sum_b w[i, a] w[k, b] J_s[idx[i, a], idx[k, b]] for one tile."""
+    mask_m = offs_m < N
+    mask_n = offs_n < N
+    u = tl.zeros((BM, BN), dtype=tl.float32)
+    for a in range(4):  # a rolled loop keeps one gather in flight: unrolled, 16 spill
+        ia = tl.load(taps_idx + offs_m * 4 + a, mask=mask_m, other=0)
+        wa = tl.load(taps_w + offs_m * 4 + a, mask=mask_m, other=0.0)
+        row = tl.zeros((BM, BN), dtype=tl.float32)
+        for b in range(4):
+            ib = tl.load(taps_idx + offs_n * 4 + b, mask=mask_n, other=0)
+            wb = tl.load(taps_w + offs_n * 4 + b, mask=mask_n, other=0.0)
+            row += wb[None, :] * tl.load(js + (ia[:, None] * n_s + ib[None, :]))  # n_s^2 < 2^31
+        u += wa[:, None] * row
+    return u
+
+
+@triton.jit
+def _scale_tile(slot, b, pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, m0, n0, offs_m, offs_n, N, C,
+                FULL_SRC: tl.constexpr, FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The [BM, BN] tile of U for scale `slot` (slot 0 is the full scale when FULL_SRC > 0)."""
+    k = slot
+    if FULL_SRC > 0:
+        k = slot - 1
+    if k < 0:
+        if FULL_SRC == 1:
+            u = jsd_tile(pT + b * C * N, pT + b * C * N, rp + b * N, rp + b * N, offs_m, offs_n, N, N, C,
+                         True, FAST_LOG, BM, BN)
+        else:
+            # a block pointer keeps the 2-D address math scalar (a pointer tensor costs 2 regs/element)
+            jp = tl.make_block_ptr(jfull + b * N * N, shape=(N, N), strides=(N, 1), offsets=(m0, n0),
+                                   block_shape=(BM, BN), order=(1, 0))
+            u = tl.load(jp, boundary_check=(0, 1), padding_option="zero")
+    else:
+        n_s = tl.load(js_n + k)
+        base = js_flat + tl.load(js_off + k) + b * n_s * n_s
+        u = _small_scale_tile(base, taps_idx + k * N * 4, taps_w + k * N * 4, offs_m, offs_n, n_s, N, BM, BN)
+    return u
+
+
+@triton.jit
+def row_stats_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_out, lo_out, N, C, S,
+                     FULL_SRC: tl.constexpr, FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    pid_m, slot, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    hi = tl.full((BM,), float("-inf"), tl.float32)
+    lo = tl.full((BM,), float("inf"), tl.float32)
+    for n0 in range(0, N, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        u = _scale_tile(slot, b, pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, pid_m * BM, n0, offs_m, offs_n, N, C,
+                        FULL_SRC, FAST_LOG, BM, BN)
+        valid = offs_n[None, :] < N
+        hi = tl.maximum(hi, tl.max(tl.where(valid, u, float("-inf")), axis=1))
+        lo = tl.minimum(lo, tl.min(tl.where(valid, u, float("inf")), axis=1))
+    dst = (b * S + slot) * N + offs_m
+    tl.store(hi_out + dst, hi, mask=offs_m < N)
+    tl.store(lo_out + dst, lo, mask=offs_m < N)
+
+
+@triton.jit
+def cdam_product_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_in, lo_in, weights, v, out,
+                        N, C, D, S, alpha_log2e, inv_expm1_alpha,
+                        FULL_SRC: tl.constexpr, WRITE_MAP: tl.constexpr, V_IS_FP32: tl.constexpr,
+                        FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid_m, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    mask_m = offs_m < N
+    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask_n = offs_n < N
+        a = tl.zeros((BM, BN), dtype=tl.float32)
+        for slot in range(0, S):
+            u = _scale_tile(slot, b, pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, pid_m * BM, n0, offs_m, offs_n, N,
+                            C, FULL_SRC, FAST_LOG, BM, BN)
+            hi = tl.load(hi_in + (b * S + slot) * N + offs_m, mask=mask_m, other=0.0)
+            lo = tl.load(lo_in + (b * S + slot) * N + offs_m, mask=mask_m, other=0.0)
+            a += tl.load(weights + slot) * expm1_transform(u, hi, lo, alpha_log2e, inv_expm1_alpha)
+        a = tl.where(mask_n[None, :], a, 0.0)
+        if WRITE_MAP:
+            mask = mask_m[:, None] & mask_n[None, :]
+            tl.store(out + b * N * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], a, mask=mask)
+        else:
+            acc = product(a, v + b * N * D, N, D, n0, pid_d * BD, acc, V_IS_FP32, BN, BD)
+    if not WRITE_MAP:
+        o_ptrs = out + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))
+
+
+class ScaleSet:
+    """Device-side description of the scales of one CDAM evaluation.
+
+    full:  None (no full-resolution scale), or ("recompute", pT, rp) or ("materialized", J).
+    small: list of (J_s [B, n_s, n_s] fp32, taps_idx [N, 4] int32, taps_w [N, 4] fp32).
+    weights: per slot (full first), already divided by the number of scales.
+    """
+
+    def __init__(self, B, N, C, device, full, small, weights):
+        self.B, self.N, self.C = B, N, C
+        self.full_src = 0 if full is None else (1 if full[0] == "recompute" else 2)
+        dummy_f = torch.zeros(1, device=device, dtype=torch.float32)
+        self.pT, self.rp = (full[1], full[2]) if self.full_src == 1 else (dummy_f, dummy_f)
+        self.jfull = full[1] if self.full_src == 2 else dummy_f
+        if small:
+            self.js_flat = torch.cat([j.reshape(-1) for j, _, _ in small])
+            sizes = [j[0].numel() for j, _, _ in small]
+            offs = [0] + [B * s for s in sizes[:-1]]
+            self.js_off = torch.tensor(offs, device=device, dtype=torch.int64).cumsum(0)
+            self.js_n = torch.tensor([j.shape[-1] for j, _, _ in small], device=device, dtype=torch.int32)
+            self.taps_idx = torch.stack([t for _, t, _ in small]).contiguous()
+            self.taps_w = torch.stack([w for _, _, w in small]).contiguous()
+        else:
+            self.js_flat = self.taps_w = dummy_f
+            self.js_off = torch.zeros(1, device=device, dtype=torch.int64)
+            self.js_n = self.taps_idx = torch.zeros(1, device=device, dtype=torch.int32)
+        self.S = len(weights)
+        self.weights = torch.tensor(weights, device=device, dtype=torch.float32)
+
+    def args(self):
+        return (self.pT, self.rp, self.jfull, self.js_flat, self.js_off, self.js_n, self.taps_idx, self.taps_w)
+
+
+def row_stats(sc: ScaleSet):
+    hi = torch.empty(sc.B, sc.S, sc.N, device=sc.weights.device, dtype=torch.float32)
+    lo = torch.empty_like(hi)
+    BM, BN = blocks(sc.N, 64), blocks(sc.N, 64)
+    grid = (triton.cdiv(sc.N, BM), sc.S, sc.B)
+    row_stats_kernel[grid](*sc.args(), hi, lo, sc.N, sc.C, sc.S, FULL_SRC=sc.full_src, FAST_LOG=fast_log(),
+                           BM=BM, BN=BN)
+    return hi, lo
+
+
+def cdam_apply(sc: ScaleSet, alpha: float, v: torch.Tensor | None) -> torch.Tensor:
+    """The averaged CDAM map (v None) or its product with v [B, N, D]."""
+    hi, lo = row_stats(sc)
+    B, N = sc.B, sc.N
+    if v is None:
+        out = torch.empty(B, N, N, device=hi.device, dtype=torch.float32)
+        D, BD, dummy_v = 1, 16, hi
+    else:
+        D = v.shape[2]
+        out = torch.empty(B, N, D, device=v.device, dtype=v.dtype)
+        BD, dummy_v = blocks(D, 128), v
+    BM, BN = blocks(N, 64), blocks(N, 64)
+    grid = (triton.cdiv(N, BM), triton.cdiv(D, BD), B)
+    cdam_product_kernel[grid](*sc.args(), hi, lo, sc.weights, dummy_v, out, N, sc.C, D, sc.S, alpha * LOG2E,
+                              1.0 / math.expm1(alpha), FULL_SRC=sc.full_src, WRITE_MAP=v is None,
+                              V_IS_FP32=v is not None and v.dtype == torch.float32, FAST_LOG=fast_log(), BM=BM, BN=BN,
+                              BD=BD)
+    return out

@@ -1,0 +1,95 @@
+"""Pieces every divergence kernel shares: the log, the pairwise tile, the CDAM row transform.
+
+Notation: with s = p_i + q_j, the Jensen-Shannon divergence in nats is
+    J_ij = (ln 2 / 2) * (r_i + r'_j - sum_c s_c log2 s_c),   r_i = sum_c p_ic (log2 p_ic + 1),
+so once the per-row terms r are known the pairwise work is one add, one lg2 and one FMA per
+(i, j, c). Distributions are passed class-major (pT [C, N]) so each class step is a
+contiguous vector load.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HALF_LN2 = tl.constexpr(0.34657359027997264)
+LOG2E = 1.4426950408889634
+# Rows whose divergences span less than this many nats are constant (spec 2.6): A = 1.
+CONSTANT_ROW_EPS = tl.constexpr(1e-6)
+# s below this contributes s * log2(TINY) ~ 0 instead of 0 * log2(0) = NaN.
+TINY = tl.constexpr(1e-30)
+
+
+@triton.jit
+def log2(x, FAST_LOG: tl.constexpr):
+    # Triton's fp32 log2 lowers to libdevice's accurate polynomial on the FMA pipe; the
+    # divergence is bound by logs, so on CUDA use the special-function unit's lg2.approx
+    # (rel. error ~2^-22, far below what J's fp32 accumulation resolves anyway).
+    if FAST_LOG:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def jsd_tile(pT, qT, rp, rq, offs_m, offs_n, n_p, n_q, C, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr):
+    """J for rows offs_m of p against rows offs_n of q, [BM, BN] fp32, clamped at 0.
+
+    pT/qT point at this batch's [C, n] class-major distributions, rp/rq at its row terms.
+    Out-of-range rows/columns read zeros (finite; callers mask them).
+    """
+    mask_m = offs_m < n_p
+    mask_n = offs_n < n_q
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for c in range(0, C):
+        a = tl.load(pT + c * n_p + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        b = tl.load(qT + c * n_q + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        s = a[:, None] + b[None, :]
+        acc += s * log2(tl.maximum(s, TINY), FAST_LOG)
+    ri = tl.load(rp + offs_m, mask=mask_m, other=0.0)
+    rj = tl.load(rq + offs_n, mask=mask_n, other=0.0)
+    j = tl.maximum(HALF_LN2 * (ri[:, None] + rj[None, :] - acc), 0.0)
+    if SELF:
+        j = tl.where(offs_m[:, None] == offs_n[None, :], 0.0, j)
+    return j
+
+
+@triton.jit
+def expm1_transform(u, hi, lo, alpha_log2e, inv_expm1_alpha):
+    """Spec 2.5-2.6 on a tile: X = (hi - u) / (hi - lo) per row (1 on constant rows),
+    A = expm1(alpha X) / expm1(alpha). hi/lo are [BM] row statistics of u."""
+    span = hi - lo
+    flat = span < CONSTANT_ROW_EPS
+    inv = tl.where(flat, 0.0, 1.0 / tl.where(flat, 1.0, span))
+    x = tl.where(flat[:, None], 1.0, (hi[:, None] - u) * inv[:, None])
+    return (tl.exp2(alpha_log2e * x) - 1.0) * inv_expm1_alpha
+
+
+@triton.jit
+def product(a, v_base, rows, D, n0, d0, acc, V_IS_FP32: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """acc += a @ v[n0:n0+BN, d0:d0+BD] on tensor cores (v_base: this batch's [rows, D] values);
+    fp32 values use 3xTF32 so the product stays fp32-accurate."""
+    vp = tl.make_block_ptr(v_base, shape=(rows, D), strides=(D, 1), offsets=(n0, d0), block_shape=(BN, BD),
+                           order=(1, 0))
+    v = tl.load(vp, boundary_check=(0, 1), padding_option="zero")
+    if V_IS_FP32:
+        acc = tl.dot(a, v, acc, input_precision="tf32x3")
+    else:
+        acc = tl.dot(a.to(v.dtype), v, acc)
+    return acc
+
+
+def fast_log() -> bool:
+    """lg2.approx exists on NVIDIA GPUs only; the interpreter (numpy) has no inline asm."""
+    import torch
+
+    return not INTERPRETED and torch.version.hip is None
+
+
+def blocks(n: int, big: int) -> int:
+    """A power-of-two tile edge: `big` on GPU; in the interpreter, whose cost is per program and
+    per op, CDAM_FAST_INTERPRET_BLOCK (default 32) so small test shapes still span several tiles."""
+    edge = int(os.environ.get("CDAM_FAST_INTERPRET_BLOCK", 32)) if INTERPRETED else big
+    return max(16, min(edge, triton.next_power_of_2(max(n, 1))))

@@ -1,0 +1,49 @@
+"""Divergence attention softmax_j(-J_ij / tau) @ V in one pass (online softmax, O(N) memory)."""
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, blocks, fast_log, jsd_tile, product
+from .jsd import class_major, row_terms
+
+
+@triton.jit
+def jsd_attention_kernel(pT, qT, rp, rq, v, out, N, M, C, D, neg_log2e_over_tau,
+                         SELF: tl.constexpr, V_IS_FP32: tl.constexpr, FAST_LOG: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid_m, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    mask_m = offs_m < N
+    mask_d = offs_d < D
+    row_max = tl.full((BM,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BM,), dtype=tl.float32)
+    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    for n0 in range(0, M, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask_n = offs_n < M
+        j = jsd_tile(pT + b * C * N, qT + b * C * M, rp + b * N, rq + b * M, offs_m, offs_n, N, M, C, SELF,
+                     FAST_LOG, BM, BN)
+        logits = tl.where(mask_n[None, :], j * neg_log2e_over_tau, float("-inf"))  # base-2 logits
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        rescale = tl.exp2(row_max - new_max)
+        w = tl.exp2(logits - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(w, axis=1)
+        acc = product(w, v + b * M * D, M, D, n0, pid_d * BD, acc * rescale[:, None], V_IS_FP32, BN, BD)
+        row_max = new_max
+    acc = acc / row_sum[:, None]
+    o_ptrs = out + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float, q: torch.Tensor | None) -> torch.Tensor:
+    B, N, C = p.shape
+    pT, rp = class_major(p), row_terms(p)
+    qT, rq = (pT, rp) if q is None else (class_major(q), row_terms(q))
+    M, D = v.shape[1], v.shape[2]
+    out = torch.empty(B, N, D, device=v.device, dtype=v.dtype)
+    BM, BN, BD = blocks(N, 64), blocks(M, 64), blocks(D, 128)
+    grid = (triton.cdiv(N, BM), triton.cdiv(D, BD), B)
+    jsd_attention_kernel[grid](pT, qT, rp, rq, v, out, N, M, C, D, -LOG2E / tau, SELF=q is None,
+                               V_IS_FP32=v.dtype == torch.float32, FAST_LOG=fast_log(), BM=BM, BN=BN, BD=BD)
+    return out

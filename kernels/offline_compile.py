@@ -1,0 +1,109 @@
+"""Compile the kernels for a GPU target without a GPU and report what the hardware would run.
+
+    python -m cdam_fast.kernels.offline_compile [--arch 90]   # prints one JSON line per kernel
+
+For each kernel at its production tile sizes: register spills (from ptxas -v), the count of
+hardware lg2.approx and of libdevice-style slow logs, and the tensor-core instructions
+(wgmma on sm_90, mma otherwise). Must run WITHOUT TRITON_INTERPRET (it needs real JIT
+functions); the tests call it in a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from . import cdam, jsd, jsd_attention
+
+# name -> (kernel, signature, constexprs); signatures follow the kernels' argument order.
+_P = "*fp32"
+
+
+def _cases():
+    base_c = {"FAST_LOG": True, "BM": 64, "BN": 64}
+    scale_sig = {"pT": _P, "rp": _P, "jfull": _P, "js_flat": _P, "js_off": "*i64", "js_n": "*i32",
+                 "taps_idx": "*i32", "taps_w": _P}
+    cases = {
+        "pairwise_jsd": (jsd.pairwise_jsd_kernel,
+                         {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "out": _P, "N": "i32", "M": "i32", "C": "i32"},
+                         {"SELF": False, **base_c}),
+    }
+    for src, label in ((1, "recompute"), (2, "materialized")):
+        cases[f"row_stats[{label}]"] = (
+            cdam.row_stats_kernel,
+            {**scale_sig, "hi_out": _P, "lo_out": _P, "N": "i32", "C": "i32", "S": "i32"},
+            {"FULL_SRC": src, **base_c})
+        for vdt in ("fp16", "bf16", "fp32"):
+            cases[f"cdam_product[{label},{vdt}]"] = (
+                cdam.cdam_product_kernel,
+                {**scale_sig, "hi_in": _P, "lo_in": _P, "weights": _P, "v": f"*{vdt}", "out": f"*{vdt}",
+                 "N": "i32", "C": "i32", "D": "i32", "S": "i32", "alpha_log2e": "fp32", "inv_expm1_alpha": "fp32"},
+                {"FULL_SRC": src, "WRITE_MAP": False, "V_IS_FP32": vdt == "fp32", **base_c, "BD": 128})
+    for vdt in ("fp16", "bf16", "fp32"):
+        cases[f"jsd_attention[{vdt}]"] = (
+            jsd_attention.jsd_attention_kernel,
+            {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "v": f"*{vdt}", "out": f"*{vdt}", "N": "i32", "M": "i32",
+             "C": "i32", "D": "i32", "neg_log2e_over_tau": "fp32"},
+            {"SELF": True, "V_IS_FP32": vdt == "fp32", **base_c, "BD": 128})
+    return cases
+
+
+def _ptxas() -> str:
+    candidates = [os.environ.get("TRITON_PTXAS_PATH"),
+                  str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"),
+                  shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas"]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return c
+    raise FileNotFoundError("no ptxas found (set TRITON_PTXAS_PATH)")
+
+
+def _spills(ptx: str, arch: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        suffix = "a" if arch >= 90 else ""
+        res = subprocess.run([_ptxas(), f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(d) / "k.o")],
+                             capture_output=True, text=True, check=True)
+    info = res.stderr
+    stores = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", info))
+    loads = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", info))
+    regs = max((int(x) for x in re.findall(r"Used (\d+) registers", info)), default=-1)
+    return {"spill_store_bytes": stores, "spill_load_bytes": loads, "registers": regs}
+
+
+def inspect_kernel(kernel, signature: dict, constexprs: dict, arch: int = 90) -> dict:
+    sig = {**signature, **{k: "constexpr" for k in constexprs}}
+    compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32))
+    ptx = compiled.asm["ptx"]
+    return {
+        "lg2_approx": len(re.findall(r"\blg2\.approx", ptx)),
+        # libdevice's accurate log shows up as an inlined polynomial without lg2.approx; a
+        # call or the __nv_ prefix would betray an unlowered library log.
+        "libdevice_calls": len(re.findall(r"__nv_log", ptx)),
+        "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        "mma": len(re.findall(r"\bmma\.sync", ptx)),
+        **_spills(ptx, arch),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    args = ap.parse_args(argv)
+    for name, (kernel, sig, consts) in _cases().items():
+        print(json.dumps({"kernel": name, **inspect_kernel(kernel, sig, consts, args.arch)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
