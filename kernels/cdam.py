@@ -38,30 +38,46 @@ def _small_scale_tile(js, taps_idx, taps_w, offs_m, offs_n, n_s, N, BM: tl.const
 
 @triton.jit
 def _scale_tile(slot, b, pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, m0, n0, offs_m, offs_n, N, C,
-                FULL_SRC: tl.constexpr, FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """The [BM, BN] tile of U for scale `slot` (slot 0 is the full scale when FULL_SRC > 0)."""
-    k = slot
-    if FULL_SRC > 0:
-        k = slot - 1
-    if k < 0:
-        if FULL_SRC == 1:
-            u = jsd_tile(pT + b * C * N, pT + b * C * N, rp + b * N, rp + b * N, offs_m, offs_n, N, N, C,
-                         True, FAST_LOG, BM, BN)
+                FULL_SRC: tl.constexpr, MULTI: tl.constexpr, FAST_LOG: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr):
+    """The [BM, BN] tile of U for scale `slot` (slot 0 is the full scale when FULL_SRC > 0).
+
+    MULTI (any small scale present) is a constexpr so the single-scale kernels carry no gather
+    code: it would cost them registers they need for the product.
+    """
+    if MULTI:
+        k = slot
+        if FULL_SRC > 0:
+            k = slot - 1
+        if k < 0:
+            u = _full_tile(b, pT, rp, jfull, m0, n0, offs_m, offs_n, N, C, FULL_SRC, FAST_LOG, BM, BN)
         else:
-            # a block pointer keeps the 2-D address math scalar (a pointer tensor costs 2 regs/element)
-            jp = tl.make_block_ptr(jfull + b * N * N, shape=(N, N), strides=(N, 1), offsets=(m0, n0),
-                                   block_shape=(BM, BN), order=(1, 0))
-            u = tl.load(jp, boundary_check=(0, 1), padding_option="zero")
+            n_s = tl.load(js_n + k)
+            base = js_flat + tl.load(js_off + k) + b * n_s * n_s
+            u = _small_scale_tile(base, taps_idx + k * N * 4, taps_w + k * N * 4, offs_m, offs_n, n_s, N, BM, BN)
     else:
-        n_s = tl.load(js_n + k)
-        base = js_flat + tl.load(js_off + k) + b * n_s * n_s
-        u = _small_scale_tile(base, taps_idx + k * N * 4, taps_w + k * N * 4, offs_m, offs_n, n_s, N, BM, BN)
+        u = _full_tile(b, pT, rp, jfull, m0, n0, offs_m, offs_n, N, C, FULL_SRC, FAST_LOG, BM, BN)
+    return u
+
+
+@triton.jit
+def _full_tile(b, pT, rp, jfull, m0, n0, offs_m, offs_n, N, C, FULL_SRC: tl.constexpr, FAST_LOG: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr):
+    if FULL_SRC == 1:
+        u = jsd_tile(pT + b * C * N, pT + b * C * N, rp + b * N, rp + b * N, offs_m, offs_n, N, N, C, True,
+                     FAST_LOG, BM, BN)
+    else:
+        # a block pointer keeps the 2-D address math scalar (a pointer tensor costs 2 regs/element)
+        jp = tl.make_block_ptr(jfull + b * N * N, shape=(N, N), strides=(N, 1), offsets=(m0, n0),
+                               block_shape=(BM, BN), order=(1, 0))
+        u = tl.load(jp, boundary_check=(0, 1), padding_option="zero")
     return u
 
 
 @triton.jit
 def row_stats_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_out, lo_out, N, C, S,
-                     FULL_SRC: tl.constexpr, FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                     FULL_SRC: tl.constexpr, MULTI: tl.constexpr, FAST_LOG: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr):
     pid_m, slot, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
     hi = tl.full((BM,), float("-inf"), tl.float32)
@@ -69,7 +85,7 @@ def row_stats_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         u = _scale_tile(slot, b, pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, pid_m * BM, n0, offs_m, offs_n, N, C,
-                        FULL_SRC, FAST_LOG, BM, BN)
+                        FULL_SRC, MULTI, FAST_LOG, BM, BN)
         valid = offs_n[None, :] < N
         hi = tl.maximum(hi, tl.max(tl.where(valid, u, float("-inf")), axis=1))
         lo = tl.minimum(lo, tl.min(tl.where(valid, u, float("inf")), axis=1))
@@ -81,7 +97,7 @@ def row_stats_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_
 @triton.jit
 def cdam_product_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_in, lo_in, weights, v, out,
                         N, C, D, S, alpha_log2e, inv_expm1_alpha,
-                        FULL_SRC: tl.constexpr, WRITE_MAP: tl.constexpr, V_IS_FP32: tl.constexpr,
+                        FULL_SRC: tl.constexpr, MULTI: tl.constexpr, WRITE_MAP: tl.constexpr, V_IS_FP32: tl.constexpr,
                         FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid_m, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -94,7 +110,7 @@ def cdam_product_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, 
         a = tl.zeros((BM, BN), dtype=tl.float32)
         for slot in range(0, S):
             u = _scale_tile(slot, b, pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, pid_m * BM, n0, offs_m, offs_n, N,
-                            C, FULL_SRC, FAST_LOG, BM, BN)
+                            C, FULL_SRC, MULTI, FAST_LOG, BM, BN)
             hi = tl.load(hi_in + (b * S + slot) * N + offs_m, mask=mask_m, other=0.0)
             lo = tl.load(lo_in + (b * S + slot) * N + offs_m, mask=mask_m, other=0.0)
             a += tl.load(weights + slot) * expm1_transform(u, hi, lo, alpha_log2e, inv_expm1_alpha)
@@ -107,6 +123,19 @@ def cdam_product_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, 
     if not WRITE_MAP:
         o_ptrs = out + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
         tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))
+
+
+# 8 warps halve the per-thread share of the [BM, BN] tiles and [BM, BD] accumulator; at 4 the
+# product kernels spill on sm_90 (checked by tests/test_kernels_compile.py).
+NUM_WARPS = 8
+
+
+def product_tiles(full_src: int, v_is_fp32: bool) -> tuple[int, int]:
+    """(BM, BN) of the product kernel on GPU: the largest tiles that compile spill-free on sm_90
+    for each variant (reading J tiles, or splitting fp32 values into 3xTF32, costs registers)."""
+    if full_src == 2:
+        return (32, 64) if v_is_fp32 else (64, 32)
+    return 64, 64
 
 
 class ScaleSet:
@@ -136,6 +165,7 @@ class ScaleSet:
             self.js_off = torch.zeros(1, device=device, dtype=torch.int64)
             self.js_n = self.taps_idx = torch.zeros(1, device=device, dtype=torch.int32)
         self.S = len(weights)
+        self.multi = bool(small)
         self.weights = torch.tensor(weights, device=device, dtype=torch.float32)
 
     def args(self):
@@ -147,8 +177,8 @@ def row_stats(sc: ScaleSet):
     lo = torch.empty_like(hi)
     BM, BN = blocks(sc.N, 64), blocks(sc.N, 64)
     grid = (triton.cdiv(sc.N, BM), sc.S, sc.B)
-    row_stats_kernel[grid](*sc.args(), hi, lo, sc.N, sc.C, sc.S, FULL_SRC=sc.full_src, FAST_LOG=fast_log(),
-                           BM=BM, BN=BN)
+    row_stats_kernel[grid](*sc.args(), hi, lo, sc.N, sc.C, sc.S, FULL_SRC=sc.full_src, MULTI=sc.multi,
+                           FAST_LOG=fast_log(), BM=BM, BN=BN, num_warps=NUM_WARPS)
     return hi, lo
 
 
@@ -163,10 +193,12 @@ def cdam_apply(sc: ScaleSet, alpha: float, v: torch.Tensor | None) -> torch.Tens
         D = v.shape[2]
         out = torch.empty(B, N, D, device=v.device, dtype=v.dtype)
         BD, dummy_v = blocks(D, 128), v
-    BM, BN = blocks(N, 64), blocks(N, 64)
+    v_is_fp32 = v is not None and v.dtype == torch.float32
+    bm, bn = product_tiles(sc.full_src, v_is_fp32)
+    BM, BN = blocks(N, bm), blocks(N, bn)
     grid = (triton.cdiv(N, BM), triton.cdiv(D, BD), B)
     cdam_product_kernel[grid](*sc.args(), hi, lo, sc.weights, dummy_v, out, N, sc.C, D, sc.S, alpha * LOG2E,
-                              1.0 / math.expm1(alpha), FULL_SRC=sc.full_src, WRITE_MAP=v is None,
-                              V_IS_FP32=v is not None and v.dtype == torch.float32, FAST_LOG=fast_log(), BM=BM, BN=BN,
-                              BD=BD)
+                              1.0 / math.expm1(alpha), FULL_SRC=sc.full_src, MULTI=sc.multi, WRITE_MAP=v is None,
+                              V_IS_FP32=v_is_fp32, FAST_LOG=fast_log(), BM=BM, BN=BN,
+                              BD=BD, num_warps=NUM_WARPS)
     return out

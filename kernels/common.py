@@ -50,7 +50,7 @@ def jsd_tile(pT, qT, rp, rq, offs_m, offs_n, n_p, n_q, C, SELF: tl.constexpr, FA
         acc += s * log2(tl.maximum(s, TINY), FAST_LOG)
     ri = tl.load(rp + offs_m, mask=mask_m, other=0.0)
     rj = tl.load(rq + offs_n, mask=mask_n, other=0.0)
-    j = tl.maximum(HALF_LN2 * (ri[:, None] + rj[None, :] - acc), 0.0)
+    j = tl.maximum((ri[:, None] + rj[None, :] - acc) * HALF_LN2, 0.0)
     if SELF:
         j = tl.where(offs_m[:, None] == offs_n[None, :], 0.0, j)
     return j

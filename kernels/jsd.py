@@ -6,6 +6,7 @@ import triton.language as tl
 from .common import blocks, fast_log, jsd_tile
 
 _LN2 = 0.6931471805599453
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -39,5 +40,6 @@ def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty(B, N, M, device=p.device, dtype=torch.float32)
     BM, BN = blocks(N, 64), blocks(M, 64)
     grid = (triton.cdiv(N, BM), triton.cdiv(M, BN), B)
-    pairwise_jsd_kernel[grid](pT, qT, rp, rq, out, N, M, C, SELF=q is None, FAST_LOG=fast_log(), BM=BM, BN=BN)
+    pairwise_jsd_kernel[grid](pT, qT, rp, rq, out, N, M, C, SELF=q is None, FAST_LOG=fast_log(), BM=BM, BN=BN,
+                              num_warps=NUM_WARPS)
     return out

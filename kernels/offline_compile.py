@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 
 from . import cdam, jsd, jsd_attention
 
-# name -> (kernel, signature, constexprs); signatures follow the kernels' argument order.
+# name -> (kernel, signature, constexprs, num_warps); signatures follow the kernels' argument order.
 _P = "*fp32"
 
 
@@ -34,25 +34,27 @@ def _cases():
     cases = {
         "pairwise_jsd": (jsd.pairwise_jsd_kernel,
                          {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "out": _P, "N": "i32", "M": "i32", "C": "i32"},
-                         {"SELF": False, **base_c}),
+                         {"SELF": False, **base_c}, jsd.NUM_WARPS),
     }
-    for src, label in ((1, "recompute"), (2, "materialized")):
+    for src, multi, label in ((1, False, "recompute"), (2, False, "materialized"), (1, True, "multiscale,recompute"),
+                              (2, True, "multiscale,materialized")):
         cases[f"row_stats[{label}]"] = (
             cdam.row_stats_kernel,
             {**scale_sig, "hi_out": _P, "lo_out": _P, "N": "i32", "C": "i32", "S": "i32"},
-            {"FULL_SRC": src, **base_c})
-        for vdt in ("fp16", "bf16", "fp32"):
+            {"FULL_SRC": src, "MULTI": multi, **base_c}, cdam.NUM_WARPS)
+        for vdt in ("fp16", "fp32"):  # bf16 compiles like fp16
             cases[f"cdam_product[{label},{vdt}]"] = (
                 cdam.cdam_product_kernel,
                 {**scale_sig, "hi_in": _P, "lo_in": _P, "weights": _P, "v": f"*{vdt}", "out": f"*{vdt}",
                  "N": "i32", "C": "i32", "D": "i32", "S": "i32", "alpha_log2e": "fp32", "inv_expm1_alpha": "fp32"},
-                {"FULL_SRC": src, "WRITE_MAP": False, "V_IS_FP32": vdt == "fp32", **base_c, "BD": 128})
-    for vdt in ("fp16", "bf16", "fp32"):
+                {"FULL_SRC": src, "MULTI": multi, "WRITE_MAP": False, "V_IS_FP32": vdt == "fp32", **base_c,
+                 **dict(zip(("BM", "BN"), cdam.product_tiles(src, vdt == "fp32"))), "BD": 128}, cdam.NUM_WARPS)
+    for vdt in ("fp16", "fp32"):
         cases[f"jsd_attention[{vdt}]"] = (
             jsd_attention.jsd_attention_kernel,
             {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "v": f"*{vdt}", "out": f"*{vdt}", "N": "i32", "M": "i32",
              "C": "i32", "D": "i32", "neg_log2e_over_tau": "fp32"},
-            {"SELF": True, "V_IS_FP32": vdt == "fp32", **base_c, "BD": 128})
+            {"SELF": True, "V_IS_FP32": vdt == "fp32", **base_c, "BD": 128}, jsd_attention.NUM_WARPS)
     return cases
 
 
@@ -80,10 +82,10 @@ def _spills(ptx: str, arch: int) -> dict:
     return {"spill_store_bytes": stores, "spill_load_bytes": loads, "registers": regs}
 
 
-def inspect_kernel(kernel, signature: dict, constexprs: dict, arch: int = 90) -> dict:
+def inspect_kernel(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int = 90) -> dict:
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32))
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     ptx = compiled.asm["ptx"]
     return {
         "lg2_approx": len(re.findall(r"\blg2\.approx", ptx)),
@@ -100,8 +102,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     args = ap.parse_args(argv)
-    for name, (kernel, sig, consts) in _cases().items():
-        print(json.dumps({"kernel": name, **inspect_kernel(kernel, sig, consts, args.arch)}), flush=True)
+    for name, (kernel, sig, consts, warps) in _cases().items():
+        print(json.dumps({"kernel": name, **inspect_kernel(kernel, sig, consts, warps, args.arch)}), flush=True)
     return 0
 
 
