@@ -1,0 +1,171 @@
+"""Benchmark cases and the named sets they are grouped into (``cdam-fast bench --set NAME``).
+
+C values are C' = dataset classes + 80 augmented prompts: 21 (VOC21 without prompts), 101
+(VOC21), 140 (Context60), 160 (COCO-Object), 251 (COCO-Stuff 171). N = h * w patches; the
+paper's crop is 448 px at patch 16, i.e. 28 x 28 = 784.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from cdam_fast.grids import CDAM_SCALES
+
+OPS = ("pairwise_jsd", "cdam_map", "cdam_attention", "multiscale_cdam_map", "multiscale_cdam_attention",
+       "jsd_attention")
+MULTISCALE_OPS = ("multiscale_cdam_map", "multiscale_cdam_attention")
+ATTENTION_OPS = ("cdam_attention", "multiscale_cdam_attention", "jsd_attention")
+MODE_OPS = ("cdam_attention", "multiscale_cdam_attention")  # ops taking mode= / memory_budget=
+PIPELINE = "pipeline"
+PAPER_N, PAPER_C = 784, 101
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape of one op. Backends run it once per mode in ``modes``; baselines once."""
+    op: str
+    B: int = 1
+    N: int = PAPER_N
+    C: int = PAPER_C
+    D: int = 0  # value width; 0 for the ops that return maps
+    dtype: str = "float32"
+    modes: tuple = ("auto",)
+    # torch.compile and KeOps compile per shape (tens of seconds on CPU); --quick limits them.
+    heavy_baselines: bool = True
+    image: tuple = (0, 0)  # pipeline cases: (height, width) of the image
+    tags: tuple = ()  # "quick": the pipeline case reports itself skipped
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the patch grid; N must be a square for the multi-scale ops."""
+        side = math.isqrt(self.N)
+        return side, self.N // side if side else 0
+
+    def label(self) -> str:
+        if self.op == PIPELINE:
+            return f"pipeline {self.image[0]}x{self.image[1]} C={self.C}"
+        parts = [self.op, f"B={self.B}", f"N={self.N}", f"C={self.C}"]
+        if self.D:
+            parts.append(f"D={self.D}")
+        if self.dtype != "float32":
+            parts.append(self.dtype)
+        return " ".join(parts)
+
+
+def divergence_elements(case: Case, scales=CDAM_SCALES) -> int | None:
+    """Pairs x classes the op evaluates the divergence over (N^2 C per scale, times B).
+
+    This is the roofline's work count: every element needs one logarithm. None for the
+    pipeline, whose cost is not only divergences.
+    """
+    if case.op == PIPELINE:
+        return None
+    if case.op in MULTISCALE_OPS:
+        h, w = case.grid
+        pairs = 0
+        for s in scales:
+            hs, ws = (h, w) if s == 1.0 else (max(1, int(h * s)), max(1, int(w * s)))
+            pairs += (hs * ws) ** 2
+        return case.B * case.C * pairs
+    return case.B * case.N * case.N * case.C
+
+
+def _each_op(N, C=PAPER_C, B=1, D=64, **kw):
+    return [Case(op, B=B, N=N, C=C, D=D if op in ATTENTION_OPS else 0, **kw) for op in OPS]
+
+
+def _quick():
+    cases = []
+    for N in (64, 196):
+        for case in _each_op(N, heavy_baselines=False):
+            if case.op in MODE_OPS:
+                case = replace(case, modes=("materialize", "recompute"))
+            if case.op == "cdam_attention" and N == 64:
+                # torch.compile / KeOps run on this one case only: compiling every shape would
+                # take minutes on CPU; the other cases carry an explicit "skipped" row.
+                case = replace(case, heavy_baselines=True)
+            cases.append(case)
+    cases.append(Case("cdam_attention", B=4, N=64, C=21, D=64, heavy_baselines=False))
+    cases.append(Case(PIPELINE, C=21, image=(448, 448), tags=("quick",)))
+    return cases
+
+
+def _ops():
+    return [c for N in (196, 784, 4096, 16384) for c in _each_op(N)]
+
+
+def _sweep():
+    cases = []
+    for op in ("pairwise_jsd", "cdam_attention", "jsd_attention"):
+        d = 64 if op in ATTENTION_OPS else 0
+        for N in (784, 4096):
+            for C in (21, 101, 160, 251):
+                cases.append(Case(op, N=N, C=C, D=d))
+        if d:
+            for B in (1, 8, 64):
+                for D in (64, 768):
+                    cases.append(Case(op, B=B, N=784, D=D))
+            cases.append(Case(op, N=4096, D=768))
+            for dtype in ("float16", "bfloat16"):
+                cases.append(Case(op, B=8, N=784, D=768, dtype=dtype))
+    return cases
+
+
+def _multiscale():
+    cases = []
+    for op in MULTISCALE_OPS:
+        d = 768 if op == "multiscale_cdam_attention" else 0
+        for B in (1, 16):
+            cases.append(Case(op, B=B, N=PAPER_N, C=PAPER_C, D=d))
+        cases.append(Case(op, B=1, N=PAPER_N, C=251, D=d))
+        cases.append(Case(op, B=1, N=4096, C=PAPER_C, D=d))
+    return cases
+
+
+def _lowmem():
+    both = ("materialize", "recompute")
+    return [
+        Case("cdam_attention", N=4096, D=64, modes=both),
+        Case("cdam_attention", N=16384, D=64, modes=both),
+        Case("cdam_attention", N=65536, D=64, modes=("recompute",)),
+        Case("multiscale_cdam_attention", N=16384, D=64, modes=both),
+        Case("multiscale_cdam_attention", N=65536, D=64, modes=("recompute",)),
+        Case("jsd_attention", N=16384, D=64),
+        Case("jsd_attention", N=65536, D=64),
+    ]
+
+
+def _pipeline():
+    # 448 x 448 is one window; 480 x 640 (a typical VOC image) resizes to 448 x 597: 2 windows.
+    return [Case(PIPELINE, C=21, image=(448, 448)), Case(PIPELINE, C=21, image=(480, 640))]
+
+
+def _dedupe(cases):
+    seen, out = set(), []
+    for c in cases:
+        if c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+SETS = {
+    "quick": (_quick, "every op at tiny sizes (N = 64, 196), for CPU smoke runs and the tests"),
+    "ops": (_ops, "every op at N = 196, 784, 4096, 16384 (C' = 101, D = 64, batch 1)"),
+    "sweep": (_sweep, "C' from 21 to 251, D = 64 / 768, batch 1 to 64, fp16 / bf16 inputs"),
+    "multiscale": (_multiscale, "the seven-scale CDAM at the paper's crop (N = 784, C' = 101) and beyond"),
+    "lowmem": (_lowmem, "materialize vs recompute up to N = 65536, where the baselines run out of memory"),
+    "pipeline": (_pipeline, "the whole pipeline per image (cdam_fast.pipeline.Segmenter)"),
+    "gpu-full": (lambda: _dedupe(_ops() + _sweep() + _multiscale() + _lowmem() + _pipeline()),
+                 "everything above: the full GPU measurement"),
+}
+
+
+def build_cases(names) -> list[Case]:
+    """The cases of the named sets, in order, without duplicates."""
+    cases = []
+    for name in names:
+        if name not in SETS:
+            raise ValueError(f"unknown benchmark set {name!r}; choose from {', '.join(SETS)}")
+        cases += SETS[name][0]()
+    return _dedupe(cases)
