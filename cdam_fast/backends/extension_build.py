@@ -103,13 +103,16 @@ def build_root() -> Path:
 
 
 def _first_error_line(text: str) -> str:
-    """The first line a human needs from a failed compiler run."""
+    """The first line a human needs from a failed build log: the first compiler diagnostic
+    ("file:line:col: error: ..."), else the first line that mentions an error or a missing tool."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for pattern in (r"\berror\b", r"fatal", r"not found|No such file"):
-        for ln in lines:
-            if re.search(pattern, ln, re.IGNORECASE) and not ln.startswith("FAILED:"):
+    noise = ("Error building extension", "FAILED:", "ninja: build stopped", "[")
+    candidates = [ln for ln in lines if not ln.startswith(noise) and " -c " not in ln]
+    for pattern in (r":\s*(fatal )?error\b", r"\berror\b", r"not found|No such file|undefined"):
+        for ln in candidates:
+            if re.search(pattern, ln, re.IGNORECASE):
                 return ln[:300]
-    return (lines[-1] if lines else "no compiler output")[:300]
+    return (candidates or lines or ["no compiler output"])[-1][:300]
 
 
 def toolchain_problem(spec: ExtensionSpec) -> str | None:
