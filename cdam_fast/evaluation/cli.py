@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..dispatch import BACKENDS
 from .datasets import DATASETS, DatasetError
 from .metrics import PredictionError
 from .predictors import (
@@ -27,8 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N images (sorted by name)")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default: ViT-B-16)")
     p.add_argument("--pretrained", default="openai", help="open_clip weights tag or checkpoint path (default: openai)")
-    p.add_argument("--mode", default="window", help="pipeline inference mode (default: window)")
-    p.add_argument("--backend", default="auto", help="CDAM kernel backend (default: auto)")
+    p.add_argument("--mode", default="window", choices=("window", "global"),
+                   help="window: the published sliding windows; global: the whole image at once (default: window)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="CDAM kernel backend (default: auto)")
     p.add_argument("--device", default=None, help="torch device (default: this rank's GPU if any, else CPU)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. float16 (default: the pipeline's)")
     p.add_argument("--background", default=None,
@@ -74,7 +76,8 @@ def run_eval(args) -> int:
                 predictor = factory(dataset)
             else:
                 device = args.device or (str(dist.device) if dist.device is not None else None)
-                predictor = segmenter_predictor(dataset, config, backend=args.backend, device=device)
+                predictor = segmenter_predictor(dataset, config, backend=args.backend, device=device,
+                                                progress=dist.is_main and not args.no_progress)
             result = evaluate(dataset, predictor, output=output, config=config, overwrite=args.overwrite,
                               dist=dist, progress=not args.no_progress)
             if dist.is_main:

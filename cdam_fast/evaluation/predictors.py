@@ -49,13 +49,20 @@ def run_name(dataset_name: str, config: dict) -> str:
     return f"{dataset_name}-{config['method']}-{cdam}-{config['model'].replace('/', '_')}"
 
 
-def segmenter_predictor(dataset, config: dict, *, backend: str = "auto", device=None):
-    """The CLIP pipeline's `predict` for this dataset's classes."""
-    from cdam_fast.pipeline import Segmenter  # lazy: the evaluation code does not need the model stack
+def segmenter_predictor(dataset, config: dict, *, backend: str = "auto", device=None, progress: bool = True,
+                        **options):
+    """The CLIP pipeline's `predict` for this dataset's classes; `options` go to Segmenter as they are."""
+    # lazy: the evaluation code does not need the model stack
+    from cdam_fast.pipeline import Segmenter, WeightsUnavailableError
+    from cdam_fast.validation import CdamInputError
 
-    segmenter = Segmenter(dataset.classes, model=config["model"], pretrained=config["pretrained"],
-                          method=config["method"], cdam=config["cdam"], mode=config["mode"], backend=backend,
-                          device=device, dtype=config["dtype"], background=config["background"])
+    try:
+        segmenter = Segmenter(dataset.classes, model=config["model"], pretrained=config["pretrained"],
+                              method=config["method"], cdam=config["cdam"], mode=config["mode"], backend=backend,
+                              device=device, dtype=config["dtype"], background=config["background"],
+                              progress=progress, **options)
+    except (CdamInputError, WeightsUnavailableError) as e:
+        raise UsageError(str(e)) from None
     return segmenter.predict
 
 

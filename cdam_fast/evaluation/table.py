@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..dispatch import BACKENDS
 from .datasets import DATASETS, DatasetError, open_dataset
 from .distributed import distributed_context
 from .metrics import PredictionError
@@ -89,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(TABLE_METHODS), choices=TABLE_METHODS)
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--pretrained", default="openai")
-    p.add_argument("--mode", default="window")
+    p.add_argument("--mode", default="window", choices=("window", "global"))
     p.add_argument("--dtype", default=None)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default=None)
     p.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset (a smoke run)")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT_ROOT), help="folder for the per-run result folders")
@@ -150,7 +151,8 @@ def _cell_builders(args, dist):
                                mode=args.mode, dtype=args.dtype)
 
     def make_predictor(dataset, config):
-        return segmenter_predictor(dataset, config, backend=args.backend, device=device)
+        return segmenter_predictor(dataset, config, backend=args.backend, device=device,
+                                   progress=dist.is_main and not args.no_progress)
 
     return config_for, make_predictor
 
