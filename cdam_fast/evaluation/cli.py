@@ -7,11 +7,15 @@ import sys
 from pathlib import Path
 
 from ..dispatch import BACKENDS
-from .datasets import DATASETS, DatasetError
-from .metrics import PredictionError
+from .coco_object import make_coco_object_labels
+from .datasets import DATASETS, DatasetError, open_dataset
+from .distributed import distributed_context
+from .metrics import PredictionError, format_table
 from .predictors import (
     DEFAULT_OUTPUT_ROOT, METHODS, UsageError, load_factory, pipeline_config, run_name, segmenter_predictor,
 )
+from .runner import evaluate
+from .store import StoreError
 
 
 def register(subparsers) -> None:
@@ -38,7 +42,7 @@ def register(subparsers) -> None:
                         "(default: entropy for benchmarks with a background class, none otherwise)")
     p.add_argument("--output", default=None,
                    help="results folder (default: cdam_eval/DATASET-METHOD-cdam|nocdam-MODEL)")
-    p.add_argument("--overwrite", action="store_true", help="discard results of a different run in --output")
+    p.add_argument("--overwrite", action="store_true", help="discard the results already in --output and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # for tests: MODULE:CALLABLE, called with the dataset, returning an `image -> label map` predictor
     p.add_argument("--predictor", default=None, help=argparse.SUPPRESS)
@@ -49,18 +53,12 @@ def register(subparsers) -> None:
         description="Fold COCO-Stuff 164k labels into COCO-Object: thing ids 0..79 -> 1..80, stuff -> 0 "
                     "(background), 255 stays ignored.")
     c.add_argument("--root", required=True, help="COCO-Stuff root (with annotations/SPLIT/*_labelTrainIds.png)")
-    c.add_argument("--split", default="val2017")
+    c.add_argument("--split", default=DATASETS["coco_stuff171"].default_split)
     c.add_argument("--overwrite", action="store_true", help="replace existing *_instanceTrainIds.png files")
     c.set_defaults(func=run_make_coco_object)
 
 
 def run_eval(args) -> int:
-    from .datasets import open_dataset
-    from .distributed import distributed_context
-    from .metrics import format_table
-    from .runner import evaluate
-    from .store import StoreError
-
     try:
         dataset = open_dataset(args.dataset, args.root, args.split, args.limit)
         if args.predictor is not None:
@@ -92,8 +90,6 @@ def run_eval(args) -> int:
 
 
 def run_make_coco_object(args) -> int:
-    from .coco_object import make_coco_object_labels
-
     try:
         n = make_coco_object_labels(args.root, args.split, overwrite=args.overwrite)
     except DatasetError as e:
