@@ -42,11 +42,15 @@ def to_sparse(conf: np.ndarray) -> list[list[int]]:
     return [[int(a), int(b), int(conf[a, b])] for a, b in zip(g, p)]
 
 
-def from_sparse(triples, num_classes: int) -> np.ndarray:
-    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+def add_sparse(conf: np.ndarray, triples) -> np.ndarray:
+    """Add [gt, pred, count] triples into `conf` in place (and return it)."""
     for g, p, n in triples:
         conf[g, p] += n
     return conf
+
+
+def from_sparse(triples, num_classes: int) -> np.ndarray:
+    return add_sparse(np.zeros((num_classes, num_classes), dtype=np.int64), triples)
 
 
 @dataclass

@@ -6,6 +6,8 @@ and the confusion matrices are summed across ranks.
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,10 +16,11 @@ from tqdm.auto import tqdm
 
 from .datasets import SegmentationDataset
 from .distributed import DistContext
-from .metrics import PredictionError, Scores, confusion_matrix, scores
+from .metrics import PredictionError, Scores, add_sparse, confusion_matrix, scores
 from .store import ResultStore
 
 Predictor = Callable[[object], object]
+PREFETCH = 2  # images decoded ahead of the predictor
 
 
 @dataclass
@@ -58,7 +61,7 @@ def evaluate(
     dist = dist or DistContext()
     store = None
     if output is not None:
-        store = ResultStore(output, _store_config(dataset, config), dataset.num_classes, rank=dist.rank)
+        store = ResultStore(output, _store_config(dataset, config), rank=dist.rank)
         # rank 0 checks and prepares the folder; the others wait, then learn whether that worked
         error = None
         if dist.is_main:
@@ -78,12 +81,12 @@ def evaluate(
     total = np.zeros((dataset.num_classes, dataset.num_classes), dtype=np.int64)
     for s in mine:
         if s.id in done:
-            total += done[s.id]
+            add_sparse(total, done[s.id])
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval {dataset.name}", unit="img",
                disable=not (progress and dist.is_main), dynamic_ncols=True)
     try:
-        for sample in todo:
-            conf = _score_one(dataset, predictor, sample)
+        for sample, (image, label) in zip(todo, _prefetched(dataset, todo)):
+            conf = _score_one(dataset, predictor, sample, image, label)
             total += conf
             if store is not None:
                 store.append(sample.id, conf)
@@ -101,9 +104,21 @@ def evaluate(
     return result
 
 
-def _score_one(dataset: SegmentationDataset, predictor: Predictor, sample) -> np.ndarray:
-    label = dataset.load_label(sample)
-    pred = predictor(dataset.load_image(sample))
+def _prefetched(dataset: SegmentationDataset, samples, ahead: int = PREFETCH):
+    """(image, label) of each sample in order, decoded in a background thread up to `ahead`
+    samples early so that file decoding overlaps with prediction."""
+    load = lambda s: (dataset.load_image(s), dataset.load_label(s))  # noqa: E731
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = deque(pool.submit(load, s) for s in samples[:ahead])
+        for s in samples[ahead:]:
+            pending.append(pool.submit(load, s))
+            yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _score_one(dataset: SegmentationDataset, predictor: Predictor, sample, image, label) -> np.ndarray:
+    pred = predictor(image)
     if hasattr(pred, "detach"):  # a torch tensor
         pred = pred.detach().cpu().numpy()
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import from_sparse, to_sparse
+from .metrics import to_sparse
 
 CONFIG_FILE = "run.json"
 RESULT_FILE = "result.json"
@@ -25,10 +25,9 @@ class StoreError(RuntimeError):
 
 
 class ResultStore:
-    def __init__(self, folder, config: dict, num_classes: int, rank: int = 0):
+    def __init__(self, folder, config: dict, rank: int = 0):
         self.folder = Path(folder).expanduser()
         self.config = json.loads(json.dumps(config))  # as it reads back from run.json (tuples -> lists)
-        self.num_classes = num_classes
         self.rank = rank
         self._file = None
 
@@ -59,9 +58,10 @@ class ResultStore:
 
     # reading and writing ----------------------------------------------------------------
 
-    def load(self) -> dict[str, np.ndarray]:
-        """Confusion matrices of the images already scored, by image id (all ranks' files)."""
-        done: dict[str, np.ndarray] = {}
+    def load(self) -> dict[str, list]:
+        """Sparse confusion entries ([gt, pred, count] triples) of the images already scored, by
+        image id, from all ranks' files. Kept sparse: 5000 dense 171x171 matrices would take GBs."""
+        done: dict[str, list] = {}
         for path in self._result_files():
             with open(path) as f:
                 for line in f:
@@ -69,7 +69,7 @@ class ResultStore:
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut short by an interruption: that image is redone
-                    done.setdefault(record["id"], from_sparse(record["confusion"], self.num_classes))
+                    done.setdefault(record["id"], record["confusion"])
         return done
 
     def append(self, image_id: str, conf: np.ndarray) -> None:
