@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, blocks, expm1_transform, fast_log, jsd_tile, product
+from .common import LOG2E, blocks, expm1_transform, fast_log, jsd_tile, poly_logs, product
 
 
 @triton.jit
@@ -38,8 +38,8 @@ def _small_scale_tile(js, taps_idx, taps_w, offs_m, offs_n, n_s, N, BM: tl.const
 
 @triton.jit
 def _scale_tile(slot, b, pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, m0, n0, offs_m, offs_n, N, C,
-                FULL_SRC: tl.constexpr, MULTI: tl.constexpr, FAST_LOG: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr):
+                FULL_SRC: tl.constexpr, MULTI: tl.constexpr, FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr):
     """The [BM, BN] tile of U for scale `slot` (slot 0 is the full scale when FULL_SRC > 0).
 
     MULTI (any small scale present) is a constexpr so the single-scale kernels carry no gather
@@ -50,22 +50,22 @@ def _scale_tile(slot, b, pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w,
         if FULL_SRC > 0:
             k = slot - 1
         if k < 0:
-            u = _full_tile(b, pT, rp, jfull, m0, n0, offs_m, offs_n, N, C, FULL_SRC, FAST_LOG, BM, BN)
+            u = _full_tile(b, pT, rp, jfull, m0, n0, offs_m, offs_n, N, C, FULL_SRC, FAST_LOG, POLY_LOGS, BM, BN)
         else:
             n_s = tl.load(js_n + k)
             base = js_flat + tl.load(js_off + k) + b * n_s * n_s
             u = _small_scale_tile(base, taps_idx + k * N * 4, taps_w + k * N * 4, offs_m, offs_n, n_s, N, BM, BN)
     else:
-        u = _full_tile(b, pT, rp, jfull, m0, n0, offs_m, offs_n, N, C, FULL_SRC, FAST_LOG, BM, BN)
+        u = _full_tile(b, pT, rp, jfull, m0, n0, offs_m, offs_n, N, C, FULL_SRC, FAST_LOG, POLY_LOGS, BM, BN)
     return u
 
 
 @triton.jit
 def _full_tile(b, pT, rp, jfull, m0, n0, offs_m, offs_n, N, C, FULL_SRC: tl.constexpr, FAST_LOG: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr):
+               POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     if FULL_SRC == 1:
         u = jsd_tile(pT + b * C * N, pT + b * C * N, rp + b * N, rp + b * N, offs_m, offs_n, N, N, C, True,
-                     FAST_LOG, BM, BN)
+                     FAST_LOG, BM, BN, POLY_LOGS)
     else:
         # a block pointer keeps the 2-D address math scalar (a pointer tensor costs 2 regs/element)
         jp = tl.make_block_ptr(jfull + b * N * N, shape=(N, N), strides=(N, 1), offsets=(m0, n0),
@@ -76,8 +76,8 @@ def _full_tile(b, pT, rp, jfull, m0, n0, offs_m, offs_n, N, C, FULL_SRC: tl.cons
 
 @triton.jit
 def row_stats_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_out, lo_out, N, C, S,
-                     FULL_SRC: tl.constexpr, MULTI: tl.constexpr, FAST_LOG: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr):
+                     FULL_SRC: tl.constexpr, MULTI: tl.constexpr, FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr):
     pid_m, slot, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
     hi = tl.full((BM,), float("-inf"), tl.float32)
@@ -85,7 +85,7 @@ def row_stats_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         u = _scale_tile(slot, b, pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, pid_m * BM, n0, offs_m, offs_n, N, C,
-                        FULL_SRC, MULTI, FAST_LOG, BM, BN)
+                        FULL_SRC, MULTI, FAST_LOG, POLY_LOGS, BM, BN)
         valid = offs_n[None, :] < N
         hi = tl.maximum(hi, tl.max(tl.where(valid, u, float("-inf")), axis=1))
         lo = tl.minimum(lo, tl.min(tl.where(valid, u, float("inf")), axis=1))
@@ -98,7 +98,8 @@ def row_stats_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_
 def cdam_product_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_in, lo_in, weights, v, out,
                         N, C, D, S, alpha_log2e, inv_expm1_alpha,
                         FULL_SRC: tl.constexpr, MULTI: tl.constexpr, WRITE_MAP: tl.constexpr, V_IS_FP32: tl.constexpr,
-                        FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                        FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BD: tl.constexpr):
     pid_m, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -110,7 +111,7 @@ def cdam_product_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, 
         a = tl.zeros((BM, BN), dtype=tl.float32)
         for slot in range(0, S):
             u = _scale_tile(slot, b, pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, pid_m * BM, n0, offs_m, offs_n, N,
-                            C, FULL_SRC, MULTI, FAST_LOG, BM, BN)
+                            C, FULL_SRC, MULTI, FAST_LOG, POLY_LOGS, BM, BN)
             hi = tl.load(hi_in + (b * S + slot) * N + offs_m, mask=mask_m, other=0.0)
             lo = tl.load(lo_in + (b * S + slot) * N + offs_m, mask=mask_m, other=0.0)
             a += tl.load(weights + slot) * expm1_transform(u, hi, lo, alpha_log2e, inv_expm1_alpha)
@@ -178,7 +179,7 @@ def row_stats(sc: ScaleSet):
     BM, BN = blocks(sc.N, 64), blocks(sc.N, 64)
     grid = (triton.cdiv(sc.N, BM), sc.S, sc.B)
     row_stats_kernel[grid](*sc.args(), hi, lo, sc.N, sc.C, sc.S, FULL_SRC=sc.full_src, MULTI=sc.multi,
-                           FAST_LOG=fast_log(), BM=BM, BN=BN, num_warps=NUM_WARPS)
+                           FAST_LOG=fast_log(), POLY_LOGS=poly_logs(), BM=BM, BN=BN, num_warps=NUM_WARPS)
     return hi, lo
 
 
@@ -199,6 +200,6 @@ def cdam_apply(sc: ScaleSet, alpha: float, v: torch.Tensor | None) -> torch.Tens
     grid = (triton.cdiv(N, BM), triton.cdiv(D, BD), B)
     cdam_product_kernel[grid](*sc.args(), hi, lo, sc.weights, dummy_v, out, N, sc.C, D, sc.S, alpha * LOG2E,
                               1.0 / math.expm1(alpha), FULL_SRC=sc.full_src, MULTI=sc.multi, WRITE_MAP=v is None,
-                              V_IS_FP32=v_is_fp32, FAST_LOG=fast_log(), BM=BM, BN=BN,
+                              V_IS_FP32=v_is_fp32, FAST_LOG=fast_log(), POLY_LOGS=poly_logs(), BM=BM, BN=BN,
                               BD=BD, num_warps=NUM_WARPS)
     return out

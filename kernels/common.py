@@ -33,21 +33,59 @@ def log2(x, FAST_LOG: tl.constexpr):
 
 
 @triton.jit
+def log2_poly(x):
+    """log2 of a positive normal float on the FMA pipe instead of the special-function unit.
+
+    The exponent comes from the bits, chosen so the mantissa m = x / 2^e lies in [0.75, 1.5);
+    log2(m) = f q(f), f = m - 1, with a degree-6 least-squares fit on [-0.25, 0.5)
+    (max error 2.7e-6, i.e. < 2e-6 nats on J even if every log took this path).
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    e = (bits - 0x3F400000) >> 23
+    f = (bits - (e << 23)).to(tl.float32, bitcast=True) - 1.0
+    q = -0.13873089849948883 * f + 0.2881627082824707
+    q = q * f - 0.37115728855133057
+    q = q * f + 0.4821029603481293
+    q = q * f - 0.7211095094680786
+    q = q * f + 1.4426705837249756
+    return e.to(tl.float32) + q * f
+
+
+@triton.jit
+def _class_term(pT, qT, c, offs_m, offs_n, mask_m, mask_n, n_p, n_q, POLY: tl.constexpr, FAST_LOG: tl.constexpr):
+    """s log2 s for class c, s = p_ic + q_jc, as a [BM, BN] tile."""
+    a = tl.load(pT + c * n_p + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+    b = tl.load(qT + c * n_q + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    s = a[:, None] + b[None, :]
+    if POLY:
+        lg = log2_poly(tl.maximum(s, TINY))
+    else:
+        lg = log2(tl.maximum(s, TINY), FAST_LOG)
+    return s * lg
+
+
+@triton.jit
 def jsd_tile(pT, qT, rp, rq, offs_m, offs_n, n_p, n_q, C, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr):
+             BM: tl.constexpr, BN: tl.constexpr, POLY_LOGS: tl.constexpr):
     """J for rows offs_m of p against rows offs_n of q, [BM, BN] fp32, clamped at 0.
 
     pT/qT point at this batch's [C, n] class-major distributions, rp/rq at its row terms.
-    Out-of-range rows/columns read zeros (finite; callers mask them).
+    Out-of-range rows/columns read zeros (finite; callers mask them). POLY_LOGS of every 4
+    classes take their log from log2_poly, so the FMA pipe shares the work of the
+    special-function unit, which alone bounds the kernel (as FlashAttention-4 does for exp2).
     """
     mask_m = offs_m < n_p
     mask_n = offs_n < n_q
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for c in range(0, C):
-        a = tl.load(pT + c * n_p + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-        b = tl.load(qT + c * n_q + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        s = a[:, None] + b[None, :]
-        acc += s * log2(tl.maximum(s, TINY), FAST_LOG)
+    c_tail = 0
+    if POLY_LOGS > 0:
+        c_tail = C - C % 4
+        for c0 in range(0, c_tail, 4):
+            for g in tl.static_range(4):
+                acc += _class_term(pT, qT, c0 + g, offs_m, offs_n, mask_m, mask_n, n_p, n_q, g < POLY_LOGS,
+                                   FAST_LOG)
+    for c in range(c_tail, C):
+        acc += _class_term(pT, qT, c, offs_m, offs_n, mask_m, mask_n, n_p, n_q, False, FAST_LOG)
     ri = tl.load(rp + offs_m, mask=mask_m, other=0.0)
     rj = tl.load(rq + offs_n, mask=mask_n, other=0.0)
     j = tl.maximum((ri[:, None] + rj[None, :] - acc) * HALF_LN2, 0.0)
@@ -79,6 +117,15 @@ def product(a, v_base, rows, D, n0, d0, acc, V_IS_FP32: tl.constexpr, BN: tl.con
     else:
         acc = tl.dot(a.to(v.dtype), v, acc)
     return acc
+
+
+def poly_logs() -> int:
+    """How many of every 4 class logs run as FMA polynomials (CDAM_FAST_POLY_LOGS, 0-4; default 0
+    until a GPU measurement shows the split pays off, see benchmarks/RESULTS.md)."""
+    n = int(os.environ.get("CDAM_FAST_POLY_LOGS", "0"))
+    if not 0 <= n <= 4:
+        raise ValueError(f"CDAM_FAST_POLY_LOGS must be an integer from 0 to 4, got {n}")
+    return n
 
 
 def fast_log() -> bool:

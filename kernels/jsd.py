@@ -3,20 +3,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import blocks, fast_log, jsd_tile
+from .common import blocks, fast_log, jsd_tile, poly_logs
 
 _LN2 = 0.6931471805599453
-NUM_WARPS = 4
+NUM_WARPS = 8  # with the 4-way unrolled class loop (POLY_LOGS > 0) 4 warps spill
 
 
 @triton.jit
 def pairwise_jsd_kernel(pT, qT, rp, rq, out, N, M, C, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr):
+                        POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     j = jsd_tile(pT + b * C * N, qT + b * C * M, rp + b * N, rq + b * M, offs_m, offs_n, N, M, C, SELF,
-                 FAST_LOG, BM, BN)
+                 FAST_LOG, BM, BN, POLY_LOGS)
     mask = (offs_m[:, None] < N) & (offs_n[None, :] < M)
     tl.store(out + b * N * M + offs_m[:, None].to(tl.int64) * M + offs_n[None, :], j, mask=mask)
 
@@ -40,6 +40,7 @@ def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty(B, N, M, device=p.device, dtype=torch.float32)
     BM, BN = blocks(N, 64), blocks(M, 64)
     grid = (triton.cdiv(N, BM), triton.cdiv(M, BN), B)
-    pairwise_jsd_kernel[grid](pT, qT, rp, rq, out, N, M, C, SELF=q is None, FAST_LOG=fast_log(), BM=BM, BN=BN,
+    pairwise_jsd_kernel[grid](pT, qT, rp, rq, out, N, M, C, SELF=q is None, FAST_LOG=fast_log(),
+                              POLY_LOGS=poly_logs(), BM=BM, BN=BN,
                               num_warps=NUM_WARPS)
     return out

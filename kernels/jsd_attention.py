@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, blocks, fast_log, jsd_tile, product
+from .common import LOG2E, blocks, fast_log, jsd_tile, poly_logs, product
 from .jsd import class_major, row_terms
 
 
@@ -12,7 +12,7 @@ NUM_WARPS = 8  # spill-free on sm_90 with the fp32 (3xTF32) product; 4 warps spi
 
 @triton.jit
 def jsd_attention_kernel(pT, qT, rp, rq, v, out, N, M, C, D, neg_log2e_over_tau,
-                         SELF: tl.constexpr, V_IS_FP32: tl.constexpr, FAST_LOG: tl.constexpr,
+                         SELF: tl.constexpr, V_IS_FP32: tl.constexpr, FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid_m, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -26,7 +26,7 @@ def jsd_attention_kernel(pT, qT, rp, rq, v, out, N, M, C, D, neg_log2e_over_tau,
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < M
         j = jsd_tile(pT + b * C * N, qT + b * C * M, rp + b * N, rq + b * M, offs_m, offs_n, N, M, C, SELF,
-                     FAST_LOG, BM, BN)
+                     FAST_LOG, BM, BN, POLY_LOGS)
         logits = tl.where(mask_n[None, :], j * neg_log2e_over_tau, float("-inf"))  # base-2 logits
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         rescale = tl.exp2(row_max - new_max)
@@ -48,6 +48,6 @@ def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float, q: torch.Tensor 
     BM, BN, BD = blocks(N, 64), blocks(M, 64), blocks(D, 128)
     grid = (triton.cdiv(N, BM), triton.cdiv(D, BD), B)
     jsd_attention_kernel[grid](pT, qT, rp, rq, v, out, N, M, C, D, -LOG2E / tau, SELF=q is None,
-                               V_IS_FP32=v.dtype == torch.float32, FAST_LOG=fast_log(), BM=BM, BN=BN, BD=BD,
+                               V_IS_FP32=v.dtype == torch.float32, FAST_LOG=fast_log(), POLY_LOGS=poly_logs(), BM=BM, BN=BN, BD=BD,
                                num_warps=NUM_WARPS)
     return out

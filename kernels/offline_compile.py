@@ -28,7 +28,7 @@ _P = "*fp32"
 
 
 def _cases():
-    base_c = {"FAST_LOG": True, "BM": 64, "BN": 64}
+    base_c = {"FAST_LOG": True, "POLY_LOGS": 0, "BM": 64, "BN": 64}
     scale_sig = {"pT": _P, "rp": _P, "jfull": _P, "js_flat": _P, "js_off": "*i64", "js_n": "*i32",
                  "taps_idx": "*i32", "taps_w": _P}
     cases = {
@@ -55,6 +55,11 @@ def _cases():
             {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "v": f"*{vdt}", "out": f"*{vdt}", "N": "i32", "M": "i32",
              "C": "i32", "D": "i32", "neg_log2e_over_tau": "fp32"},
             {"SELF": True, "V_IS_FP32": vdt == "fp32", **base_c, "BD": 128}, jsd_attention.NUM_WARPS)
+    # the FMA-polynomial share of the logs (CDAM_FAST_POLY_LOGS) unrolls the class loop by 4
+    for name in ("pairwise_jsd", "cdam_product[recompute,fp16]", "jsd_attention[fp16]"):
+        kernel, sig, consts, warps = cases[name]
+        cases[name.replace("]", ",poly1]") if "[" in name else name + "[poly1]"] = (
+            kernel, sig, {**consts, "POLY_LOGS": 1}, warps)
     return cases
 
 
