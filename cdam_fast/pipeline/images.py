@@ -1,0 +1,74 @@
+"""Turning the images users pass (paths, PIL images, numpy arrays, tensors) into RGB float
+tensors [3, H, W] in [0, 1], with errors that say what is wrong with which image."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..validation import CdamInputError
+
+
+def open_image(path):
+    """A PIL RGB image from a file, or a CdamInputError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CdamInputError(f"image file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CdamInputError(f"image path {path!r} is not a file")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise CdamInputError(f"cannot read image file {path!r}: {e}") from e
+
+
+def _from_uint_or_float(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
+    if t.dtype == torch.bool:
+        return t.float()
+    if not t.is_floating_point():
+        raise CdamInputError(f"{what} must be uint8 or float, got {t.dtype}")
+    t = t.float()
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise CdamInputError(f"{what} contains NaN or infinite values")
+    if t.numel() and (t.min() < 0 or t.max() > 1):
+        raise CdamInputError(f"{what}: float images must lie in [0, 1] (got values in "
+                             f"[{t.min().item():.3g}, {t.max().item():.3g}]); pass uint8 for 0-255 data")
+    return t
+
+
+def to_tensor(image, what: str = "image") -> torch.Tensor:
+    """[3, H, W] float32 in [0, 1] on the CPU (tensors keep their device).
+
+    Accepted: a path, a PIL image, a numpy array [H, W] or [H, W, 1|3|4] (channels last, alpha
+    dropped), a tensor [H, W] or [1|3, H, W] (channels first); uint8 (0-255) or float (0-1).
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
+            raise CdamInputError(f"{what}: numpy images are channels-last [H, W, 3]; got shape {image.shape}"
+                                 + (" (looks channels-first: use arr.transpose(1, 2, 0))" if image.shape[0] in (1, 3) else ""))
+        if image.ndim == 3:
+            image = image[..., :3]
+            image = np.ascontiguousarray(image).transpose(2, 0, 1)
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if not isinstance(image, torch.Tensor):
+        raise CdamInputError(f"{what} must be a file path, PIL image, numpy array or torch tensor, "
+                             f"got {type(image).__name__}")
+    if image.dim() == 2:
+        image = image[None]
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise CdamInputError(f"{what}: expected [H, W] or [1|3, H, W] (channels first for tensors), "
+                             f"got shape {tuple(image.shape)}")
+    image = _from_uint_or_float(image, what)
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image

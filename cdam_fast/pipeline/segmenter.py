@@ -1,0 +1,278 @@
+"""`Segmenter`: open-vocabulary segmentation with a CLIP last-layer method, optionally refined
+by CDAM, at any image resolution.
+
+Per batch of images: every image is resized to the protocol size and cut into windows (or
+kept whole in global mode); all windows of equal size, from all images, go through the image
+tower together, in batches of `window_batch`. Each window yields token logits; they are
+assembled per image at token resolution and upsampled once (see windows.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..dispatch import BACKENDS
+from ..grids import CDAM_SCALES
+from ..ops import MODES as CDAM_MODES
+from ..ops import multiscale_cdam_attention
+from ..validation import CdamInputError, check_positive, check_scales
+from . import background as bg
+from .images import to_tensor
+from .methods import get_method
+from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, ClipBackbone, load_clip
+from .text import TextEmbedder, atp_prompts, parse_classes
+from .windows import CROP, LONG_SIDE_MAX, SHORT_SIDE, STRIDE, Assembler, global_size, protocol_size, \
+    sliding_layout, whole_layout
+
+MODES = ("window", "global")
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_LABEL_CHUNK = 1 << 24  # logits elements materialised at once while labelling
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CdamInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise CdamInputError(f"dtype must be one of {sorted(set(_DTYPES))}, got {dtype!r}")
+        dtype = _DTYPES[dtype.lower()]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise CdamInputError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    if dtype != torch.float32 and device.type != "cuda":
+        raise CdamInputError(f"dtype {dtype} (autocast) needs a CUDA device; use float32 on {device.type}")
+    return dtype
+
+
+@dataclass
+class _Prepared:
+    pixels: torch.Tensor  # [3, H', W'] normalised, on the compute device
+    original: tuple  # (H, W) of the input
+    layout: object  # WindowLayout
+    tokens: tuple  # patch grid of each window
+
+
+@dataclass
+class ImageResult:
+    """Window token logits of one image and what is needed to turn them into pixels."""
+    window_logits: torch.Tensor  # [n_windows, C, h_tok, w_tok], float32
+    threshold: torch.Tensor | float | None
+    assembler: Assembler
+    original: tuple
+
+
+class Segmenter:
+    """Open-vocabulary semantic segmentation with CLIP (+ CDAM).
+
+    classes: "cat,sofa,background" (synonyms joined by ';'), or a list of names / synonym lists.
+    model: an open_clip model name or an already loaded `ClipBackbone` (shared between
+    segmenters, text embeddings cached on it). pretrained: tag, local checkpoint or None (random
+    weights from `seed`). method: maskclip | sclip | clearclip | naclip | gem; cdam: refine it
+    with CDAM. mode: "window" (the published sliding windows) or "global" (the whole image at
+    once, CDAM across all of its tokens). background: "auto" (entropy-adaptive when the first
+    class is "background", else none), "entropy", "entropy-per-window", a fixed threshold, or
+    None. dtype: autocast dtype on CUDA (default float16); float32 on CPU.
+    Keyword-only: templates ("openai" 80, "single", a file or a list), atp (prompts that only
+    shape the class distributions; default the 80 packaged ones), crop / stride / short_side /
+    long_side (protocol), window_batch (windows per forward pass), logit_scale, CDAM's scales /
+    tau / alpha, cdam_mode / memory_budget (passed to the fused op), progress (text bar).
+    """
+
+    def __init__(self, classes, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, method: str = "maskclip",
+                 cdam: bool = True, mode: str = "window", backend: str = "auto", device=None, dtype=None,
+                 background="auto", *, templates=None, atp=None, crop: int = CROP, stride: int = STRIDE,
+                 short_side: int = SHORT_SIDE, long_side: int = LONG_SIDE_MAX, window_batch: int = 16,
+                 logit_scale: float = bg.LOGIT_SCALE, scales=CDAM_SCALES, tau: float = 0.1, alpha: float = 10.0,
+                 cdam_mode: str = "auto", memory_budget: int | None = None, seed: int = RANDOM_WEIGHTS_SEED,
+                 quick_gelu: bool | None = None, progress: bool = True):
+        self.classes = parse_classes(classes)
+        self.method = get_method(method)
+        if mode not in MODES:
+            raise CdamInputError(f"mode must be one of {MODES}, got {mode!r}")
+        if backend not in BACKENDS:
+            raise CdamInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if cdam_mode not in CDAM_MODES:
+            raise CdamInputError(f"cdam_mode must be one of {CDAM_MODES}, got {cdam_mode!r}")
+        self.background = bg.check_background(background, self.classes.names)
+        self.mode, self.backend, self.cdam = mode, backend, bool(cdam)
+        self.crop, self.stride = _check_int("crop", crop), _check_int("stride", stride)
+        if stride > crop:
+            raise CdamInputError(f"stride ({stride}) must not exceed crop ({crop}): pixels between windows would "
+                                 "get no prediction")
+        self.short_side, self.long_side = _check_int("short_side", short_side), _check_int("long_side", long_side)
+        self.window_batch = _check_int("window_batch", window_batch)
+        self.logit_scale = check_positive("logit_scale", logit_scale)
+        self.scales, self.tau, self.alpha = check_scales(scales), check_positive("tau", tau), check_positive("alpha", alpha)
+        self.cdam_mode, self.memory_budget = cdam_mode, memory_budget
+
+        if isinstance(model, ClipBackbone):
+            if device is not None and torch.device(device) != model.device:
+                raise CdamInputError(f"device {device!r} differs from the given model's device {model.device}")
+            self.backbone = model
+        else:
+            self.backbone = load_clip(model, pretrained, device, seed=seed, quick_gelu=quick_gelu)
+        self.device = self.backbone.device
+        self.dtype = _resolve_dtype(dtype, self.device)
+        ph, pw = self.backbone.patch_size
+        if crop < max(ph, pw):
+            raise CdamInputError(f"crop ({crop}) is smaller than the model's {ph}x{pw} patches")
+
+        text = TextEmbedder(self.backbone, templates, progress=progress)
+        self.text = text.classes(self.classes).to(self.device)  # [C, E]
+        self.atp = tuple(atp_prompts() if atp is None else atp)
+        if not all(isinstance(a, str) and a.strip() for a in self.atp):
+            raise CdamInputError("atp must be a sequence of non-empty prompts")
+        extra = text.prompts(list(self.atp)).to(self.device) if self.atp else self.text[:0]
+        self.distribution_text = torch.cat([self.text, extra])  # [C + A, E]: S's columns
+        self._mean = torch.tensor(self.backbone.mean, device=self.device).reshape(3, 1, 1)
+        self._std = torch.tensor(self.backbone.std, device=self.device).reshape(3, 1, 1)
+
+    def __repr__(self):
+        return (f"Segmenter({len(self.classes)} classes, {self.method.name}{' + CDAM' if self.cdam else ''}, "
+                f"{self.backbone.name} ({self.backbone.source}), mode={self.mode}, backend={self.backend}, "
+                f"device={self.device}, dtype={self.dtype})")
+
+    @property
+    def class_names(self) -> tuple:
+        return self.classes.names
+
+    # -- the network on a batch of windows ------------------------------------------------------
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def encode_windows(self, crops: torch.Tensor) -> torch.Tensor:
+        """Normalised crops [B, 3, h, w] (on self.device) -> token logits [B, C, h_tok, w_tok]
+        (float32, cosine similarities to the class embeddings, no logit scale). The unit of work
+        that throughput benchmarks time."""
+        bb, method = self.backbone, self.method
+        with self._autocast():
+            x, grid = bb.embed(crops)
+            x = bb.run_blocks(x, 0, bb.depth - method.depth)
+            first = method.first_pass(bb, x, grid)  # x_L1 stays cached in `first` for the re-run
+            feats = bb.project(first.out[:, 1:])  # [B, N, E] float32
+            if self.cdam:
+                sim = feats @ self.distribution_text.T  # S: raw cosine similarities [B, N, C']
+                sim = sim.transpose(1, 2).reshape(sim.shape[0], -1, grid.h, grid.w)
+                with torch.autocast(self.device.type, enabled=False):  # the divergence stays fp32
+                    heads_out = multiscale_cdam_attention(
+                        sim.contiguous(), first.v[:, 1:].contiguous(), self.scales, self.tau, self.alpha,
+                        mode=self.cdam_mode, memory_budget=self.memory_budget, backend=self.backend)
+                feats = bb.project(method.rerun(bb, first, heads_out))
+        logits = feats @ self.text.T  # [B, N, C]
+        return logits.transpose(1, 2).reshape(logits.shape[0], -1, grid.h, grid.w)
+
+    # -- images -> windows -> results ---------------------------------------------------------
+    def preprocess(self, image, what: str = "image") -> _Prepared:
+        """Resize to the protocol size and normalise; plan the windows."""
+        pixels = to_tensor(image, what)
+        H, W = pixels.shape[-2:]
+        ph, pw = self.backbone.patch_size
+        if H < ph or W < pw:
+            raise CdamInputError(f"{what} is {H}x{W} pixels, smaller than one {ph}x{pw} patch of {self.backbone.name}")
+        if self.mode == "window":
+            size = protocol_size(H, W, self.short_side, self.long_side)
+            layout = sliding_layout(size, self.crop, self.stride)
+        else:
+            size = global_size(H, W, (ph, pw), self.short_side, self.long_side)
+            layout = whole_layout(size)
+        if layout.window[0] < ph or layout.window[1] < pw:
+            raise CdamInputError(f"{what} ({H}x{W}) is too elongated: resized to {size[0]}x{size[1]} its short side "
+                                 f"is below one {ph}x{pw} patch; raise long_side or crop the image")
+        pixels = F.interpolate(pixels.to(self.device)[None], size=size, mode="bilinear", align_corners=False,
+                               antialias=False)[0]
+        tokens = (layout.window[0] // ph, layout.window[1] // pw)
+        return _Prepared((pixels - self._mean) / self._std, (H, W), layout, tokens)
+
+    def _threshold(self, window_logits: torch.Tensor):
+        if self.background is None or isinstance(self.background, float):
+            return self.background
+        tokens = window_logits if self.background == "entropy" else window_logits[-1:]
+        return bg.entropy_threshold(tokens.transpose(1, -1), self.logit_scale)
+
+    def _run_group(self, items: list):
+        crops: dict = {}
+        for ii, it in enumerate(items):
+            h, w = it.layout.window
+            for wi, (y, x) in enumerate(it.layout.boxes()):
+                crops.setdefault((h, w), []).append((ii, wi, it.pixels[:, y:y + h, x:x + w]))
+        outs = [[None] * it.layout.count for it in items]
+        for entries in crops.values():
+            for j in range(0, len(entries), self.window_batch):
+                chunk = entries[j:j + self.window_batch]
+                logits = self.encode_windows(torch.stack([c for _, _, c in chunk]))
+                for (ii, wi, _), lg in zip(chunk, logits):
+                    outs[ii][wi] = lg
+        for it, o in zip(items, outs):
+            wl = torch.stack(o)
+            asm = _assembler(it.layout, it.tokens, it.original, self.device)
+            yield ImageResult(wl, self._threshold(wl), asm, it.original)
+
+    def results(self, images):
+        """ImageResult per image, in order; windows of consecutive images share forward passes."""
+        group, count = [], 0
+        for i, image in enumerate(images):
+            item = self.preprocess(image, f"image {i}")
+            group.append(item)
+            count += item.layout.count
+            if count >= self.window_batch:
+                yield from self._run_group(group)
+                group, count = [], 0
+        if group:
+            yield from self._run_group(group)
+
+    # -- public API ------------------------------------------------------------------------------
+    def logits(self, image) -> torch.Tensor:
+        """[C, H, W] float32 logits (cosine similarities, no logit scale) at the input's size,
+        on self.device."""
+        return self.logits_batch([image])[0]
+
+    def logits_batch(self, images) -> list:
+        return [r.assembler(r.window_logits) for r in self.results(images)]
+
+    def label_map(self, result: ImageResult) -> np.ndarray:
+        """[H, W] class indices (uint8 for up to 256 classes, else int64) of one result, built
+        in row chunks so that [C, H, W] logits of a large image are never all in memory."""
+        half = result.assembler.half_apply(result.window_logits)
+        H, W = result.original
+        rows = max(1, _LABEL_CHUNK // max(1, half.shape[0] * W))
+        out = torch.cat([bg.label(result.assembler.rows_apply(half, a, a + rows), result.threshold, self.logit_scale)
+                         for a in range(0, H, rows)])
+        dtype = np.uint8 if len(self.classes) <= 256 else np.int64
+        return out.cpu().numpy().astype(dtype)
+
+    def predict(self, image) -> np.ndarray:
+        """[H, W] class indices at the input's size (uint8 up to 256 classes, else int64)."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images) -> list:
+        return [self.label_map(r) for r in self.results(images)]
+
+
+@lru_cache(maxsize=64)
+def _assembler(layout, tokens, original, device) -> Assembler:
+    return Assembler.build(layout, tokens, original, device)
+
+
+def prepare_benchmark(segmenter: Segmenter, size: tuple = (448, 448), batch: int | None = None, seed: int = 0):
+    """(fn, crops): fn() runs `encode_windows` on `batch` random normalised crops of `size`;
+    for timing the network + CDAM on a device without any image decoding."""
+    g = torch.Generator().manual_seed(seed)
+    crops = torch.randn(batch or segmenter.window_batch, 3, *size, generator=g).to(segmenter.device)
+    return (lambda: segmenter.encode_windows(crops)), crops
+
+
+__all__ = ["Segmenter", "ImageResult", "MODES", "prepare_benchmark"]
