@@ -184,6 +184,8 @@ at::Tensor jsd_self_full(const Operand& x) {
 
 // Spec 2.5-2.6 on one row of divergences: dst (+)= weight * expm1(alpha X) / expm1(alpha) with
 // X = (hi - J) / (hi - lo), or weight where the row is constant. src and dst may alias (add=false).
+// Evaluated as exp(alpha (X - 1)) * expm1(-alpha X) / expm1(-alpha): same value, but no factor
+// overflows for large alpha (expm1(alpha) is inf in float beyond alpha ~ 88).
 void cdam_row(const float* src, int64_t n, float alpha, float weight, float* dst, bool add) {
   Vec vhi(-std::numeric_limits<float>::infinity()), vlo(std::numeric_limits<float>::infinity());
   int64_t k = 0;
@@ -200,11 +202,15 @@ void cdam_row(const float* src, int64_t n, float alpha, float weight, float* dst
   }
   const bool flat = !(hi - lo >= cdam::kConstantRowEps);
   const float inv_span = flat ? 0.f : 1.f / (hi - lo);
-  const Vec vscale(weight / static_cast<float>(std::expm1(static_cast<double>(alpha))));
-  const Vec valpha_span(alpha * inv_span), vtop(hi), vweight(weight);
+  const Vec vscale(static_cast<float>(weight / std::expm1(-static_cast<double>(alpha))));
+  const Vec vinv_span(inv_span), vtop(hi), vweight(weight), valpha(alpha), vnegalpha(-alpha), one(1.f);
   for (k = 0; k < n; k += kLanes) {
     const int64_t count = std::min(kLanes, n - k);
-    Vec a = flat ? vweight : ((vtop - Vec::loadu(src + k, count)) * valpha_span).expm1() * vscale;
+    Vec a = vweight;
+    if (!flat) {
+      const Vec x = (vtop - Vec::loadu(src + k, count)) * vinv_span;
+      a = ((x - one) * valpha).exp() * (x * vnegalpha).expm1() * vscale;
+    }
     if (add) a = a + Vec::loadu(dst + k, count);
     a.store(dst + k, count);
   }

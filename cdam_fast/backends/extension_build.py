@@ -93,7 +93,9 @@ def cpu_spec() -> ExtensionSpec:
 
 
 def cuda_spec() -> ExtensionSpec:
-    return ExtensionSpec("cdam_fast_cuda", (SOURCE_DIR / "cdam_cuda.cu",), cflags=("-O3",),
+    # Kernels in the .cu (CUDA headers only, quick to compile); torch bindings in the .cpp.
+    return ExtensionSpec("cdam_fast_cuda", (SOURCE_DIR / "cdam_cuda.cpp", SOURCE_DIR / "cdam_cuda_kernels.cu"),
+                         cflags=("-O3",),
                          cuda_cflags=(*CUDA_ARCH_FLAGS, "-O3"), label="CUDA", headers=_headers())
 
 
