@@ -50,20 +50,33 @@ def run_name(dataset_name: str, config: dict) -> str:
 
 
 def segmenter_predictor(dataset, config: dict, *, backend: str = "auto", device=None, progress: bool = True,
-                        **options):
-    """The CLIP pipeline's `predict` for this dataset's classes; `options` go to Segmenter as they are."""
+                        backbone=None, **options):
+    """The CLIP pipeline's `predict` for this dataset's classes. `backbone`: an already loaded
+    ClipBackbone of config's model (shared between runs, with its text-embedding cache); other
+    `options` go to Segmenter as they are."""
     # lazy: the evaluation code does not need the model stack
     from cdam_fast.pipeline import Segmenter, WeightsUnavailableError
     from cdam_fast.validation import CdamInputError
 
     try:
-        segmenter = Segmenter(dataset.classes, model=config["model"], pretrained=config["pretrained"],
+        segmenter = Segmenter(dataset.classes, model=backbone or config["model"], pretrained=config["pretrained"],
                               method=config["method"], cdam=config["cdam"], mode=config["mode"], backend=backend,
-                              device=device, dtype=config["dtype"], background=config["background"],
-                              progress=progress, **options)
+                              device=None if backbone else device, dtype=config["dtype"],
+                              background=config["background"], progress=progress, **options)
     except (CdamInputError, WeightsUnavailableError) as e:
         raise UsageError(str(e)) from None
     return segmenter.predict
+
+
+def load_backbone(model: str, pretrained: str, device=None):
+    """The CLIP image/text towers, loaded once for several runs."""
+    from cdam_fast.pipeline import WeightsUnavailableError, load_clip
+    from cdam_fast.validation import CdamInputError
+
+    try:
+        return load_clip(model, pretrained, device)
+    except (CdamInputError, WeightsUnavailableError) as e:
+        raise UsageError(str(e)) from None
 
 
 def load_factory(spec: str):

@@ -20,7 +20,9 @@ from ..dispatch import BACKENDS
 from .datasets import DATASETS, DatasetError, open_dataset
 from .distributed import distributed_context
 from .metrics import PredictionError
-from .predictors import DEFAULT_OUTPUT_ROOT, UsageError, load_factory, pipeline_config, run_name, segmenter_predictor
+from .predictors import (
+    DEFAULT_OUTPUT_ROOT, UsageError, load_backbone, load_factory, pipeline_config, run_name, segmenter_predictor,
+)
 from .runner import evaluate
 from .store import StoreError
 
@@ -45,8 +47,8 @@ def published(method: str, cdam: bool, dataset: str) -> float:
     return PUBLISHED[(method, cdam)][TABLE_DATASETS.index(dataset)]
 
 
-def run_table(roots: dict, make_predictor, *, methods=TABLE_METHODS, limit=None, output=DEFAULT_OUTPUT_ROOT,
-              config_for=None, dist=None, progress=True) -> dict:
+def run_table(roots: dict, make_predictor, config_for, *, methods=TABLE_METHODS, limit=None,
+              output=DEFAULT_OUTPUT_ROOT, dist=None, progress=True) -> dict:
     """mIoU (%) per (method, cdam, dataset) for every dataset in `roots` ({name: root}).
 
     make_predictor(dataset, config) -> predictor; config_for(dataset, method, cdam) -> the
@@ -112,8 +114,8 @@ def main(argv=None) -> int:
     try:
         with distributed_context(use_cuda=False if args.predictor else None) as dist:
             config_for, make_predictor = _cell_builders(args, dist)
-            results = run_table(roots, make_predictor, methods=args.methods, limit=args.limit, output=args.output,
-                                config_for=config_for, dist=dist, progress=not args.no_progress)
+            results = run_table(roots, make_predictor, config_for, methods=args.methods, limit=args.limit,
+                                output=args.output, dist=dist, progress=not args.no_progress)
             if dist.is_main:
                 table = format_comparison(results, args.methods)
                 print(table)
@@ -150,8 +152,12 @@ def _cell_builders(args, dist):
         return pipeline_config(dataset, method=method, cdam=cdam, model=args.model, pretrained=args.pretrained,
                                mode=args.mode, dtype=args.dtype)
 
+    backbone = None  # loaded at the first cell, then shared: one model load and text-embedding cache
+
     def make_predictor(dataset, config):
-        return segmenter_predictor(dataset, config, backend=args.backend, device=device,
+        nonlocal backbone
+        backbone = backbone or load_backbone(args.model, args.pretrained, device)
+        return segmenter_predictor(dataset, config, backend=args.backend, backbone=backbone,
                                    progress=dist.is_main and not args.no_progress)
 
     return config_for, make_predictor
