@@ -74,3 +74,17 @@ def test_make_coco_object_command(tmp_path, capsys):
     assert "wrote 2" in capsys.readouterr().out
     assert len(list((tmp_path / "annotations" / "val2017").glob("*_instanceTrainIds.png"))) == 2
     assert main(["make-coco-object", "--root", str(tmp_path / "nope")]) == 2
+
+
+def test_default_output_folder_names_the_run(tmp_path):
+    from cdam_fast.evaluation.datasets import open_dataset
+    from cdam_fast.evaluation.predictors import pipeline_config, run_name
+
+    build_dataset("voc21", tmp_path / "voc", n=1)
+    ds = open_dataset("voc21", tmp_path / "voc")
+    a = pipeline_config(ds, method="sclip", cdam=False, model="ViT-B-16", pretrained="openai")
+    b = pipeline_config(ds, method="sclip", cdam=False, model="ViT-B-16", pretrained="/w/ckpt.pt", mode="global")
+    assert run_name("voc21", a) == "voc21-sclip-nocdam-ViT-B-16-openai"
+    assert run_name("voc21", b) == "voc21-sclip-nocdam-ViT-B-16-ckpt.pt-global"
+    with pytest.raises(ValueError, match="method"):
+        pipeline_config(ds, method="clip", cdam=True, model="ViT-B-16", pretrained="openai")

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
                    help="background rule: entropy, entropy-per-window, a probability threshold, or none "
                         "(default: entropy for benchmarks with a background class, none otherwise)")
     p.add_argument("--output", default=None,
-                   help="results folder (default: cdam_eval/DATASET-METHOD-cdam|nocdam-MODEL)")
+                   help="results folder (default: cdam_eval/DATASET-METHOD-cdam|nocdam-MODEL-PRETRAINED[-global])")
     p.add_argument("--overwrite", action="store_true", help="discard the results already in --output and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # for tests: MODULE:CALLABLE, called with the dataset, returning an `image -> label map` predictor

@@ -45,8 +45,12 @@ def run_name(dataset_name: str, config: dict) -> str:
     if "predictor" in config:  # a test predictor, plus whatever else its caller varies
         others = [f"{k}-{v}" for k, v in config.items() if k != "predictor"]
         return "-".join([dataset_name, config["predictor"].replace(":", "."), *others])
-    cdam = "cdam" if config["cdam"] else "nocdam"
-    return f"{dataset_name}-{config['method']}-{cdam}-{config['model'].replace('/', '_')}"
+    # the settings people vary most; the rest (dtype, background) is checked against run.json
+    parts = [dataset_name, config["method"], "cdam" if config["cdam"] else "nocdam", config["model"],
+             Path(str(config["pretrained"])).name]  # a checkpoint path contributes its file name
+    if config["mode"] != "window":
+        parts.append(config["mode"])
+    return "-".join(p.replace("/", "_") for p in parts)
 
 
 def segmenter_predictor(dataset, config: dict, *, backend: str = "auto", device=None, progress: bool = True,

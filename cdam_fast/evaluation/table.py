@@ -2,7 +2,7 @@
 
 Needs the datasets on disk and the CLIP weights: MaskCLIP, SCLIP, ClearCLIP and GEM, each with
 and without CDAM, on VOC21, Context60 and COCO-Object (ViT-B/16). Every cell is an ordinary
-resumable evaluation stored under OUTPUT/DATASET-METHOD-cdam|nocdam-MODEL (the folders
+resumable evaluation stored under OUTPUT/DATASET-METHOD-cdam|nocdam-MODEL-PRETRAINED (the folders
 `cdam-fast eval` uses by default), so an interrupted table continues and finished `eval` runs
 are reused. Works under torchrun like `cdam-fast eval`.
 
