@@ -30,6 +30,11 @@ def published_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def _map_dtype(working: torch.dtype) -> torch.dtype:
+    """Maps come back in float32 like the ops' (float64 when the working dtype is)."""
+    return torch.float64 if working == torch.float64 else torch.float32
+
+
 def _entropy(x: torch.Tensor) -> torch.Tensor:
     return -torch.xlogy(x, x).sum(-1)  # xlogy: 0 log 0 = 0 where fp16 underflows to 0
 
@@ -87,12 +92,12 @@ def _per_crop(fn, *batched):
 def published_pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None, *, dtype=None) -> torch.Tensor:
     dt = dtype or published_dtype(p.device)
     q = p if q is None else q
-    return _per_crop(lambda a, b: _broadcast_jsd(a.to(dt), b.to(dt)), p, q).float()
+    return _per_crop(lambda a, b: _broadcast_jsd(a.to(dt), b.to(dt)), p, q).to(_map_dtype(dt))
 
 
 def published_cdam_map(p: torch.Tensor, alpha: float = 10.0, *, dtype=None) -> torch.Tensor:
     dt = dtype or published_dtype(p.device)
-    return _per_crop(lambda a: _published_normalise(_broadcast_jsd(a.to(dt), a.to(dt)), alpha), p).float()
+    return _per_crop(lambda a: _published_normalise(_broadcast_jsd(a.to(dt), a.to(dt)), alpha), p).to(_map_dtype(dt))
 
 
 def published_cdam_attention(p: torch.Tensor, v: torch.Tensor, alpha: float = 10.0, *, dtype=None) -> torch.Tensor:
@@ -125,7 +130,7 @@ def _published_multiscale_one(sim: torch.Tensor, scales, tau: float, alpha: floa
 
 def published_multiscale_cdam_map(sim, scales, tau: float = 0.1, alpha: float = 10.0, *, dtype=None) -> torch.Tensor:
     dt = dtype or published_dtype(sim.device)
-    return _per_crop(lambda s: _published_multiscale_one(s.to(dt), scales, tau, alpha), sim).float()
+    return _per_crop(lambda s: _published_multiscale_one(s.to(dt), scales, tau, alpha), sim).to(_map_dtype(dt))
 
 
 def published_multiscale_cdam_attention(sim, v, scales, tau: float = 0.1, alpha: float = 10.0, *,

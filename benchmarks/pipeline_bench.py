@@ -1,8 +1,15 @@
 """The whole pipeline per image: cdam_fast.pipeline.Segmenter with random weights.
 
 Timing does not depend on the weights, so the model is built with pretrained="none" and no
-download is needed. Building the segmenter (model and text embeddings) is set-up and is not
-timed; predict(image) is, on images of the case's size rotated between calls.
+download is needed. Building the segmenter (model and text embeddings, one template per
+prompt since the text side is set-up) is not timed; one image's prediction is, on images of
+the case's size rotated between calls. Implementations:
+
+* a backend name: ``Segmenter(backend=name).predict(image)``, the fast pipeline;
+* "published": ``cdam_fast.pipeline.reference_pipeline.reference_segment``, the plain
+  re-implementation in the published order (one window at a time, explicit attention
+  matrices, the torch reference's CDAM map), on a reference-backend Segmenter's model;
+* NO_CDAM: the fast pipeline without the CDAM refinement (what CDAM costs on top).
 """
 from __future__ import annotations
 
@@ -43,10 +50,16 @@ def random_images(case: Case, n: int, seed: int = 0):
 
 
 def build(case: Case, impl: str, device: torch.device, model: str):
-    """A Segmenter for implementation `impl` (a backend name, or NO_CDAM)."""
+    """predict(image) for implementation `impl` (a backend name, "published" or NO_CDAM)."""
     Segmenter, why = load_segmenter_class()
     if Segmenter is None:
         raise RuntimeError(why)
     cdam = impl != NO_CDAM
-    return Segmenter(class_names(case.C), model=model, pretrained="none", method="maskclip", cdam=cdam,
-                     mode="window", backend=impl if cdam else "auto", device=str(device))
+    backend = {"published": "reference", NO_CDAM: "auto"}.get(impl, impl)
+    seg = Segmenter(class_names(case.C), model=model, pretrained="none", method="maskclip", cdam=cdam,
+                    mode="window", backend=backend, device=str(device), templates="single", progress=False)
+    if impl == "published":
+        from cdam_fast.pipeline.reference_pipeline import reference_segment
+
+        return lambda image: reference_segment(seg, image)
+    return seg.predict

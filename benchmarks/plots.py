@@ -107,8 +107,9 @@ def plot_speedups(records: list[dict], path: Path) -> Path:
     key_of = {(r["case"]): _series_key(r) for r in records}
     ups = [u for u in speedups(records) if u["op"] in series and key_of[u["case"]] == series[u["op"]]]
     if not ups:
-        return _empty(plt, path, "speed-up vs baselines: no fast backend (triton / cuda / cpu) was measured "
-                                 "beside a baseline in this run")
+        return _empty(plt, path, "speed-up vs baselines: nothing to plot (no fast backend was measured beside a "
+                                 "baseline on a kernel op in this run; pipeline speed-ups are in the table and "
+                                 "results.json)")
     by_baseline = defaultdict(lambda: defaultdict(list))
     for u in ups:
         mode = f"[{u['mode']}]" if u["mode"] else ""

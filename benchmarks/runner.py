@@ -18,9 +18,10 @@ from .inputs import dtype_of, make_input_sets
 from .roofline import SfuLimit, fractions
 from .timing import TimingOptions, is_out_of_memory, time_call
 
+PIPELINE_BASELINES = ("reference", "published")  # see pipeline_bench
 QUICK_HEAVY_NOTE = "skipped: --quick compiles torch.compile / KeOps for one case only (tens of seconds each on CPU)"
-QUICK_PIPELINE_NOTE = ("skipped: not in --quick (building ViT-B-16 and encoding 80 prompts per class takes "
-                       "minutes on CPU); run --set pipeline")
+QUICK_PIPELINE_NOTE = ("skipped: not in --quick (a ViT-B-16 forward pass per 448 px window takes seconds "
+                       "on CPU); run --set pipeline")
 
 
 @dataclass
@@ -61,7 +62,7 @@ def plan(cases: list[Case], opts: RunOptions) -> tuple[list[Task], list[dict]]:
             modes = case.modes if case.op in MODE_OPS else (None,)
             tasks += [Task(case, name, "backend", m) for m in modes]
         for name in opts.baselines:
-            if case.op == PIPELINE and name not in ("reference",):
+            if case.op == PIPELINE and name not in PIPELINE_BASELINES:
                 continue
             tasks.append(Task(case, name, "baseline"))
         if case.op == PIPELINE:
@@ -119,9 +120,9 @@ def _skip_reason(task: Task, opts: RunOptions) -> str | None:
 def _time_task(task: Task, inputs: list, opts: RunOptions, limit: SfuLimit | None) -> dict:
     case = task.case
     if case.op == PIPELINE:
-        seg = pipeline_bench.build(case, task.impl, opts.device, opts.pipeline_model)
+        predict = pipeline_bench.build(case, task.impl, opts.device, opts.pipeline_model)
         images = pipeline_bench.random_images(case, 2, opts.seed)
-        t = time_call(lambda i: seg.predict(images[i]), len(images), opts.timing, opts.device)
+        t = time_call(lambda i: predict(images[i]), len(images), opts.timing, opts.device)
         extra = {"images_per_s": 1e3 / t.median_ms if t.median_ms > 0 else None}
     else:
         fn = impls.op_callable(case.op, task.impl, task.mode)
