@@ -18,7 +18,7 @@ setup(
               "cdam_fast.kernels", "cdam_fast.csrc", "cdam_fast.benchmarks"],
     package_dir={"cdam_fast.kernels": "kernels", "cdam_fast.csrc": "csrc", "cdam_fast.benchmarks": "benchmarks"},
     package_data={"cdam_fast": ["data/*.txt", "data/classes/*.txt"], "cdam_fast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
-    install_requires=["torch>=2.4", "numpy", "triton>=3.2; platform_system == 'Linux'"],
+    install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "triton>=3.2; platform_system == 'Linux'"],
     extras_require={
         "clip": ["open_clip_torch>=3", "pillow", "tqdm"],
         "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm"],
