@@ -34,12 +34,13 @@ constexpr int64_t kSoftmaxKeys = 512;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// log2 of positive normal floats in AVX2 registers, inlined (ATen's Vec::log2 is an out-of-line
-// Sleef call with 1-ulp double-float arithmetic, several times slower). x = 2^e m with
-// m in [sqrt(1/2), sqrt(2)); log2(m) = t P(t), t = m - 1, P a degree-8 polynomial fitted
-// (relative least squares on Chebyshev nodes) to log2(1 + t) / t: max error 6e-8 absolute,
-// 1.3e-7 relative, evaluated in fp32. Zero, negative, inf and NaN inputs are never passed in.
-inline Vec log2_positive(const Vec& xv) {
+// log2 for non-negative finite floats in AVX2 registers, inlined (ATen's Vec::log2 is an
+// out-of-line Sleef call with 1-ulp double-float arithmetic, several times slower).
+// x = 2^e m with m in [sqrt(1/2), sqrt(2)); log2(m) = t P(t), t = m - 1, P of degree 7 fitted
+// (relative least squares on Chebyshev nodes) to log2(1 + t) / t: max error 1.3e-7 absolute
+// in fp32. x = 0 (all bits 0) comes out as -127 and denormals as garbage of that size; both
+// are only ever multiplied by x itself, giving 0 (0 log 0 = 0) or |x log x| < 1e-35.
+inline Vec log2_nonneg(const Vec& xv) {
   const __m256 x = xv;
   const __m256i bits = _mm256_castps_si256(x);
   const __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
@@ -49,23 +50,22 @@ inline Vec log2_positive(const Vec& xv) {
   m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
   const __m256 ef = _mm256_add_ps(_mm256_cvtepi32_ps(e), _mm256_and_ps(big, _mm256_set1_ps(1.f)));
   const __m256 t = _mm256_sub_ps(m, _mm256_set1_ps(1.f));
-  __m256 p = _mm256_set1_ps(0.12280528247356415f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.20570561289787292f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.21611912548542023f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.23919489979743958f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.28790175914764404f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.3606921136379242f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.4809107780456543f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.7213475108146667f));
+  __m256 p = _mm256_set1_ps(-0.14237648248672485f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.2324782907962799f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.24932153522968292f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.28731274604797363f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.36022335290908813f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.4809158742427826f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.7213529348373413f));
   p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.4426950216293335f));
   return Vec(_mm256_fmadd_ps(p, t, ef));
 }
 #else
-inline Vec log2_positive(const Vec& x) { return x.log2(); }
+inline Vec log2_nonneg(const Vec& x) { return at::vec::maximum(x, Vec(cdam::kTinyMass)).log2(); }
 #endif
 
 // s log2 s with 0 log 0 = 0.
-inline Vec xlog2x(const Vec& s) { return s * log2_positive(at::vec::maximum(s, Vec(cdam::kTinyMass))); }
+inline Vec xlog2x(const Vec& s) { return s * log2_nonneg(s); }
 
 // Per row r_i = sum_c p_ic (log2 p_ic + 1), for rows [n] of p [n, C]; padded with zeros to pad_to.
 at::Tensor row_terms(const at::Tensor& p, int64_t pad_to) {
@@ -132,8 +132,8 @@ inline void jsd_key_block(const Operand& q_side, const Operand& k_side, int64_t 
     const Vec pc(prow[c]);
     const Vec s0 = pc + Vec::loadu(keys + c * kKeyBlock);
     const Vec s1 = pc + Vec::loadu(keys + c * kKeyBlock + kLanes);
-    acc0 = at::vec::fmadd(s0, log2_positive(at::vec::maximum(s0, Vec(cdam::kTinyMass))), acc0);
-    acc1 = at::vec::fmadd(s1, log2_positive(at::vec::maximum(s1, Vec(cdam::kTinyMass))), acc1);
+    acc0 = at::vec::fmadd(s0, log2_nonneg(s0), acc0);
+    acc1 = at::vec::fmadd(s1, log2_nonneg(s1), acc1);
   }
   const Vec ri(q_side.term(b)[i]);
   const float* rk = k_side.term(b) + kb * kKeyBlock;

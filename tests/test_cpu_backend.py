@@ -243,6 +243,19 @@ def test_identical_rows_give_a_map_of_ones(native, gen):
     torch.testing.assert_close(out.cpu(), v.sum(0, keepdim=True).expand(9, 4), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [1e-3, 200.0])
+def test_extreme_alpha_stays_finite(native, gen, alpha):
+    """expm1(alpha) overflows float32 past alpha ~ 88; the kernels' ratio form must not."""
+    name, dev = native
+    p = distributions(gen, 40, 6)
+    A = cf.cdam_map(p.to(dev), alpha, backend=name)
+    assert bool(torch.isfinite(A).all())
+    torch.testing.assert_close(A.cpu().double(), ref_rows(ref.cdam_map, p, alpha=alpha)[0], atol=MAP_ATOL, rtol=0)
+    v = torch.randn(40, 8, generator=gen)
+    out = cf.cdam_attention(p.to(dev), v.to(dev), alpha, mode="recompute", backend=name)
+    assert rel_err(out.cpu(), ref_rows(ref.cdam_map, p, alpha=alpha)[0] @ v.double()) < ATTN_RTOL[F32]
+
+
 @pytest.mark.parametrize("mode", ["materialize", "recompute"])
 @pytest.mark.parametrize("lead,N,C,D", [
     pytest.param((), 1, 3, 5, id="n1"),
