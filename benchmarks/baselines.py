@@ -227,10 +227,23 @@ PLAIN = {
 }
 
 _compiled: dict = {}
+# Every benchmarked shape is its own static specialisation; past dynamo's default limit of 8
+# per function it would silently fall back to eager and the "compile" rows would lie.
+_RECOMPILE_LIMIT = 1024
+
+
+def _allow_many_specialisations() -> None:
+    import torch._dynamo.config as cfg
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):  # the names differ between torch versions
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), _RECOMPILE_LIMIT))
 
 
 def compiled(op: str):
     """torch.compile of the plain formula for `op` (one compiled function per op, shapes static)."""
     if op not in _compiled:
+        _allow_many_specialisations()
         _compiled[op] = torch.compile(PLAIN[op], dynamic=False)
     return _compiled[op]

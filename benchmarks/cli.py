@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip cases with more divergence elements (B N^2 C per scale) than this "
                              f"(default: {CPU_DEFAULT_MAX_ELEMENTS:.0e} on CPU, unlimited on GPU)")
     parser.add_argument("--max-case-seconds", type=_positive(float), default=30.0,
-                        help="a first call slower than this is reported from that single call")
+                        help="a case whose second call (the first one compiles) takes longer than this is "
+                             "reported from that single call")
     parser.add_argument("--target-seconds", type=_positive(float), default=None,
                         help="time each measurement's repetitions aim to fill")
     parser.add_argument("--pipeline-model", default="ViT-B-16", help="open_clip model for the pipeline cases")
@@ -184,6 +185,8 @@ def _run(args: argparse.Namespace) -> int:
     }
     print()
     print(report.format_table(records))
+    print()
+    print(report.format_roofline(records))
     print()
     print(report.format_speedups(report.speedups(records)))
     written = []

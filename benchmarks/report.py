@@ -179,3 +179,18 @@ def format_speedups(ups: list[dict]) -> str:
         mode = f"[{u['mode']}]" if u["mode"] else ""
         lines.append(f"  {u['case']}: {u['backend']}{mode} vs {u['baseline']}: {u['speedup']:.2f}x")
     return "\n".join(lines)
+
+
+def format_roofline(records: list[dict]) -> str:
+    """One line per GPU measurement: divergence elements per second as a share of the SFU limit."""
+    lines = []
+    for r in records:
+        if r["status"] != "ok" or r["sfu_fraction"] is None:
+            continue
+        mode = f"[{r['mode']}]" if r["mode"] else ""
+        measured = "" if r["sfu_fraction_measured"] is None else f", {100 * r['sfu_fraction_measured']:.1f}% of measured"
+        lines.append(f"  {r['case']} {r['impl']}{mode}: {r['elements_per_s'] / 1e12:.3f} T elem/s = "
+                     f"{100 * r['sfu_fraction']:.1f}% of the SFU limit{measured}")
+    if not lines:
+        return "roofline: n/a (no GPU measurement in this run)"
+    return "\n".join(["roofline (N^2 C' per scale, one lg2 each, vs SMs x 16 lg2/clock x clock):"] + lines)
