@@ -56,13 +56,23 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)
-        return (out.stdout.strip() or None) if out.returncode == 0 else None
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from HEAD (then the commit alone does not name the code)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def _version(module: str) -> str | None:
@@ -92,6 +102,7 @@ def environment(device: torch.device) -> dict:
         "pykeops": _version("pykeops"),
         "cdam_fast": cdam_fast.__version__,
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
