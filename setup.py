@@ -21,7 +21,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "triton>=3.2; platform_system == 'Linux'"],
     extras_require={
         "clip": ["open_clip_torch>=3", "pillow", "tqdm"],
-        "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm"],
+        "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "nvidia-ml-py"],
+        "keops": ["pykeops>=2.2"],
         "build": ["ninja"],
         "test": TEST,
     },
