@@ -11,6 +11,7 @@ only the loaded model, the text embeddings and the image decoding; it is slow by
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,14 @@ def window_token_logits(seg, crop):
     return (feats @ seg.text.T).T.reshape(-1, hw[0], hw[1])
 
 
+class ReferenceResult(NamedTuple):
+    logits: torch.Tensor  # [C, H, W]
+    labels: torch.Tensor  # [H, W] int64, with seg.background applied
+    threshold: object  # the threshold used (None: plain argmax)
+    entropy_threshold: torch.Tensor  # from the tokens of all windows
+    last_window_threshold: torch.Tensor  # the published per-window value, last window's
+
+
 def _entropy_bits(logits_c_first, scale):
     p = torch.softmax(scale * logits_c_first.reshape(logits_c_first.shape[0], -1).T, dim=-1)
     return -(p * torch.log2(p.clamp_min(1e-30))).sum(-1)
@@ -154,7 +163,8 @@ def _entropy_bits(logits_c_first, scale):
 
 @torch.inference_mode()
 def reference_segment(seg, image):
-    """(logits [C, H, W], labels [H, W] int64, threshold) for one image, float32 on seg.device."""
+    """ReferenceResult (logits [C, H, W], labels [H, W], thresholds) of one image, float32 on
+    seg.device."""
     dev = seg.device
     img = to_tensor(image).to(dev)
     Hn, Wn = img.shape[-2:]
@@ -192,9 +202,10 @@ def reference_segment(seg, image):
                                                      align_corners=False)[0]
             count[:, y1:y2, x1:x2] += 1
     logits = F.interpolate((canvas / count)[None], size=(Hn, Wn), mode="bilinear", align_corners=False)[0]
+    allh = torch.cat(entropies)
+    thr_image = 0.5 * 2.5 / ((allh.min() + allh.max()) / 2)
     if seg.background == "entropy":
-        allh = torch.cat(entropies)
-        threshold = 0.5 * 2.5 / ((allh.min() + allh.max()) / 2)
+        threshold = thr_image
     elif seg.background == "entropy-per-window":
         threshold = thr_window
     else:
@@ -205,4 +216,4 @@ def reference_segment(seg, image):
         prob = torch.softmax(seg.logit_scale * logits, dim=0)
         top, arg = prob.max(0)
         labels = torch.where(top < threshold, torch.zeros_like(arg), arg)
-    return logits, labels, threshold
+    return ReferenceResult(logits, labels, threshold, thr_image, thr_window)

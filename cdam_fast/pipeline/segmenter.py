@@ -147,6 +147,19 @@ class Segmenter:
     def class_names(self) -> tuple:
         return self.classes.names
 
+    def use_class_embeddings(self, embeddings: torch.Tensor) -> None:
+        """Replace the class text embeddings [C, E] (e.g. precomputed or image prototypes);
+        they are L2-normalised. The ATP embeddings of the class distributions are kept."""
+        C, E = len(self.classes), self.text.shape[1]
+        if not isinstance(embeddings, torch.Tensor) or tuple(embeddings.shape) != (C, E):
+            raise CdamInputError(f"embeddings must be a tensor of shape ({C}, {E}), got "
+                                 f"{tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__}")
+        if not bool(torch.isfinite(embeddings).all()):
+            raise CdamInputError("embeddings contain NaN or infinite values")
+        atp = self.distribution_text[C:]
+        self.text = F.normalize(embeddings.to(self.device, torch.float32), dim=-1)
+        self.distribution_text = torch.cat([self.text, atp])
+
     # -- the network on a batch of windows ------------------------------------------------------
     def _autocast(self):
         if self.dtype == torch.float32:
