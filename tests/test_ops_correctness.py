@@ -10,6 +10,7 @@ Shapes: every case has a full form and a reduced form; the reduced form is used 
 Triton kernels run in the CPU interpreter (about 5 ms per program loop step), and keeps one
 C = 512 and one D = 1024 case at N <= 8.
 """
+import functools
 import hashlib
 import math
 
@@ -111,10 +112,13 @@ def assert_map(out, want):
 
 
 def assert_attention(out, want, scale, v_dtype):
-    """|out - want| <= ATTN_RTOL * scale + the rounding of the output to v's dtype."""
+    """|out - want| <= ATTN_RTOL * scale, plus for 16-bit v what 16-bit arithmetic must lose:
+    the rounding of the output (u |want|) and of the weights, which the tensor-core product
+    takes in v's dtype like FlashAttention's P (each weight off by <= u relative: u * scale)."""
     assert out.dtype == v_dtype and out.shape == want.shape, (out.dtype, out.shape, want.shape)
     err = (out.double() - want).abs()
-    tol = ATTN_RTOL * scale + UNIT_ROUNDOFF[v_dtype] * want.abs()
+    u = UNIT_ROUNDOFF[v_dtype] if v_dtype != F32 else 0.0
+    tol = (ATTN_RTOL + u) * scale + u * want.abs()
     worst = (err / tol).nan_to_num(nan=float("inf")).max().item() if err.numel() else 0.0
     assert worst <= 1.0, f"error up to {worst:.3g} x tolerance (max abs error {err.max():.3g})"
 
@@ -122,6 +126,30 @@ def assert_attention(out, want, scale, v_dtype):
 def skip_mode_on_reference(name, mode):
     if name == "reference" and mode != MODES[0].values[0]:
         pytest.skip("the reference backend ignores mode and memory_budget: one mode covers it")
+
+
+def xfail_interpreted_bf16_dot(name, v_dtype):
+    """Triton's interpreter (3.8) returns garbage from tl.dot on bfloat16 operands; compiled
+    Triton does not. Expected to fail exactly when this session's interpreter has the bug."""
+    if v_dtype == BF16 and name == "triton" and INTERPRETED and _interpreter_bf16_dot_broken():
+        pytest.xfail("the Triton interpreter's tl.dot on bfloat16 operands is broken (see _interpreter_bf16_dot_broken)")
+
+
+@functools.cache
+def _interpreter_bf16_dot_broken() -> bool:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot16(x_ptr, o_ptr):
+        r = tl.arange(0, 16)
+        x = tl.load(x_ptr + r[:, None] * 16 + r[None, :])
+        tl.store(o_ptr + r[:, None] * 16 + r[None, :], tl.dot(x, x))
+
+    x = torch.eye(16, dtype=BF16)
+    out = torch.zeros(16, 16)
+    dot16[(1,)](x, out)
+    return not torch.equal(out, torch.eye(16))
 
 
 def to(device, *ts):
@@ -255,7 +283,9 @@ ATTN_SHAPES = [  # (batch, N, C, D)
     case(((), 20, 6, 1), id="d1"),
     case(((), 37, 19, 33), ((), 37, 7, 33), id="odd"),
     case(((), 130, 101, 64), ((), 29, 13, 16), id="n130"),
-    case(((), 130, 512, 1024), ((), 8, 512, 1024), id="c512-d1024"),
+    # Under the interpreter C = 512 costs ~2 s per pass and program; D = 1024 multiplies the
+    # programs by 32, so the interpreted form keeps D = 1024 and leaves C = 512 to the map tests.
+    case(((), 130, 512, 1024), ((), 8, 16, 1024), id="c512-d1024"),
     case(((2, 3), 11, 7, 5), id="batched"),
 ]
 
@@ -276,6 +306,7 @@ def test_cdam_attention(backend, gen, full, reduced, mode):
 def test_cdam_attention_dtypes(backend, gen, p_dtype, v_dtype, mode):
     name, dev = backend
     skip_mode_on_reference(name, mode)
+    xfail_interpreted_bf16_dot(name, v_dtype)
     n, c, d = reduced_if_interpreted(name, (70, 101, 48), (23, 9, 20))
     p, v = random_distributions(gen, n, c, dtype=p_dtype), random_values(gen, n, d, dtype=v_dtype)
     out = cf.cdam_attention(*to(dev, p, v), backend=name, **mode).cpu()
@@ -295,17 +326,17 @@ def test_cdam_attention_strided_inputs(backend, gen):
 # ------------------------------------------------------------------ multi-scale
 
 GRIDS = [  # (batch, C, h, w, scales)
-    case(((), 5, 6, 6, CDAM_SCALES), id="square"),
+    case(((), 5, 6, 6, CDAM_SCALES), ((), 5, 5, 5, CDAM_SCALES), id="square"),
     case(((), 9, 5, 7, CDAM_SCALES), id="non-square"),
-    case(((), 101, 13, 10, CDAM_SCALES), ((), 8, 5, 7, CDAM_SCALES), id="n130"),
-    case(((), 512, 13, 10, CDAM_SCALES), ((), 512, 2, 4, CDAM_SCALES), id="c512"),
+    case(((), 101, 13, 10, CDAM_SCALES), ((), 8, 3, 5, CDAM_SCALES), id="n130"),
+    case(((), 512, 13, 10, CDAM_SCALES), ((), 16, 2, 4, CDAM_SCALES), id="c512"),
     case(((), 6, 7, 5, (1.0, 0.5)), id="scales-1-0.5"),
     case(((), 6, 7, 5, (0.6,)), id="scales-0.6-only"),
     case(((), 6, 4, 9, (0.3, 0.9, 1.0)), id="scales-3"),
     case(((), 4, 1, 1, CDAM_SCALES), id="n1"),
     case(((), 4, 2, 3, CDAM_SCALES), id="tiny-grid"),
     case(((), 4, 1, 9, CDAM_SCALES), id="one-row"),
-    case(((2, 3), 5, 4, 5, CDAM_SCALES), id="batched"),
+    case(((2, 3), 5, 4, 5, CDAM_SCALES), ((2, 1), 5, 4, 5, CDAM_SCALES), id="batched"),
 ]
 
 
@@ -344,17 +375,19 @@ def test_multiscale_cdam_map_tau_alpha_and_saturated_sims(backend, gen):
 
 @pytest.mark.parametrize("mode", MODES[:3])
 @pytest.mark.parametrize("full,reduced", [
-    case(((), 5, 6, 6, CDAM_SCALES, 8), id="square"),
-    case(((), 101, 13, 10, CDAM_SCALES, 64), ((), 8, 5, 7, CDAM_SCALES, 16), id="n130"),
-    case(((), 512, 13, 10, CDAM_SCALES, 1024), ((), 512, 2, 4, CDAM_SCALES, 1024), id="c512-d1024"),
+    case(((), 5, 6, 6, CDAM_SCALES, 8), ((), 5, 5, 5, CDAM_SCALES, 8), id="square"),
+    case(((), 101, 13, 10, CDAM_SCALES, 64), ((), 8, 4, 5, CDAM_SCALES, 16), id="n130"),
+    case(((), 512, 13, 10, CDAM_SCALES, 1024), ((), 16, 2, 4, CDAM_SCALES, 64), id="c512-d1024"),
     case(((), 6, 7, 5, (1.0, 0.5), 1), id="custom-scales-d1"),
     case(((), 6, 4, 9, (0.6,), 5), id="scales-0.6-only"),
     case(((), 4, 1, 1, CDAM_SCALES, 3), id="n1"),
-    case(((2, 3), 5, 4, 5, CDAM_SCALES, 7), id="batched"),
+    case(((2, 3), 5, 4, 5, CDAM_SCALES, 7), ((2, 1), 5, 4, 5, CDAM_SCALES, 7), id="batched"),
 ])
 def test_multiscale_cdam_attention(backend, gen, full, reduced, mode):
     name, dev = backend
     skip_mode_on_reference(name, mode)
+    if name == "triton" and INTERPRETED and mode == MODES[2].values[0]:
+        pytest.skip("interpreter time budget: auto -> recompute is the rule test_cdam_attention covers")
     lead, c, h, w, scales, d = reduced_if_interpreted(name, full, reduced)
     sim, v = random_similarities(gen, *lead, c, h, w), random_values(gen, *lead, h * w, d)
     out = cf.multiscale_cdam_attention(*to(dev, sim, v), scales, backend=name, **mode).cpu()
@@ -366,10 +399,11 @@ def test_multiscale_cdam_attention(backend, gen, full, reduced, mode):
 def test_multiscale_cdam_attention_dtypes(backend, gen, sim_dtype, v_dtype, mode):
     name, dev = backend
     skip_mode_on_reference(name, mode)
-    c, h, w, d = reduced_if_interpreted(name, (33, 9, 7, 40), (8, 5, 6, 12))
+    xfail_interpreted_bf16_dot(name, v_dtype)
+    c, h, w, d, scales = reduced_if_interpreted(name, (33, 9, 7, 40, CDAM_SCALES), (8, 5, 6, 12, (1.0, 0.5)))
     sim, v = random_similarities(gen, c, h, w, dtype=sim_dtype), random_values(gen, h * w, d, dtype=v_dtype)
-    out = cf.multiscale_cdam_attention(*to(dev, sim, v), backend=name, **mode).cpu()
-    assert_attention(out, *weighted_sums(multiscale_reference((), sim, CDAM_SCALES), v), v_dtype)
+    out = cf.multiscale_cdam_attention(*to(dev, sim, v), scales, backend=name, **mode).cpu()
+    assert_attention(out, *weighted_sums(multiscale_reference((), sim, scales), v), v_dtype)
 
 
 # ------------------------------------------------------------------ jsd_attention
@@ -378,10 +412,10 @@ JSD_ATTN_SHAPES = [  # (batch, N, M or None for q = p, C, D)
     case(((), 1, None, 1, 1), id="n1-c1-d1"),
     case(((), 37, None, 19, 33), ((), 37, None, 7, 33), id="odd"),
     case(((), 130, None, 101, 64), ((), 29, None, 13, 16), id="n130"),
-    case(((), 130, None, 512, 1024), ((), 8, None, 512, 1024), id="c512-d1024"),
+    case(((), 130, None, 512, 1024), ((), 8, None, 512, 8), id="c512-d1024"),
     case(((), 1, 1, 4, 3), id="q-n1"),
     case(((), 19, 23, 7, 5), id="q-odd"),
-    case(((), 130, 67, 101, 48), ((), 8, 3, 512, 1024), id="q-big"),
+    case(((), 130, 67, 101, 48), ((), 8, 3, 16, 64), id="q-big"),
     case(((2, 3), 5, 9, 7, 4), id="q-batched"),
     case(((2, 3), 11, None, 7, 5), id="batched"),
 ]
@@ -414,6 +448,7 @@ def test_jsd_attention_tau(backend, gen, tau):
 @pytest.mark.parametrize("p_dtype,v_dtype", [(F16, F16), (BF16, BF16), (F32, BF16), (BF16, F32)])
 def test_jsd_attention_dtypes(backend, gen, p_dtype, v_dtype, with_q):
     name, dev = backend
+    xfail_interpreted_bf16_dot(name, v_dtype)
     n, m, c, d = reduced_if_interpreted(name, (70, 45, 101, 48), (23, 11, 9, 20))
     p = random_distributions(gen, n, c, dtype=p_dtype)
     q = random_distributions(gen, m, c, dtype=p_dtype) if with_q else None
