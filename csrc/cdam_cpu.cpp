@@ -1,6 +1,6 @@
-// CPU implementation of the CDAM ops: SIMD over key columns (at::vec::Vectorized, whose log2 and
-// expm1 run on the vector units), at::parallel_for over rows, cache-sized tiles, and a BLAS GEMM
-// per bounded row chunk for the products with v. Never builds [N, N, C]; the attention ops in
+// CPU implementation of the CDAM ops: SIMD over key columns (at::vec::Vectorized plus an inlined
+// AVX2 log2), at::parallel_for over rows in dynamically balanced blocks, cache-sized tiles, and a
+// BLAS GEMM per bounded row chunk for the products with v. Never builds [N, N, C]; the attention ops in
 // recompute mode keep at most a bounded [rows, N] chunk of the map.
 //
 // Inputs arrive from cdam_fast/backends/cpu_backend.py already float32, contiguous and
@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -28,10 +29,29 @@ constexpr int64_t kKeyBlock = 2 * kLanes;
 constexpr int64_t kTile = 64;
 // Largest [rows, N] float chunk kept by the chunked (recompute) paths: 8 MiB.
 constexpr int64_t kChunkFloats = int64_t(1) << 21;
-// Keys per step of the online softmax in jsd_attention.
-constexpr int64_t kSoftmaxKeys = 512;
+// Keys per step of the online softmax in jsd_attention (a multiple of kKeyBlock).
+constexpr int64_t kSoftmaxKeys = 4096;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// at::parallel_for over [begin, end) in blocks of `block` indices handed out dynamically: a thread
+// that the OS deschedules (shared machines) delays the call by one block, not by its static half
+// of the range. f(b0, b1) is called on disjoint sub-ranges covering [begin, end).
+template <class F>
+void parallel_blocks(int64_t begin, int64_t end, int64_t block, const F& f) {
+  if (end <= begin) return;
+  const int64_t blocks = ceil_div(end - begin, block);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    f(begin, end);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t k = next.fetch_add(1); k < blocks; k = next.fetch_add(1))
+      f(begin + k * block, std::min(end, begin + (k + 1) * block));
+  });
+}
 
 #if defined(CPU_CAPABILITY_AVX2)
 // log2 for non-negative finite floats in AVX2 registers, inlined (ATen's Vec::log2 is an
@@ -75,7 +95,7 @@ at::Tensor row_terms(const at::Tensor& p, int64_t pad_to) {
   at::Tensor out = at::zeros({batch, pad_to}, p.options());
   const float* src = p.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+  parallel_blocks(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const float* x = src + row * C;
       Vec acc(0.f);
@@ -165,7 +185,7 @@ at::Tensor jsd_self_full(const Operand& x) {
   for (int64_t a = 0; a < tiles; ++a)
     for (int64_t c = a; c < tiles; ++c) pairs.emplace_back(a, c);
   const int64_t work = B * static_cast<int64_t>(pairs.size());
-  at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(0, work, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / pairs.size();
       const auto [ti, tk] = pairs[w % pairs.size()];
@@ -242,14 +262,14 @@ void accumulate_scale(const Scale& s, int64_t b, int64_t i0, int64_t i1, int64_t
   if (!s.upsampled()) {
     if (s.J.defined()) {
       const float* J = s.J.data_ptr<float>() + b * N * N;
-      at::parallel_for(i0, i1, 16, [&](int64_t begin, int64_t end) {
+      parallel_blocks(i0, i1, 16, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) cdam_row(J + i * N, N, alpha, weight, acc + (i - i0) * N, add);
       });
       return;
     }
     // Recompute: blocks of rows share the key blocks in cache; each block's divergences go to a
     // private buffer (or straight into acc when it is written, not added to).
-    at::parallel_for(i0, i1, 8, [&](int64_t begin, int64_t end) {
+    parallel_blocks(i0, i1, 8, [&](int64_t begin, int64_t end) {
       constexpr int64_t kRows = 8;
       std::vector<float> buf(add ? kRows * N : 0);
       for (int64_t r0 = begin; r0 < end; r0 += kRows) {
@@ -281,7 +301,7 @@ void accumulate_scale(const Scale& s, int64_t b, int64_t i0, int64_t i1, int64_t
   } else {
     small_buf = at::empty({na, ns}, s.dist.rows.options());
     float* out = small_buf.data_ptr<float>();
-    at::parallel_for(a0, a1, 8, [&](int64_t begin, int64_t end) {
+    parallel_blocks(a0, a1, 8, [&](int64_t begin, int64_t end) {
       jsd_rows(s.dist, s.dist, b, begin, end, 0, ceil_div(ns, kKeyBlock), out + (begin - a0) * ns, ns);
       for (int64_t a = begin; a < end; ++a) out[(a - a0) * ns + a] = 0.f;
     });
@@ -290,7 +310,7 @@ void accumulate_scale(const Scale& s, int64_t b, int64_t i0, int64_t i1, int64_t
   // Upsample along the key axis: keyed[a, k] = sum_t w[k, t] J_s[a, idx[k, t]].
   at::Tensor keyed_buf = at::empty({na, N}, s.dist.rows.options());
   float* keyed = keyed_buf.data_ptr<float>();
-  at::parallel_for(0, na, 4, [&](int64_t begin, int64_t end) {
+  parallel_blocks(0, na, 4, [&](int64_t begin, int64_t end) {
     for (int64_t a = begin; a < end; ++a) {
       const float* src = small + a * ns;
       float* dst = keyed + a * N;
@@ -302,7 +322,7 @@ void accumulate_scale(const Scale& s, int64_t b, int64_t i0, int64_t i1, int64_t
     }
   });
   // Then along the query axis, one full-grid row at a time, and transform.
-  at::parallel_for(i0, i1, 8, [&](int64_t begin, int64_t end) {
+  parallel_blocks(i0, i1, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> row(N);
     for (int64_t i = begin; i < end; ++i) {
       const int32_t* ii = idx + i * 4;
@@ -344,7 +364,7 @@ at::Tensor pairwise_jsd(const at::Tensor& p, const c10::optional<at::Tensor>& q)
   at::Tensor J = at::empty({B, N, M}, p.options());
   float* out = J.data_ptr<float>();
   const int64_t row_tiles = ceil_div(N, kTile);
-  at::parallel_for(0, B * row_tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(0, B * row_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / row_tiles, i0 = (w % row_tiles) * kTile, i1 = std::min(N, i0 + kTile);
       jsd_rows(rows, keys, b, i0, i1, 0, ceil_div(M, kKeyBlock), out + (b * N + i0) * M, M);
@@ -357,7 +377,7 @@ at::Tensor cdam_map(const at::Tensor& p, double alpha) {
   at::Tensor A = jsd_self_full(Operand(p));
   const int64_t N = A.size(1);
   float* a = A.data_ptr<float>();
-  at::parallel_for(0, A.size(0) * N, 16, [&](int64_t begin, int64_t end) {
+  parallel_blocks(0, A.size(0) * N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) cdam_row(a + row * N, N, static_cast<float>(alpha), 1.f, a + row * N, false);
   });
   return A;
@@ -415,7 +435,7 @@ at::Tensor multiscale_cdam_attention(const std::vector<at::Tensor>& ps, const st
 }
 
 // softmax_j(-J_ij / tau) @ v with an online softmax over blocks of keys: per row a running max m
-// and sum l; O(rows x (kSoftmaxKeys + D)) scratch.
+// and sum l; O(rows x (kSoftmaxKeys + D)) scratch, rows x kSoftmaxKeys <= kChunkFloats.
 at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, const c10::optional<at::Tensor>& q) {
   const Operand rows(p);
   c10::optional<Operand> keys_own;
@@ -424,8 +444,10 @@ at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, c
   const int64_t B = p.size(0), N = p.size(1), M = keys.n, D = v.size(2);
   const bool self = !q.has_value();
   at::Tensor out = at::empty({B, N, D}, v.options());
-  const int64_t R = std::min<int64_t>(N, 256);
+  // Few, large steps (each is a parallel region plus a GEMM); the online softmax only takes
+  // over when a row has more than kSoftmaxKeys keys.
   const int64_t K = std::min<int64_t>(ceil_div(M, kKeyBlock) * kKeyBlock, kSoftmaxKeys);
+  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, kChunkFloats / K));
   at::Tensor weights = at::empty({R, K}, p.options());
   at::Tensor acc = at::empty({R, D}, p.options());
   at::Tensor rescale = at::empty({R, 1}, p.options());
@@ -441,7 +463,7 @@ at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, c
         const int64_t k1 = std::min(M, k0 + K), nk = k1 - k0;
         float* w = weights.data_ptr<float>();
         float* sc = rescale.data_ptr<float>();
-        at::parallel_for(i0, i1, 8, [&](int64_t begin, int64_t end) {
+        parallel_blocks(i0, i1, 8, [&](int64_t begin, int64_t end) {
           jsd_rows(rows, keys, b, begin, end, k0 / kKeyBlock, ceil_div(k1, kKeyBlock), w + (begin - i0) * K - k0, K);
           for (int64_t i = begin; i < end; ++i) {
             float* wr = w + (i - i0) * K;

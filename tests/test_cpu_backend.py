@@ -306,7 +306,8 @@ def test_multiscale(native, gen, lead, C, h, w, D, mode):
 @pytest.mark.parametrize("lead,N,M,C,D,tau", [
     pytest.param((), 1, None, 2, 3, 0.1, id="self-n1"),
     pytest.param((), 33, None, 101, 64, 0.1, id="self-n33"),
-    pytest.param((2,), 17, 600, 7, 5, 0.05, id="b2-m600-two-key-blocks"),
+    pytest.param((2,), 17, 600, 7, 5, 0.05, id="b2-m600"),
+    pytest.param((), 5, 4100, 7, 3, 0.02, id="m4100-online-softmax-over-two-key-blocks"),
     pytest.param((), 130, 70, 512, 200, 0.01, id="c512-sharp"),
     pytest.param((), 9, 20, 3, 1024, 1.0, id="d1024"),
 ])
