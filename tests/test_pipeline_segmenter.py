@@ -197,7 +197,7 @@ def test_batches_across_images_equal_single_images(vit_b16, class_embeddings, im
         assert (seg.label_map(r) == labels).mean() >= MIN_AGREEMENT
 
 
-def test_public_methods_and_input_types(vit_b16, class_embeddings, image, tmp_path):
+def test_public_methods_and_input_types(vit_b16, class_embeddings, image, tmp_path, capsys):
     from PIL import Image
 
     seg = make(vit_b16, class_embeddings, mode="global", cdam=False)
@@ -206,8 +206,9 @@ def test_public_methods_and_input_types(vit_b16, class_embeddings, image, tmp_pa
     expected = seg.predict(image)
     assert np.array_equal(expected, logits.argmax(0).cpu().numpy())
     Image.fromarray(image).save(tmp_path / "x.png")
-    batch = seg.predict_batch([Image.fromarray(image), tmp_path / "x.png"])
+    batch = seg.predict_batch([Image.fromarray(image), tmp_path / "x.png"], progress=True)
     assert all(np.array_equal(b, expected) for b in batch)
+    assert "2/2" in capsys.readouterr().err
 
 
 def test_bad_input_errors(vit_b16, class_embeddings, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..dispatch import BACKENDS, BackendUnavailableError
 from ..validation import CdamInputError
 from .methods import METHODS
+from .windows import CROP, LONG_SIDE_MAX, SHORT_SIDE, STRIDE
 
 DEFAULT_OUT = "cdam_segment_out"
 
@@ -54,6 +55,12 @@ def register(subparsers) -> None:
     p.add_argument("--templates", default="openai",
                    help="prompt templates: openai (the 80 ImageNet ones), single, or a file with one per line")
     p.add_argument("--window-batch", type=int, default=16, help="windows per forward pass (default 16)")
+    p.add_argument("--short-side", type=int, default=SHORT_SIDE,
+                   help=f"images are resized to this short side (default {SHORT_SIDE})")
+    p.add_argument("--long-side", type=int, default=LONG_SIDE_MAX,
+                   help=f"... unless the long side would exceed this (default {LONG_SIDE_MAX})")
+    p.add_argument("--crop", type=int, default=CROP, help=f"window size in window mode (default {CROP})")
+    p.add_argument("--stride", type=int, default=STRIDE, help=f"window stride in window mode (default {STRIDE})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights for --pretrained none")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files without asking")
@@ -136,7 +143,8 @@ def _run(args) -> int:
     seg = Segmenter(classes, model=args.model, pretrained=pretrained, method=args.method, cdam=not args.no_cdam,
                     mode=args.mode, backend=args.backend, device=args.device, dtype=args.dtype,
                     background=_background(args.background), templates=args.templates,
-                    window_batch=args.window_batch, seed=args.seed)
+                    window_batch=args.window_batch, seed=args.seed, short_side=args.short_side,
+                    long_side=args.long_side, crop=args.crop, stride=args.stride)
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(args.images), desc="segment", unit="image", disable=len(args.images) < 2)
     for img, result, files in zip(args.images, seg.results(args.images), paths):

@@ -271,8 +271,16 @@ class Segmenter:
         """[H, W] class indices at the input's size (uint8 up to 256 classes, else int64)."""
         return self.predict_batch([image])[0]
 
-    def predict_batch(self, images) -> list:
-        return [self.label_map(r) for r in self.results(images)]
+    def predict_batch(self, images, progress: bool = False) -> list:
+        """Label maps of several images; their windows share forward passes. progress: a tqdm
+        bar over the images."""
+        results = self.results(images)
+        if progress:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(images) if hasattr(images, "__len__") else None, desc="segment",
+                           unit="image")
+        return [self.label_map(r) for r in results]
 
 
 @lru_cache(maxsize=64)
