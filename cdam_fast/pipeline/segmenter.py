@@ -25,7 +25,7 @@ from . import background as bg
 from .images import to_tensor
 from .methods import get_method
 from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, ClipBackbone, load_clip
-from .text import TextEmbedder, atp_prompts, parse_classes
+from .text import TextEmbedder, atp_prompts, parse_classes, resolve_templates
 from .windows import CROP, LONG_SIDE_MAX, SHORT_SIDE, STRIDE, Assembler, global_size, protocol_size, \
     sliding_layout, whole_layout
 
@@ -115,9 +115,14 @@ class Segmenter:
         self.logit_scale = check_positive("logit_scale", logit_scale)
         self.scales, self.tau, self.alpha = check_scales(scales), check_positive("tau", tau), check_positive("alpha", alpha)
         self.cdam_mode, self.memory_budget = cdam_mode, memory_budget
+        templates = resolve_templates(templates)  # cheap checks before the (slow) model load
+        self.atp = tuple(atp_prompts() if atp is None else atp)
+        if not all(isinstance(a, str) and a.strip() for a in self.atp):
+            raise CdamInputError("atp must be a sequence of non-empty prompts")
 
         if isinstance(model, ClipBackbone):
-            if device is not None and torch.device(device) != model.device:
+            want = None if device is None else torch.device(device)
+            if want is not None and (want.type != model.device.type or want.index not in (None, model.device.index)):
                 raise CdamInputError(f"device {device!r} differs from the given model's device {model.device}")
             self.backbone = model
         else:
@@ -130,9 +135,6 @@ class Segmenter:
 
         text = TextEmbedder(self.backbone, templates, progress=progress)
         self.text = text.classes(self.classes).to(self.device)  # [C, E]
-        self.atp = tuple(atp_prompts() if atp is None else atp)
-        if not all(isinstance(a, str) and a.strip() for a in self.atp):
-            raise CdamInputError("atp must be a sequence of non-empty prompts")
         extra = text.prompts(list(self.atp)).to(self.device) if self.atp else self.text[:0]
         self.distribution_text = torch.cat([self.text, extra])  # [C + A, E]: S's columns
         self._mean = torch.tensor(self.backbone.mean, device=self.device).reshape(3, 1, 1)
