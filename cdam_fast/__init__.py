@@ -29,3 +29,12 @@ __all__ = [
     "multiscale_cdam_map",
     "pairwise_jsd",
 ]
+
+
+def __getattr__(name):
+    # The pipeline pulls in open_clip; import it only when someone asks for it.
+    if name == "Segmenter":
+        from .pipeline import Segmenter
+
+        return Segmenter
+    raise AttributeError(f"module 'cdam_fast' has no attribute {name!r}")
