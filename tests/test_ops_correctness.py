@@ -46,6 +46,10 @@ MODES = [
 ]
 
 
+def dtype_id(d):
+    return {F16: "f16", BF16: "bf16", F32: "f32", None: "q=p"}.get(d, str(d))
+
+
 def reduced_if_interpreted(name: str, full, reduced):
     return reduced if (name == "triton" and INTERPRETED) else full
 
@@ -128,11 +132,13 @@ def skip_mode_on_reference(name, mode):
         pytest.skip("the reference backend ignores mode and memory_budget: one mode covers it")
 
 
-def xfail_interpreted_bf16_dot(name, v_dtype):
-    """Triton's interpreter (3.8) returns garbage from tl.dot on bfloat16 operands; compiled
-    Triton does not. Expected to fail exactly when this session's interpreter has the bug."""
+def xfail_interpreted_bf16_dot(request, name, v_dtype):
+    """Triton's interpreter (seen with 3.8) returns garbage from tl.dot on bfloat16 operands;
+    compiled Triton does not. The test still runs and must fail (strict) exactly when this
+    interpreter has the bug, so a fix or a workaround shows up as XPASS."""
     if v_dtype == BF16 and name == "triton" and INTERPRETED and _interpreter_bf16_dot_broken():
-        pytest.xfail("the Triton interpreter's tl.dot on bfloat16 operands is broken (see _interpreter_bf16_dot_broken)")
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the Triton interpreter's tl.dot on bfloat16 "
+                                              "operands is broken (see _interpreter_bf16_dot_broken)"))
 
 
 @functools.cache
@@ -205,7 +211,8 @@ def test_pairwise_jsd_explicit_q_equal_to_p(backend, gen):
     assert_divergences(out, reference(ref.pairwise_jsd, (2,), p, p))
 
 
-@pytest.mark.parametrize("p_dtype,q_dtype", [(F16, F16), (BF16, BF16), (F16, None), (BF16, None), (F32, F16)])
+@pytest.mark.parametrize("p_dtype,q_dtype", [(F16, F16), (BF16, BF16), (F16, None), (BF16, None), (F32, F16)],
+                         ids=dtype_id)
 def test_pairwise_jsd_dtypes(backend, gen, p_dtype, q_dtype):
     name, dev = backend
     n, m, c = reduced_if_interpreted(name, (45, 70, 101), (21, 10, 9))
@@ -248,7 +255,7 @@ def test_cdam_map(backend, gen, full, reduced):
     assert_map(out, reference(ref.cdam_map, lead, p))
 
 
-@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=dtype_id)
 def test_cdam_map_dtypes(backend, gen, dtype):
     name, dev = backend
     n, c = reduced_if_interpreted(name, (70, 101), (23, 9))
@@ -302,11 +309,12 @@ def test_cdam_attention(backend, gen, full, reduced, mode):
 
 
 @pytest.mark.parametrize("mode", MODES[:2])
-@pytest.mark.parametrize("p_dtype,v_dtype", [(F16, F16), (BF16, BF16), (F32, BF16), (F16, F32), (BF16, F16)])
-def test_cdam_attention_dtypes(backend, gen, p_dtype, v_dtype, mode):
+@pytest.mark.parametrize("p_dtype,v_dtype", [(F16, F16), (BF16, BF16), (F32, BF16), (F16, F32), (BF16, F16)],
+                         ids=dtype_id)
+def test_cdam_attention_dtypes(request, backend, gen, p_dtype, v_dtype, mode):
     name, dev = backend
     skip_mode_on_reference(name, mode)
-    xfail_interpreted_bf16_dot(name, v_dtype)
+    xfail_interpreted_bf16_dot(request, name, v_dtype)
     n, c, d = reduced_if_interpreted(name, (70, 101, 48), (23, 9, 20))
     p, v = random_distributions(gen, n, c, dtype=p_dtype), random_values(gen, n, d, dtype=v_dtype)
     out = cf.cdam_attention(*to(dev, p, v), backend=name, **mode).cpu()
@@ -353,7 +361,7 @@ def test_multiscale_cdam_map(backend, gen, full, reduced):
     assert_map(out, multiscale_reference(lead, sim, scales))
 
 
-@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=dtype_id)
 def test_multiscale_cdam_map_dtypes(backend, gen, dtype):
     name, dev = backend
     c, h, w = reduced_if_interpreted(name, (33, 9, 7), (8, 5, 6))
@@ -395,11 +403,11 @@ def test_multiscale_cdam_attention(backend, gen, full, reduced, mode):
 
 
 @pytest.mark.parametrize("mode", MODES[:2])
-@pytest.mark.parametrize("sim_dtype,v_dtype", [(F16, F16), (BF16, BF16), (F32, F16), (BF16, F32)])
-def test_multiscale_cdam_attention_dtypes(backend, gen, sim_dtype, v_dtype, mode):
+@pytest.mark.parametrize("sim_dtype,v_dtype", [(F16, F16), (BF16, BF16), (F32, F16), (BF16, F32)], ids=dtype_id)
+def test_multiscale_cdam_attention_dtypes(request, backend, gen, sim_dtype, v_dtype, mode):
     name, dev = backend
     skip_mode_on_reference(name, mode)
-    xfail_interpreted_bf16_dot(name, v_dtype)
+    xfail_interpreted_bf16_dot(request, name, v_dtype)
     c, h, w, d, scales = reduced_if_interpreted(name, (33, 9, 7, 40, CDAM_SCALES), (8, 5, 6, 12, (1.0, 0.5)))
     sim, v = random_similarities(gen, c, h, w, dtype=sim_dtype), random_values(gen, h * w, d, dtype=v_dtype)
     out = cf.multiscale_cdam_attention(*to(dev, sim, v), scales, backend=name, **mode).cpu()
@@ -445,10 +453,10 @@ def test_jsd_attention_tau(backend, gen, tau):
 
 
 @pytest.mark.parametrize("with_q", [False, True], ids=["q=p", "q"])
-@pytest.mark.parametrize("p_dtype,v_dtype", [(F16, F16), (BF16, BF16), (F32, BF16), (BF16, F32)])
-def test_jsd_attention_dtypes(backend, gen, p_dtype, v_dtype, with_q):
+@pytest.mark.parametrize("p_dtype,v_dtype", [(F16, F16), (BF16, BF16), (F32, BF16), (BF16, F32)], ids=dtype_id)
+def test_jsd_attention_dtypes(request, backend, gen, p_dtype, v_dtype, with_q):
     name, dev = backend
-    xfail_interpreted_bf16_dot(name, v_dtype)
+    xfail_interpreted_bf16_dot(request, name, v_dtype)
     n, m, c, d = reduced_if_interpreted(name, (70, 45, 101, 48), (23, 11, 9, 20))
     p = random_distributions(gen, n, c, dtype=p_dtype)
     q = random_distributions(gen, m, c, dtype=p_dtype) if with_q else None
