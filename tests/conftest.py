@@ -5,8 +5,12 @@ before triton is first imported, hence here. On a CUDA machine the real kernels 
 """
 import os
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads slow
+# every small CPU op several-fold. Must be set before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
