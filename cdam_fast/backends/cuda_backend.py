@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_backend import SUPPORTED_DTYPES, materialized_bytes, multiscale_inputs, use_materialize
 from .extension_build import cuda_extension
+from .shared import ExtensionOps, dtype_reason
 
 MIN_CAPABILITY = (8, 0)
 
@@ -19,10 +19,8 @@ MIN_CAPABILITY = (8, 0)
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cuda":
         return f"it runs CUDA tensors only (got a {device.type} tensor)"
-    if dtype == torch.float64:
-        return "float64 inputs are computed by the reference backend"
-    if dtype not in SUPPORTED_DTYPES:
-        return f"unsupported dtype {dtype}"
+    if dtype_reason(dtype):
+        return dtype_reason(dtype)
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
     cap = torch.cuda.get_device_capability(device)
@@ -31,38 +29,4 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return cuda_extension.failure()
 
 
-def _ext():
-    return cuda_extension.module()
-
-
-def _f32(t):
-    return None if t is None else t.to(torch.float32).contiguous()
-
-
-def pairwise_jsd(p, q):
-    return _ext().pairwise_jsd(_f32(p), _f32(q))
-
-
-def cdam_map(p, alpha):
-    return _ext().cdam_map(_f32(p), float(alpha))
-
-
-def cdam_attention(p, v, alpha, mode, memory_budget):
-    B, N, _ = p.shape
-    materialize = use_materialize(mode, 4 * B * N * N, memory_budget)
-    return _ext().cdam_attention(_f32(p), v.contiguous(), float(alpha), materialize).to(v.dtype)
-
-
-def multiscale_cdam_map(sim, scales, tau, alpha):
-    ps, idx, wts = multiscale_inputs(sim, scales, tau)
-    return _ext().multiscale_cdam_map(ps, idx, wts, sim.shape[2] * sim.shape[3], float(alpha))
-
-
-def multiscale_cdam_attention(sim, v, scales, tau, alpha, mode, memory_budget):
-    ps, idx, wts = multiscale_inputs(sim, scales, tau)
-    materialize = use_materialize(mode, materialized_bytes(ps), memory_budget)
-    return _ext().multiscale_cdam_attention(ps, idx, wts, v.contiguous(), float(alpha), materialize).to(v.dtype)
-
-
-def jsd_attention(p, v, tau, q):
-    return _ext().jsd_attention(_f32(p), v.contiguous(), float(tau), _f32(q)).to(v.dtype)
+ExtensionOps(cuda_extension.module, lambda v: v.contiguous()).export(globals())

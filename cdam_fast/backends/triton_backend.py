@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from ..grids import bilinear_taps_2d, class_distributions, scale_grid
 from ..kernels import common
 from ..kernels.cdam import ScaleSet, cdam_apply
 from ..kernels.jsd import class_major, row_terms
 from ..kernels.jsd import pairwise_jsd as _pairwise_jsd
 from ..kernels.jsd_attention import jsd_attention as _jsd_attention
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .shared import dtype_reason, materialized_bytes, multiscale_inputs, use_materialize
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    if dtype not in _DTYPES:
-        return f"it computes float16/bfloat16/float32 only ({dtype} goes to the reference)"
+    if dtype_reason(dtype):
+        return dtype_reason(dtype)
     if device.type == "cuda":
         if common.INTERPRETED:
             return "TRITON_INTERPRET=1 is set, so Triton runs CPU tensors only"
@@ -31,12 +29,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def pairwise_jsd(p, q):
     return _pairwise_jsd(p, q)
-
-
-def _materialize(B: int, N: int, mode: str, memory_budget: int) -> bool:
-    if mode == "auto":
-        return B * N * N * 4 <= memory_budget
-    return mode == "materialize"
 
 
 def _full_scale(p: torch.Tensor, materialize: bool):
@@ -53,37 +45,28 @@ def cdam_map(p, alpha):
 
 def cdam_attention(p, v, alpha, mode, memory_budget):
     B, N, C = p.shape
-    sc = ScaleSet(B, N, C, p.device, _full_scale(p, _materialize(B, N, mode, memory_budget)), [], [1.0])
+    sc = ScaleSet(B, N, C, p.device, _full_scale(p, use_materialize(mode, 4 * B * N * N, memory_budget)), [], [1.0])
     return cdam_apply(sc, alpha, v)
 
 
-def _multiscale(sim, scales, tau, materialize):
+def _multiscale(sim, scales, tau, mode, memory_budget):
     B, C, h, w = sim.shape
-    N = h * w
-    n_full = 0
-    small = []
-    for s in scales:
-        hs, ws = scale_grid(h, w, s)
-        if (hs, ws) == (h, w):
-            n_full += 1
-            continue
-        js = _pairwise_jsd(class_distributions(sim, hs, ws, tau), None)
-        idx, wts = bilinear_taps_2d(h, w, hs, ws, device=sim.device)
-        small.append((js, idx, wts))
-    full = _full_scale(class_distributions(sim, h, w, tau), materialize) if n_full else None
-    weights = ([n_full] if n_full else []) + [1.0] * len(small)
-    weights = [x / len(scales) for x in weights]
-    return ScaleSet(B, N, C, sim.device, full, small, weights)
+    ps, idx, wts = multiscale_inputs(sim, scales, tau)
+    full = [p for p, i in zip(ps, idx) if i is None]
+    # the small grids' divergences are always kept (they are small); the budget decides the full one
+    small = [(_pairwise_jsd(p, None), i, wt) for p, i, wt in zip(ps, idx, wts) if i is not None]
+    materialize = use_materialize(mode, materialized_bytes(full[:1]), memory_budget)
+    weights = ([len(full)] if full else []) + [1.0] * len(small)
+    return ScaleSet(B, h * w, C, sim.device, _full_scale(full[0], materialize) if full else None, small,
+                    [x / len(scales) for x in weights])
 
 
 def multiscale_cdam_map(sim, scales, tau, alpha):
-    return cdam_apply(_multiscale(sim, scales, tau, True), alpha, None)
+    return cdam_apply(_multiscale(sim, scales, tau, "materialize", 0), alpha, None)
 
 
 def multiscale_cdam_attention(sim, v, scales, tau, alpha, mode, memory_budget):
-    B, _, h, w = sim.shape
-    sc = _multiscale(sim, scales, tau, _materialize(B, h * w, mode, memory_budget))
-    return cdam_apply(sc, alpha, v)
+    return cdam_apply(_multiscale(sim, scales, tau, mode, memory_budget), alpha, v)
 
 
 def jsd_attention(p, v, tau, q):

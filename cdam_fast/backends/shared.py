@@ -1,0 +1,94 @@
+"""Host-side steps every fast backend takes the same way."""
+from __future__ import annotations
+
+import torch
+
+from .. import grids
+
+FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dtype_reason(dtype: torch.dtype) -> str | None:
+    """Why a fast backend refuses this dtype (None if it accepts it)."""
+    if dtype == torch.float64:
+        return "float64 inputs are computed by the reference backend"
+    if dtype not in FAST_DTYPES:
+        return f"unsupported dtype {dtype}"
+    return None
+
+
+def use_materialize(mode: str, nbytes: int, memory_budget: int) -> bool:
+    """Mode "auto" keeps the divergences between passes while they fit in memory_budget bytes."""
+    if mode == "materialize":
+        return True
+    if mode == "recompute":
+        return False
+    return nbytes <= memory_budget
+
+
+def multiscale_inputs(sim: torch.Tensor, scales, tau: float):
+    """Per scale: the distributions P_s [B, n_s, C] (float32) and, for grids smaller than h x w,
+    the bilinear taps (idx [N, 4] int32, weights [N, 4] float32) onto the full grid, else None."""
+    _, _, h, w = sim.shape
+    ps, idx, wts = [], [], []
+    for s in scales:
+        hs, ws = grids.scale_grid(h, w, s)
+        ps.append(grids.class_distributions(sim, hs, ws, tau).to(torch.float32).contiguous())
+        if (hs, ws) == (h, w):
+            idx.append(None)
+            wts.append(None)
+        else:
+            i, wt = grids.bilinear_taps_2d(h, w, hs, ws, device=sim.device)
+            idx.append(i.contiguous())
+            wts.append(wt.contiguous())
+    return ps, idx, wts
+
+
+def materialized_bytes(ps) -> int:
+    """float32 bytes of every scale's divergences [B, n_s, n_s] (what "materialize" keeps)."""
+    return sum(4 * p.shape[0] * p.shape[1] ** 2 for p in ps)
+
+
+class ExtensionOps:
+    """The op functions of a backend whose kernels live in a JIT-built extension module.
+
+    `values` prepares v for the extension (the CPU kernels take float32, the CUDA ones any
+    16/32-bit float); divergence inputs always go in as float32.
+    """
+
+    def __init__(self, module, values):
+        self._module, self._values = module, values
+
+    @staticmethod
+    def _f32(t):
+        return None if t is None else t.to(torch.float32).contiguous()
+
+    def pairwise_jsd(self, p, q):
+        return self._module().pairwise_jsd(self._f32(p), self._f32(q))
+
+    def cdam_map(self, p, alpha):
+        return self._module().cdam_map(self._f32(p), float(alpha))
+
+    def cdam_attention(self, p, v, alpha, mode, memory_budget):
+        B, N, _ = p.shape
+        materialize = use_materialize(mode, 4 * B * N * N, memory_budget)
+        return self._module().cdam_attention(self._f32(p), self._values(v), float(alpha), materialize).to(v.dtype)
+
+    def multiscale_cdam_map(self, sim, scales, tau, alpha):
+        ps, idx, wts = multiscale_inputs(sim, scales, tau)
+        return self._module().multiscale_cdam_map(ps, idx, wts, sim.shape[2] * sim.shape[3], float(alpha))
+
+    def multiscale_cdam_attention(self, sim, v, scales, tau, alpha, mode, memory_budget):
+        ps, idx, wts = multiscale_inputs(sim, scales, tau)
+        materialize = use_materialize(mode, materialized_bytes(ps), memory_budget)
+        return self._module().multiscale_cdam_attention(ps, idx, wts, self._values(v), float(alpha),
+                                                        materialize).to(v.dtype)
+
+    def jsd_attention(self, p, v, tau, q):
+        return self._module().jsd_attention(self._f32(p), self._values(v), float(tau), self._f32(q)).to(v.dtype)
+
+    def export(self, namespace: dict) -> None:
+        """Bind the op functions as module-level names of a backend module."""
+        for name in ("pairwise_jsd", "cdam_map", "cdam_attention", "multiscale_cdam_map",
+                     "multiscale_cdam_attention", "jsd_attention"):
+            namespace[name] = getattr(self, name)
