@@ -15,7 +15,7 @@ _COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cdam-fast", description=__doc__.split(":")[0])
+    parser = argparse.ArgumentParser(prog="cdam-fast", description="cdam-fast: fused CDAM kernels, CLIP segmentation, evaluation and benchmarks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
         try:

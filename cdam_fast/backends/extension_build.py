@@ -10,6 +10,7 @@ compiler error line) that the backends return from ``unavailable_reason``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -117,9 +118,22 @@ def _first_error_line(text: str) -> str:
     return (candidates or lines or ["no compiler output"])[-1][:300]
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its import-time guess-of-CUDA_HOME warning,
+    which means nothing to a CPU build (the CUDA build checks CUDA_HOME itself)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def toolchain_problem(spec: ExtensionSpec) -> str | None:
     """Why this machine cannot even try to build `spec` (missing compiler or ninja), else None."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     if os.environ.get(NO_BUILD_ENV, "").strip() not in ("", "0"):
         return f"building the {spec.label} extension is disabled by {NO_BUILD_ENV}"
@@ -143,7 +157,7 @@ def _library_exists(folder: Path, name: str) -> bool:
 
 def build(spec: ExtensionSpec, root: Path | None = None):
     """Compile (or load from the cache) and import `spec`; raises ExtensionBuildError."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     why = toolchain_problem(spec)
     if why is not None:
