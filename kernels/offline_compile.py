@@ -55,6 +55,8 @@ def _cases():
             {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "v": f"*{vdt}", "out": f"*{vdt}", "N": "i32", "M": "i32",
              "C": "i32", "D": "i32", "neg_log2e_over_tau": "fp32"},
             {"SELF": True, "V_IS_FP32": vdt == "fp32", **base_c, "BD": 128}, jsd_attention.NUM_WARPS)
+    kernel, sig, consts, warps = cases["pairwise_jsd"]
+    cases["pairwise_jsd[self]"] = (kernel, sig, {**consts, "SELF": True}, warps)
     # the FMA-polynomial share of the logs (CDAM_FAST_POLY_LOGS) unrolls the class loop by 4
     for name in ("pairwise_jsd", "cdam_product[recompute,fp16]", "jsd_attention[fp16]"):
         kernel, sig, consts, warps = cases[name]
