@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, blocks, expm1_transform, fast_log, jsd_tile, poly_logs, product
+from .common import LOG2E, blocks, expm1_transform, fast_log, jsd_tile, poly_logs, product, value_tiles
 
 
 @triton.jit
@@ -131,14 +131,6 @@ def cdam_product_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, 
 NUM_WARPS = 8
 
 
-def product_tiles(full_src: int, v_is_fp32: bool) -> tuple[int, int]:
-    """(BM, BN) of the product kernel on GPU: the largest tiles that compile spill-free on sm_90
-    for each variant (reading J tiles, or splitting fp32 values into 3xTF32, costs registers)."""
-    if full_src == 2:
-        return (32, 64) if v_is_fp32 else (64, 32)
-    return 64, 64
-
-
 class ScaleSet:
     """Device-side description of the scales of one CDAM evaluation.
 
@@ -189,14 +181,14 @@ def cdam_apply(sc: ScaleSet, alpha: float, v: torch.Tensor | None) -> torch.Tens
     B, N = sc.B, sc.N
     if v is None:
         out = torch.empty(B, N, N, device=hi.device, dtype=torch.float32)
-        D, BD, dummy_v = 1, 16, hi
+        D, dummy_v = 1, hi
     else:
         D = v.shape[2]
         out = torch.empty(B, N, D, device=v.device, dtype=v.dtype)
-        BD, dummy_v = blocks(D, 128), v
+        dummy_v = v
     v_is_fp32 = v is not None and v.dtype == torch.float32
-    bm, bn = product_tiles(sc.full_src, v_is_fp32)
-    BM, BN = blocks(N, bm), blocks(N, bn)
+    bm, bn, bd = value_tiles(D, v_is_fp32, sc.full_src == 2)
+    BM, BN, BD = blocks(N, bm), blocks(N, bn), blocks(D, bd)
     grid = (triton.cdiv(N, BM), triton.cdiv(D, BD), B)
     cdam_product_kernel[grid](*sc.args(), hi, lo, sc.weights, dummy_v, out, N, sc.C, D, sc.S, alpha * LOG2E,
                               1.0 / math.expm1(alpha), FULL_SRC=sc.full_src, MULTI=sc.multi, WRITE_MAP=v is None,

@@ -119,6 +119,21 @@ def product(a, v_base, rows, D, n0, d0, acc, V_IS_FP32: tl.constexpr, BN: tl.con
     return acc
 
 
+def value_tiles(D: int, v_is_fp32: bool, reads_j: bool) -> tuple[int, int, int]:
+    """(BM, BN, BD) of a kernel that multiplies weights with V, on GPU: the largest tiles that
+    compile spill-free on sm_90 (tests/test_kernels_compile.py).
+
+    A kernel that recomputes J does so once per BD columns of V, so wide 16-bit V gets BD = 256
+    on 32-row tiles (half the logs of BD = 128 at D = 768). Kernels reading a stored J, or
+    splitting fp32 V into 3xTF32, need narrower tiles to stay out of local memory.
+    """
+    if reads_j:
+        return (32, 64, 128) if v_is_fp32 else (64, 32, 128)
+    if not v_is_fp32 and D > 128:
+        return 32, 64, 256
+    return 64, 64, 128
+
+
 def poly_logs() -> int:
     """How many of every 4 class logs run as FMA polynomials (CDAM_FAST_POLY_LOGS, 0-4; default 0
     until a GPU measurement shows the split pays off, see benchmarks/RESULTS.md)."""

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, blocks, fast_log, jsd_tile, poly_logs, product
+from .common import LOG2E, blocks, fast_log, jsd_tile, poly_logs, product, value_tiles
 from .jsd import class_major, row_terms
 
 
@@ -45,7 +45,8 @@ def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float, q: torch.Tensor 
     qT, rq = (pT, rp) if q is None else (class_major(q), row_terms(q))
     M, D = v.shape[1], v.shape[2]
     out = torch.empty(B, N, D, device=v.device, dtype=v.dtype)
-    BM, BN, BD = blocks(N, 64), blocks(M, 64), blocks(D, 128)
+    bm, bn, bd = value_tiles(D, v.dtype == torch.float32, reads_j=False)
+    BM, BN, BD = blocks(N, bm), blocks(M, bn), blocks(D, bd)
     grid = (triton.cdiv(N, BM), triton.cdiv(D, BD), B)
     jsd_attention_kernel[grid](pT, qT, rp, rq, v, out, N, M, C, D, -LOG2E / tau, SELF=q is None,
                                V_IS_FP32=v.dtype == torch.float32, FAST_LOG=fast_log(), POLY_LOGS=poly_logs(), BM=BM, BN=BN, BD=BD,

@@ -21,10 +21,14 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import cdam, jsd, jsd_attention
+from . import cdam, common, jsd, jsd_attention
 
 # name -> (kernel, signature, constexprs, num_warps); signatures follow the kernels' argument order.
 _P = "*fp32"
+
+
+def _tiles(D: int, vdt: str, reads_j: bool) -> dict:
+    return dict(zip(("BM", "BN", "BD"), common.value_tiles(D, vdt == "fp32", reads_j)))
 
 
 def _cases():
@@ -48,13 +52,17 @@ def _cases():
                 {**scale_sig, "hi_in": _P, "lo_in": _P, "weights": _P, "v": f"*{vdt}", "out": f"*{vdt}",
                  "N": "i32", "C": "i32", "D": "i32", "S": "i32", "alpha_log2e": "fp32", "inv_expm1_alpha": "fp32"},
                 {"FULL_SRC": src, "MULTI": multi, "WRITE_MAP": False, "V_IS_FP32": vdt == "fp32", **base_c,
-                 **dict(zip(("BM", "BN"), cdam.product_tiles(src, vdt == "fp32"))), "BD": 128}, cdam.NUM_WARPS)
+                 **_tiles(128, vdt, src == 2)}, cdam.NUM_WARPS)
     for vdt in ("fp16", "fp32"):
         cases[f"jsd_attention[{vdt}]"] = (
             jsd_attention.jsd_attention_kernel,
             {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "v": f"*{vdt}", "out": f"*{vdt}", "N": "i32", "M": "i32",
              "C": "i32", "D": "i32", "neg_log2e_over_tau": "fp32"},
-            {"SELF": True, "V_IS_FP32": vdt == "fp32", **base_c, "BD": 128}, jsd_attention.NUM_WARPS)
+            {"SELF": True, "V_IS_FP32": vdt == "fp32", **base_c, **_tiles(128, vdt, False)}, jsd_attention.NUM_WARPS)
+    # wide 16-bit values (D > 128) take the 32 x 64 x 256 tiles in the kernels that recompute J
+    for name in ("cdam_product[recompute,fp16]", "cdam_product[multiscale,recompute,fp16]", "jsd_attention[fp16]"):
+        kernel, sig, consts, warps = cases[name]
+        cases[name.replace("]", ",wide]")] = (kernel, sig, {**consts, **_tiles(768, "fp16", False)}, warps)
     kernel, sig, consts, warps = cases["pairwise_jsd"]
     cases["pairwise_jsd[self]"] = (kernel, sig, {**consts, "SELF": True}, warps)
     # the FMA-polynomial share of the logs (CDAM_FAST_POLY_LOGS) unrolls the class loop by 4
