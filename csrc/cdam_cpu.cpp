@@ -174,31 +174,38 @@ void jsd_rows(const Operand& q_side, const Operand& k_side, int64_t b, int64_t i
   }
 }
 
-// Full self-divergence J [B, n, n] using symmetry: only tiles on or above the diagonal are
-// evaluated, then mirrored. The diagonal is exactly 0.
-at::Tensor jsd_self_full(const Operand& x) {
-  const int64_t B = x.rows.size(0), n = x.n;
-  at::Tensor J = at::empty({B, n, n}, x.rows.options());
-  float* out = J.data_ptr<float>();
+// Self-divergence of batch elements [b0, b1) using symmetry: only tiles on or above the diagonal
+// are evaluated, then mirrored; the diagonal is exactly 0. Element b's row i lands at
+// out + (b - b0) * batch_stride + i * ld.
+void jsd_self_into(const Operand& x, int64_t b0, int64_t b1, float* out, int64_t ld, int64_t batch_stride) {
+  const int64_t n = x.n;
   const int64_t tiles = ceil_div(n, kTile);
   std::vector<std::pair<int64_t, int64_t>> pairs;
   for (int64_t a = 0; a < tiles; ++a)
     for (int64_t c = a; c < tiles; ++c) pairs.emplace_back(a, c);
-  const int64_t work = B * static_cast<int64_t>(pairs.size());
+  const int64_t work = (b1 - b0) * static_cast<int64_t>(pairs.size());
   parallel_blocks(0, work, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / pairs.size();
+      const int64_t b = b0 + w / pairs.size();
       const auto [ti, tk] = pairs[w % pairs.size()];
       const int64_t i0 = ti * kTile, i1 = std::min(n, i0 + kTile);
       const int64_t k0 = tk * kTile, k1 = std::min(n, k0 + kTile);
-      float* Jb = out + b * n * n;
-      jsd_rows(x, x, b, i0, i1, k0 / kKeyBlock, ceil_div(k1, kKeyBlock), Jb + i0 * n, n);
+      float* Jb = out + (b - b0) * batch_stride;
+      jsd_rows(x, x, b, i0, i1, k0 / kKeyBlock, ceil_div(k1, kKeyBlock), Jb + i0 * ld, ld);
       if (ti != tk)
         for (int64_t i = i0; i < i1; ++i)
-          for (int64_t k = k0; k < k1; ++k) Jb[k * n + i] = Jb[i * n + k];
+          for (int64_t k = k0; k < k1; ++k) Jb[k * ld + i] = Jb[i * ld + k];
+      else
+        for (int64_t i = i0; i < i1; ++i) Jb[i * ld + i] = 0.f;
     }
   });
-  J.diagonal(0, -2, -1).zero_();
+}
+
+// Full self-divergence J [B, n, n].
+at::Tensor jsd_self_full(const Operand& x) {
+  const int64_t B = x.rows.size(0), n = x.n;
+  at::Tensor J = at::empty({B, n, n}, x.rows.options());
+  jsd_self_into(x, 0, B, J.data_ptr<float>(), n, n * n);
   return J;
 }
 
@@ -452,6 +459,7 @@ at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, c
   at::Tensor acc = at::empty({R, D}, p.options());
   at::Tensor rescale = at::empty({R, 1}, p.options());
   std::vector<float> run_max(R), run_sum(R);
+  const bool whole = self && R >= N && K >= N;  // a single step covers all rows and keys
   const float neg_inv_tau = static_cast<float>(-1.0 / tau);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i0 = 0; i0 < N; i0 += R) {
@@ -463,8 +471,8 @@ at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, c
         const int64_t k1 = std::min(M, k0 + K), nk = k1 - k0;
         float* w = weights.data_ptr<float>();
         float* sc = rescale.data_ptr<float>();
-        parallel_blocks(i0, i1, 8, [&](int64_t begin, int64_t end) {
-          jsd_rows(rows, keys, b, begin, end, k0 / kKeyBlock, ceil_div(k1, kKeyBlock), w + (begin - i0) * K - k0, K);
+        // Rows [begin, end): logits -J / tau -> exp(logit - running max), running sums.
+        auto softmax_rows = [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
             float* wr = w + (i - i0) * K;
             if (self && i >= k0 && i < k1) wr[i - k0] = 0.f;
@@ -487,7 +495,17 @@ at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, c
                               at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, total);
             run_max[i - i0] = m_new;
           }
-        });
+        };
+        if (whole) {
+          // one step holds every pair of this batch element: evaluate J once per unordered pair
+          jsd_self_into(rows, b, b + 1, w, K, 0);
+          parallel_blocks(i0, i1, 8, softmax_rows);
+        } else {
+          parallel_blocks(i0, i1, 8, [&](int64_t begin, int64_t end) {
+            jsd_rows(rows, keys, b, begin, end, k0 / kKeyBlock, ceil_div(k1, kKeyBlock), w + (begin - i0) * K - k0, K);
+            softmax_rows(begin, end);
+          });
+        }
         at::Tensor acc_rows = acc.narrow(0, 0, nr);
         acc_rows.mul_(rescale.narrow(0, 0, nr));
         acc_rows.addmm_(weights.narrow(0, 0, nr).narrow(1, 0, nk), v[b].narrow(0, k0, nk));
