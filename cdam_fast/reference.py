@@ -55,14 +55,16 @@ def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor
 def minmax_expm1(j: torch.Tensor, alpha: float) -> torch.Tensor:
     """Spec 2.5-2.6: X = row min-max of (1 - J), A = expm1(alpha X) / expm1(alpha).
 
-    Rows whose range is below CONSTANT_ROW_EPS get X = 1 (so A = 1) instead of 0/0.
+    Rows whose range is below CONSTANT_ROW_EPS get X = 1 (so A = 1) instead of 0/0. Evaluated as
+    exp(alpha (X - 1)) * expm1(-alpha X) / expm1(-alpha), the same value with no factor above 1
+    (float32 would overflow exp(alpha X) for alpha > 88) and expm1 keeping small alpha accurate.
     """
     hi = j.amax(-1, keepdim=True)
     lo = j.amin(-1, keepdim=True)
     span = hi - lo
     flat = span < CONSTANT_ROW_EPS
     x = torch.where(flat, torch.ones_like(j), (hi - j) / torch.where(flat, torch.ones_like(span), span))
-    return torch.expm1(alpha * x) / math.expm1(alpha)
+    return torch.exp(alpha * (x - 1.0)) * torch.expm1(-alpha * x) / math.expm1(-alpha)
 
 
 def cdam_map(p: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:

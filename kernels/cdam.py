@@ -96,7 +96,7 @@ def row_stats_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_
 
 @triton.jit
 def cdam_product_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_in, lo_in, weights, v, out,
-                        N, C, D, S, alpha_log2e, inv_expm1_alpha,
+                        N, C, D, S, alpha_log2e, exp_neg_alpha, inv_denominator,
                         FULL_SRC: tl.constexpr, MULTI: tl.constexpr, WRITE_MAP: tl.constexpr, V_IS_FP32: tl.constexpr,
                         FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BD: tl.constexpr):
@@ -114,7 +114,8 @@ def cdam_product_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, 
                             C, FULL_SRC, MULTI, FAST_LOG, POLY_LOGS, BM, BN)
             hi = tl.load(hi_in + (b * S + slot) * N + offs_m, mask=mask_m, other=0.0)
             lo = tl.load(lo_in + (b * S + slot) * N + offs_m, mask=mask_m, other=0.0)
-            a += tl.load(weights + slot) * expm1_transform(u, hi, lo, alpha_log2e, inv_expm1_alpha)
+            a += tl.load(weights + slot) * expm1_transform(u, hi, lo, alpha_log2e, exp_neg_alpha,
+                                                                 inv_denominator)
         a = tl.where(mask_n[None, :], a, 0.0)
         if WRITE_MAP:
             mask = mask_m[:, None] & mask_n[None, :]
@@ -191,7 +192,7 @@ def cdam_apply(sc: ScaleSet, alpha: float, v: torch.Tensor | None) -> torch.Tens
     BM, BN, BD = blocks(N, bm), blocks(N, bn), blocks(D, bd)
     grid = (triton.cdiv(N, BM), triton.cdiv(D, BD), B)
     cdam_product_kernel[grid](*sc.args(), hi, lo, sc.weights, dummy_v, out, N, sc.C, D, sc.S, alpha * LOG2E,
-                              1.0 / math.expm1(alpha), FULL_SRC=sc.full_src, MULTI=sc.multi, WRITE_MAP=v is None,
+                              math.exp(-alpha), -1.0 / math.expm1(-alpha), FULL_SRC=sc.full_src, MULTI=sc.multi, WRITE_MAP=v is None,
                               V_IS_FP32=v_is_fp32, FAST_LOG=fast_log(), POLY_LOGS=poly_logs(), BM=BM, BN=BN,
                               BD=BD, num_warps=NUM_WARPS)
     return out

@@ -95,14 +95,16 @@ def jsd_tile(pT, qT, rp, rq, offs_m, offs_n, n_p, n_q, C, SELF: tl.constexpr, FA
 
 
 @triton.jit
-def expm1_transform(u, hi, lo, alpha_log2e, inv_expm1_alpha):
+def expm1_transform(u, hi, lo, alpha_log2e, exp_neg_alpha, inv_denominator):
     """Spec 2.5-2.6 on a tile: X = (hi - u) / (hi - lo) per row (1 on constant rows),
-    A = expm1(alpha X) / expm1(alpha). hi/lo are [BM] row statistics of u."""
+    A = expm1(alpha X) / expm1(alpha), evaluated as (exp(alpha (X - 1)) - exp(-alpha)) /
+    (1 - exp(-alpha)): the same value with every factor <= 1, so no overflow for alpha > 88
+    where exp(alpha X) is inf in fp32. hi/lo are [BM] row statistics of u."""
     span = hi - lo
     flat = span < CONSTANT_ROW_EPS
     inv = tl.where(flat, 0.0, 1.0 / tl.where(flat, 1.0, span))
     x = tl.where(flat[:, None], 1.0, (hi[:, None] - u) * inv[:, None])
-    return (tl.exp2(alpha_log2e * x) - 1.0) * inv_expm1_alpha
+    return (tl.exp2(alpha_log2e * (x - 1.0)) - exp_neg_alpha) * inv_denominator
 
 
 @triton.jit

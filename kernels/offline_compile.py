@@ -50,7 +50,8 @@ def _cases():
             cases[f"cdam_product[{label},{vdt}]"] = (
                 cdam.cdam_product_kernel,
                 {**scale_sig, "hi_in": _P, "lo_in": _P, "weights": _P, "v": f"*{vdt}", "out": f"*{vdt}",
-                 "N": "i32", "C": "i32", "D": "i32", "S": "i32", "alpha_log2e": "fp32", "inv_expm1_alpha": "fp32"},
+                 "N": "i32", "C": "i32", "D": "i32", "S": "i32", "alpha_log2e": "fp32", "exp_neg_alpha": "fp32",
+                 "inv_denominator": "fp32"},
                 {"FULL_SRC": src, "MULTI": multi, "WRITE_MAP": False, "V_IS_FP32": vdt == "fp32", **base_c,
                  **_tiles(128, vdt, src == 2)}, cdam.NUM_WARPS)
     for vdt in ("fp16", "fp32"):

@@ -463,3 +463,16 @@ def test_jsd_attention_dtypes(request, backend, gen, p_dtype, v_dtype, with_q):
     v = random_values(gen, m if with_q else n, d, dtype=v_dtype)
     out = cf.jsd_attention(*to(dev, p, v), q=None if q is None else q.to(dev), backend=name).cpu()
     assert_attention(out, *weighted_sums(jsd_weights((), p, q), v), v_dtype)
+
+
+@pytest.mark.parametrize("alpha", [1e-3, 200.0])
+def test_cdam_map_extreme_alpha(backend, gen, alpha):
+    """Far from the default alpha = 10: beyond 88, exp(alpha X) overflows float32, so a backend
+    must evaluate the transform in a bounded form; near 0, expm1 cancels (the Triton form loses
+    ~4e-5 there, inside the map tolerance)."""
+    name, dev = backend
+    p = random_distributions(gen, 2, 21, 7)
+    out = cf.cdam_map(p.to(dev), alpha, backend=name).cpu()
+    want = ref.cdam_map(p.double(), alpha)
+    assert bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=MAP_ATOL)
