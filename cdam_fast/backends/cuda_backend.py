@@ -19,8 +19,8 @@ MIN_CAPABILITY = (8, 0)
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cuda":
         return f"it runs CUDA tensors only (got a {device.type} tensor)"
-    if dtype_reason(dtype):
-        return dtype_reason(dtype)
+    if why := dtype_reason(dtype):
+        return why
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
     cap = torch.cuda.get_device_capability(device)
