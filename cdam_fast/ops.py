@@ -36,9 +36,19 @@ def _common(backend: str, mode: str | None = None, memory_budget: int | None = N
     return memory_budget
 
 
-def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
+def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., N, K] -> [B, N, K] (a view where possible)."""
     return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1])
+
+
+def _check_keys(p: torch.Tensor, q: torch.Tensor | None) -> None:
+    """q, when given, holds distributions over p's classes with p's batch dimensions."""
+    if q is None:
+        return
+    val.check_tensor("q", q, 2)
+    val.check_same_device(p=p, q=q)
+    val.check_batch("q", q, "p", p.shape[:-2], 2)
+    val.check_dim("q", q.shape[-1], "class count (last dim)", p.shape[-1], "p")
 
 
 def _check_classes(name: str, t: torch.Tensor) -> None:
@@ -56,12 +66,8 @@ def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None, *, backend: str
     val.check_tensor("p", p, 2)
     _check_classes("p", p)
     batch = p.shape[:-2]
-    if q is not None:
-        val.check_tensor("q", q, 2)
-        val.check_same_device(p=p, q=q)
-        val.check_batch("q", q, "p", batch, 2)
-        val.check_dim("q", q.shape[-1], "class count (last dim)", p.shape[-1], "p")
-    out = lib.pairwise_jsd(_rows("p", p), None if q is None else _rows("q", q), backend, validate)
+    _check_keys(p, q)
+    out = lib.pairwise_jsd(_rows(p), None if q is None else _rows(q), backend, validate)
     return out.reshape(*batch, out.shape[-2], out.shape[-1])
 
 
@@ -71,7 +77,7 @@ def cdam_map(p: torch.Tensor, alpha: float = 10.0, *, backend: str = "auto", val
     val.check_tensor("p", p, 2)
     _check_classes("p", p)
     alpha = val.check_positive("alpha", alpha)
-    out = lib.cdam_map(_rows("p", p), alpha, backend, validate)
+    out = lib.cdam_map(_rows(p), alpha, backend, validate)
     return out.reshape(*p.shape[:-1], p.shape[-2])
 
 
@@ -95,7 +101,7 @@ def cdam_attention(p: torch.Tensor, v: torch.Tensor, alpha: float = 10.0, *, mod
     _check_classes("p", p)
     _check_values("p", p, v, p.shape[-2])
     alpha = val.check_positive("alpha", alpha)
-    out = lib.cdam_attention(_rows("p", p), _rows("v", v), alpha, mode, budget, backend, validate)
+    out = lib.cdam_attention(_rows(p), _rows(v), alpha, mode, budget, backend, validate)
     return out.reshape(v.shape)
 
 
@@ -126,7 +132,7 @@ def multiscale_cdam_attention(sim: torch.Tensor, v: torch.Tensor, scales=CDAM_SC
     scales, tau, alpha = _check_sim(sim, scales, tau, alpha)
     C, h, w = sim.shape[-3:]
     _check_values("sim", sim, v, h * w)
-    out = lib.multiscale_cdam_attention(sim.reshape(math.prod(sim.shape[:-3]), C, h, w), _rows("v", v), scales, tau, alpha, mode,
+    out = lib.multiscale_cdam_attention(sim.reshape(math.prod(sim.shape[:-3]), C, h, w), _rows(v), scales, tau, alpha, mode,
                                         budget, backend, validate)
     return out.reshape(v.shape)
 
@@ -142,17 +148,12 @@ def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float = 0.1, *, q: torc
     val.check_tensor("p", p, 2)
     _check_classes("p", p)
     tau = val.check_positive("tau", tau)
-    keys = p
-    if q is not None:
-        val.check_tensor("q", q, 2)
-        val.check_same_device(p=p, q=q)
-        val.check_batch("q", q, "p", p.shape[:-2], 2)
-        val.check_dim("q", q.shape[-1], "class count (last dim)", p.shape[-1], "p")
-        keys = q
+    _check_keys(p, q)
+    keys = p if q is None else q
     val.check_tensor("v", v, 2)
     val.check_same_device(p=p, v=v)
     val.check_batch("v", v, "p", p.shape[:-2], 2)
     val.check_dim("v", v.shape[-2], "token count (dim -2)", keys.shape[-2], "q" if q is not None else "p")
-    out = lib.jsd_attention(_rows("p", p), _rows("v", v), tau, None if q is None else _rows("q", q), backend,
+    out = lib.jsd_attention(_rows(p), _rows(v), tau, None if q is None else _rows(q), backend,
                             validate)
     return out.reshape(*p.shape[:-1], v.shape[-1])
