@@ -11,11 +11,13 @@ import os
 import triton
 import triton.language as tl
 
+from .. import reference
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HALF_LN2 = tl.constexpr(0.34657359027997264)
 LOG2E = 1.4426950408889634
 # Rows whose divergences span less than this many nats are constant (spec 2.6): A = 1.
-CONSTANT_ROW_EPS = tl.constexpr(1e-6)
+CONSTANT_ROW_EPS = tl.constexpr(reference.CONSTANT_ROW_EPS)
 # s below this contributes s * log2(TINY) ~ 0 instead of 0 * log2(0) = NaN.
 TINY = tl.constexpr(1e-30)
 
