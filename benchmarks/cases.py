@@ -136,8 +136,10 @@ def _lowmem():
 
 
 def _pipeline():
-    # 448 x 448 is one window; 480 x 640 (a typical VOC image) resizes to 448 x 597: 2 windows.
-    return [Case(PIPELINE, C=21, image=(448, 448)), Case(PIPELINE, C=21, image=(480, 640))]
+    # 448 x 448 is one window; 480 x 640 (a typical VOC image) resizes to 448 x 597: 2 windows;
+    # 1024 x 2048 (a Cityscapes frame, 19 classes) resizes to 448 x 896: 3 windows.
+    return [Case(PIPELINE, C=21, image=(448, 448)), Case(PIPELINE, C=21, image=(480, 640)),
+            Case(PIPELINE, C=19, image=(1024, 2048))]
 
 
 def _dedupe(cases):

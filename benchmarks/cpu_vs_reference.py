@@ -43,6 +43,7 @@ def cases(n: int, classes: int, width: int, gen: torch.Generator):
     sim = torch.randn(1, classes, side, side, generator=gen) * 0.05 + 0.2  # cosine-like similarities
     return {
         "pairwise_jsd": lambda b: cdam_fast.pairwise_jsd(p, backend=b, validate=False),
+        "cdam_map": lambda b: cdam_fast.cdam_map(p, backend=b, validate=False),
         "cdam_attention": lambda b: cdam_fast.cdam_attention(p, v, backend=b, validate=False),
         "multiscale_cdam_attention": lambda b: cdam_fast.multiscale_cdam_attention(sim, v, backend=b, validate=False),
         "jsd_attention": lambda b: cdam_fast.jsd_attention(p, v, backend=b, validate=False),
@@ -69,6 +70,11 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, C = {args.classes}, D = {args.width}")
     rows = []
+    # The product with v that every attention op pays (both backends): a floor for their times.
+    floors = {}
+    for n in args.sizes:
+        a, v = torch.rand(1, n, n, generator=gen), torch.randn(1, n, args.width, generator=gen)
+        floors[n] = median_seconds(lambda: torch.bmm(a, v), args.repeats)
     jobs = [(n, op, fn) for n in args.sizes for op, fn in cases(n, args.classes, args.width, gen).items()
             if args.ops is None or op in args.ops]
     for n, op, fn in tqdm(jobs, desc="benchmark", file=sys.stderr):
@@ -79,8 +85,10 @@ def main(argv=None) -> int:
     print(f"{'N':>5}  {'op':<27} {'cpu (s)':>10} {'reference (s)':>14} {'speed-up':>9}")
     for r in rows:
         print(f"{r['N']:>5}  {r['op']:<27} {r['cpu_s']:>10.4f} {r['reference_s']:>14.4f} {r['speedup']:>8.1f}x")
+    for n, t in floors.items():
+        print(f"{n:>5}  product with v alone (torch.bmm, N x N x D): {t:.4f} s")
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "v_product_s": floors}, indent=2))
     return 0
 
 

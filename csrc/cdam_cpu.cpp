@@ -29,6 +29,8 @@ constexpr int64_t kKeyBlock = 2 * kLanes;
 constexpr int64_t kTile = 64;
 // Largest [rows, N] float chunk kept by the chunked (recompute) paths: 8 MiB.
 constexpr int64_t kChunkFloats = int64_t(1) << 21;
+// Largest [N, N] weight buffer of a jsd_attention(p, p) step that covers all pairs: 32 MiB (N <= 2896).
+constexpr int64_t kSelfStepFloats = int64_t(1) << 23;
 // Keys per step of the online softmax in jsd_attention (a multiple of kKeyBlock).
 constexpr int64_t kSoftmaxKeys = 4096;
 
@@ -53,35 +55,72 @@ void parallel_blocks(int64_t begin, int64_t end, int64_t block, const F& f) {
   });
 }
 
+// Horizontal reductions of one vector.
+float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
+float max_lanes(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+float min_lanes(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, v);
+}
+
 #if defined(CPU_CAPABILITY_AVX2)
 // log2 for non-negative finite floats in AVX2 registers, inlined (ATen's Vec::log2 is an
 // out-of-line Sleef call with 1-ulp double-float arithmetic, several times slower).
-// x = 2^e m with m in [sqrt(1/2), sqrt(2)); log2(m) = t P(t), t = m - 1, P of degree 7 fitted
-// (relative least squares on Chebyshev nodes) to log2(1 + t) / t: max error 1.3e-7 absolute
-// in fp32. x = 0 (all bits 0) comes out as -127 and denormals as garbage of that size; both
-// are only ever multiplied by x itself, giving 0 (0 log 0 = 0) or |x log x| < 1e-35.
+// x = 2^e m, m in [1, 2). The top three mantissa bits pick one of eight intervals with centre
+// c_k; two in-register table lookups (vpermps) give g_k = float(1 / c_k) and log2(1 / g_k), so
+// log2(m) = log2(1 + r) - log2(g_k) with r = m g_k - 1 (one FMA, |r| < 0.059) and
+// log2(1 + r) = r P(r), P of degree 3 fitted to the relative minimax of log2(1 + r) / r.
+// Max error 8.2e-8 absolute over all mantissas, with 6 FMAs where the former table-free degree-7
+// form needed 10 (and erred by 1.3e-7); see benchmarks/RESULTS.md. x = 0 (all bits 0) comes out
+// as -127 and denormals as finite garbage of that size; both are only ever multiplied by x
+// itself, giving 0 (0 log 0 = 0) or |x log x| < 1e-35.
 inline Vec log2_nonneg(const Vec& xv) {
-  const __m256 x = xv;
-  const __m256i bits = _mm256_castps_si256(x);
-  const __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
-  __m256 m = _mm256_castsi256_ps(
+  const __m256i bits = _mm256_castps_si256(static_cast<__m256>(xv));
+  // vpermps reads the low three bits of each index: bits >> 20 leaves the top mantissa bits there.
+  const __m256i index = _mm256_srli_epi32(bits, 20);
+  const __m256 inv_centre = _mm256_permutevar8x32_ps(
+      _mm256_setr_ps(0.9411764740943909f, 0.8421052694320679f, 0.761904776096344f, 0.695652186870575f,
+                     0.6399999856948853f, 0.5925925970077515f, 0.5517241358757019f, 0.5161290168762207f),
+      index);
+  const __m256 log_centre = _mm256_permutevar8x32_ps(
+      _mm256_setr_ps(0.08746283501386642f, 0.2479275017976761f, 0.39231738448143005f, 0.523561954498291f,
+                     0.6438562273979187f, 0.7548874616622925f, 0.8579810261726379f, 0.9541963338851929f),
+      index);
+  const __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127)));
+  const __m256 m = _mm256_castsi256_ps(
       _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
-  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);
-  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
-  const __m256 ef = _mm256_add_ps(_mm256_cvtepi32_ps(e), _mm256_and_ps(big, _mm256_set1_ps(1.f)));
-  const __m256 t = _mm256_sub_ps(m, _mm256_set1_ps(1.f));
-  __m256 p = _mm256_set1_ps(-0.14237648248672485f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.2324782907962799f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.24932153522968292f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.28731274604797363f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.36022335290908813f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.4809158742427826f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.7213529348373413f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.4426950216293335f));
-  return Vec(_mm256_fmadd_ps(p, t, ef));
+  const __m256 r = _mm256_fmsub_ps(m, inv_centre, _mm256_set1_ps(1.f));
+  __m256 p = _mm256_set1_ps(-0.3619288206100464f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.48190128803253174f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(-0.7213460803031921f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.4426946640014648f));
+  return Vec(_mm256_fmadd_ps(p, r, _mm256_add_ps(e, log_centre)));
+}
+
+// exp(y) for y <= 0, inlined (Sleef's expf is out of line). y is clamped at -86, where exp is
+// 4e-38: callers only add such values to sums of order one or to offsets of that size.
+// y = n ln2 + f, |f| <= ln2 / 2, exp(f) by a degree-6 polynomial (relative minimax fit), 2^n
+// added to the exponent bits: max relative error 1.1e-7 on [-86, 0].
+inline Vec exp_nonpos(const Vec& yv) {
+  const __m256 y = _mm256_max_ps(static_cast<__m256>(yv), _mm256_set1_ps(-86.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(1.4426950408889634f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), y);  // ln2 in two parts: n ln2_hi is exact
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
+  __m256 p = _mm256_set1_ps(0.0013836828293278813f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.008374814875423908f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.04166822507977486f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.16666419804096222f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.49999991059303284f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return Vec(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale)));
 }
 #else
 inline Vec log2_nonneg(const Vec& x) { return at::vec::maximum(x, Vec(cdam::kTinyMass)).log2(); }
+inline Vec exp_nonpos(const Vec& y) { return at::vec::maximum(y, Vec(-86.f)).exp(); }
 #endif
 
 // s log2 s with 0 log 0 = 0.
@@ -109,7 +148,7 @@ at::Tensor row_terms(const at::Tensor& p, int64_t pad_to) {
         acc = acc + xlog2x(v) + v;
       }
       dst[(row / n) * pad_to + row % n] =
-          at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+          sum_lanes(acc);
     }
   });
   return out;
@@ -123,6 +162,9 @@ struct Operand {
   at::Tensor blocks;  // [B, n_pad / kKeyBlock, C, kKeyBlock]
   int64_t n = 0, n_pad = 0, C = 0;
 
+  // Raw pointers into the tensors above: the inner loops must not pay data_ptr's checks.
+  const float *rows_ptr = nullptr, *terms_ptr = nullptr, *blocks_ptr = nullptr;
+
   explicit Operand(const at::Tensor& p) : rows(p.contiguous()) {
     n = p.size(1);
     C = p.size(2);
@@ -132,11 +174,14 @@ struct Operand {
                  .view({p.size(0), n_pad / kKeyBlock, kKeyBlock, C})
                  .transpose(2, 3)
                  .contiguous();
+    rows_ptr = rows.data_ptr<float>();
+    terms_ptr = terms.data_ptr<float>();
+    blocks_ptr = blocks.data_ptr<float>();
   }
-  const float* row(int64_t b, int64_t i) const { return rows.data_ptr<float>() + (b * n + i) * C; }
-  const float* term(int64_t b) const { return terms.data_ptr<float>() + b * n_pad; }
+  const float* row(int64_t b, int64_t i) const { return rows_ptr + (b * n + i) * C; }
+  const float* term(int64_t b) const { return terms_ptr + b * n_pad; }
   const float* block(int64_t b, int64_t kb) const {
-    return blocks.data_ptr<float>() + ((b * (n_pad / kKeyBlock)) + kb) * C * kKeyBlock;
+    return blocks_ptr + ((b * (n_pad / kKeyBlock)) + kb) * C * kKeyBlock;
   }
 };
 
@@ -221,25 +266,37 @@ void cdam_row(const float* src, int64_t n, float alpha, float weight, float* dst
     vhi = at::vec::maximum(vhi, v);
     vlo = at::vec::minimum(vlo, v);
   }
-  float hi = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vhi);
-  float lo = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, vlo);
+  float hi = max_lanes(vhi), lo = min_lanes(vlo);
   for (; k < n; ++k) {
     hi = std::max(hi, src[k]);
     lo = std::min(lo, src[k]);
   }
   const bool flat = !(hi - lo >= cdam::kConstantRowEps);
-  const float inv_span = flat ? 0.f : 1.f / (hi - lo);
-  const Vec vscale(static_cast<float>(weight / std::expm1(-static_cast<double>(alpha))));
-  const Vec vinv_span(inv_span), vtop(hi), vweight(weight), valpha(alpha), vnegalpha(-alpha), one(1.f);
-  for (k = 0; k < n; k += kLanes) {
-    const int64_t count = std::min(kLanes, n - k);
-    Vec a = vweight;
-    if (!flat) {
-      const Vec x = (vtop - Vec::loadu(src + k, count)) * vinv_span;
-      a = ((x - one) * valpha).exp() * (x * vnegalpha).expm1() * vscale;
-    }
-    if (add) a = a + Vec::loadu(dst + k, count);
-    a.store(dst + k, count);
+  const Vec vinv_span(flat ? 0.f : 1.f / (hi - lo)), vtop(hi), valpha(alpha), one(1.f), zero(0.f);
+  // For alpha >= 1 one exponential suffices: A = (exp(alpha (X - 1)) - exp(-alpha)) / (1 - exp(-alpha)),
+  // all terms in [0, 1] and the divisor >= 0.63, so the error stays within a few ulp. For smaller
+  // alpha that difference cancels; the two-factor form keeps the precision there.
+  const bool one_exp = alpha >= 1.f;
+  const double neg_expm1 = -std::expm1(-static_cast<double>(alpha));  // 1 - exp(-alpha) > 0
+  const Vec vscale(static_cast<float>(weight / neg_expm1));
+  const Vec voffset(static_cast<float>(weight * std::exp(-static_cast<double>(alpha)) / neg_expm1));
+  const Vec vnegscale(static_cast<float>(-weight / neg_expm1)), vnegalpha(-alpha), vweight(weight);
+  auto transform = [&](const Vec& j) -> Vec {
+    if (flat) return vweight;
+    const Vec x = (vtop - j) * vinv_span;
+    const Vec e = exp_nonpos((x - one) * valpha);
+    if (one_exp) return at::vec::maximum(at::vec::fmsub(e, vscale, voffset), zero);
+    return e * (x * vnegalpha).expm1() * vnegscale;
+  };
+  for (k = 0; k + kLanes <= n; k += kLanes) {
+    Vec a = transform(Vec::loadu(src + k));
+    if (add) a = a + Vec::loadu(dst + k);
+    a.store(dst + k);
+  }
+  if (k < n) {
+    Vec a = transform(Vec::loadu(src + k, n - k));
+    if (add) a = a + Vec::loadu(dst + k, n - k);
+    a.store(dst + k, n - k);
   }
 }
 
@@ -454,45 +511,52 @@ at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, c
   // Few, large steps (each is a parallel region plus a GEMM); the online softmax only takes
   // over when a row has more than kSoftmaxKeys keys.
   const int64_t K = std::min<int64_t>(ceil_div(M, kKeyBlock) * kKeyBlock, kSoftmaxKeys);
-  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, kChunkFloats / K));
+  // For p against itself a step holding every row and key evaluates each unordered pair once
+  // (half the logarithms): worth a larger, still bounded, weight buffer.
+  const bool whole = self && M <= K && N * K <= kSelfStepFloats;
+  const int64_t R = whole ? N : std::max<int64_t>(1, std::min<int64_t>(N, kChunkFloats / K));
+  // With a single key step no running rescale is needed: the product goes straight to out.
+  const bool one_key_step = M <= K;
   at::Tensor weights = at::empty({R, K}, p.options());
-  at::Tensor acc = at::empty({R, D}, p.options());
+  at::Tensor acc = one_key_step ? at::Tensor() : at::empty({R, D}, p.options());
   at::Tensor rescale = at::empty({R, 1}, p.options());
   std::vector<float> run_max(R), run_sum(R);
-  const bool whole = self && R >= N && K >= N;  // a single step covers all rows and keys
   const float neg_inv_tau = static_cast<float>(-1.0 / tau);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i0 = 0; i0 < N; i0 += R) {
       const int64_t i1 = std::min(N, i0 + R), nr = i1 - i0;
       std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(run_sum.begin(), run_sum.end(), 0.f);
-      acc.zero_();
+      at::Tensor dst = out[b].narrow(0, i0, nr);
+      if (!one_key_step) acc.zero_();
       for (int64_t k0 = 0; k0 < M; k0 += K) {
         const int64_t k1 = std::min(M, k0 + K), nk = k1 - k0;
         float* w = weights.data_ptr<float>();
         float* sc = rescale.data_ptr<float>();
         // Rows [begin, end): logits -J / tau -> exp(logit - running max), running sums.
         auto softmax_rows = [&](int64_t begin, int64_t end) {
+          const Vec vneg_inv_tau(neg_inv_tau), ninf(-std::numeric_limits<float>::infinity()), zero(0.f);
           for (int64_t i = begin; i < end; ++i) {
             float* wr = w + (i - i0) * K;
             if (self && i >= k0 && i < k1) wr[i - k0] = 0.f;
-            float mx = -std::numeric_limits<float>::infinity();
-            for (int64_t k = 0; k < nk; ++k) {
-              wr[k] *= neg_inv_tau;
-              mx = std::max(mx, wr[k]);
-            }
-            const float m_new = std::max(run_max[i - i0], mx);
-            Vec total(0.f);
+            // wr holds K >= nk floats, K a multiple of kLanes: full vectors, tail lanes masked.
+            Vec vmax = ninf;
             for (int64_t k = 0; k < nk; k += kLanes) {
-              const int64_t count = std::min(kLanes, nk - k);
-              const Vec e = (Vec::loadu(wr + k, count) - Vec(m_new)).exp();
-              e.store(wr + k, count);
-              total = total + Vec::loadu(wr + k, count);  // re-read: masked lanes load as 0
+              const Vec logit = Vec::loadu(wr + k) * vneg_inv_tau;
+              logit.store(wr + k);
+              vmax = at::vec::maximum(vmax, k + kLanes <= nk ? logit : Vec::set(ninf, logit, nk - k));
+            }
+            const float m_new = std::max(run_max[i - i0], max_lanes(vmax));
+            const Vec vm_new(m_new);
+            Vec total = zero;
+            for (int64_t k = 0; k < nk; k += kLanes) {
+              const Vec e = exp_nonpos(Vec::loadu(wr + k) - vm_new);
+              e.store(wr + k);  // lanes past nk are never read
+              total = total + (k + kLanes <= nk ? e : Vec::set(zero, e, nk - k));
             }
             const float scale = std::exp(run_max[i - i0] - m_new);  // exp(-inf) = 0 on the first block
             sc[i - i0] = scale;
-            run_sum[i - i0] = run_sum[i - i0] * scale +
-                              at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, total);
+            run_sum[i - i0] = run_sum[i - i0] * scale + sum_lanes(total);
             run_max[i - i0] = m_new;
           }
         };
@@ -506,12 +570,20 @@ at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, c
             softmax_rows(begin, end);
           });
         }
-        at::Tensor acc_rows = acc.narrow(0, 0, nr);
-        acc_rows.mul_(rescale.narrow(0, 0, nr));
-        acc_rows.addmm_(weights.narrow(0, 0, nr).narrow(1, 0, nk), v[b].narrow(0, k0, nk));
+        const at::Tensor w_rows = weights.narrow(0, 0, nr).narrow(1, 0, nk), v_keys = v[b].narrow(0, k0, nk);
+        if (one_key_step) {
+          at::mm_out(dst, w_rows, v_keys);
+        } else {
+          at::Tensor acc_rows = acc.narrow(0, 0, nr);
+          acc_rows.mul_(rescale.narrow(0, 0, nr));
+          acc_rows.addmm_(w_rows, v_keys);
+        }
       }
-      at::Tensor sums = at::from_blob(run_sum.data(), {nr, 1}, p.options());
-      out[b].narrow(0, i0, nr).copy_(acc.narrow(0, 0, nr) / sums);
+      const at::Tensor sums = at::from_blob(run_sum.data(), {nr, 1}, p.options());
+      if (one_key_step)
+        dst.div_(sums);
+      else
+        at::div_out(dst, acc.narrow(0, 0, nr), sums);
     }
   return out;
 }

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cdam_fast.benchmarks.cases import MULTISCALE_OPS, OPS
 from cdam_fast.cli import main as cdam_fast_main
+from cdam_fast.dispatch import available_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -120,3 +122,24 @@ def test_pytest_benchmark_suite_runs_once_per_benchmark():
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "failed" not in proc.stdout and "error" not in proc.stdout.lower(), tail
+
+
+def test_cpu_vs_reference_script_runs(tmp_path):
+    """benchmarks/cpu_vs_reference.py at a toy size: every op timed on both backends, the
+    product-with-v floor reported, and an existing --json file is not overwritten."""
+    why = available_backends("cpu", torch.float32)["cpu"]
+    if why is not None:
+        pytest.skip(f"the cpu backend is unavailable here: {why}")
+    script = ROOT / "benchmarks" / "cpu_vs_reference.py"
+    out = tmp_path / "cpu.json"
+    cmd = [sys.executable, str(script), "--sizes", "16", "--classes", "5", "--width", "8", "--repeats", "1",
+           "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    assert {r["op"] for r in data["rows"]} == {"pairwise_jsd", "cdam_map", "cdam_attention",
+                                              "multiscale_cdam_attention", "jsd_attention"}
+    assert all(r["cpu_s"] > 0 and r["reference_s"] > 0 for r in data["rows"])
+    assert set(data["v_product_s"]) == {"16"}
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "not overwriting" in again.stderr
