@@ -188,7 +188,7 @@ def cdam_apply(sc: ScaleSet, alpha: float, v: torch.Tensor | None) -> torch.Tens
         out = torch.empty(B, N, D, device=v.device, dtype=v.dtype)
         dummy_v = v
     v_is_fp32 = v is not None and v.dtype == torch.float32
-    bm, bn, bd = value_tiles(D, v_is_fp32, sc.full_src == 2)
+    bm, bn, bd = value_tiles(D, v_is_fp32, sc.full_src == 2, multi=sc.multi, poly=poly_logs() > 0)
     BM, BN, BD = blocks(N, bm), blocks(N, bn), blocks(D, bd)
     grid = (triton.cdiv(N, BM), triton.cdiv(D, BD), B)
     cdam_product_kernel[grid](*sc.args(), hi, lo, sc.weights, dummy_v, out, N, sc.C, D, sc.S, alpha * LOG2E,

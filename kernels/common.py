@@ -123,19 +123,24 @@ def product(a, v_base, rows, D, n0, d0, acc, V_IS_FP32: tl.constexpr, BN: tl.con
     return acc
 
 
-def value_tiles(D: int, v_is_fp32: bool, reads_j: bool) -> tuple[int, int, int]:
+def value_tiles(D: int, v_is_fp32: bool, reads_j: bool, multi: bool = False, poly: bool = False) -> tuple[int, int, int]:
     """(BM, BN, BD) of a kernel that multiplies weights with V, on GPU: the largest tiles that
-    compile spill-free on sm_90 (tests/test_kernels_compile.py).
+    compile spill-free on sm_90 with both Triton 3.6 (ptxas 12.8) and 3.8 (tests/test_kernels_compile.py;
+    the register allocation differs between the two, so every choice was checked on both).
 
     A kernel that recomputes J does so once per BD columns of V, so wide 16-bit V gets BD = 256
-    on 32-row tiles (half the logs of BD = 128 at D = 768). Kernels reading a stored J, or
-    splitting fp32 V into 3xTF32, need narrower tiles to stay out of local memory.
+    (half the logs of BD = 128 at D = 768). Kernels reading a stored J, splitting fp32 V into
+    3xTF32, gathering bilinear taps (multi-scale) or evaluating polynomial logs hold more live
+    values and take narrower tiles to stay out of local memory.
     """
     if reads_j:
         return (32, 64, 128) if v_is_fp32 else (64, 32, 128)
-    if not v_is_fp32 and D > 128:
-        return 32, 64, 256
-    return 64, 64, 128
+    wide = not v_is_fp32 and D > 128
+    if multi:
+        return 32, 64, 256 if wide else 128
+    if wide:
+        return 64, 32, 256
+    return (64, 32, 128) if poly else (64, 64, 128)
 
 
 def poly_logs() -> int:

@@ -45,7 +45,7 @@ def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float, q: torch.Tensor 
     qT, rq = (pT, rp) if q is None else (class_major(q), row_terms(q))
     M, D = v.shape[1], v.shape[2]
     out = torch.empty(B, N, D, device=v.device, dtype=v.dtype)
-    bm, bn, bd = value_tiles(D, v.dtype == torch.float32, reads_j=False)
+    bm, bn, bd = value_tiles(D, v.dtype == torch.float32, reads_j=False, poly=poly_logs() > 0)
     BM, BN, BD = blocks(N, bm), blocks(M, bn), blocks(D, bd)
     grid = (triton.cdiv(N, BM), triton.cdiv(D, BD), B)
     jsd_attention_kernel[grid](pT, qT, rp, rq, v, out, N, M, C, D, -LOG2E / tau, SELF=q is None,

@@ -27,8 +27,8 @@ from . import cdam, common, jsd, jsd_attention
 _P = "*fp32"
 
 
-def _tiles(D: int, vdt: str, reads_j: bool) -> dict:
-    return dict(zip(("BM", "BN", "BD"), common.value_tiles(D, vdt == "fp32", reads_j)))
+def _tiles(D: int, vdt: str, reads_j: bool, multi: bool = False, poly: bool = False) -> dict:
+    return dict(zip(("BM", "BN", "BD"), common.value_tiles(D, vdt == "fp32", reads_j, multi, poly)))
 
 
 def _cases():
@@ -53,24 +53,28 @@ def _cases():
                  "N": "i32", "C": "i32", "D": "i32", "S": "i32", "alpha_log2e": "fp32", "exp_neg_alpha": "fp32",
                  "inv_denominator": "fp32"},
                 {"FULL_SRC": src, "MULTI": multi, "WRITE_MAP": False, "V_IS_FP32": vdt == "fp32", **base_c,
-                 **_tiles(128, vdt, src == 2)}, cdam.NUM_WARPS)
+                 **_tiles(128, vdt, src == 2, multi)}, cdam.NUM_WARPS)
     for vdt in ("fp16", "fp32"):
         cases[f"jsd_attention[{vdt}]"] = (
             jsd_attention.jsd_attention_kernel,
             {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "v": f"*{vdt}", "out": f"*{vdt}", "N": "i32", "M": "i32",
              "C": "i32", "D": "i32", "neg_log2e_over_tau": "fp32"},
             {"SELF": True, "V_IS_FP32": vdt == "fp32", **base_c, **_tiles(128, vdt, False)}, jsd_attention.NUM_WARPS)
-    # wide 16-bit values (D > 128) take the 32 x 64 x 256 tiles in the kernels that recompute J
-    for name in ("cdam_product[recompute,fp16]", "cdam_product[multiscale,recompute,fp16]", "jsd_attention[fp16]"):
+    # wide 16-bit values (D > 128) take BD = 256 in the kernels that recompute J
+    for name, multi in (("cdam_product[recompute,fp16]", False), ("cdam_product[multiscale,recompute,fp16]", True),
+                        ("jsd_attention[fp16]", False)):
         kernel, sig, consts, warps = cases[name]
-        cases[name.replace("]", ",wide]")] = (kernel, sig, {**consts, **_tiles(768, "fp16", False)}, warps)
+        cases[name.replace("]", ",wide]")] = (kernel, sig, {**consts, **_tiles(768, "fp16", False, multi)}, warps)
     kernel, sig, consts, warps = cases["pairwise_jsd"]
     cases["pairwise_jsd[self]"] = (kernel, sig, {**consts, "SELF": True}, warps)
     # the FMA-polynomial share of the logs (CDAM_FAST_POLY_LOGS) unrolls the class loop by 4
-    for name in ("pairwise_jsd", "cdam_product[recompute,fp16]", "jsd_attention[fp16]"):
+    cases["pairwise_jsd[poly1]"] = (kernel, sig, {**consts, "POLY_LOGS": 1}, warps)
+    for name in ("cdam_product[recompute,fp16]", "cdam_product[recompute,fp32]", "jsd_attention[fp16]",
+                 "jsd_attention[fp32]"):
         kernel, sig, consts, warps = cases[name]
-        cases[name.replace("]", ",poly1]") if "[" in name else name + "[poly1]"] = (
-            kernel, sig, {**consts, "POLY_LOGS": 1}, warps)
+        vdt = "fp32" if consts["V_IS_FP32"] else "fp16"
+        cases[name.replace("]", ",poly1]")] = (kernel, sig, {**consts, "POLY_LOGS": 1,
+                                                             **_tiles(128, vdt, False, poly=True)}, warps)
     return cases
 
 
