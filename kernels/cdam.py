@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, blocks, expm1_transform, fast_log, jsd_tile, poly_logs, product, value_tiles
+from .common import LOG2E, SMALL_ALPHA_LIMIT, blocks, expm1_transform, fast_log, jsd_tile, poly_logs, product, value_tiles
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def cdam_product_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, 
                         N, C, D, S, alpha_log2e, exp_neg_alpha, inv_denominator,
                         FULL_SRC: tl.constexpr, MULTI: tl.constexpr, WRITE_MAP: tl.constexpr, V_IS_FP32: tl.constexpr,
                         FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BD: tl.constexpr):
+                        BD: tl.constexpr, SMALL_ALPHA: tl.constexpr):
     pid_m, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -115,7 +115,7 @@ def cdam_product_kernel(pT, rp, jfull, js_flat, js_off, js_n, taps_idx, taps_w, 
             hi = tl.load(hi_in + (b * S + slot) * N + offs_m, mask=mask_m, other=0.0)
             lo = tl.load(lo_in + (b * S + slot) * N + offs_m, mask=mask_m, other=0.0)
             a += tl.load(weights + slot) * expm1_transform(u, hi, lo, alpha_log2e, exp_neg_alpha,
-                                                                 inv_denominator)
+                                                                 inv_denominator, SMALL_ALPHA)
         a = tl.where(mask_n[None, :], a, 0.0)
         if WRITE_MAP:
             mask = mask_m[:, None] & mask_n[None, :]
@@ -194,5 +194,5 @@ def cdam_apply(sc: ScaleSet, alpha: float, v: torch.Tensor | None) -> torch.Tens
     cdam_product_kernel[grid](*sc.args(), hi, lo, sc.weights, dummy_v, out, N, sc.C, D, sc.S, alpha * LOG2E,
                               math.exp(-alpha), -1.0 / math.expm1(-alpha), FULL_SRC=sc.full_src, MULTI=sc.multi, WRITE_MAP=v is None,
                               V_IS_FP32=v_is_fp32, FAST_LOG=fast_log(), POLY_LOGS=poly_logs(), BM=BM, BN=BN,
-                              BD=BD, num_warps=NUM_WARPS)
+                              BD=BD, SMALL_ALPHA=alpha < SMALL_ALPHA_LIMIT, num_warps=NUM_WARPS)
     return out

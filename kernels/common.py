@@ -96,17 +96,32 @@ def jsd_tile(pT, qT, rp, rq, offs_m, offs_n, n_p, n_q, C, SELF: tl.constexpr, FA
     return j
 
 
+# Below this alpha the bounded form's difference E - exp(-alpha) cancels (it is ~alpha X): with
+# ex2.approx's 2^-22 relative error the map would be off by ~2.4e-7 / alpha, so those alphas
+# take a Taylor 1 - exp(-alpha X) instead (relative error < 1e-9 for alpha X <= 1/8).
+SMALL_ALPHA_LIMIT = 0.125
+LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
-def expm1_transform(u, hi, lo, alpha_log2e, exp_neg_alpha, inv_denominator):
+def expm1_transform(u, hi, lo, alpha_log2e, exp_neg_alpha, inv_denominator, SMALL_ALPHA: tl.constexpr):
     """Spec 2.5-2.6 on a tile: X = (hi - u) / (hi - lo) per row (1 on constant rows),
     A = expm1(alpha X) / expm1(alpha), evaluated as (exp(alpha (X - 1)) - exp(-alpha)) /
     (1 - exp(-alpha)): the same value with every factor <= 1, so no overflow for alpha > 88
-    where exp(alpha X) is inf in fp32. hi/lo are [BM] row statistics of u."""
+    where exp(alpha X) is inf in fp32. With SMALL_ALPHA (alpha < 0.125) as
+    exp(alpha (X - 1)) (1 - exp(-alpha X)) / (1 - exp(-alpha)), free of cancellation.
+    hi/lo are [BM] row statistics of u."""
     span = hi - lo
     flat = span < CONSTANT_ROW_EPS
     inv = tl.where(flat, 0.0, 1.0 / tl.where(flat, 1.0, span))
     x = tl.where(flat[:, None], 1.0, (hi[:, None] - u) * inv[:, None])
-    return (tl.exp2(alpha_log2e * (x - 1.0)) - exp_neg_alpha) * inv_denominator
+    e = tl.exp2(alpha_log2e * (x - 1.0))
+    if SMALL_ALPHA:
+        y = alpha_log2e * LN2 * x  # alpha X in [0, 1/8]
+        one_minus_exp = y * (1.0 - y * (0.5 - y * (1.0 / 6.0 - y * (1.0 / 24.0 - y * (1.0 / 120.0 - y * (
+            1.0 / 720.0 - y * (1.0 / 5040.0)))))))
+        return e * one_minus_exp * inv_denominator
+    return (e - exp_neg_alpha) * inv_denominator
 
 
 @triton.jit

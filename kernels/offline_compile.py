@@ -52,7 +52,8 @@ def _cases():
                 {**scale_sig, "hi_in": _P, "lo_in": _P, "weights": _P, "v": f"*{vdt}", "out": f"*{vdt}",
                  "N": "i32", "C": "i32", "D": "i32", "S": "i32", "alpha_log2e": "fp32", "exp_neg_alpha": "fp32",
                  "inv_denominator": "fp32"},
-                {"FULL_SRC": src, "MULTI": multi, "WRITE_MAP": False, "V_IS_FP32": vdt == "fp32", **base_c,
+                {"FULL_SRC": src, "MULTI": multi, "WRITE_MAP": False, "V_IS_FP32": vdt == "fp32", "SMALL_ALPHA": False,
+                 **base_c,
                  **_tiles(128, vdt, src == 2, multi)}, cdam.NUM_WARPS)
     for vdt in ("fp16", "fp32"):
         cases[f"jsd_attention[{vdt}]"] = (
@@ -75,6 +76,11 @@ def _cases():
         vdt = "fp32" if consts["V_IS_FP32"] else "fp16"
         cases[name.replace("]", ",poly1]")] = (kernel, sig, {**consts, "POLY_LOGS": 1,
                                                              **_tiles(128, vdt, False, poly=True)}, warps)
+    # alpha < SMALL_ALPHA_LIMIT adds a Taylor 1 - exp(-alpha X) to the transform
+    for name in ("cdam_product[recompute,fp32]", "cdam_product[multiscale,recompute,fp32]",
+                 "cdam_product[materialized,fp32]"):
+        kernel, sig, consts, warps = cases[name]
+        cases[name.replace("]", ",small_alpha]")] = (kernel, sig, {**consts, "SMALL_ALPHA": True}, warps)
     return cases
 
 
