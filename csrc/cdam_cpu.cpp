@@ -280,13 +280,13 @@ void cdam_row(const float* src, int64_t n, float alpha, float weight, float* dst
   const double neg_expm1 = -std::expm1(-static_cast<double>(alpha));  // 1 - exp(-alpha) > 0
   const Vec vscale(static_cast<float>(weight / neg_expm1));
   const Vec voffset(static_cast<float>(weight * std::exp(-static_cast<double>(alpha)) / neg_expm1));
-  const Vec vnegscale(static_cast<float>(-weight / neg_expm1)), vnegalpha(-alpha), vweight(weight);
+  const Vec vnegalpha(-alpha), vweight(weight);
   auto transform = [&](const Vec& j) -> Vec {
     if (flat) return vweight;
     const Vec x = (vtop - j) * vinv_span;
     const Vec e = exp_nonpos((x - one) * valpha);
     if (one_exp) return at::vec::maximum(at::vec::fmsub(e, vscale, voffset), zero);
-    return e * (x * vnegalpha).expm1() * vnegscale;
+    return e * (x * vnegalpha).expm1().neg() * vscale;  // 1 - exp(-alpha X) = -expm1(-alpha X)
   };
   for (k = 0; k + kLanes <= n; k += kLanes) {
     Vec a = transform(Vec::loadu(src + k));
