@@ -75,8 +75,10 @@ def _header(results) -> list[str]:
         f"* Device: {device}",
         f"* Versions: torch {v.get('torch')}, triton {v.get('triton')}, CUDA {v.get('cuda')}, "
         f"Python {v.get('python')}, open_clip {v.get('open_clip')}; {v.get('nvcc', '')}",
-        f"* Commit: {v.get('commit')} ({v.get('commit_source')}){'; tracked files modified' if v.get('git_dirty') else ''}",
-        f"* Run: `{meta['command']}`, started {meta['started']}, {meta['wall_s']} s of a {meta['budget_s']:.0f} s budget",
+        f"* Commit: {v.get('commit')} ({v.get('commit_source')})"
+        + ("; tracked files modified" if v.get("git_dirty") else ""),
+        f"* Run: `{meta['command']}`, started {meta['started']}, {meta['wall_s']} s of a "
+        f"{meta['budget_s']:.0f} s budget",
         "",
     ]
     return lines
@@ -95,7 +97,9 @@ def _failures(results) -> list[str]:
 def _correctness(results) -> list[str]:
     lines = ["### Correctness on the device (named pytest selections, float64 references)", ""]
     rows = [(s["name"], s["what"], s["passed"], s["failed"] + s["error"] + s["xpassed"], s["skipped"], s["xfailed"],
-             _f(s["seconds"]), s["status"]) for s in results["tests"]["selections"]]
+             _f(s["seconds"]), s["status"] + ("" if s["collected_only"] is None else
+                                              f" (dry run: collected {s['collected_only']} tests, ran none)"))
+            for s in results["tests"]["selections"]]
     rows += [(f"build: {b['backend']}", "JIT build of the compiled extension" + (" (cached)" if b["cached"] else ""),
               "-", "-", "-", "-", _f(b["seconds"]), b["status"]) for b in results["builds"]]
     lines += _table(("selection", "what", "passed", "failed", "skipped", "xfailed", "seconds", "status"), rows)
@@ -105,8 +109,10 @@ def _correctness(results) -> list[str]:
 
 def _speed(results) -> list[str]:
     bench, meta = results["bench"], results["meta"]
+    timing = ("CUDA-event-timed calls with rotated inputs" if meta["device"] == "cuda"
+              else "perf_counter-timed calls (CPU: one to three calls, numbers meaningless)")
     command = (f"Command: `{meta['command']}` (stage `speed`; alone: `scripts/gpu_check.sh --stages speed`). "
-               "Medians of CUDA-event-timed calls with rotated inputs (benchmarks/timing.py).")
+               f"Medians of {timing} (benchmarks/timing.py).")
     lines = ["### Roofline (`benchmarks/roofline.py`)", ""]
     s = results.get("sfu_limit")
     lines += _table(("GPU", "SMs", "SM clock (source)", "theoretical lg2/s", "measured lg2/s"), [(

@@ -55,7 +55,7 @@ def _message(report) -> str:
         return str(report.wasxfail)[:300]
     if report.failed:
         text = report.longreprtext or ""
-        errors = [ln for ln in text.splitlines() if ln.startswith("E ")]
+        errors = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")]
         return " | ".join(errors[-4:])[:600] if errors else text.strip().splitlines()[-1][:600] if text.strip() else ""
     return ""
 

@@ -56,7 +56,8 @@ def _failures(records, stages, dry_run) -> tuple[list[dict], list[dict]]:
                 failures.append({"stage": r["stage"], "item": item, "detail": status})
             elif status.startswith(("skipped", "n/a")):
                 not_run.append({"stage": r["stage"], "item": item, "detail": status})
-    skips = Counter((r["stage"], r["message"]) for r in records if r.get("type") == "test" and r["outcome"] == "skipped")
+    skips = Counter((r["stage"], r["message"]) for r in records
+                    if r.get("type") == "test" and r["outcome"] == "skipped")
     for (stage, message), n in skips.items():
         not_run.append({"stage": stage, "item": f"{n} test(s) skipped", "detail": message})
     return failures, not_run

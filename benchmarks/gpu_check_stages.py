@@ -179,7 +179,9 @@ def profile(args) -> int:
             fn(inputs)
         sync()
     averages = prof.key_averages()
-    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    key = "self_cpu_time_total"
+    if dev.type == "cuda":  # torch >= 2.4 names device times "device"; older releases "cuda"
+        key = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
     rows = []
     for e in sorted(averages, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:plan.PROFILE_ROWS]:
         rows.append({"name": e.key, "calls": e.count,

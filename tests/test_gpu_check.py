@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -19,26 +20,38 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT_FILES = {"results.json", "gpu_block.md", "progress.jsonl", "check.log", "tests.log", "profile.txt"}
 
 
+# The limit, < 3 minutes on CI's 2 cores, as CPU seconds of the whole dry run (every
+# process it starts): wall-clock time on a machine shared with other jobs says little.
+DRY_RUN_CPU_S = 150.0
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "out"
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop(gpu_check.OUT_ENV, None)
-    t0 = time.time()
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    wall = time.time() - t0
+    # The check's wall-clock budget is DRY_BUDGET_S on an idle machine; other jobs on the cores
+    # (a load average above the core count) stretch it in proportion.
+    load = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    budget = plan.DRY_BUDGET_S * load
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out),
+                           "--budget-s", f"{budget:.0f}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget + 120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert (out / "results.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, out, json.loads((out / "results.json").read_text()), wall
+    return proc, out, json.loads((out / "results.json").read_text()), cpu_s
 
 
 def test_dry_run_passes_within_its_budget(dry_run):
-    proc, out, results, wall = dry_run
+    proc, out, results, cpu_s = dry_run
     assert results["failures"] == [], json.dumps(results["failures"], indent=1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert results["meta"]["dry_run"] is True and results["meta"]["budget_s"] == plan.DRY_BUDGET_S
-    # the orchestrator's budget holds (a stage that got no time would have been a failure above)
-    assert results["meta"]["wall_s"] <= plan.DRY_BUDGET_S + 15
+    assert results["meta"]["dry_run"] is True
+    # the budget held (a stage that got no time left would have been a failure above)
+    assert results["meta"]["wall_s"] <= results["meta"]["budget_s"] + 15
+    assert cpu_s < DRY_RUN_CPU_S, f"the dry run used {cpu_s:.0f} CPU seconds"
 
 
 def test_output_files_fit_the_device_tool(dry_run):
@@ -97,6 +110,7 @@ def test_markdown_block(dry_run):
     positions = [block.find(h) for h in headings]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), list(zip(headings, positions))
     assert "| tests:triton |" in block and "Command: `scripts/gpu_check.sh --dry-run" in block
+    assert "(dry run: collected " in block  # the gpu-only selection is collected, not run, on CPU
 
 
 def test_a_dry_run_is_never_spliced_into_results_md(dry_run, tmp_path):
