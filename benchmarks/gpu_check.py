@@ -314,6 +314,27 @@ def _stages(text: str) -> tuple:
     return tuple(out)
 
 
+def describe(dry_run: bool) -> str:
+    """What the check runs, stage by stage ({native}: cuda on a GPU, cpu in a CPU dry run)."""
+    pick = 1 if dry_run else 0
+    lines = [f"budget {plan.DRY_BUDGET_S if dry_run else plan.BUDGET_S:.0f} s; stages in order:",
+             "versions", f"build (limit {plan.STAGE_LIMITS_S['build'][pick]:.0f} s)"]
+    for sel in plan.SELECTIONS:
+        args = sel.dry_args if dry_run else sel.args
+        words = [f"tests/{g}" for g in sel.globs] + [shlex.quote(a) for a in args]
+        lines.append(f"tests:{sel.name} (limit {sel.limit_s[pick]:.0f} s): pytest {' '.join(words)}")
+    lines.append(f"speed (limit {plan.STAGE_LIMITS_S['speed'][pick]:.0f} s):")
+    for h in plan.HEADLINE:
+        case = h.dry if dry_run else h.case
+        what = "fast backends" if h.fast else "no fast backend"
+        lines.append(f"  [{h.group}] {case.label() if case else h.case.label() + ': ' + h.dry_note} "
+                     f"modes={','.join(h.case.modes)}; {what}; baselines: {', '.join(h.baselines) or 'none'}")
+    profile = plan.DRY_PROFILE_CASE if dry_run else plan.PROFILE_CASE
+    lines.append(f"profile (limit {plan.STAGE_LIMITS_S['profile'][pick]:.0f} s): {profile.label()}, "
+                 f"{plan.PROFILE_CALLS} calls")
+    return "\n".join(lines)
+
+
 def update_results(results_json: Path, results_md: Path) -> int:
     results = json.loads(results_json.read_text())
     try:
@@ -340,12 +361,16 @@ def main(argv=None) -> int:
     parser.add_argument("--update-results", metavar="RESULTS_JSON", type=Path, default=None,
                         help="splice that run's Markdown block into --results-md and exit (GPU runs only)")
     parser.add_argument("--results-md", type=Path, default=None, help="default: benchmarks/RESULTS.md of the checkout")
+    parser.add_argument("--list", action="store_true", help="print what each stage would run and exit")
     args = parser.parse_args(argv)
     args.argv = argv
     if args.update_results is not None:
         return update_results(args.update_results, args.results_md or repo_root() / "benchmarks" / "RESULTS.md")
     if args.budget_s is None:
         args.budget_s = plan.DRY_BUDGET_S if args.dry_run else plan.BUDGET_S
+    if args.list:
+        print(describe(args.dry_run))
+        return 0
     root = repo_root()
     try:
         out = make_run_dir(args.out or os.environ.get(OUT_ENV) or None, root / "gpu_check_out")

@@ -189,6 +189,13 @@ def test_time_limit_kills_the_stage_and_its_children():
             time.sleep(0.1)
 
 
+def test_list_names_every_stage_and_case(capsys):
+    assert gpu_check.main(["--list"]) == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in gpu_check.STAGE_NAMES)
+    assert all(h.case.label() in text for h in plan.HEADLINE)
+
+
 def test_stage_names_and_errors():
     assert gpu_check._stages("tests") == tuple(f"tests:{s.name}" for s in plan.SELECTIONS)
     assert gpu_check._stages("speed,versions") == ("speed", "versions")
