@@ -326,7 +326,7 @@ def describe(dry_run: bool) -> str:
     lines.append(f"speed (limit {plan.STAGE_LIMITS_S['speed'][pick]:.0f} s):")
     for h in plan.HEADLINE:
         case = h.dry if dry_run else h.case
-        what = "fast backends" if h.fast else "no fast backend"
+        what = ("triton only" if h.triton_only else "fast backends") if h.fast else "no fast backend"
         lines.append(f"  [{h.group}] {case.label() if case else h.case.label() + ': ' + h.dry_note} "
                      f"modes={','.join(h.case.modes)}; {what}; baselines: {', '.join(h.baselines) or 'none'}")
     profile = plan.DRY_PROFILE_CASE if dry_run else plan.PROFILE_CASE

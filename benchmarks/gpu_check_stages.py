@@ -138,7 +138,10 @@ def speed(args) -> int:
                 rec = _record(Task(item.case, name, "baseline"), status=item.dry_note)
                 emit({"type": "bench", "group": item.group, "command": command, "record": rec})
             continue
-        opts = RunOptions(device=dev, timing=_timing(args.dry_run), backends=fast if item.fast else (),
+        backends = fast if item.fast else ()
+        if item.triton_only and dev.type == "cuda":
+            backends = tuple(b for b in backends if b == "triton")
+        opts = RunOptions(device=dev, timing=_timing(args.dry_run), backends=backends,
                           baselines=item.baselines, memory_cap_bytes=_memory_cap(dev),
                           pipeline_model=plan.DRY_PIPELINE_MODEL if args.dry_run else plan.PIPELINE_MODEL,
                           progress=False)
