@@ -230,7 +230,12 @@ class Check:
             status = (f"skipped: the {self.native} extension build took longer than {self.build_limit:.0f} s "
                       "and was abandoned; its backend is left out")
         else:
-            status = "ok" if code == 0 else f"failed: exit code {code} (see the build record)"
+            status = "ok"
+        if code not in (None, 0):
+            # a failed build is one failure: its own record's, with the compiler's first error line
+            recorded = any(r.get("type") == "build" for r in read(self.progress))
+            status = (f"skipped: the build failed (exit code {code}); its backend is left out" if recorded
+                      else self._status(code, self.build_limit, "check.log"))
         self.build_ok = code == 0
         if self.build_ok:
             self.env.pop(NO_BUILD_ENV, None)  # later stages load the cached build

@@ -217,3 +217,20 @@ def test_gpu_selections_still_select_every_op(sel):
                "jsd_attention"):
         for kind in (r"(_self|_cross)?", "_dtypes"):
             assert any(re.search(rf"::test_{op}{kind}\[{backend}-", i) for i in ids), (op, kind)
+
+
+def test_a_failed_build_is_one_failure_and_leaves_its_backend_out(tmp_path):
+    """A compiler that fails (CXX=false, empty extension cache): the build record is the failure,
+    and the compiled backend's selection is skipped with the reason instead of run."""
+    env = dict(os.environ, CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    env.pop(gpu_check.OUT_ENV, None)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "cdam_fast.benchmarks.gpu_check", "--dry-run", "--stages",
+                           "build,tests:native", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    results = json.loads((out / "results.json").read_text())
+    assert proc.returncode == 1
+    assert [f["item"] for f in results["failures"]] == ["cpu extension build"], results["failures"]
+    assert "false" in results["failures"][0]["detail"]
+    stages = {s["name"]: s["status"] for s in results["stages"]}
+    assert stages["build"].startswith("skipped: the build failed") and stages["tests:native"].startswith("skipped")
