@@ -45,7 +45,7 @@ def test_segment_end_to_end(vit_b16, images, tmp_path, capsys):
     for img, stem in zip(images, ("kitchen", "street")):
         label_file = Image.open(out / f"{stem}_labels.png")
         src = Image.open(img)
-        assert label_file.mode == "L" and label_file.size == src.size  # one byte per pixel, input size
+        assert label_file.mode == "P" and label_file.size == src.size  # one byte per pixel, input size
         labels = np.asarray(label_file)
         assert np.array_equal(labels, seg.predict(img))  # the CLI writes what the Python API predicts
         overlay = Image.open(out / f"{stem}_overlay.png")
@@ -58,7 +58,7 @@ def test_segment_global_mode_other_method(vit_b16, images, tmp_path, capsys):
                "--no-cdam", "--backend", "reference"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "street.jpg: 30x36, sclip:" in captured.out
+    assert "street.jpg: 30x36, sclip, ViT-B-16 [random weights (seed 0)]:" in captured.out  # weights named
     assert Image.open(tmp_path / "o" / "street_labels.png").size == (30, 36)
 
 
@@ -91,8 +91,8 @@ def test_segment_errors_and_no_silent_overwrite(vit_b16, images, tmp_path, capsy
 def test_output_names_never_collide(tmp_path):
     a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.jpg"
     paths = _output_paths([a, b], tmp_path / "out")
-    assert [p.name for pair in paths for p in pair] == ["x_labels.png", "x_overlay.png", "x-2_labels.png",
-                                                       "x-2_overlay.png"]
+    assert [p.name for pair in paths for p in pair] == ["x_labels.png", "x_overlay.png", "x_classes.json",
+                                                       "x-2_labels.png", "x-2_overlay.png", "x-2_classes.json"]
     victim = tmp_path / "y_labels.png"
     victim.write_bytes(b"an input")
     with pytest.raises(Exception, match="would replace an input"):
