@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ._threads import configure_threads
+
+    configure_threads()  # physical cores unless OMP_NUM_THREADS says otherwise
     return int(args.func(args) or 0)
 
 

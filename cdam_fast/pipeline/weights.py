@@ -4,6 +4,7 @@ cache), which would otherwise surface after the hub's retries as a long tracebac
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
@@ -16,8 +17,18 @@ PROBE_TIMEOUT = 3.0
 _HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
+@functools.lru_cache(maxsize=None)  # one class; defined lazily as model.py imports this module
+def _not_a_checkpoint_error():
+    from .model import WeightsUnavailableError
+
+    class NotACheckpointError(CdamInputError, WeightsUnavailableError):
+        """A --pretrained file that is no model checkpoint (bad input, and weights not available)."""
+
+    return NotACheckpointError
+
+
 def check_checkpoint_file(path: str) -> None:
-    """Raise a CdamInputError unless `path` starts like a checkpoint open_clip can read: a torch
+    """Raise a CdamInputError (also a WeightsUnavailableError) unless `path` starts like a checkpoint open_clip can read: a torch
     zip archive (torch.save, TorchScript, .npz), a pickle (legacy torch.save) or safetensors."""
     try:
         with open(path, "rb") as f:
@@ -33,8 +44,9 @@ def check_checkpoint_file(path: str) -> None:
         if 0 < n < (1 << 27) and head[8:9] == b"{":  # safetensors: header length, then JSON
             return
     what = "an empty file" if not head else f"a file starting with {head[:8]!r}"
-    raise CdamInputError(f"pretrained: {path!r} is not a model checkpoint ({what}); expected an open_clip / OpenAI "
-                         "CLIP checkpoint (.pt / .pth / .bin saved by torch, or .safetensors)")
+    raise _not_a_checkpoint_error()(
+        f"pretrained: could not load checkpoint {path!r}: it is not a model checkpoint ({what}); expected an "
+        "open_clip / OpenAI CLIP checkpoint (.pt / .pth / .bin saved by torch, or .safetensors)")
 
 
 def _hub_cached(model_id: str, filename: str, cache_dir) -> bool:
@@ -106,5 +118,5 @@ def check_download(model: str, tag: str, cfg: dict, cache_dir=None, timeout: flo
     if reason is not None:
         raise WeightsUnavailableError(
             f"cannot download the {model!r} weights tagged {tag!r} ({reason}). Download them on a machine with "
-            "network access (see README, 'Real weights') and pass the file with --pretrained PATH "
-            "(pretrained='/path/to/weights'), or use --pretrained none for random weights")
+            "network access (see README, 'Real weights') and pass their local path (--pretrained PATH, "
+            "pretrained='/path/to/weights'), or use --pretrained none for random weights")
