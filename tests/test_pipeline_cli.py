@@ -234,6 +234,12 @@ def test_eval_without_open_clip_prints_the_hint(tmp_path, capsys, monkeypatch):
                "--no-progress", "--pretrained", "none"])
     err = capsys.readouterr().err
     assert rc == 1 and "pip install 'cdam-fast[clip]'" in err and "Traceback" not in err
+    from cdam_fast.evaluation.table import main as table_main
+
+    rc = table_main(["--voc21", str(tmp_path / "voc"), "--limit", "1", "--pretrained", "none", "--no-progress",
+                     "--output", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pip install 'cdam-fast[clip]'" in err
 
 
 def test_segment_file_records_errors(tiny_model, images, tmp_path):
