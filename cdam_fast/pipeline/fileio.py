@@ -156,8 +156,7 @@ def segment_files(seg, sources, paths) -> "iter[ImageRecord]":
     """Segment image files and write their outputs, one ImageRecord per file, in order, as each
     is done; windows of consecutive images share forward passes. Never raises for one image."""
     sources = [os.fspath(s) for s in sources]
-    names = [f"image {s!r}" for s in sources]
-    for i, result in seg.results_or_errors(sources, names):
+    for i, result in seg.results_or_errors(sources):  # errors name each file
         if isinstance(result, Exception):
             yield _error_record(sources[i], result, paths[i])
             continue

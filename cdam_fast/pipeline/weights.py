@@ -95,9 +95,14 @@ def check_download(model: str, tag: str, cfg: dict, cache_dir=None, timeout: flo
     WeightsUnavailableError with one line saying what to do."""
     from .model import WeightsUnavailableError
 
-    hub = cfg.get("hf_hub") or ""
     if "file" in cfg:
         return
+    try:  # open_clip prefers the hub when huggingface_hub is installed, else the URL
+        import huggingface_hub  # noqa: F401
+
+        hub = cfg.get("hf_hub") or ""
+    except ImportError:
+        hub = ""
     if hub:
         model_id, filename = os.path.split(hub)  # "org/name/" or "org/name/file.bin", as open_clip reads it
         if _hub_cached(model_id, filename, cache_dir):
