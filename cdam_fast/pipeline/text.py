@@ -106,9 +106,9 @@ def read_class_file(path) -> ClassList:
         raise CdamInputError(f"classes file {str(path)!r} has no classes")
     with_commas = [ln for ln in lines if "," in ln]
     if with_commas:
-        warnings.warn(f"classes file {str(path)!r}: {len(with_commas)} line(s) contain commas, e.g. {with_commas[0]!r}, "
-                      "which is read as ONE class named with commas; the file takes one class per line "
-                      "(synonyms joined by ';')", ClassFileWarning, stacklevel=2)
+        warnings.warn(f"classes file {str(path)!r}: {len(with_commas)} line(s) contain commas, e.g. "
+                      f"{with_commas[0]!r}, which is read as ONE class named with commas; the file takes one class "
+                      "per line (synonyms joined by ';')", ClassFileWarning, stacklevel=2)
     return parse_classes(lines)
 
 

@@ -137,6 +137,8 @@ def _decode(data: bytes, key: dict) -> torch.Tensor | None:
     if not isinstance(header, dict) or any(header.get(k) != v for k, v in key.items()):
         return None
     dim = header.get("dim")
-    if not isinstance(dim, int) or len(payload) != 4 * dim or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+    if not isinstance(dim, int) or len(payload) != 4 * dim:
+        return None
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
         return None
     return torch.frombuffer(bytearray(payload), dtype=torch.float32)

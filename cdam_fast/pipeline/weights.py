@@ -28,8 +28,9 @@ def _not_a_checkpoint_error():
 
 
 def check_checkpoint_file(path: str) -> None:
-    """Raise a CdamInputError (also a WeightsUnavailableError) unless `path` starts like a checkpoint open_clip can read: a torch
-    zip archive (torch.save, TorchScript, .npz), a pickle (legacy torch.save) or safetensors."""
+    """Raise a CdamInputError (also a WeightsUnavailableError) unless `path` starts like a
+    checkpoint open_clip can read: a torch zip archive (torch.save, TorchScript, .npz), a pickle
+    (legacy torch.save) or safetensors."""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
