@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs (default: the CLI's choice)")
     ap.add_argument("--classes-file", default="voc21", help="class list (default voc21)")
-    ap.add_argument("--extra", default="", help="further segment arguments, e.g. '--no-cdam'")
+    ap.add_argument("--extra", default="", help="further segment arguments, e.g. --extra=--no-cdam")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cdam-cache-bench-") as tmp:
         tmp = Path(tmp)
