@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-model", default="ViT-B-16", help="open_clip model for the pipeline cases")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--threads", type=_positive(int), default=None,
-                        help="torch CPU threads for the run (default: torch's own choice); 1 keeps a "
+                        help="torch CPU threads for the run (default: physical cores, or OMP_NUM_THREADS); 1 keeps a "
                              "loaded machine from stalling in OpenMP barriers")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-roofline", action="store_true", help="skip the lg2 microbenchmark (GPU)")
@@ -208,4 +208,8 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cdam_fast.benchmarks", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    from cdam_fast._threads import configure_threads
+
+    configure_threads()  # as `cdam-fast bench` does; --threads still overrides
+    return run_from_args(args)

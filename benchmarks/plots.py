@@ -112,6 +112,8 @@ def plot_speedups(records: list[dict], path: Path) -> Path:
                                  "results.json)")
     by_baseline = defaultdict(lambda: defaultdict(list))
     for u in ups:
+        if u.get("noisy"):  # IQR > median: no meaningful ratio (see report.format_speedups)
+            continue
         mode = f"[{u['mode']}]" if u["mode"] else ""
         by_baseline[u["baseline"]][f"{u['op']} {u['backend']}{mode}"].append((u["N"], u["speedup"]))
     names = sorted(by_baseline)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import is_noisy
+
 CSV_FIELDS = ("case", "op", "impl", "kind", "mode", "B", "N", "C", "D", "h", "w", "image", "dtype", "status",
               "median_ms", "q1_ms", "q3_ms", "iqr_ms", "reps", "first_call_s", "single_shot", "peak_mem_bytes",
               "elements", "elements_per_s", "sfu_fraction", "sfu_fraction_measured", "images_per_s")
@@ -124,8 +126,9 @@ def speedups(records: list[dict]) -> list[dict]:
         if r["kind"] != "backend":
             continue
         for b in base_by_case.get(r["case"], []):
+            noisy = [x["impl"] for x in (r, b) if is_noisy(x["median_ms"], x.get("iqr_ms"))]
             out.append({"case": r["case"], "op": r["op"], "N": r["N"], "backend": r["impl"], "mode": r["mode"],
-                        "baseline": b["impl"], "speedup": b["median_ms"] / r["median_ms"]})
+                        "baseline": b["impl"], "speedup": b["median_ms"] / r["median_ms"], "noisy": noisy})
     return out
 
 
@@ -166,7 +169,8 @@ def format_table(records: list[dict]) -> str:
             _fmt(None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**20),
             _fmt(None if r["elements_per_s"] is None else r["elements_per_s"] / 1e9),
             _fmt(r["sfu_fraction"], pct=True), _fmt(r["images_per_s"]),
-            r["status"] + (" (1 run: slow)" if r["single_shot"] else ""),
+            r["status"] + (" (1 run: slow)" if r["single_shot"] else "")
+            + (" (noisy: IQR > median)" if r["status"] == "ok" and is_noisy(r["median_ms"], r["iqr_ms"]) else ""),
         ) for r in blocks[case]]
     all_rows = [row for rows in rows_by_case.values() for row in rows]
     widths = [max([len(h)] + [len(row[i]) for row in all_rows]) for i, h in enumerate(head[:-1])]
@@ -188,7 +192,11 @@ def format_speedups(ups: list[dict]) -> str:
     lines = ["speed-ups (baseline median / backend median):"]
     for u in ups:
         mode = f"[{u['mode']}]" if u["mode"] else ""
-        lines.append(f"  {u['case']}: {u['backend']}{mode} vs {u['baseline']}: {u['speedup']:.2f}x")
+        if u.get("noisy"):  # a ratio of medians with IQR > median would be a number without meaning
+            lines.append(f"  {u['case']}: {u['backend']}{mode} vs {u['baseline']}: not compared, too noisy "
+                         f"(IQR > median: {', '.join(u['noisy'])})")
+        else:
+            lines.append(f"  {u['case']}: {u['backend']}{mode} vs {u['baseline']}: {u['speedup']:.2f}x")
     return "\n".join(lines)
 
 

@@ -35,6 +35,16 @@ class Timing:
     def iqr_ms(self) -> float:
         return self.q3_ms - self.q1_ms
 
+    @property
+    def noisy(self) -> bool:
+        return is_noisy(self.median_ms, self.iqr_ms)
+
+
+def is_noisy(median_ms, iqr_ms) -> bool:
+    """A measurement whose interquartile range exceeds its median says little about the call's
+    cost (e.g. spinning OpenMP threads on a loaded CPU); ratios of it are not reported."""
+    return median_ms is not None and iqr_ms is not None and iqr_ms > median_ms
+
 
 @dataclass
 class TimingOptions:

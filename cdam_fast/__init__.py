@@ -1,5 +1,9 @@
 """cdam-fast: fused kernels for CDAM (class distribution-induced attention maps) and a thin
 CLIP pipeline around them. See README.md."""
+from . import _threads
+
+_threads.prepare_environment()  # before torch loads libgomp: the CLI's idle OpenMP threads sleep
+
 from .dispatch import BACKENDS, BackendUnavailableError, available_backends
 from .grids import CDAM_SCALES
 from .ops import (

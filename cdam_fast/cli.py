@@ -34,7 +34,16 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    import torch
+
+    from ._threads import configure_threads
+
+    before = torch.get_num_threads()
+    configure_threads()  # physical cores unless OMP_NUM_THREADS says otherwise
+    try:
+        return int(args.func(args) or 0)
+    finally:
+        torch.set_num_threads(before)  # in-process callers (tests) get their setting back
 
 
 if __name__ == "__main__":

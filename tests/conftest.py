@@ -8,6 +8,12 @@ import os
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads slow
 # every small CPU op several-fold. Must be set before torch loads libgomp.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The text-embedding disk cache of the pipeline goes to a fresh folder: tests read nothing from
+# (and leave nothing in) the user's ~/.cache.
+import atexit, shutil, tempfile  # noqa: E401,E402
+
+os.environ["CDAM_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="cdam-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CDAM_FAST_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

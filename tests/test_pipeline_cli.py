@@ -1,4 +1,6 @@
 """`cdam-fast segment` end to end on small images (random weights, CPU or the test device)."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -45,7 +47,7 @@ def test_segment_end_to_end(vit_b16, images, tmp_path, capsys):
     for img, stem in zip(images, ("kitchen", "street")):
         label_file = Image.open(out / f"{stem}_labels.png")
         src = Image.open(img)
-        assert label_file.mode == "L" and label_file.size == src.size  # one byte per pixel, input size
+        assert label_file.mode == "P" and label_file.size == src.size  # one byte per pixel, input size
         labels = np.asarray(label_file)
         assert np.array_equal(labels, seg.predict(img))  # the CLI writes what the Python API predicts
         overlay = Image.open(out / f"{stem}_overlay.png")
@@ -58,7 +60,7 @@ def test_segment_global_mode_other_method(vit_b16, images, tmp_path, capsys):
                "--no-cdam", "--backend", "reference"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "street.jpg: 30x36, sclip:" in captured.out
+    assert "street.jpg: 30x36, sclip, ViT-B-16 [random weights (seed 0)]:" in captured.out  # weights named
     assert Image.open(tmp_path / "o" / "street_labels.png").size == (30, 36)
 
 
@@ -91,8 +93,8 @@ def test_segment_errors_and_no_silent_overwrite(vit_b16, images, tmp_path, capsy
 def test_output_names_never_collide(tmp_path):
     a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.jpg"
     paths = _output_paths([a, b], tmp_path / "out")
-    assert [p.name for pair in paths for p in pair] == ["x_labels.png", "x_overlay.png", "x-2_labels.png",
-                                                       "x-2_overlay.png"]
+    assert [p.name for pair in paths for p in pair] == ["x_labels.png", "x_overlay.png", "x_classes.json",
+                                                       "x-2_labels.png", "x-2_overlay.png", "x-2_classes.json"]
     victim = tmp_path / "y_labels.png"
     victim.write_bytes(b"an input")
     with pytest.raises(Exception, match="would replace an input"):
@@ -105,3 +107,147 @@ def test_segment_is_registered():
     assert args.func.__module__ == "cdam_fast.pipeline.cli" and args.method == "maskclip" and not args.no_cdam
     with pytest.raises(SystemExit):
         parser.parse_args(["segment", "a.png"])  # --classes or --classes-file is required
+
+
+# -- batches with bad images, outputs, flags (the tiny model keeps these quick) ---------------------
+from cdam_fast.pipeline import fileio, visualize  # noqa: E402
+from tiny_clip import register_tiny_clip  # noqa: E402
+
+TINY = ["--classes", "background,cat,sofa", "--pretrained", "none", "--templates", "single", "--background", "none",
+        "--device", "cpu", "--short-side", "64", "--crop", "48", "--stride", "32", "--cache-dir", "off"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    name = register_tiny_clip()
+    return name, load_clip(name, None, "cpu")  # kept alive: the CLI's load_clip returns this object
+
+
+def test_bad_images_cost_only_themselves(tiny_model, images, tmp_path, capsys):
+    name, _ = tiny_model
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    Image.fromarray(np.zeros((8, 40, 3), np.uint8)).save(tmp_path / "thin.png")
+    Image.fromarray(np.zeros((32, 32), np.float32)).save(tmp_path / "float.tif")  # fails when decoded, not before
+    argv = [str(images[0]), str(tmp_path / "broken.jpg"), str(tmp_path / "missing.png"), str(tmp_path / "thin.png"),
+            str(tmp_path / "float.tif"), str(images[1])]
+    out = tmp_path / "out"
+    rc = main(["segment", *argv, *TINY, "--model", name, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 1, captured.err  # non-zero at the end, after every good image was written
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{s}{k}" for s in ("kitchen", "street") for k in ("_labels.png", "_overlay.png", "_classes.json"))
+    assert "4 of 6 image(s) failed (2 segmented)" in captured.err
+    summary = captured.err.split("failed (2 segmented):")[1]
+    for message in ("broken.jpg': cannot identify image", "missing.png' does not exist",
+                    "thin.png' is 40x8 pixels (W x H), smaller than one 16x16 patch", "float.tif': floating-point"):
+        assert message in summary, message
+    assert "image 0" not in captured.err and "Traceback" not in captured.err
+    assert "kitchen.png: 56x40" in captured.out and "street.jpg: 30x36" in captured.out
+
+
+def test_nothing_to_segment_loads_no_model_and_leaves_no_folder(tiny_model, tmp_path, capsys, monkeypatch):
+    name, _ = tiny_model
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("cdam_fast.pipeline.segmenter.load_clip", no_model)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "tiny.png")
+    out = tmp_path / "new" / "out"
+    rc = main(["segment", str(tmp_path / "tiny.png"), str(tmp_path / "gone.png"), *TINY, "--model", name,
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no image can be segmented" in err and "tiny.png' is 8x8 pixels" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_outputs_class_mapping_and_palette(tiny_model, images, tmp_path, capsys):
+    import json
+
+    name, _ = tiny_model
+    f = tmp_path / "classes.txt"
+    f.write_text("background\ncat; kitten,sofa\n")
+    rc = main(["segment", str(images[0]), *TINY[2:], "--classes-file", str(f), "--model", name,
+               "--out", str(tmp_path / "o")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "warning" in captured.err and "'cat; kitten,sofa'" in captured.err and "ONE class" in captured.err
+    mapping = json.loads((tmp_path / "o" / "kitchen_classes.json").read_text())
+    assert [(c["value"], c["name"], c["synonyms"]) for c in mapping["classes"]] == [
+        (0, "background", ["background"]), (1, "cat", ["cat", "kitten,sofa"])]
+    assert mapping["weights"] == "random weights (seed 0)" and mapping["model"] == name
+    assert mapping["size"] == {"width": 56, "height": 40}
+    label_png = Image.open(tmp_path / "o" / "kitchen_labels.png")
+    pal = np.array(label_png.getpalette()[:6]).reshape(2, 3)
+    assert np.array_equal(pal, visualize.palette(2))  # the overlay's colours
+    for c in mapping["classes"]:
+        assert c["color"] == visualize.palette(2)[c["value"]].tolist()
+    assert f"{name} [random weights (seed 0)]" in captured.out
+
+
+def test_flags_reach_the_pipeline(tiny_model, images, tmp_path, capsys, monkeypatch):
+    import cdam_fast.pipeline.segmenter as segmenter_module
+
+    name, _ = tiny_model
+    calls = []
+    real = segmenter_module.load_clip
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(segmenter_module, "load_clip", spy)
+    cache = tmp_path / "cache"
+    rc = main(["segment", str(images[1]), *TINY[:-2], "--model", name, "--out", str(tmp_path / "o"), "--quick-gelu",
+               "--cache-dir", str(cache)])
+    assert rc == 0, capsys.readouterr().err
+    assert calls[-1]["quick_gelu"] is True
+    assert any(cache.rglob("*.emb"))  # the text embeddings went to --cache-dir
+    parser = build_parser()
+    assert parser.parse_args(["segment", "a.png", "--classes", "cat", "--no-quick-gelu"]).quick_gelu is False
+    assert parser.parse_args(["segment", "a.png", "--classes", "cat"]).quick_gelu is None
+    ev = parser.parse_args(["eval", "--dataset", "voc21", "--root", ".", "--templates", "single", "--quick-gelu"])
+    assert ev.templates == "single" and ev.quick_gelu is True
+    seg_help = parser._subparsers._group_actions[0].choices["segment"].format_usage()
+    assert "--templates" in seg_help and "--classes CLASSES | --classes-file F" in seg_help
+
+
+def test_not_a_checkpoint_and_missing_open_clip(tiny_model, images, tmp_path, capsys, monkeypatch):
+    name, _ = tiny_model
+    (tmp_path / "weights.pt").write_text("these are not weights")
+    rc = main(["segment", str(images[0]), *TINY[:2], "--pretrained", str(tmp_path / "weights.pt"), *TINY[4:],
+               "--model", name, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "is not a model checkpoint" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if the [clip] extra were not installed
+    rc = main(["segment", str(images[0]), *BASE, "--templates", "openai", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pip install 'cdam-fast[clip]'" in err and len(err.splitlines()) == 1
+
+
+def test_eval_without_open_clip_prints_the_hint(tmp_path, capsys, monkeypatch):
+    from test_eval_support import build_dataset
+
+    build_dataset("voc21", tmp_path / "voc", n=1)
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    rc = main(["eval", "--dataset", "voc21", "--root", str(tmp_path / "voc"), "--output", str(tmp_path / "e"),
+               "--no-progress", "--pretrained", "none"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pip install 'cdam-fast[clip]'" in err and "Traceback" not in err
+    from cdam_fast.evaluation.table import main as table_main
+
+    rc = table_main(["--voc21", str(tmp_path / "voc"), "--limit", "1", "--pretrained", "none", "--no-progress",
+                     "--output", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pip install 'cdam-fast[clip]'" in err
+
+
+def test_segment_file_records_errors(tiny_model, images, tmp_path):
+    name, backbone = tiny_model
+    seg = Segmenter("background,cat", model=backbone, templates="single", progress=False, cache_dir=False,
+                    **PROTOCOL)
+    paths = fileio.output_paths([images[0], tmp_path / "nope.png"], tmp_path / "o")
+    ok = fileio.segment_file(seg, images[0], paths[0])
+    bad = fileio.segment_file(seg, tmp_path / "nope.png", paths[1])
+    assert ok.ok and ok.size == (56, 40) and paths[0].labels.exists() and ok.shares
+    assert not bad.ok and "nope.png' does not exist" in bad.error and not paths[1].labels.exists()

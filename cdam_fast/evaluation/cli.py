@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..dispatch import BACKENDS
+from ..pipeline.cli import add_weights_arguments
 from .coco_object import make_coco_object_labels
 from .datasets import DATASETS, DatasetError, open_dataset
 from .distributed import distributed_context
@@ -40,6 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--background", default=None,
                    help="background rule: entropy, entropy-per-window, a probability threshold, or none "
                         "(default: entropy for benchmarks with a background class, none otherwise)")
+    p.add_argument("--templates", default="openai", metavar="openai|single|FILE",
+                   help="prompt templates: openai (the 80 ImageNet ones, default), single, or a file with one per line")
+    add_weights_arguments(p)  # --quick-gelu / --no-quick-gelu, --cache-dir
     p.add_argument("--output", default=None,
                    help="results folder (default: cdam_eval/DATASET-METHOD-cdam|nocdam-MODEL-PRETRAINED[-global])")
     p.add_argument("--overwrite", action="store_true", help="discard the results already in --output and start over")
@@ -67,6 +71,9 @@ def run_eval(args) -> int:
             config = pipeline_config(dataset, method=args.method, cdam=not args.no_cdam, model=args.model,
                                      pretrained=args.pretrained, mode=args.mode, dtype=args.dtype,
                                      background=args.background)
+            # what changes the results goes into the stored configuration (defaults left out: older runs match)
+            config.update({k: v for k, v in (("templates", args.templates), ("quick_gelu", args.quick_gelu))
+                           if v not in (None, "openai")})
         output = Path(args.output) if args.output else DEFAULT_OUTPUT_ROOT / run_name(dataset.name, config)
         use_cuda = None if args.predictor is None else False  # test predictors run on CPU (gloo)
         with distributed_context(use_cuda=use_cuda) as dist:
@@ -75,7 +82,9 @@ def run_eval(args) -> int:
             else:
                 device = args.device or (str(dist.device) if dist.device is not None else None)
                 predictor = segmenter_predictor(dataset, config, backend=args.backend, device=device,
-                                                progress=dist.is_main and not args.no_progress)
+                                                progress=dist.is_main and not args.no_progress,
+                                                templates=args.templates, quick_gelu=args.quick_gelu,
+                                                cache_dir=args.cache_dir)
             result = evaluate(dataset, predictor, output=output, config=config, overwrite=args.overwrite,
                               dist=dist, progress=not args.no_progress)
             if dist.is_main:
@@ -86,6 +95,9 @@ def run_eval(args) -> int:
     except (DatasetError, StoreError, PredictionError, UsageError) as e:
         print(f"cdam-fast eval: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # e.g. the `clip` extra is missing: its install hint, not a traceback
+        print(f"cdam-fast eval: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -129,6 +129,9 @@ def main(argv=None) -> int:
     except (DatasetError, StoreError, PredictionError, UsageError) as e:
         print(f"published_table: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # the `clip` extra is missing: its install hint, not a traceback
+        print(f"published_table: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

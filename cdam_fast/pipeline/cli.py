@@ -25,12 +25,26 @@ def _background(text: str):
                              f"got {text!r}") from None
 
 
+def add_weights_arguments(p) -> None:
+    """--quick-gelu / --no-quick-gelu and --cache-dir (shared by segment and eval)."""
+    import argparse
+
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="QuickGELU activations (OpenAI CLIP checkpoints use them; default: follow the weights tag, "
+                        "or the model's 'openai' tag for a local file)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="disk cache of text embeddings ('off' to disable; default $CDAM_FAST_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/cdam_fast or ~/.cache/cdam_fast)")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "segment", help="segment images with CLIP + CDAM (label PNG and overlay per image)",
         description="Open-vocabulary segmentation of image files. For each IMAGE writes OUT/<name>_labels.png "
-                    "(class index per pixel, one byte per pixel, input size) and OUT/<name>_overlay.png (colour "
-                    "overlay with a legend), and prints one summary line.")
+                    "(class index per pixel, one byte per pixel, input size, a palette PNG coloured like the overlay), "
+                    "OUT/<name>_overlay.png (colour overlay with a legend) and OUT/<name>_classes.json (label value "
+                    "-> class), and prints one summary line. A bad image is reported and skipped; the exit status "
+                    "is 1 when any image failed, 2 when nothing could be done.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--classes", help='comma-separated class names, synonyms joined by ";" '
@@ -52,8 +66,9 @@ def register(subparsers) -> None:
     p.add_argument("--background", default="auto", type=str,
                    help="auto (entropy threshold when the first class is 'background'), entropy, "
                         "entropy-per-window, none, or a fixed probability threshold")
-    p.add_argument("--templates", default="openai",
+    p.add_argument("--templates", default="openai", metavar="openai|single|FILE",
                    help="prompt templates: openai (the 80 ImageNet ones), single, or a file with one per line")
+    add_weights_arguments(p)
     p.add_argument("--window-batch", type=int, default=16, help="windows per forward pass (default 16)")
     p.add_argument("--short-side", type=int, default=SHORT_SIDE,
                    help=f"images are resized to this short side (default {SHORT_SIDE})")
@@ -68,15 +83,10 @@ def register(subparsers) -> None:
 
 
 def _output_paths(images, out: Path) -> list:
-    """(labels path, overlay path) per image; inputs with the same file name get -2, -3, ..."""
-    seen, paths = {}, []
-    for img in images:
-        stem = Path(img).stem
-        n = seen.get(stem, 0) + 1
-        seen[stem] = n
-        name = stem if n == 1 else f"{stem}-{n}"
-        paths.append((out / f"{name}_labels.png", out / f"{name}_overlay.png"))
-    return paths
+    """OutputPaths (labels, overlay, classes) per image; inputs with the same file name get -2, -3, ..."""
+    from .fileio import output_paths
+
+    return output_paths(images, out)
 
 
 def _check_outputs(images, paths, overwrite: bool) -> None:
@@ -96,62 +106,105 @@ def _check_outputs(images, paths, overwrite: bool) -> None:
                          "pass --overwrite to replace them or choose another --out")
 
 
-def _summary(path, labels, names, method, cdam, files) -> str:
-    from .visualize import class_shares
-
-    shares = ", ".join(f"{n} {100 * s:.1f}%" for _, n, s in class_shares(labels, list(names))[:6])
-    H, W = labels.shape
-    return f"{path}: {W}x{H}, {method}{' + CDAM' if cdam else ''}: {shares} -> {files[0]}, {files[1]}"
+def _error(message) -> None:
+    print(f"cdam-fast segment: error: {message}", file=sys.stderr)
 
 
 def run(args) -> int:
+    from .model import WeightsUnavailableError
+
     try:
         return _run(args)
     except (CdamInputError, BackendUnavailableError, FileNotFoundError) as e:
-        print(f"cdam-fast segment: error: {e}", file=sys.stderr)
+        _error(e)
         return 2
-    except ImportError as e:
-        print(f"cdam-fast segment: error: {e}", file=sys.stderr)
+    except (ImportError, WeightsUnavailableError) as e:  # a missing extra, weights that cannot be had
+        _error(e)
         return 1
-    except RuntimeError as e:
-        from .model import WeightsUnavailableError
 
-        if isinstance(e, WeightsUnavailableError):
-            print(f"cdam-fast segment: error: {e}", file=sys.stderr)
-            return 1
-        raise
+
+def _precheck(args, paths) -> tuple:
+    """(good [(image, paths)], failures [(image, message)]): every image's header and size
+    checked before the (slow) model load, so a bad file is named at once and costs only itself."""
+    from functools import partial
+
+    from .fileio import check_image_file, model_patch_size
+    from .segmenter import plan_image
+
+    patch = model_patch_size(args.model)
+    good, failures = [], []
+    for img, files in zip(args.images, paths):
+        plan = partial(_plan, plan_image, patch, args)
+        try:
+            check_image_file(img, patch, plan)
+        except CdamInputError as e:
+            failures.append((img, str(e)))
+            _error(e)
+            continue
+        good.append((img, files))
+    return good, failures
+
+
+def _plan(plan_image, patch, args, H, W, what):
+    return plan_image(H, W, patch, args.mode, args.short_side, args.long_side, args.crop, args.stride, what,
+                      args.model)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
 
 
 def _run(args) -> int:
-    import numpy as np
+    import warnings
+
     from tqdm.auto import tqdm
 
-    from .images import open_image
+    from .fileio import segment_files
     from .segmenter import Segmenter
     from .text import read_class_file
-    from .visualize import overlay, save_labels
 
-    for img in args.images:  # fail before the (slow) model load
-        open_image(img)
-    classes = read_class_file(args.classes_file) if args.classes_file else args.classes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        classes = read_class_file(args.classes_file) if args.classes_file else args.classes
+    for w in caught:
+        print(f"cdam-fast segment: warning: {w.message}", file=sys.stderr)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CdamInputError(f"--out {str(out)!r} exists and is not a folder")
     paths = _output_paths(args.images, out)
     _check_outputs(args.images, paths, args.overwrite)
+    good, failures = _precheck(args, paths)
+    if not good:
+        raise CdamInputError("no image can be segmented" if len(failures) > 1 else failures[0][1])
     pretrained = None if args.pretrained.strip().lower() == "none" else args.pretrained
     seg = Segmenter(classes, model=args.model, pretrained=pretrained, method=args.method, cdam=not args.no_cdam,
                     mode=args.mode, backend=args.backend, device=args.device, dtype=args.dtype,
                     background=_background(args.background), templates=args.templates,
                     window_batch=args.window_batch, seed=args.seed, short_side=args.short_side,
-                    long_side=args.long_side, crop=args.crop, stride=args.stride)
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(args.images), desc="segment", unit="image", disable=len(args.images) < 2)
-    for img, result, files in zip(args.images, seg.results(args.images), paths):
-        labels = seg.label_map(result)
-        save_labels(labels, files[0])
-        overlay(np.asarray(open_image(img)), labels, seg.class_names).save(files[1])
-        tqdm.write(_summary(img, labels, seg.class_names, args.method, seg.cdam, files))
-        bar.update(1)
-    bar.close()
+                    long_side=args.long_side, crop=args.crop, stride=args.stride, quick_gelu=args.quick_gelu,
+                    cache_dir=args.cache_dir)
+    created = not out.exists()
+    bar = tqdm(total=len(good), desc="segment", unit="image", disable=len(good) < 2)
+    try:
+        for record in segment_files(seg, [g for g, _ in good], [p for _, p in good]):
+            if record.ok:
+                tqdm.write(record.line)
+            else:
+                failures.append((record.source, record.error))
+                tqdm.write(f"cdam-fast segment: error: {record.error}", file=sys.stderr)
+            bar.update(1)
+    finally:
+        bar.close()
+        if created:
+            _remove_if_empty(out)  # nothing written: leave no empty folder behind
+    if failures:
+        done = len(args.images) - len(failures)
+        print(f"cdam-fast segment: {len(failures)} of {len(args.images)} image(s) failed ({done} segmented):",
+              file=sys.stderr)
+        for img, message in failures:
+            print(f"  {message}" if str(img) in message else f"  {img}: {message}", file=sys.stderr)
+        return 1
     return 0

@@ -10,9 +10,32 @@ import torch
 from ..validation import CdamInputError
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(im, path: str):
+    """A decoded PIL image -> 8-bit RGB. 16-bit greyscale (PNG / TIFF) is scaled to 0-255
+    (v / 257, so 65535 -> 255); Pillow itself scales 16-bit colour images. Modes without a
+    defined 8-bit scale (float or 32-bit integer data) raise."""
+    from PIL import Image
+
+    if im.mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(im)
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+            raise CdamInputError(f"cannot read image file {path!r}: {im.mode} pixels outside the 16-bit range "
+                                 f"[{int(arr.min())}, {int(arr.max())}]; save it as 8- or 16-bit PNG/TIFF")
+        grey = np.round(arr.astype(np.float32) / 257.0).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if im.mode == "F":
+        raise CdamInputError(f"cannot read image file {path!r}: floating-point pixels (mode F) have no defined "
+                             "0-255 scale; save it as 8- or 16-bit PNG/TIFF")
+    return im.convert("RGB")
+
+
 def open_image(path):
-    """A PIL RGB image from a file, or a CdamInputError naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    """A PIL RGB image from a file, as viewers show it (EXIF orientation applied, 16-bit data
+    scaled to 8 bits), or a CdamInputError naming the file."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -21,9 +44,27 @@ def open_image(path):
         raise CdamInputError(f"image path {path!r} is not a file")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+            im = ImageOps.exif_transpose(im)  # phone photos are stored sideways with an orientation tag
+            return _to_rgb(im, path)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise CdamInputError(f"cannot read image file {path!r}: {e}") from e
+
+
+def image_size(path) -> tuple:
+    """(width, height) of an image file as viewers show it (EXIF orientation applied), from its
+    header only; a CdamInputError naming the file when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        open_image(path)  # the same message as for reading
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CdamInputError(f"cannot read image file {path!r}: {e}") from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def _from_uint_or_float(t: torch.Tensor, what: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..validation import CdamInputError
+from .weights import check_checkpoint_file, check_download
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
@@ -113,6 +114,7 @@ def _load(model, pretrained, device, seed, quick_gelu, cache_dir) -> "ClipBackbo
             if quick_gelu is None:
                 quick_gelu = bool((open_clip.get_pretrained_cfg(base, "openai") or {}).get("quick_gelu", False))
             kwargs["force_quick_gelu"] = quick_gelu
+            check_checkpoint_file(path)  # a clear message instead of the unpickler's KeyError
             try:
                 clip = open_clip.create_model(model, pretrained=path, cache_dir=cache_dir, **kwargs)
             except Exception as e:
@@ -124,6 +126,7 @@ def _load(model, pretrained, device, seed, quick_gelu, cache_dir) -> "ClipBackbo
             if quick_gelu is None:
                 quick_gelu = bool(cfg.get("quick_gelu", False))
             kwargs["force_quick_gelu"] = quick_gelu
+            check_download(model, pretrained, cfg, cache_dir)  # fail in seconds without network
             try:
                 clip = open_clip.create_model(model, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
             except Exception as e:

@@ -9,6 +9,7 @@ assembled per image at token resolution and upsampled once (see windows.py).
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -33,6 +34,15 @@ MODES = ("window", "global")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _LABEL_CHUNK = 1 << 24  # logits elements materialised at once while labelling
+_WINDOW_BAR_PASSES = 2  # a progress bar over windows when a group needs more forward passes than this
+
+
+def _image_name(image, index: int, names) -> str:
+    if names is not None:
+        return str(names[index])
+    if isinstance(image, (str, os.PathLike)):
+        return f"image {os.fspath(image)!r}"
+    return f"image {index}"
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
@@ -53,6 +63,26 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype != torch.float32 and device.type != "cuda":
         raise CdamInputError(f"dtype {dtype} (autocast) needs a CUDA device; use float32 on {device.type}")
     return dtype
+
+
+def plan_image(H: int, W: int, patch: tuple, mode: str, short_side: int, long_side: int, crop: int, stride: int,
+               what: str = "image", model: str = "the model"):
+    """(resized size (H', W'), window layout) of an H x W image, or a CdamInputError when it
+    cannot be segmented. Needs only the patch size, so callers can check images before the
+    model loads."""
+    ph, pw = patch
+    if H < ph or W < pw:
+        raise CdamInputError(f"{what} is {W}x{H} pixels (W x H), smaller than one {pw}x{ph} patch of {model}")
+    if mode == "window":
+        size = protocol_size(H, W, short_side, long_side)
+        layout = sliding_layout(size, crop, stride)
+    else:
+        size = global_size(H, W, (ph, pw), short_side, long_side)
+        layout = whole_layout(size)
+    if layout.window[0] < ph or layout.window[1] < pw:
+        raise CdamInputError(f"{what} ({W}x{H}, W x H) is too elongated: resized to {size[1]}x{size[0]} its short "
+                             f"side is below one {pw}x{ph} patch; raise long_side or crop the image")
+    return size, layout
 
 
 @dataclass
@@ -86,7 +116,9 @@ class Segmenter:
     Keyword-only: templates ("openai" 80, "single", a file or a list), atp (prompts that only
     shape the class distributions; default the 80 packaged ones), crop / stride / short_side /
     long_side (protocol), window_batch (windows per forward pass), logit_scale, CDAM's scales /
-    tau / alpha, cdam_mode / memory_budget (passed to the fused op), progress (text bar).
+    tau / alpha, cdam_mode / memory_budget (passed to the fused op), progress (text bars: prompt
+    encoding, and the windows of a large image), cache_dir (disk cache of text embeddings, see
+    pipeline/textcache.py; None: $CDAM_FAST_CACHE_DIR or ~/.cache/cdam_fast, False: off).
     """
 
     def __init__(self, classes, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, method: str = "maskclip",
@@ -95,7 +127,7 @@ class Segmenter:
                  short_side: int = SHORT_SIDE, long_side: int = LONG_SIDE_MAX, window_batch: int = 16,
                  logit_scale: float = bg.LOGIT_SCALE, scales=CDAM_SCALES, tau: float = 0.1, alpha: float = 10.0,
                  cdam_mode: str = "auto", memory_budget: int | None = None, seed: int = RANDOM_WEIGHTS_SEED,
-                 quick_gelu: bool | None = None, progress: bool = True):
+                 quick_gelu: bool | None = None, progress: bool = True, cache_dir=None):
         self.classes = parse_classes(classes)
         self.method = get_method(method)
         if mode not in MODES:
@@ -133,10 +165,10 @@ class Segmenter:
         if crop < max(ph, pw):
             raise CdamInputError(f"crop ({crop}) is smaller than the model's {ph}x{pw} patches")
 
-        text = TextEmbedder(self.backbone, templates, progress=progress)
-        self.text = text.classes(self.classes).to(self.device)  # [C, E]
-        extra = text.prompts(list(self.atp)).to(self.device) if self.atp else self.text[:0]
-        self.distribution_text = torch.cat([self.text, extra])  # [C + A, E]: S's columns
+        self.progress = progress
+        self._text_embedder = TextEmbedder(self.backbone, templates, progress=progress, cache_dir=cache_dir)
+        self.text = self._text_embedder.classes(self.classes).to(self.device)  # [C, E]
+        self._atp_text = None  # the ATP embeddings, encoded when CDAM first needs them
         self._mean = torch.tensor(self.backbone.mean, device=self.device).reshape(3, 1, 1)
         self._std = torch.tensor(self.backbone.std, device=self.device).reshape(3, 1, 1)
 
@@ -149,6 +181,15 @@ class Segmenter:
     def class_names(self) -> tuple:
         return self.classes.names
 
+    @property
+    def distribution_text(self) -> torch.Tensor:
+        """[C + A, E]: the columns of S (class embeddings, then the augmented prompts). The ATP
+        prompts are encoded on first use, so a run without CDAM never encodes them."""
+        if self._atp_text is None:
+            self._atp_text = (self._text_embedder.prompts(list(self.atp)).to(self.device) if self.atp
+                              else self.text[:0])
+        return torch.cat([self.text, self._atp_text])
+
     def use_class_embeddings(self, embeddings: torch.Tensor) -> None:
         """Replace the class text embeddings [C, E] (e.g. precomputed or image prototypes);
         they are L2-normalised. The ATP embeddings of the class distributions are kept."""
@@ -158,9 +199,7 @@ class Segmenter:
                                  f"{tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__}")
         if not bool(torch.isfinite(embeddings).all()):
             raise CdamInputError("embeddings contain NaN or infinite values")
-        atp = self.distribution_text[C:]
         self.text = F.normalize(embeddings.to(self.device, torch.float32), dim=-1)
-        self.distribution_text = torch.cat([self.text, atp])
 
     # -- the network on a batch of windows ------------------------------------------------------
     def _autocast(self):
@@ -174,13 +213,14 @@ class Segmenter:
         (float32, cosine similarities to the class embeddings, no logit scale). The unit of work
         that throughput benchmarks time."""
         bb, method = self.backbone, self.method
+        dist_text = self.distribution_text if self.cdam else None  # (first call: ATP encoded outside autocast)
         with self._autocast():
             x, grid = bb.embed(crops)
             x = bb.run_blocks(x, 0, bb.depth - method.depth)
             first = method.first_pass(bb, x, grid)  # x_L1 stays cached in `first` for the re-run
             feats = bb.project(first.out[:, 1:])  # [B, N, E] float32
             if self.cdam:
-                sim = feats @ self.distribution_text.T  # S: raw cosine similarities [B, N, C']
+                sim = feats @ dist_text.T  # S: raw cosine similarities [B, N, C']
                 sim = sim.transpose(1, 2).reshape(sim.shape[0], -1, grid.h, grid.w)
                 with torch.autocast(self.device.type, enabled=False):  # the divergence stays fp32
                     heads_out = multiscale_cdam_attention(
@@ -196,17 +236,8 @@ class Segmenter:
         pixels = to_tensor(image, what)
         H, W = pixels.shape[-2:]
         ph, pw = self.backbone.patch_size
-        if H < ph or W < pw:
-            raise CdamInputError(f"{what} is {H}x{W} pixels, smaller than one {ph}x{pw} patch of {self.backbone.name}")
-        if self.mode == "window":
-            size = protocol_size(H, W, self.short_side, self.long_side)
-            layout = sliding_layout(size, self.crop, self.stride)
-        else:
-            size = global_size(H, W, (ph, pw), self.short_side, self.long_side)
-            layout = whole_layout(size)
-        if layout.window[0] < ph or layout.window[1] < pw:
-            raise CdamInputError(f"{what} ({H}x{W}) is too elongated: resized to {size[0]}x{size[1]} its short side "
-                                 f"is below one {ph}x{pw} patch; raise long_side or crop the image")
+        size, layout = plan_image(H, W, (ph, pw), self.mode, self.short_side, self.long_side, self.crop,
+                                  self.stride, what, self.backbone.name)
         pixels = F.interpolate(pixels.to(self.device)[None], size=size, mode="bilinear", align_corners=False,
                                antialias=False)[0]
         tokens = (layout.window[0] // ph, layout.window[1] // pw)
@@ -218,36 +249,80 @@ class Segmenter:
         tokens = window_logits if self.background == "entropy" else window_logits[-1:]
         return bg.entropy_threshold(tokens.transpose(1, -1), self.logit_scale)
 
-    def _run_group(self, items: list):
+    def _run_group(self, items: list) -> list:
         crops: dict = {}
         for ii, it in enumerate(items):
             h, w = it.layout.window
             for wi, (y, x) in enumerate(it.layout.boxes()):
                 crops.setdefault((h, w), []).append((ii, wi, it.pixels[:, y:y + h, x:x + w]))
         outs = [[None] * it.layout.count for it in items]
-        for entries in crops.values():
-            for j in range(0, len(entries), self.window_batch):
-                chunk = entries[j:j + self.window_batch]
-                logits = self.encode_windows(torch.stack([c for _, _, c in chunk]))
-                for (ii, wi, _), lg in zip(chunk, logits):
-                    outs[ii][wi] = lg
+        total = sum(len(e) for e in crops.values())
+        bar = None
+        if self.progress and total > _WINDOW_BAR_PASSES * self.window_batch:  # e.g. one large image
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="windows", unit="window", leave=False)
+        try:
+            for entries in crops.values():
+                for j in range(0, len(entries), self.window_batch):
+                    chunk = entries[j:j + self.window_batch]
+                    logits = self.encode_windows(torch.stack([c for _, _, c in chunk]))
+                    for (ii, wi, _), lg in zip(chunk, logits):
+                        outs[ii][wi] = lg
+                    if bar is not None:
+                        bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        results = []
         for it, o in zip(items, outs):
             wl = torch.stack(o)
             asm = _assembler(it.layout, it.tokens, it.original, self.device)
-            yield ImageResult(wl, self._threshold(wl), asm, it.original)
+            results.append(ImageResult(wl, self._threshold(wl), asm, it.original))
+        return results
 
-    def results(self, images):
-        """ImageResult per image, in order; windows of consecutive images share forward passes."""
+    def results(self, images, names=None):
+        """ImageResult per image, in order; windows of consecutive images share forward passes.
+        The first failing image raises (see results_or_errors to go on past it)."""
+        for _, result in self.results_or_errors(images, names):
+            if isinstance(result, Exception):
+                raise result
+            yield result
+
+    def results_or_errors(self, images, names=None):
+        """(index, ImageResult or the exception it raised) per image, in order: one bad image
+        costs only itself. names: what error messages call each image (default: its path, or
+        "image i")."""
         group, count = [], 0
         for i, image in enumerate(images):
-            item = self.preprocess(image, f"image {i}")
-            group.append(item)
+            what = _image_name(image, i, names)
+            try:
+                item = self.preprocess(image, what)
+            except Exception as e:  # noqa: BLE001 - reported per image, the others go on
+                yield from self._flush(group)
+                group, count = [], 0
+                yield i, e
+                continue
+            group.append((i, item))
             count += item.layout.count
             if count >= self.window_batch:
-                yield from self._run_group(group)
+                yield from self._flush(group)
                 group, count = [], 0
-        if group:
-            yield from self._run_group(group)
+        yield from self._flush(group)
+
+    def _flush(self, group: list):
+        if not group:
+            return
+        try:
+            results = self._run_group([item for _, item in group])
+        except Exception as e:  # noqa: BLE001
+            if len(group) == 1:
+                yield group[0][0], e
+                return
+            for one in group:  # e.g. out of memory: each image alone, so that only the culprit fails
+                yield from self._flush([one])
+            return
+        yield from ((i, r) for (i, _), r in zip(group, results))
 
     # -- public API ------------------------------------------------------------------------------
     def logits(self, image) -> torch.Tensor:
@@ -298,4 +373,4 @@ def prepare_benchmark(segmenter: Segmenter, size: tuple = (448, 448), batch: int
     return (lambda: segmenter.encode_windows(crops)), crops
 
 
-__all__ = ["Segmenter", "ImageResult", "MODES", "prepare_benchmark"]
+__all__ = ["Segmenter", "ImageResult", "MODES", "plan_image", "prepare_benchmark"]

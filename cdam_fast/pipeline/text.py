@@ -5,11 +5,13 @@ prompt template, the template embeddings are L2-normalised, averaged and re-norm
 class's embedding is the re-normalised mean of its synonyms' embeddings (averaging keeps one
 column per class, which the class distributions and the background threshold need).
 Embeddings are cached per (prompt, templates) on the backbone, so class lists that share
-names, and the augmented prompts (ATP), are encoded once per model.
+names, and the augmented prompts (ATP), are encoded once per model, and on disk (textcache.py),
+so that they are encoded once per machine.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,6 +25,10 @@ SINGLE_TEMPLATE = ("a photo of a {}.",)
 _SYNONYM_SEP = ";"
 _TEXT_BATCH = 256
 _PROGRESS_FROM = 512  # prompts; fewer encode quickly enough to need no progress bar
+
+
+class ClassFileWarning(UserWarning):
+    """A class file that is probably not what its author meant (e.g. a comma-separated line)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,11 @@ def read_class_file(path) -> ClassList:
     lines = _read_lines(path, "classes file")
     if not lines:
         raise CdamInputError(f"classes file {str(path)!r} has no classes")
+    with_commas = [ln for ln in lines if "," in ln]
+    if with_commas:
+        warnings.warn(f"classes file {str(path)!r}: {len(with_commas)} line(s) contain commas, e.g. "
+                      f"{with_commas[0]!r}, which is read as ONE class named with commas; the file takes one class "
+                      "per line (synonyms joined by ';')", ClassFileWarning, stacklevel=2)
     return parse_classes(lines)
 
 
@@ -117,8 +128,9 @@ def resolve_templates(templates=None) -> tuple:
     """Prompt templates as format strings: None or "openai" -> the 80 OpenAI ImageNet templates,
     "single" -> "a photo of a {}.", a path -> one template per line, or a sequence."""
     if templates is None or templates in ("openai", "imagenet80"):
-        import open_clip
+        from .model import _open_clip
 
+        open_clip = _open_clip()  # the install hint when the extra is missing
         return tuple(_template_string(t) for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
     if templates == "single":
         return SINGLE_TEMPLATE
@@ -133,20 +145,39 @@ def resolve_templates(templates=None) -> tuple:
 
 
 class TextEmbedder:
-    """Prompt embeddings of one backbone; the cache lives on the backbone (shared by every
-    Segmenter built on it)."""
+    """Prompt embeddings of one backbone; the in-memory cache lives on the backbone (shared by
+    every Segmenter built on it), the disk cache in `cache_dir` (see textcache.py; False: off)."""
 
-    def __init__(self, backbone, templates=None, progress: bool = True):
+    def __init__(self, backbone, templates=None, progress: bool = True, cache_dir=None):
         self.backbone = backbone
         self.templates = resolve_templates(templates)
         self.progress = progress
+        self.cache_dir = cache_dir
+        self._disk = False  # opened on first use: the weights digest costs a pass over the text tower
+
+    def _disk_cache(self):
+        if self._disk is False:
+            from .textcache import TextCache
+
+            self._disk = TextCache.open(self.cache_dir, self.backbone, self.templates)
+        return self._disk
 
     def prompts(self, names) -> torch.Tensor:
         """[len(names), E] normalised template-averaged embeddings, one per prompt (float32)."""
         cache = self.backbone.text_cache
         missing = list(dict.fromkeys(n for n in names if (n, self.templates) not in cache))
+        disk = self._disk_cache() if missing else None
+        if disk is not None:
+            for n in missing:
+                e = disk.get(n)
+                if e is not None:
+                    cache[(n, self.templates)] = e.to(self.backbone.device)
+            missing = [n for n in missing if (n, self.templates) not in cache]
         if missing:
             self._encode(missing)
+            if disk is not None:
+                for n in missing:
+                    disk.put(n, cache[(n, self.templates)])
         return torch.stack([cache[(n, self.templates)] for n in names])
 
     def classes(self, class_list: ClassList) -> torch.Tensor:

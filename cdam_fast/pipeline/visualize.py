@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_ROW = 16  # legend row height, pixels
+_MIN_FONT = 11  # legend text height, pixels, on small images
 _PAD = 6
 
 
@@ -28,14 +28,35 @@ def colorize(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return palette(max(n_classes, int(labels.max()) + 1 if labels.size else 1))[labels]
 
 
-def save_labels(labels: np.ndarray, path) -> None:
-    """One byte per pixel (8-bit greyscale PNG) for up to 256 classes, 16-bit beyond."""
+def save_labels(labels: np.ndarray, path, palette_colours: bool = False) -> None:
+    """One byte per pixel (8-bit PNG) for up to 256 classes, 16-bit greyscale beyond.
+    palette_colours: store the 8-bit map as a palette PNG whose colours are the overlay's (the
+    pixel values stay the class indices; image viewers show the colours, and
+    `np.asarray(PIL.Image.open(path))` gives the indices); else greyscale."""
     from PIL import Image
 
     if labels.size and int(labels.max()) > 255:
-        Image.fromarray(labels.astype(np.uint16)).save(path)
+        Image.fromarray(labels.astype(np.uint16)).save(path, format="PNG")
+    elif palette_colours:
+        im = Image.fromarray(labels.astype(np.uint8), mode="L").convert("P")
+        im.putpalette(palette(256).reshape(-1).tolist())
+        im.save(path, format="PNG")
     else:
-        Image.fromarray(labels.astype(np.uint8), mode="L").save(path)
+        Image.fromarray(labels.astype(np.uint8), mode="L").save(path, format="PNG")
+
+
+def legend_font_size(height: int, width: int) -> int:
+    """Legend text height in pixels: about 1/45 of the image's larger side, at least 11."""
+    return max(_MIN_FONT, round(max(height, width) / 45))
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's scalable default font (needs FreeType)
+    except (TypeError, ValueError, OSError, ImportError):
+        return ImageFont.load_default()
 
 
 def class_shares(labels: np.ndarray, class_names) -> list:
@@ -48,24 +69,31 @@ def class_shares(labels: np.ndarray, class_names) -> list:
 def overlay(image: np.ndarray, labels: np.ndarray, class_names, alpha: float = 0.5):
     """A PIL image: the input blended with the colour-coded labels, and a legend on the right
     listing the classes present (colour, name, share of the image)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     colors = colorize(labels, len(class_names))
     blend = (image.astype(np.float32) * (1 - alpha) + colors.astype(np.float32) * alpha).round().astype(np.uint8)
     H, W = labels.shape
-    font = ImageFont.load_default()
+    size = legend_font_size(H, W)
+    font = _font(size)
+    row, pad = round(1.6 * size), max(_PAD, size // 2)
     colours = palette(len(class_names))
     entries = class_shares(labels, list(class_names))
     texts = [f"{name} {100 * share:.1f}%" for _, name, share in entries]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = max((probe.textlength(t, font=font) for t in texts), default=0)
-    legend_w = int(text_w) + _ROW + 3 * _PAD
-    canvas = Image.new("RGB", (W + legend_w, max(H, _PAD * 2 + _ROW * len(entries))), (255, 255, 255))
+    legend_w = int(text_w) + row + 3 * pad
+    canvas = Image.new("RGB", (W + legend_w, max(H, pad * 2 + row * len(entries))), (255, 255, 255))
     canvas.paste(Image.fromarray(blend), (0, 0))
     draw = ImageDraw.Draw(canvas)
+    box = row - 2 * max(2, row // 8)
     for i, ((index, _, _), text) in enumerate(zip(entries, texts)):
-        y = _PAD + i * _ROW
-        draw.rectangle([W + _PAD, y + 2, W + _PAD + _ROW - 4, y + _ROW - 2], fill=tuple(int(c) for c in colours[index]),
+        y = pad + i * row
+        top = y + (row - box) // 2
+        draw.rectangle([W + pad, top, W + pad + box, top + box], fill=tuple(int(c) for c in colours[index]),
                        outline=(0, 0, 0))
-        draw.text((W + 2 * _PAD + _ROW - 4, y + 2), text, fill=(0, 0, 0), font=font)
+        if hasattr(font, "getbbox") and hasattr(font, "font_variant"):  # a FreeType font: centre on the row
+            draw.text((W + 2 * pad + box, y + row // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+        else:
+            draw.text((W + 2 * pad + box, y + 2), text, fill=(0, 0, 0), font=font)
     return canvas
