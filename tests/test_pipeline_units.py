@@ -238,6 +238,10 @@ def test_opencv_resize_missing_names_the_extra(monkeypatch):
         images.resize(torch.zeros(3, 4, 4, dtype=torch.uint8), (8, 8), "opencv")
     with pytest.raises(CdamInputError, match="resize must be"):
         images.resize(torch.zeros(3, 4, 4), (8, 8), "pillow")
+    from cdam_fast.pipeline import Segmenter
+
+    with pytest.raises(CdamInputError, match=r"cdam-fast\[published\]"):  # before any model load
+        Segmenter("a,b", model="no-such-model", resize="opencv")
 
 
 def test_to_pixels_keeps_uint8():

@@ -83,7 +83,8 @@ def to_pixels(image, what: str = "image") -> torch.Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
-def _cv2():
+def require_opencv():
+    """The cv2 module, or a CdamInputError naming the extra that provides it."""
     try:
         import cv2
     except ImportError as e:
@@ -103,7 +104,7 @@ def resize(pixels: torch.Tensor, size: tuple, how: str = "torch", device=None) -
     """
     device = pixels.device if device is None else device
     if how == "opencv":
-        cv2 = _cv2()
+        cv2 = require_opencv()
         arr = np.ascontiguousarray(pixels.cpu().permute(1, 2, 0).numpy())
         if tuple(size) != arr.shape[:2]:
             arr = cv2.resize(arr, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)

@@ -22,12 +22,13 @@ from ..ops import MODES as CDAM_MODES
 from ..ops import multiscale_cdam_attention
 from ..validation import CdamInputError, check_positive, check_scales
 from . import background as bg
+from .images import require_opencv
 from .images import resize as resize_pixels
 from .images import to_pixels
 from .methods import get_method
+from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, ClipBackbone, load_clip
 from .pamr import pamr
 from .presets import PAMR_DILATIONS, POS_INTERPOLATIONS, RESIZES, SYNONYM_RULES, check_choice
-from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, ClipBackbone, load_clip
 from .text import TextEmbedder, atp_prompts, parse_classes, resolve_templates
 from .windows import CROP, LONG_SIDE_MAX, SHORT_SIDE, STRIDE, Assembler, global_size, protocol_size, \
     sliding_layout, whole_layout
@@ -131,9 +132,7 @@ class Segmenter:
         self.pamr_steps = _check_int("pamr_steps", pamr_steps, 0)
         self.pamr_dilations = tuple(_check_int("pamr_dilations", d) for d in pamr_dilations)
         if self.resize == "opencv":
-            from .images import _cv2
-
-            _cv2()  # a missing extra fails here, before the model load
+            require_opencv()  # a missing extra fails here, before the model load
         templates = resolve_templates(templates)  # cheap checks before the (slow) model load
         self.atp = tuple(atp_prompts() if atp is None else atp)
         if not all(isinstance(a, str) and a.strip() for a in self.atp):
