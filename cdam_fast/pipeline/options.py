@@ -60,8 +60,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def add_protocol_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     """--preset and the settings it fixes; method=False leaves out --method / --cdam (the
     published table chooses them per cell)."""
-    p.add_argument("--preset", default=None, choices=tuple(PRESETS),
-                   help="every setting of one published configuration (explicit flags override it)")
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS), metavar="PRESET",
+                   help="every setting of one published configuration (explicit flags override it): "
+                        + ", ".join(PRESETS))
     if method:
         p.add_argument("--method", default=None, choices=method_names(), help="last-layer method (default maskclip)")
         p.add_argument("--cdam", action=argparse.BooleanOptionalAction, default=None,
