@@ -4,7 +4,9 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 
-TEST = ["pytest>=8", "pytest-benchmark>=4", "ninja", "open_clip_torch>=3", "matplotlib", "tqdm", "pillow"]
+PUBLISHED = ["opencv-python-headless"]  # the published protocol's uint8 INTER_LINEAR resize
+TEST = ["pytest>=8", "pytest-benchmark>=4", "ninja", "open_clip_torch>=3", "matplotlib", "tqdm", "pillow",
+        "scikit-image", *PUBLISHED]
 
 setup(
     name="cdam-fast",
@@ -21,6 +23,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "triton>=3.2; platform_system == 'Linux'"],
     extras_require={
         "clip": ["open_clip_torch>=3", "pillow", "tqdm"],
+        "published": ["open_clip_torch>=3", "pillow", "tqdm", *PUBLISHED],
         "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "nvidia-ml-py"],
         "keops": ["pykeops>=2.2"],
         "build": ["ninja"],

@@ -88,3 +88,25 @@ def test_default_output_folder_names_the_run(tmp_path):
     assert run_name("voc21", b) == "voc21-sclip-nocdam-ViT-B-16-ckpt.pt-global"
     with pytest.raises(ValueError, match="method"):
         pipeline_config(ds, method="clip", cdam=True, model="ViT-B-16", pretrained="openai")
+
+
+def test_eval_prints_the_background_rule(tmp_path, capsys, monkeypatch):
+    """The pipeline path (options -> config -> predictor), with the Segmenter swapped for the
+    fake predictor: the stored config and the printed rule follow --preset and --background."""
+    import cdam_fast.evaluation.cli as eval_cli
+    from test_eval_support import channel_predictor
+
+    seen = []
+    monkeypatch.setattr(eval_cli, "segmenter_predictor",
+                        lambda dataset, config, **kw: seen.append(config) or channel_predictor(dataset))
+    build_dataset("voc21", tmp_path / "voc", n=1)
+    base = ["eval", "--dataset", "voc21", "--root", str(tmp_path / "voc"), "--no-progress", "--pretrained", "none"]
+    assert main([*base, "--output", str(tmp_path / "a")]) == 0
+    assert "background rule: entropy threshold, one per image" in capsys.readouterr().out
+    assert main([*base, "--preset", "cdam-voc21", "--output", str(tmp_path / "b")]) == 0
+    assert "background rule: entropy threshold of the last window" in capsys.readouterr().out
+    assert seen[1]["resize"] == "opencv" and seen[1]["synonyms"] == "max" and seen[1]["preset"] == "cdam-voc21"
+    assert main([*base, "--background", "0.4", "--output", str(tmp_path / "c")]) == 0
+    assert "background rule: fixed probability threshold 0.4" in capsys.readouterr().out
+    assert main([*base, "--background", "otsu", "--output", str(tmp_path / "d")]) == 2
+    assert "--background" in capsys.readouterr().err

@@ -37,6 +37,9 @@ def test_table_runs_every_cell_and_prints_published(tmp_path, capsys):
                "--predictor", "test_eval_support:table_predictor"])
     assert rc == 0
     out = capsys.readouterr().out
+    # the published rule by default, and the output says so
+    assert "VOC21: background rule: entropy threshold of the last window (the published code's rule)" in out
+    assert "COCO-Object: background rule: entropy threshold of the last window" in out
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
             for line in out.splitlines() if line.startswith("| ") and "method" not in line}
     assert set(rows) == {"MaskCLIP", "MaskCLIP + CDAM", "GEM", "GEM + CDAM"}
@@ -68,3 +71,15 @@ def test_script_entry_shows_help():
     script = Path(__file__).resolve().parents[1] / "scripts" / "published_table.py"
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--coco-object" in proc.stdout
+
+
+def test_table_background_override_and_presets(tmp_path, capsys):
+    from cdam_fast.evaluation.table import table_preset
+    from cdam_fast.pipeline.presets import PRESETS
+
+    assert all(table_preset(d) in PRESETS for d in TABLE_DATASETS)
+    build_dataset("voc21", tmp_path / "voc", n=1, seed=1)
+    rc = main(["--voc21", str(tmp_path / "voc"), "--methods", "maskclip", "--output", str(tmp_path / "out"),
+               "--no-progress", "--background", "entropy", "--predictor", "test_eval_support:table_predictor"])
+    assert rc == 0
+    assert "VOC21: background rule: entropy threshold, one per image" in capsys.readouterr().out

@@ -104,7 +104,10 @@ def test_output_names_never_collide(tmp_path):
 def test_segment_is_registered():
     parser = build_parser()
     args = parser.parse_args(["segment", "a.png", "--classes", "cat"])
-    assert args.func.__module__ == "cdam_fast.pipeline.cli" and args.method == "maskclip" and not args.no_cdam
+    from cdam_fast.pipeline.options import segmenter_options
+
+    opts = segmenter_options(args)  # unset flags resolve to the preset's, then Segmenter's defaults
+    assert args.func.__module__ == "cdam_fast.pipeline.cli" and opts["method"] == "maskclip" and opts["cdam"]
     with pytest.raises(SystemExit):
         parser.parse_args(["segment", "a.png"])  # --classes or --classes-file is required
 

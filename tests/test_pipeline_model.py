@@ -1,6 +1,7 @@
 """Model loading, the dense backbone and text embeddings, against open_clip's own forward."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,44 @@ def test_positional_embedding_cache(vit_b16):
     pos = bb.positional_embedding(grid)
     assert pos.shape == (16, bb.width) and bb.positional_embedding(grid) is pos
     torch.testing.assert_close(pos[0], bb.visual.positional_embedding[0].detach())
+    assert bb.positional_embedding(grid, "size") is not pos
+    with pytest.raises(CdamInputError, match="'published' or 'size'"):
+        bb.positional_embedding(grid, "nearest")
+
+
+def _bicubic_matrix(n_in: int, n_out: int, scale: float) -> np.ndarray:
+    """[n_out, n_in]: Keys' cubic convolution (a = -0.75) sampling output i at input coordinate
+    (i + 0.5) / scale - 0.5, taps clamped to the border: the formula, written out."""
+    a = -0.75
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        x = (i + 0.5) / scale - 0.5
+        x0 = math.floor(x)
+        for k in range(-1, 3):
+            d = abs(x - (x0 + k))
+            w = ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+            m[i, min(max(x0 + k, 0), n_in - 1)] += w
+    return m
+
+
+@pytest.mark.parametrize("grid", [(28, 28), (28, 42), (9, 5)])
+def test_positional_embedding_follows_the_official_formula(vit_b16, grid):
+    """published: bicubic with scale_factor (g + 0.1) / g0 per axis, the factor used as given
+    (the table is sampled slightly shrunk); size: scale g / g0. Checked against the cubic
+    convolution written out above in float64, not against torch's interpolate."""
+    bb = vit_b16
+    g0h, g0w = bb.native_grid.h, bb.native_grid.w
+    table = bb.visual.positional_embedding.detach().double().cpu()
+    patch = table[1:].reshape(g0h, g0w, -1).numpy()
+    h, w = grid
+    for how, (sh, sw) in (("published", ((h + 0.1) / g0h, (w + 0.1) / g0w)), ("size", (h / g0h, w / g0w))):
+        expected = np.einsum("ij,jkc,lk->ilc", _bicubic_matrix(g0h, h, sh), patch, _bicubic_matrix(g0w, w, sw))
+        got = bb.positional_embedding(model.Grid(h, w), how).double().cpu()
+        np.testing.assert_allclose(got[1:].reshape(h, w, -1).numpy(), expected, rtol=0, atol=2e-6)
+        torch.testing.assert_close(got[0], table[0])
+    published = bb.positional_embedding(model.Grid(h, w), "published")
+    size = bb.positional_embedding(model.Grid(h, w), "size")
+    assert (published - size).abs().max() > 1e-3  # the two rules differ visibly: the test can tell them apart
 
 
 def test_naclip_prior():
@@ -99,6 +138,37 @@ def test_method_registry():
     assert methods.get_method("GEM").depth == 6
     with pytest.raises(CdamInputError, match="method must be one of"):
         methods.get_method("pamr")
+    with pytest.raises(TypeError):
+        methods.register_method(int)
+
+
+def test_registry_drives_every_choice_list(monkeypatch):
+    """A newly registered method appears in get_method, the segment / eval CLI choices and the
+    evaluation's config check, with nothing else edited."""
+    from cdam_fast.cli import build_parser
+    from cdam_fast.evaluation.predictors import pipeline_config
+    from cdam_fast.pipeline.options import DTYPES
+
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+
+    class Toy(methods.MaskClip):
+        name = "toy"
+
+    methods.register_method(Toy)
+    assert isinstance(methods.get_method("toy"), Toy)
+    parser = build_parser()
+    for cmd in (["segment", "x.png", "--classes", "a"], ["eval", "--dataset", "voc21", "--root", "r"]):
+        assert parser.parse_args([*cmd, "--method", "toy"]).method == "toy"
+        args = parser.parse_args(cmd)
+        # one set of defaults: unset protocol flags stay None (preset, then Segmenter default)
+        assert args.method is None and args.background is None and args.resize is None
+        sub = parser._subparsers._group_actions[0].choices[cmd[0]]
+        assert tuple(next(a for a in sub._actions if a.dest == "dtype").choices) == DTYPES
+
+    class Dataset:
+        class spec:
+            has_background = True
+    assert pipeline_config(Dataset, method="toy", cdam=True, model="m", pretrained="p")["method"] == "toy"
 
 
 def test_text_embeddings_match_open_clip(vit_b16):

@@ -88,7 +88,7 @@ def spread_for(seg, img):
 def fast_run(seg, img):
     """(logits, labels, threshold) of the fast pipeline, from one pass."""
     result = next(iter(seg.results([img])))
-    return result.assembler(result.window_logits), seg.label_map(result), result.threshold
+    return seg._full_logits(result), seg.label_map(result), result.threshold
 
 
 def reference_labels(logits, threshold):
@@ -260,3 +260,43 @@ def test_vit_l14_random_weights_run():
     logits = seg.logits(img)
     assert logits.shape == (3, 40, 60) and torch.isfinite(logits).all()
     torch.testing.assert_close(logits, reference_segment(seg, img).logits, rtol=0, atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("resize,pos_interp", [("opencv", "size"), ("torch", "size")])
+def test_protocol_choices_match_reference(vit_b16, class_embeddings, image, resize, pos_interp):
+    """The other resize / positional-embedding choices (the default pair runs above)."""
+    pytest.importorskip("cv2", reason="the 'published' extra (opencv-python-headless) is not installed")
+    seg = make(vit_b16, class_embeddings, mode="global", resize=resize, pos_interp=pos_interp)
+    logits, labels, _ = fast_run(seg, image)
+    ref = reference_segment(seg, image)
+    assert_agree(logits, labels, ref.logits, ref.labels)
+    published = make(vit_b16, class_embeddings, mode="global", resize=resize).logits(image)
+    assert (published - logits).abs().max() > 10 * LOGIT_ATOL  # the choice is visible in the result
+
+
+def test_max_over_synonyms_matches_reference(vit_b16, class_embeddings, image):
+    """synonyms="max": one text row per synonym; a class's probability is its best synonym's.
+    Rows 3 and 4 both belong to class 3 ("grass; lawn")."""
+    seg = Segmenter(CLASSES, model=vit_b16, **{**SMALL, "mode": "global", "synonyms": "max", "background": "entropy"})
+    assert seg.owner.tolist() == [0, 1, 2, 3, 3] and seg.text.shape[0] == 5
+    atp = seg.distribution_text[5:]
+    rows = torch.cat([class_embeddings, F.normalize(class_embeddings[1] + class_embeddings[2], dim=0)[None]])
+    seg.text = rows.to(seg.device)
+    seg.distribution_text = torch.cat([seg.text, atp])
+    result = next(iter(seg.results([image])))
+    labels = seg.label_map(result)
+    ref = reference_segment(seg, image)
+    assert float(result.threshold) == pytest.approx(float(ref.threshold), rel=1e-4)
+    assert_agree(seg.logits(image), labels, ref.logits, ref.labels, min_classes=1)
+    assert result.window_logits.shape[1] == 5 and seg.logits(image).shape[0] == 4
+    argmax = reference_labels(ref.logits, None)  # per-class logits: the best synonym's
+    assert (argmax == 3).any() and set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def test_pamr_matches_reference(vit_b16, class_embeddings, image):
+    seg = make(vit_b16, class_embeddings, mode="global", pamr_steps=3, pamr_dilations=(1, 2))
+    logits, labels, _ = fast_run(seg, image)
+    ref = reference_segment(seg, image)
+    assert_agree(logits, labels, ref.logits, ref.labels)
+    plain = make(vit_b16, class_embeddings, mode="global").logits(image)
+    assert (plain - logits).abs().max() > 10 * LOGIT_ATOL

@@ -212,3 +212,146 @@ def test_label_png_and_overlay(tmp_path):
     px = np.asarray(ov)
     assert tuple(px[0, 15]) == tuple(np.round(0.5 * 200 + 0.5 * visualize.palette(3)[2]).astype(np.uint8))
     assert visualize.class_shares(labels, ["background", "cat", "sofa"]) == [(0, "background", 0.5), (2, "sofa", 0.5)]
+
+
+# -- protocol choices: resize, presets, options, synonyms, PAMR ------------------------------
+def test_opencv_resize_is_cv2_inter_linear_on_uint8():
+    cv2 = pytest.importorskip("cv2", reason="the 'published' extra (opencv-python-headless) is not installed")
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(arr).permute(2, 0, 1)
+    got = images.resize(pixels, (61, 45), "opencv")  # (H, W): cv2 takes (W, H)
+    expected = cv2.resize(arr, (45, 61), interpolation=cv2.INTER_LINEAR)
+    assert got.shape == (3, 61, 45) and got.dtype == torch.float32
+    assert torch.equal(got, torch.from_numpy(expected).permute(2, 0, 1).float() / 255)  # whole grey levels
+    torch_way = images.resize(pixels, (61, 45), "torch")
+    diff = (torch_way - got).abs().max() * 255
+    assert 0.2 < diff <= 1.0  # the float resize differs by up to about one grey level
+    assert torch.equal(images.resize(pixels, (37, 53), "opencv"), pixels.float() / 255)
+
+
+def test_opencv_resize_missing_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError
+    with pytest.raises(CdamInputError, match=r"cdam-fast\[published\]"):
+        images.resize(torch.zeros(3, 4, 4, dtype=torch.uint8), (8, 8), "opencv")
+    with pytest.raises(CdamInputError, match="resize must be"):
+        images.resize(torch.zeros(3, 4, 4), (8, 8), "pillow")
+    from cdam_fast.pipeline import Segmenter
+
+    with pytest.raises(CdamInputError, match=r"cdam-fast\[published\]"):  # before any model load
+        Segmenter("a,b", model="no-such-model", resize="opencv")
+
+
+def test_to_pixels_keeps_uint8():
+    arr = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    px = images.to_pixels(arr)
+    assert px.dtype == torch.uint8 and torch.equal(px, torch.from_numpy(arr).permute(2, 0, 1))
+    assert images.to_pixels(arr.astype(np.float32) / 255).dtype == torch.float32
+
+
+def test_presets_are_valid_segmenter_settings():
+    import inspect
+
+    from cdam_fast.pipeline import presets
+    from cdam_fast.pipeline.segmenter import MODES, Segmenter
+
+    params = inspect.signature(Segmenter.__init__).parameters
+    for name, values in presets.PRESETS.items():
+        assert set(values) <= set(params), name
+        assert values["resize"] in presets.RESIZES and values["pos_interp"] in presets.POS_INTERPOLATIONS
+        assert values["synonyms"] in presets.SYNONYM_RULES and values["mode"] in MODES
+        bg.check_background(values["background"], ("background",))
+    voc = presets.preset("cdam-voc21")
+    # spec section 4 and the issue: the published protocol, written out
+    assert voc == dict(method="maskclip", cdam=True, mode="window", short_side=448, long_side=2048, crop=448,
+                       stride=224, logit_scale=50.0, resize="opencv", pos_interp="published", synonyms="max",
+                       pamr_steps=0, background="entropy-per-window")
+    voc["crop"] = 1
+    assert presets.preset("cdam-voc21")["crop"] == 448  # a copy
+    with pytest.raises(CdamInputError, match="preset must be one of"):
+        presets.preset("cdam-voc22")
+
+
+def test_options_precedence_flag_over_preset_over_default():
+    import argparse
+
+    from cdam_fast.pipeline import options
+
+    p = argparse.ArgumentParser()
+    options.add_model_options(p)
+    options.add_protocol_options(p)
+    plain = options.segmenter_options(p.parse_args([]))
+    assert plain == options.segmenter_defaults()
+    assert plain["background"] == "auto" and plain["resize"] == "torch" and plain["pos_interp"] == "published"
+    got = options.segmenter_options(p.parse_args(["--preset", "naclip-context60", "--stride", "100", "--no-cdam",
+                                                  "--background", "none"]))
+    assert got["method"] == "naclip" and got["stride"] == 100 and got["crop"] == 224 and got["pamr_steps"] == 10
+    assert got["background"] is None and got["cdam"] is False
+    assert options.segmenter_options(p.parse_args(["--background", "0.25"]))["background"] == 0.25
+    with pytest.raises(CdamInputError, match="--background"):
+        options.segmenter_options(p.parse_args(["--background", "otsu"]))
+    assert options.model_options(p.parse_args(["--pretrained", "None"]))["pretrained"] is None
+
+
+def test_synonym_rule_max_over_probabilities():
+    g = torch.Generator().manual_seed(5)
+    logits = 0.05 * torch.randn(5, 6, 7, generator=g, dtype=torch.float64)
+    owner = torch.tensor([0, 1, 1, 2, 1])  # class 1 has three synonyms
+    prob = torch.softmax(50 * logits, 0)  # over every synonym row
+    cls_prob = torch.stack([prob[owner == c].max(0).values for c in range(3)])
+    for thr in (None, float(cls_prob.max(0).values.median())):
+        expected = cls_prob.argmax(0)
+        if thr is not None:
+            expected = torch.where(cls_prob.max(0).values < thr, 0, expected)
+        assert torch.equal(bg.label(logits, thr, 50.0, owner), expected)
+    per_class = bg.class_logits(logits, owner, 3)
+    torch.testing.assert_close(per_class, torch.stack([logits[owner == c].max(0).values for c in range(3)]))
+    assert bg.class_logits(logits, None, 5) is logits
+
+
+def _pamr_loops(image, mask, steps, dilations):
+    """PAMR written out pixel by pixel (float64): the definition in pamr.py's docstring."""
+    K, H, W = image.shape
+    C = mask.shape[0]
+    offs = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    at = lambda t, y, x: t[:, min(max(y, 0), H - 1), min(max(x, 0), W - 1)]  # noqa: E731  (replicated border)
+    aff = np.zeros((len(offs), H, W))
+    for y in range(H):
+        for x in range(W):
+            window = [at(image, y + dy * d, x + dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+            sigma = np.std(np.stack(window), axis=0, ddof=1)  # per channel
+            scores = [np.mean(-np.abs(image[:, y, x] - at(image, y + oy, x + ox)) / (1e-8 + 0.1 * sigma))
+                      for oy, ox in offs]
+            e = np.exp(np.array(scores) - max(scores))
+            aff[:, y, x] = e / e.sum()
+    for _ in range(steps):
+        new = np.zeros((C, H, W))
+        for y in range(H):
+            for x in range(W):
+                for p, (oy, ox) in enumerate(offs):
+                    new[:, y, x] += aff[p, y, x] * at(mask, y + oy, x + ox)
+        mask = new
+    return mask
+
+
+def test_pamr_matches_the_written_out_definition():
+    from cdam_fast.pipeline.pamr import pamr
+
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(3, 9, 11))
+    image[:, :, :5] += 2.0  # an edge PAMR should respect
+    mask = rng.normal(size=(4, 9, 11))
+    expected = _pamr_loops(image, mask, 3, (1, 3))
+    got = pamr(torch.from_numpy(image), torch.from_numpy(mask), steps=3, dilations=(1, 3))
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=2e-5)
+    assert np.abs(expected - mask).max() > 0.1  # it does change the mask
+    torch.testing.assert_close(pamr(torch.from_numpy(image), torch.from_numpy(mask), steps=0),
+                               torch.from_numpy(mask).float())
+    for kwargs, match in [(dict(steps=-1), "steps"), (dict(dilations=(0,)), "dilations"), (dict(dilations=()), "dilations")]:
+        with pytest.raises(CdamInputError, match=match):
+            pamr(torch.from_numpy(image), torch.from_numpy(mask), **kwargs)
+    with pytest.raises(CdamInputError, match="share H, W"):
+        pamr(torch.zeros(3, 4, 5), torch.zeros(2, 4, 6))

@@ -6,14 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..dispatch import BACKENDS
-from ..pipeline.cli import add_weights_arguments
 from .coco_object import make_coco_object_labels
 from .datasets import DATASETS, DatasetError, open_dataset
 from .distributed import distributed_context
 from .metrics import PredictionError, format_table
 from .predictors import (
-    DEFAULT_OUTPUT_ROOT, METHODS, UsageError, load_factory, pipeline_config, run_name, segmenter_predictor,
+    DEFAULT_OUTPUT_ROOT, UsageError, describe_background, load_factory, pipeline_config, run_name,
+    segmenter_predictor,
 )
 from .runner import evaluate
 from .store import StoreError
@@ -28,22 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark")
     p.add_argument("--root", required=True, help="dataset root folder (standard mmsegmentation layout)")
     p.add_argument("--split", default=None, help="split (default: the benchmark's validation split)")
-    p.add_argument("--method", default="maskclip", choices=METHODS, help="training-free baseline (default: maskclip)")
-    p.add_argument("--no-cdam", action="store_true", help="the baseline alone, without the CDAM attention")
     p.add_argument("--limit", type=int, default=None, help="score only the first N images (sorted by name)")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default: ViT-B-16)")
-    p.add_argument("--pretrained", default="openai", help="open_clip weights tag or checkpoint path (default: openai)")
-    p.add_argument("--mode", default="window", choices=("window", "global"),
-                   help="window: the published sliding windows; global: the whole image at once (default: window)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="CDAM kernel backend (default: auto)")
-    p.add_argument("--device", default=None, help="torch device (default: this rank's GPU if any, else CPU)")
-    p.add_argument("--dtype", default=None, help="model dtype, e.g. float16 (default: the pipeline's)")
-    p.add_argument("--background", default=None,
-                   help="background rule: entropy, entropy-per-window, a probability threshold, or none "
-                        "(default: entropy for benchmarks with a background class, none otherwise)")
-    p.add_argument("--templates", default="openai", metavar="openai|single|FILE",
-                   help="prompt templates: openai (the 80 ImageNet ones, default), single, or a file with one per line")
-    add_weights_arguments(p)  # --quick-gelu / --no-quick-gelu, --cache-dir
+    _add_pipeline_options(p)
     p.add_argument("--output", default=None,
                    help="results folder (default: cdam_eval/DATASET-METHOD-cdam|nocdam-MODEL-PRETRAINED[-global])")
     p.add_argument("--overwrite", action="store_true", help="discard the results already in --output and start over")
@@ -62,15 +47,30 @@ def register(subparsers) -> None:
     c.set_defaults(func=run_make_coco_object)
 
 
+def _add_pipeline_options(p) -> None:
+    # the option set shared with `segment` and the published table (pipeline/options.py); lazy so
+    # that `eval --help` and the evaluation code work without the model stack
+    from cdam_fast.pipeline.options import add_model_options, add_protocol_options
+
+    add_model_options(p)
+    add_protocol_options(p)
+
+
 def run_eval(args) -> int:
     try:
         dataset = open_dataset(args.dataset, args.root, args.split, args.limit)
         if args.predictor is not None:
             factory, config = load_factory(args.predictor), {"predictor": args.predictor}
         else:
-            config = pipeline_config(dataset, method=args.method, cdam=not args.no_cdam, model=args.model,
-                                     pretrained=args.pretrained, mode=args.mode, dtype=args.dtype,
-                                     background=args.background)
+            from cdam_fast.pipeline.options import segmenter_options
+            from cdam_fast.validation import CdamInputError
+
+            try:
+                protocol = segmenter_options(args)
+            except CdamInputError as e:
+                raise UsageError(str(e)) from None
+            config = pipeline_config(dataset, model=args.model, pretrained=args.pretrained, dtype=args.dtype,
+                                     preset=args.preset, **protocol)
             # what changes the results goes into the stored configuration (defaults left out: older runs match)
             config.update({k: v for k, v in (("templates", args.templates), ("quick_gelu", args.quick_gelu))
                            if v not in (None, "openai")})
@@ -83,13 +83,15 @@ def run_eval(args) -> int:
                 device = args.device or (str(dist.device) if dist.device is not None else None)
                 predictor = segmenter_predictor(dataset, config, backend=args.backend, device=device,
                                                 progress=dist.is_main and not args.no_progress,
-                                                templates=args.templates, quick_gelu=args.quick_gelu,
-                                                cache_dir=args.cache_dir)
+                                                templates=args.templates, seed=args.seed,
+                                                quick_gelu=args.quick_gelu, cache_dir=args.cache_dir)
             result = evaluate(dataset, predictor, output=output, config=config, overwrite=args.overwrite,
                               dist=dist, progress=not args.no_progress)
             if dist.is_main:
                 print(f"{dataset.spec.title}, split {dataset.split}, {result.num_images} images, "
                       + ", ".join(f"{k}={v}" for k, v in config.items()))
+                if "background" in config:
+                    print(f"background rule: {describe_background(config)}")
                 print(format_table(result.classes, result.scores))
                 print(f"results: {output / 'result.json'}")
     except (DatasetError, StoreError, PredictionError, UsageError) as e:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-METHODS = ("maskclip", "sclip", "clearclip", "gem", "naclip")
 DEFAULT_OUTPUT_ROOT = Path("cdam_eval")
 
 
@@ -17,28 +16,45 @@ class UsageError(ValueError):
 
 
 def background_setting(value, dataset_has_background: bool):
-    """--background text -> the Segmenter's `background` argument (default: entropy on
-    benchmarks with a background class, none otherwise)."""
-    if value is None:
+    """--background text (or a Segmenter value) -> the Segmenter's `background` argument.
+    "auto" / None: entropy on benchmarks with a background class, none otherwise."""
+    from cdam_fast.pipeline.options import parse_background
+    from cdam_fast.validation import CdamInputError
+
+    if value is None or value == "auto":
         return "entropy" if dataset_has_background else None
-    if value.lower() == "none":
-        return None
-    if value in ("entropy", "entropy-per-window"):
-        return value
     try:
-        return float(value)
-    except ValueError:
-        raise UsageError(f"--background must be entropy, entropy-per-window, none or a number, got {value!r}") from None
+        return parse_background(value) if isinstance(value, str) else value
+    except CdamInputError as e:
+        raise UsageError(str(e)) from None
 
 
 def pipeline_config(dataset, *, method: str, cdam: bool, model: str, pretrained: str, mode: str = "window",
-                    dtype: str | None = None, background=None) -> dict:
+                    dtype: str | None = None, background=None, preset: str | None = None, **protocol) -> dict:
     """What a stored result depends on (the kernel backend and device are left out: they change
-    rounding, not the method)."""
-    if method not in METHODS:
-        raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    return {"method": method, "cdam": bool(cdam), "model": model, "pretrained": pretrained, "mode": mode,
-            "dtype": dtype, "background": background_setting(background, dataset.spec.has_background)}
+    rounding, not the method). `protocol`: the other Segmenter protocol settings (resize,
+    pos_interp, synonyms, PAMR, sizes, logit scale), stored as given."""
+    from cdam_fast.pipeline.methods import method_names
+    from cdam_fast.pipeline.options import PROTOCOL_KEYS
+
+    if method not in method_names():
+        raise UsageError(f"method must be one of {', '.join(method_names())}, got {method!r}")
+    unknown = set(protocol) - set(PROTOCOL_KEYS)
+    if unknown:
+        raise UsageError(f"unknown pipeline settings: {', '.join(sorted(unknown))}")
+    config = {"method": method, "cdam": bool(cdam), "model": model, "pretrained": pretrained, "mode": mode,
+              "dtype": dtype, "background": background_setting(background, dataset.spec.has_background)}
+    config.update(protocol)
+    if preset is not None:
+        config["preset"] = preset
+    return config
+
+
+def describe_background(config: dict) -> str:
+    """The background rule of a stored configuration, in words (printed by eval and the table)."""
+    from cdam_fast.pipeline.background import describe
+
+    return describe(config.get("background"))
 
 
 def run_name(dataset_name: str, config: dict) -> str:
@@ -50,35 +66,39 @@ def run_name(dataset_name: str, config: dict) -> str:
              Path(str(config["pretrained"])).name]  # a checkpoint path contributes its file name
     if config["mode"] != "window":
         parts.append(config["mode"])
+    if config.get("preset"):
+        parts.append(config["preset"])
     return "-".join(p.replace("/", "_") for p in parts)
 
 
 def segmenter_predictor(dataset, config: dict, *, backend: str = "auto", device=None, progress: bool = True,
                         backbone=None, **options):
     """The CLIP pipeline's `predict` for this dataset's classes. `backbone`: an already loaded
-    ClipBackbone of config's model (shared between runs, with its text-embedding cache); other
-    `options` go to Segmenter as they are."""
+    ClipBackbone of config's model (shared between runs, with its text-embedding cache); the
+    config's protocol settings and the other `options` go to Segmenter as they are."""
     # lazy: the evaluation code does not need the model stack
     from cdam_fast.pipeline import Segmenter, WeightsUnavailableError
     from cdam_fast.validation import CdamInputError
 
+    from cdam_fast.pipeline.options import PROTOCOL_KEYS
+
+    protocol = {k: v for k, v in config.items() if k in PROTOCOL_KEYS}
     try:
         segmenter = Segmenter(dataset.classes, model=backbone or config["model"], pretrained=config["pretrained"],
-                              method=config["method"], cdam=config["cdam"], mode=config["mode"], backend=backend,
-                              device=None if backbone else device, dtype=config["dtype"],
-                              background=config["background"], progress=progress, **options)
+                              backend=backend, device=None if backbone else device, dtype=config["dtype"],
+                              progress=progress, **protocol, **options)
     except (CdamInputError, WeightsUnavailableError) as e:
         raise UsageError(str(e)) from None
     return segmenter.predict
 
 
-def load_backbone(model: str, pretrained: str, device=None):
+def load_backbone(model: str, pretrained: str, device=None, seed: int = 0):
     """The CLIP image/text towers, loaded once for several runs."""
     from cdam_fast.pipeline import WeightsUnavailableError, load_clip
     from cdam_fast.validation import CdamInputError
 
     try:
-        return load_clip(model, pretrained, device)
+        return load_clip(model, pretrained, device, seed=seed)
     except (CdamInputError, WeightsUnavailableError) as e:
         raise UsageError(str(e)) from None
 

@@ -4,7 +4,9 @@ Needs the datasets on disk and the CLIP weights: MaskCLIP, SCLIP, ClearCLIP and 
 and without CDAM, on VOC21, Context60 and COCO-Object (ViT-B/16). Every cell is an ordinary
 resumable evaluation stored under OUTPUT/DATASET-METHOD-cdam|nocdam-MODEL-PRETRAINED (the folders
 `cdam-fast eval` uses by default), so an interrupted table continues and finished `eval` runs
-are reused. Works under torchrun like `cdam-fast eval`.
+are reused. Works under torchrun like `cdam-fast eval`. Each column runs its dataset's published
+preset (cdam-voc21, cdam-context60, cdam-coco-object: the OpenCV resize, the published
+positional-embedding interpolation and the last-window background rule); flags override it.
 
     python scripts/published_table.py --voc21 data/VOCdevkit/VOC2012 \
         --context60 data/VOCdevkit/VOC2010 --coco-object data/coco_stuff164k
@@ -16,12 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-from ..dispatch import BACKENDS
 from .datasets import DATASETS, DatasetError, open_dataset
 from .distributed import distributed_context
 from .metrics import PredictionError
 from .predictors import (
-    DEFAULT_OUTPUT_ROOT, UsageError, load_backbone, load_factory, pipeline_config, run_name, segmenter_predictor,
+    DEFAULT_OUTPUT_ROOT, UsageError, describe_background, load_backbone, load_factory, pipeline_config, run_name,
+    segmenter_predictor,
 )
 from .runner import evaluate
 from .store import StoreError
@@ -59,6 +61,9 @@ def run_table(roots: dict, make_predictor, config_for, *, methods=TABLE_METHODS,
         if name not in roots:
             continue
         dataset = open_dataset(name, roots[name], limit=limit)
+        if dist is None or dist.is_main:
+            rule = config_for(dataset, methods[0], True).get("background", "the predictor's")
+            print(f"{HEADERS[name]}: background rule: {describe_background({'background': rule})}")
         for method in methods:
             for cdam in (False, True):
                 config = config_for(dataset, method, cdam)
@@ -90,12 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="ROOT",
                        help=f"{DATASETS[name].title} root (left out: the column stays empty)")
     p.add_argument("--methods", nargs="+", default=list(TABLE_METHODS), choices=TABLE_METHODS)
-    p.add_argument("--model", default="ViT-B-16")
-    p.add_argument("--pretrained", default="openai")
-    p.add_argument("--mode", default="window", choices=("window", "global"))
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--device", default=None)
+    # the option set shared with `segment` and `eval` (pipeline/options.py); --preset defaults to
+    # each column's cdam-DATASET preset
+    from cdam_fast.pipeline.options import add_model_options, add_protocol_options
+
+    add_model_options(p)
+    add_protocol_options(p, method=False)
     p.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset (a smoke run)")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT_ROOT), help="folder for the per-run result folders")
     p.add_argument("--no-progress", action="store_true")
@@ -122,6 +127,7 @@ def main(argv=None) -> int:
                 out = Path(args.output) / "published_table.json"
                 out.write_text(json.dumps({
                     "model": args.model, "pretrained": args.pretrained, "limit": args.limit,
+                    "presets": {d: args.preset or table_preset(d) for d in roots},
                     "rows": [{"method": m, "cdam": c, "dataset": d, "mIoU": v, "published": published(m, c, d)}
                              for (m, c, d), v in results.items()],
                 }, indent=2) + "\n")
@@ -135,6 +141,27 @@ def main(argv=None) -> int:
     return 0
 
 
+def table_preset(dataset_name: str) -> str:
+    """The published preset of a table column (cdam-voc21, cdam-context60, cdam-coco-object)."""
+    return f"cdam-{dataset_name.replace('_', '-')}"
+
+
+def _cell_protocol(args, dataset, method, cdam):
+    """(preset name, Segmenter protocol settings) of one cell: the column's preset (or --preset)
+    under the explicit flags."""
+    import copy
+
+    from cdam_fast.pipeline.options import segmenter_options
+    from cdam_fast.validation import CdamInputError
+
+    cell = copy.copy(args)
+    cell.preset = args.preset or table_preset(dataset.name)
+    try:
+        return cell.preset, segmenter_options(cell, method=method, cdam=cdam)
+    except CdamInputError as e:
+        raise UsageError(str(e)) from None
+
+
 def _cell_builders(args, dist):
     """(config_for, make_predictor) for the CLIP pipeline, or for a test predictor factory
     MODULE:CALLABLE(dataset, method, cdam)."""
@@ -142,7 +169,8 @@ def _cell_builders(args, dist):
         factory = load_factory(args.predictor)
 
         def config_for(dataset, method, cdam):
-            return {"predictor": args.predictor, "method": method, "cdam": cdam}
+            _, protocol = _cell_protocol(args, dataset, method, cdam)
+            return {"predictor": args.predictor, "method": method, "cdam": cdam, "background": protocol["background"]}
 
         def make_predictor(dataset, config):
             return factory(dataset, config["method"], config["cdam"])
@@ -152,16 +180,17 @@ def _cell_builders(args, dist):
     device = args.device or (str(dist.device) if dist.device is not None else None)
 
     def config_for(dataset, method, cdam):
-        return pipeline_config(dataset, method=method, cdam=cdam, model=args.model, pretrained=args.pretrained,
-                               mode=args.mode, dtype=args.dtype)
+        preset, protocol = _cell_protocol(args, dataset, method, cdam)
+        return pipeline_config(dataset, model=args.model, pretrained=args.pretrained, dtype=args.dtype, preset=preset,
+                               **protocol)
 
     backbone = None  # loaded at the first cell, then shared: one model load and text-embedding cache
 
     def make_predictor(dataset, config):
         nonlocal backbone
-        backbone = backbone or load_backbone(args.model, args.pretrained, device)
+        backbone = backbone or load_backbone(args.model, args.pretrained, device, seed=args.seed)
         return segmenter_predictor(dataset, config, backend=args.backend, backbone=backbone,
-                                   progress=dist.is_main and not args.no_progress)
+                                   progress=dist.is_main and not args.no_progress, templates=args.templates)
 
     return config_for, make_predictor
 

@@ -7,6 +7,12 @@ token t. "entropy" takes the min and max over all tokens of the image (every win
 "entropy-per-window" reproduces the published code, which recomputes it per window and keeps
 the last window's value. A float is a fixed threshold (the other methods' protocol); None
 labels every pixel with its argmax.
+
+With synonyms kept apart (synonyms="max"), logits have one row per synonym and `owner` maps
+each row to its class: a class's probability is the max of its synonyms' probabilities under
+the softmax over all synonyms (the published codes), so the label is the owner of the best
+synonym and the top probability the best synonym's. The entropy threshold is computed from the
+class-level distribution, softmax(logit_scale * per-class max logit).
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from ..validation import CdamInputError
 
 LOGIT_SCALE = 50.0
 ENTROPY_MODES = ("entropy", "entropy-per-window")
+# Every named rule (a float threshold and None are the other choices); CLI choice lists use it.
+RULES = ("auto", *ENTROPY_MODES)
 BACKGROUND_NAME = "background"
 
 
@@ -50,9 +58,32 @@ def top_probability(logits: torch.Tensor, logit_scale: float = LOGIT_SCALE) -> t
     return 1.0 / torch.exp(z - z.amax(0, keepdim=True)).sum(0)
 
 
-def label(logits: torch.Tensor, threshold=None, logit_scale: float = LOGIT_SCALE) -> torch.Tensor:
-    """[C, ...] logits -> [...] int64 labels; below `threshold` top probability -> class 0."""
+def describe(background) -> str:
+    """One line naming an effective background rule (printed by the CLIs)."""
+    if background is None:
+        return "none (argmax)"
+    if isinstance(background, float):
+        return f"fixed probability threshold {background:g}"
+    if background == "entropy":
+        return "entropy threshold, one per image (all windows' tokens)"
+    return "entropy threshold of the last window (the published code's rule)"
+
+
+def class_logits(logits: torch.Tensor, owner: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """[S, ...] synonym logits -> [C, ...]: each class's best synonym (identity when owner is None)."""
+    if owner is None:
+        return logits
+    idx = owner.to(logits.device).reshape(-1, *([1] * (logits.dim() - 1))).expand_as(logits)
+    out = torch.full((num_classes, *logits.shape[1:]), float("-inf"), dtype=logits.dtype, device=logits.device)
+    return out.scatter_reduce(0, idx, logits, reduce="amax")
+
+
+def label(logits: torch.Tensor, threshold=None, logit_scale: float = LOGIT_SCALE, owner=None) -> torch.Tensor:
+    """[S, ...] logits -> [...] int64 labels; below `threshold` top probability -> class 0.
+    owner: [S] class of each row (synonyms kept apart), None for one row per class."""
     out = logits.argmax(0)
+    if owner is not None:
+        out = owner.to(out.device)[out]
     if threshold is not None:
         out = torch.where(top_probability(logits, logit_scale) < threshold, torch.zeros_like(out), out)
     return out

@@ -5,36 +5,11 @@ import os
 import sys
 from pathlib import Path
 
-from ..dispatch import BACKENDS, BackendUnavailableError
+from ..dispatch import BackendUnavailableError
 from ..validation import CdamInputError
-from .methods import METHODS
-from .windows import CROP, LONG_SIDE_MAX, SHORT_SIDE, STRIDE
+from .options import add_model_options, add_protocol_options, model_options, segmenter_options
 
 DEFAULT_OUT = "cdam_segment_out"
-
-
-def _background(text: str):
-    if text.lower() == "none":
-        return None
-    if text in ("auto", "entropy", "entropy-per-window"):
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise CdamInputError(f"--background must be auto, entropy, entropy-per-window, none or a number, "
-                             f"got {text!r}") from None
-
-
-def add_weights_arguments(p) -> None:
-    """--quick-gelu / --no-quick-gelu and --cache-dir (shared by segment and eval)."""
-    import argparse
-
-    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
-                   help="QuickGELU activations (OpenAI CLIP checkpoints use them; default: follow the weights tag, "
-                        "or the model's 'openai' tag for a local file)")
-    p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="disk cache of text embeddings ('off' to disable; default $CDAM_FAST_CACHE_DIR, else "
-                        "$XDG_CACHE_HOME/cdam_fast or ~/.cache/cdam_fast)")
 
 
 def register(subparsers) -> None:
@@ -51,32 +26,9 @@ def register(subparsers) -> None:
                                        '(e.g. "background,cat,person; people")')
     src.add_argument("--classes-file", metavar="F", help="file with one class per line (synonyms joined by ';'), "
                                                          "or a packaged list: voc21, context60, coco_object, ...")
-    p.add_argument("--method", default="maskclip", choices=tuple(METHODS), help="last-layer method (default maskclip)")
-    p.add_argument("--no-cdam", action="store_true", help="the method alone, without the CDAM refinement")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
-    p.add_argument("--pretrained", default="openai",
-                   help="open_clip tag (downloaded on request), local checkpoint PATH, or 'none' for random "
-                        "weights from a fixed seed (default openai)")
-    p.add_argument("--mode", default="window", choices=("window", "global"),
-                   help="sliding 448 windows (published protocol) or the whole image at once (default window)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="CDAM op backend (default auto)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
-                   help="autocast dtype on CUDA (default fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--background", default="auto", type=str,
-                   help="auto (entropy threshold when the first class is 'background'), entropy, "
-                        "entropy-per-window, none, or a fixed probability threshold")
-    p.add_argument("--templates", default="openai", metavar="openai|single|FILE",
-                   help="prompt templates: openai (the 80 ImageNet ones), single, or a file with one per line")
-    add_weights_arguments(p)
+    add_model_options(p)  # the option set shared with `eval` and the published table (options.py)
+    add_protocol_options(p)
     p.add_argument("--window-batch", type=int, default=16, help="windows per forward pass (default 16)")
-    p.add_argument("--short-side", type=int, default=SHORT_SIDE,
-                   help=f"images are resized to this short side (default {SHORT_SIDE})")
-    p.add_argument("--long-side", type=int, default=LONG_SIDE_MAX,
-                   help=f"... unless the long side would exceed this (default {LONG_SIDE_MAX})")
-    p.add_argument("--crop", type=int, default=CROP, help=f"window size in window mode (default {CROP})")
-    p.add_argument("--stride", type=int, default=STRIDE, help=f"window stride in window mode (default {STRIDE})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights for --pretrained none")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files without asking")
     p.set_defaults(func=run)
@@ -123,7 +75,7 @@ def run(args) -> int:
         return 1
 
 
-def _precheck(args, paths) -> tuple:
+def _precheck(args, protocol, paths) -> tuple:
     """(good [(image, paths)], failures [(image, message)]): every image's header and size
     checked before the (slow) model load, so a bad file is named at once and costs only itself."""
     from functools import partial
@@ -134,7 +86,7 @@ def _precheck(args, paths) -> tuple:
     patch = model_patch_size(args.model)
     good, failures = [], []
     for img, files in zip(args.images, paths):
-        plan = partial(_plan, plan_image, patch, args)
+        plan = partial(_plan, plan_image, patch, args.model, protocol)
         try:
             check_image_file(img, patch, plan)
         except CdamInputError as e:
@@ -145,9 +97,8 @@ def _precheck(args, paths) -> tuple:
     return good, failures
 
 
-def _plan(plan_image, patch, args, H, W, what):
-    return plan_image(H, W, patch, args.mode, args.short_side, args.long_side, args.crop, args.stride, what,
-                      args.model)
+def _plan(plan_image, patch, model, o, H, W, what):
+    return plan_image(H, W, patch, o["mode"], o["short_side"], o["long_side"], o["crop"], o["stride"], what, model)
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -176,16 +127,11 @@ def _run(args) -> int:
         raise CdamInputError(f"--out {str(out)!r} exists and is not a folder")
     paths = _output_paths(args.images, out)
     _check_outputs(args.images, paths, args.overwrite)
-    good, failures = _precheck(args, paths)
+    protocol = segmenter_options(args)
+    good, failures = _precheck(args, protocol, paths)
     if not good:
         raise CdamInputError("no image can be segmented" if len(failures) > 1 else failures[0][1])
-    pretrained = None if args.pretrained.strip().lower() == "none" else args.pretrained
-    seg = Segmenter(classes, model=args.model, pretrained=pretrained, method=args.method, cdam=not args.no_cdam,
-                    mode=args.mode, backend=args.backend, device=args.device, dtype=args.dtype,
-                    background=_background(args.background), templates=args.templates,
-                    window_batch=args.window_batch, seed=args.seed, short_side=args.short_side,
-                    long_side=args.long_side, crop=args.crop, stride=args.stride, quick_gelu=args.quick_gelu,
-                    cache_dir=args.cache_dir)
+    seg = Segmenter(classes, window_batch=args.window_batch, **model_options(args), **protocol)
     created = not out.exists()
     bar = tqdm(total=len(good), desc="segment", unit="image", disable=len(good) < 2)
     try:

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..validation import CdamInputError
 
@@ -89,6 +90,13 @@ def to_tensor(image, what: str = "image") -> torch.Tensor:
     Accepted: a path, a PIL image, a numpy array [H, W] or [H, W, 1|3|4] (channels last, alpha
     dropped), a tensor [H, W] or [1|3, H, W] (channels first); uint8 (0-255) or float (0-1).
     """
+    pixels = to_pixels(image, what)
+    return pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
+
+
+def to_pixels(image, what: str = "image") -> torch.Tensor:
+    """Like to_tensor, but uint8 data stays uint8 [3, H, W] (the published resize works on
+    the 8-bit values); other data is float32 in [0, 1]."""
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
@@ -111,5 +119,42 @@ def to_tensor(image, what: str = "image") -> torch.Tensor:
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise CdamInputError(f"{what}: expected [H, W] or [1|3, H, W] (channels first for tensors), "
                              f"got shape {tuple(image.shape)}")
-    image = _from_uint_or_float(image, what)
+    if image.dtype != torch.uint8:
+        image = _from_uint_or_float(image, what)
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+def require_opencv():
+    """The cv2 module, or a CdamInputError naming the extra that provides it."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise CdamInputError("resize='opencv' (the published protocol) needs OpenCV: pip install "
+                             "'cdam-fast[published]' (opencv-python-headless), or pass resize='torch' "
+                             "(CLI: --resize torch)") from e
+    return cv2
+
+
+def resize(pixels: torch.Tensor, size: tuple, how: str = "torch", device=None) -> torch.Tensor:
+    """pixels [3, H, W] (uint8, or float in [0, 1]) -> float32 [3, *size] in [0, 1] on `device`.
+
+    how="opencv": cv2.resize with INTER_LINEAR on the HWC array, as mmseg's test pipeline does;
+    exact for uint8 (fixed-point weights, rounded to uint8 before normalisation), float32 data
+    is resized by OpenCV in float. how="torch": bilinear (align_corners=False, no antialias)
+    on the float image, on `device`.
+    """
+    device = pixels.device if device is None else device
+    if how == "opencv":
+        cv2 = require_opencv()
+        arr = np.ascontiguousarray(pixels.cpu().permute(1, 2, 0).numpy())
+        if tuple(size) != arr.shape[:2]:
+            arr = cv2.resize(arr, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
+        out = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).to(device)
+        return out.float() / 255.0 if out.dtype == torch.uint8 else out.float()
+    if how != "torch":
+        raise CdamInputError(f"resize must be 'opencv' or 'torch', got {how!r}")
+    x = pixels.to(device)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if tuple(size) == tuple(x.shape[-2:]):
+        return x
+    return F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=False)[0]

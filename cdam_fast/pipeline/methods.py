@@ -178,7 +178,27 @@ class Gem(LastLayerMethod):
         return FirstPass(path, residual, v_last)
 
 
-METHODS = {m.name: m for m in (MaskClip, SClip, ClearClip, NaClip, Gem)}
+# The one method registry: the Segmenter, the reference pipeline, evaluation and every CLI
+# choice list read it. A new method subclasses LastLayerMethod and calls register_method.
+METHODS: dict = {}
+
+
+def register_method(cls):
+    """Add a LastLayerMethod subclass under cls.name (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, LastLayerMethod)) or not isinstance(cls.name, str) \
+            or cls.name != cls.name.lower() or cls.name in ("?", ""):
+        raise TypeError(f"register_method needs a LastLayerMethod subclass with a lower-case name, got {cls!r}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+for _cls in (MaskClip, SClip, ClearClip, NaClip, Gem):
+    register_method(_cls)
+
+
+def method_names() -> tuple:
+    """The registered method names, in registration order (CLI choices)."""
+    return tuple(METHODS)
 
 
 def get_method(name: str) -> LastLayerMethod:

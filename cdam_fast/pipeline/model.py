@@ -192,7 +192,6 @@ class ClipBackbone:
         self.patch_size = tuple(int(p) for p in visual.patch_size)
         self.width = visual.positional_embedding.shape[-1]
         self.heads = self.blocks[-1].attn.num_heads
-        self.head_dim = self.width // self.heads
         self.native_grid = Grid(*visual.grid_size)
         self.embed_dim = visual.proj.shape[-1] if visual.proj is not None else self.width
         cfg = getattr(visual, "preprocess_cfg", None) or {}
@@ -214,34 +213,43 @@ class ClipBackbone:
         return f"ClipBackbone({self.name!r}, {self.source}, patch {self.patch_size}, {self.depth} blocks)"
 
     # -- embedding --------------------------------------------------------------------------
-    def positional_embedding(self, grid: Grid) -> torch.Tensor:
-        """[1 + N, width]: the model's positional embeddings, patch part resized bicubically to
-        `grid` (cached per grid and device; the native grid returns the model's own table)."""
+    def positional_embedding(self, grid: Grid, interpolation: str = "published") -> torch.Tensor:
+        """[1 + N, width]: the model's positional embeddings with the patch part resized
+        bicubically to `grid` (cached per grid, rule and device; the native grid returns the
+        model's own table). interpolation: "published" (scale_factor = (g + 0.1) / g0 per axis,
+        the DINO-style call of the published code) or "size" (size = g); see presets.py."""
         pos = self.visual.positional_embedding
-        key = (grid.h, grid.w, pos.device)
+        key = (grid.h, grid.w, interpolation, pos.device)
         if key not in self._pos_cache:
             if grid == self.native_grid:
                 table = pos.detach()
             else:
                 g = self.native_grid
                 patch = pos[1:].detach().float().reshape(1, g.h, g.w, -1).permute(0, 3, 1, 2)
-                patch = F.interpolate(patch, size=(grid.h, grid.w), mode="bicubic", align_corners=False)
+                if interpolation == "published":
+                    factor = ((grid.h + 0.1) / g.h, (grid.w + 0.1) / g.w)
+                    patch = F.interpolate(patch, scale_factor=factor, mode="bicubic", align_corners=False,
+                                          recompute_scale_factor=False)
+                elif interpolation == "size":
+                    patch = F.interpolate(patch, size=(grid.h, grid.w), mode="bicubic", align_corners=False)
+                else:
+                    raise CdamInputError(f"positional-embedding interpolation must be 'published' or 'size', "
+                                         f"got {interpolation!r}")
+                if tuple(patch.shape[-2:]) != (grid.h, grid.w):  # floor((g + 0.1) / g0 * g0) is g
+                    raise AssertionError(f"interpolated grid {tuple(patch.shape[-2:])} != {grid}")
                 table = torch.cat([pos[:1].detach().float(), patch.permute(0, 2, 3, 1).reshape(grid.n, -1)])
                 table = table.to(pos.dtype)
             self._pos_cache[key] = table
         return self._pos_cache[key]
 
-    def grid_of(self, height: int, width: int) -> Grid:
-        return Grid(height // self.patch_size[0], width // self.patch_size[1])
-
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+    def embed(self, images: torch.Tensor, pos_interp: str = "published") -> tuple[torch.Tensor, Grid]:
         """Normalised images [B, 3, H, W] -> tokens entering block 0, and their patch grid.
         Pixels beyond the last whole patch are ignored (the patch convolution drops them)."""
         x = self.visual.conv1(images)  # [B, width, h, w]
         grid = Grid(x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)
         cls = self.visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid, pos_interp).to(x.dtype)
         return _layer_norm(self.visual.ln_pre, x), grid
 
     def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:

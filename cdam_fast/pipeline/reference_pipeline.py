@@ -1,12 +1,15 @@
-"""A deliberately plain re-implementation of the pipeline, for testing the fast one.
+"""TEST ORACLE, not a runtime path: a deliberately plain re-implementation of the pipeline,
+used by the tests and the "published order" benchmark baseline to check the fast one.
 
 One window at a time, in the published order of operations: the window's logits are
 upsampled to the window, summed into a full-size canvas with a count of windows per pixel,
 divided, and resized to the original image; the background threshold is computed per window.
 The last block is written out per head with explicit attention matrices, the CDAM map comes
 from `cdam_fast.reference.multiscale_cdam_map` and is applied as an explicit
-[N+1, N+1] @ [N+1, width] product with a zero CLS row and column. It shares with `Segmenter`
-only the loaded model, the text embeddings and the image decoding; it is slow by design.
+[N+1, N+1] @ [N+1, width] product with a zero CLS row and column. Resizing (OpenCV or torch)
+and the positional-embedding interpolation are written out here too. It shares with
+`Segmenter` only the loaded model, the text embeddings, the method registry entry (name,
+residual, MLP, depth), the image decoding and PAMR (tested on its own); it is slow by design.
 """
 from __future__ import annotations
 
@@ -17,11 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as ops_reference
-from .images import to_tensor
-
-# method -> (keeps the residual, keeps the MLP)
-_BLOCK_CHOICES = {"clip": (True, True), "maskclip": (True, True), "sclip": (True, True),
-                  "clearclip": (False, False), "naclip": (False, False)}
+from .images import to_pixels
+from .pamr import pamr
 
 
 def _heads(t, H):  # [T, W] -> [H, T, d]
@@ -42,8 +42,6 @@ def _method_attention(name, q, k, v, x_ln, grid_hw, H):
     d = qh.shape[-1]
     if name == "maskclip":
         return v
-    if name == "clip":
-        return _unheads(_softmax_rows(qh @ kh.transpose(1, 2) / math.sqrt(d)) @ vh)
     if name == "sclip":
         a = _softmax_rows(qh @ qh.transpose(1, 2) / math.sqrt(d)) + _softmax_rows(kh @ kh.transpose(1, 2) / math.sqrt(d))
         return _unheads(a @ vh)
@@ -66,7 +64,7 @@ def _method_attention(name, q, k, v, x_ln, grid_hw, H):
             t = F.normalize(t, dim=-1)
             total = total + _softmax_rows(temp * t @ t.transpose(1, 2)) @ vh
         return _unheads(total / 3)
-    raise ValueError(name)
+    raise ValueError(f"the reference pipeline has no formula for method {name!r}")
 
 
 def _block_parts(blk, x):
@@ -79,7 +77,7 @@ def _attn_to_stream(blk, o):
     return blk.ls_1(o @ blk.attn.out_proj.weight.T + blk.attn.out_proj.bias)
 
 
-def _tokens(visual, crop):
+def _tokens(visual, crop, pos_interp):
     """[3, h, w] normalised crop -> (tokens [1 + N, W] after ln_pre, (h_tok, w_tok))."""
     x = visual.conv1(crop[None])[0]  # [W, h, w]
     hw = tuple(x.shape[-2:])
@@ -87,7 +85,10 @@ def _tokens(visual, crop):
     pos = visual.positional_embedding
     g = visual.grid_size
     patch_pos = pos[1:].reshape(g[0], g[1], -1).permute(2, 0, 1)[None]
-    if hw != tuple(g):
+    if hw != tuple(g) and pos_interp == "published":  # the published (DINO-style) call
+        patch_pos = F.interpolate(patch_pos, scale_factor=((hw[0] + 0.1) / g[0], (hw[1] + 0.1) / g[1]),
+                                  mode="bicubic", align_corners=False, recompute_scale_factor=False)
+    elif hw != tuple(g):
         patch_pos = F.interpolate(patch_pos, size=hw, mode="bicubic", align_corners=False)
     patch_pos = patch_pos[0].flatten(1).T
     x = torch.cat([visual.class_embedding[None], x]) + torch.cat([pos[:1], patch_pos])
@@ -99,10 +100,11 @@ def window_token_logits(seg, crop):
     bb = seg.backbone
     visual, blocks, H = bb.visual, bb.blocks, bb.heads
     name = seg.method.name
-    x, hw = _tokens(visual, crop)
+    keep_residual, keep_mlp = seg.method.residual, seg.method.mlp
+    x, hw = _tokens(visual, crop, seg.pos_interp)
     L = len(blocks)
-    if name == "gem":  # parallel path over the last 6 blocks, no MLP
-        start = L - 6
+    if seg.method.depth > 1:  # GEM: a parallel path over the last blocks, no MLP
+        start = L - seg.method.depth
         for blk in blocks[:start]:
             x = blk(x[None])[0]
         stream = x
@@ -110,17 +112,15 @@ def window_token_logits(seg, crop):
             y, q, k, v = _block_parts(blocks[i], x)
             if i == L - 1:
                 x_last, stream_last, v_last = x, stream, v
-            stream = stream + _attn_to_stream(blocks[i], _method_attention("gem", q, k, v, y, hw, H))
+            stream = stream + _attn_to_stream(blocks[i], _method_attention(name, q, k, v, y, hw, H))
             if i < L - 1:
                 x = blocks[i](x[None])[0]
         out = stream
-        keep_residual, keep_mlp = True, False
     else:
         for blk in blocks[:-1]:
             x = blk(x[None])[0]
         x_last = stream_last = x
         y, q, k, v_last = _block_parts(blocks[-1], x)
-        keep_residual, keep_mlp = _BLOCK_CHOICES[name]
         out = _attn_to_stream(blocks[-1], _method_attention(name, q, k, v_last, y, hw, H))
         if keep_residual:
             out = x + out
@@ -149,11 +149,18 @@ def window_token_logits(seg, crop):
 
 
 class ReferenceResult(NamedTuple):
-    logits: torch.Tensor  # [C, H, W]
+    logits: torch.Tensor  # [C, H, W] (with synonyms kept apart: each class's best synonym)
     labels: torch.Tensor  # [H, W] int64, with seg.background applied
     threshold: object  # the threshold used (None: plain argmax)
     entropy_threshold: torch.Tensor  # from the tokens of all windows
     last_window_threshold: torch.Tensor  # the published per-window value, last window's
+
+
+def _per_class(logits, owner, C):
+    """[S, ...] -> [C, ...]: max over each class's synonym rows."""
+    if owner is None:
+        return logits
+    return torch.stack([logits[owner == c].max(0).values for c in range(C)])
 
 
 def _entropy_bits(logits_c_first, scale):
@@ -166,7 +173,7 @@ def reference_segment(seg, image):
     """ReferenceResult (logits [C, H, W], labels [H, W], thresholds) of one image, float32 on
     seg.device."""
     dev = seg.device
-    img = to_tensor(image).to(dev)
+    img = to_pixels(image)
     Hn, Wn = img.shape[-2:]
     if seg.mode == "window":
         scale = min(seg.short_side / min(Hn, Wn), seg.long_side / max(Hn, Wn))
@@ -175,7 +182,16 @@ def reference_segment(seg, image):
         p = seg.backbone.patch_size
         scale = min(seg.short_side / min(Hn, Wn), seg.long_side / max(Hn, Wn))
         size = tuple(max(pp, round(int(n * scale + 0.5) / pp) * pp) for n, pp in zip((Hn, Wn), p))
-    img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
+    if seg.resize == "opencv":  # mmseg: cv2 INTER_LINEAR on the HWC array (uint8 stays uint8)
+        import cv2
+
+        arr = cv2.resize(img.permute(1, 2, 0).numpy().copy(), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        img = torch.from_numpy(arr).permute(2, 0, 1).to(dev)
+        img = img.float() / 255 if img.dtype == torch.uint8 else img
+    else:
+        img = img.to(dev)
+        img = img.float() / 255 if img.dtype == torch.uint8 else img
+        img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
     mean = torch.tensor(seg.backbone.mean, device=dev).reshape(3, 1, 1)
     std = torch.tensor(seg.backbone.std, device=dev).reshape(3, 1, 1)
     img = (img - mean) / std
@@ -185,8 +201,9 @@ def reference_segment(seg, image):
     # mmseg's slide inference
     h_grids = max(Hr - crop + stride - 1, 0) // stride + 1
     w_grids = max(Wr - crop + stride - 1, 0) // stride + 1
-    C = len(seg.class_names)
-    canvas = torch.zeros(C, Hr, Wr, device=dev)
+    C, owner = len(seg.class_names), seg.owner
+    S = C if owner is None else len(owner)
+    canvas = torch.zeros(S, Hr, Wr, device=dev)
     count = torch.zeros(1, Hr, Wr, device=dev)
     entropies, thr_window = [], None
     for hi in range(h_grids):
@@ -195,13 +212,16 @@ def reference_segment(seg, image):
             y2, x2 = min(y1 + crop, Hr), min(x1 + crop, Wr)
             y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
             tok = window_token_logits(seg, img[:, y1:y2, x1:x2])
-            ent = _entropy_bits(tok, seg.logit_scale)
+            ent = _entropy_bits(_per_class(tok, owner, C), seg.logit_scale)
             entropies.append(ent)
             thr_window = 0.5 * 2.5 / ((ent.min() + ent.max()) / 2)
             canvas[:, y1:y2, x1:x2] += F.interpolate(tok[None], size=(y2 - y1, x2 - x1), mode="bilinear",
                                                      align_corners=False)[0]
             count[:, y1:y2, x1:x2] += 1
     logits = F.interpolate((canvas / count)[None], size=(Hn, Wn), mode="bilinear", align_corners=False)[0]
+    if seg.pamr_steps:
+        image = F.interpolate(img[None], size=(Hn, Wn), mode="bilinear", align_corners=False)[0]
+        logits = pamr(image, logits, seg.pamr_steps, seg.pamr_dilations)
     allh = torch.cat(entropies)
     thr_image = 0.5 * 2.5 / ((allh.min() + allh.max()) / 2)
     if seg.background == "entropy":
@@ -210,10 +230,9 @@ def reference_segment(seg, image):
         threshold = thr_window
     else:
         threshold = seg.background
-    if threshold is None:
-        labels = logits.argmax(0)
-    else:
-        prob = torch.softmax(seg.logit_scale * logits, dim=0)
-        top, arg = prob.max(0)
-        labels = torch.where(top < threshold, torch.zeros_like(arg), arg)
-    return ReferenceResult(logits, labels, threshold, thr_image, thr_window)
+    prob = torch.softmax(seg.logit_scale * logits, dim=0)  # over every synonym row
+    top, arg = prob.max(0)
+    if owner is not None:
+        arg = owner[arg]
+    labels = arg if threshold is None else torch.where(top < threshold, torch.zeros_like(arg), arg)
+    return ReferenceResult(_per_class(logits, owner, C), labels, threshold, thr_image, thr_window)

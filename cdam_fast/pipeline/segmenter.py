@@ -23,9 +23,13 @@ from ..ops import MODES as CDAM_MODES
 from ..ops import multiscale_cdam_attention
 from ..validation import CdamInputError, check_positive, check_scales
 from . import background as bg
-from .images import to_tensor
+from .images import require_opencv
+from .images import resize as resize_pixels
+from .images import to_pixels
 from .methods import get_method
 from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, ClipBackbone, load_clip
+from .pamr import pamr
+from .presets import PAMR_DILATIONS, POS_INTERPOLATIONS, RESIZES, SYNONYM_RULES, check_choice
 from .text import TextEmbedder, atp_prompts, parse_classes, resolve_templates
 from .windows import CROP, LONG_SIDE_MAX, SHORT_SIDE, STRIDE, Assembler, global_size, protocol_size, \
     sliding_layout, whole_layout
@@ -100,6 +104,7 @@ class ImageResult:
     threshold: torch.Tensor | float | None
     assembler: Assembler
     original: tuple
+    pixels: torch.Tensor | None = None  # the normalised resized image, kept for PAMR only
 
 
 class Segmenter:
@@ -118,7 +123,11 @@ class Segmenter:
     long_side (protocol), window_batch (windows per forward pass), logit_scale, CDAM's scales /
     tau / alpha, cdam_mode / memory_budget (passed to the fused op), progress (text bars: prompt
     encoding, and the windows of a large image), cache_dir (disk cache of text embeddings, see
-    pipeline/textcache.py; None: $CDAM_FAST_CACHE_DIR or ~/.cache/cdam_fast, False: off).
+    pipeline/textcache.py; None: $CDAM_FAST_CACHE_DIR or ~/.cache/cdam_fast, False: off),
+    and the protocol choices of presets.py: resize ("torch" or "opencv", the published uint8
+    resize), pos_interp ("published" or "size"), synonyms ("mean" or "max", the published
+    rule), pamr_steps / pamr_dilations (PAMR post-processing, off at 0 steps).
+    `Segmenter(classes, **presets.preset("cdam-voc21"))` reproduces a published configuration.
     """
 
     def __init__(self, classes, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, method: str = "maskclip",
@@ -127,7 +136,9 @@ class Segmenter:
                  short_side: int = SHORT_SIDE, long_side: int = LONG_SIDE_MAX, window_batch: int = 16,
                  logit_scale: float = bg.LOGIT_SCALE, scales=CDAM_SCALES, tau: float = 0.1, alpha: float = 10.0,
                  cdam_mode: str = "auto", memory_budget: int | None = None, seed: int = RANDOM_WEIGHTS_SEED,
-                 quick_gelu: bool | None = None, progress: bool = True, cache_dir=None):
+                 quick_gelu: bool | None = None, progress: bool = True, cache_dir=None, resize: str = "torch",
+                 pos_interp: str = "published", synonyms: str = "mean", pamr_steps: int = 0,
+                 pamr_dilations=PAMR_DILATIONS):
         self.classes = parse_classes(classes)
         self.method = get_method(method)
         if mode not in MODES:
@@ -147,6 +158,13 @@ class Segmenter:
         self.logit_scale = check_positive("logit_scale", logit_scale)
         self.scales, self.tau, self.alpha = check_scales(scales), check_positive("tau", tau), check_positive("alpha", alpha)
         self.cdam_mode, self.memory_budget = cdam_mode, memory_budget
+        self.resize = check_choice("resize", resize, RESIZES)
+        self.pos_interp = check_choice("pos_interp", pos_interp, POS_INTERPOLATIONS)
+        self.synonyms = check_choice("synonyms", synonyms, SYNONYM_RULES)
+        self.pamr_steps = _check_int("pamr_steps", pamr_steps, 0)
+        self.pamr_dilations = tuple(_check_int("pamr_dilations", d) for d in pamr_dilations)
+        if self.resize == "opencv":
+            require_opencv()  # a missing extra fails here, before the model load
         templates = resolve_templates(templates)  # cheap checks before the (slow) model load
         self.atp = tuple(atp_prompts() if atp is None else atp)
         if not all(isinstance(a, str) and a.strip() for a in self.atp):
@@ -166,8 +184,14 @@ class Segmenter:
             raise CdamInputError(f"crop ({crop}) is smaller than the model's {ph}x{pw} patches")
 
         self.progress = progress
-        self._text_embedder = TextEmbedder(self.backbone, templates, progress=progress, cache_dir=cache_dir)
-        self.text = self._text_embedder.classes(self.classes).to(self.device)  # [C, E]
+        self._text_embedder = text = TextEmbedder(self.backbone, templates, progress=progress, cache_dir=cache_dir)
+        self.owner = None  # class of each text row when synonyms are kept apart
+        if self.synonyms == "max" and any(len(s) > 1 for s in self.classes.synonyms):
+            self.text = text.prompts([n for syn in self.classes.synonyms for n in syn]).to(self.device)  # [S, E]
+            self.owner = torch.tensor([c for c, syn in enumerate(self.classes.synonyms) for _ in syn],
+                                      device=self.device)
+        else:
+            self.text = text.classes(self.classes).to(self.device)  # [C, E]
         self._atp_text = None  # the ATP embeddings, encoded when CDAM first needs them
         self._mean = torch.tensor(self.backbone.mean, device=self.device).reshape(3, 1, 1)
         self._std = torch.tensor(self.backbone.std, device=self.device).reshape(3, 1, 1)
@@ -199,7 +223,7 @@ class Segmenter:
                                  f"{tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__}")
         if not bool(torch.isfinite(embeddings).all()):
             raise CdamInputError("embeddings contain NaN or infinite values")
-        self.text = F.normalize(embeddings.to(self.device, torch.float32), dim=-1)
+        self.text, self.owner = F.normalize(embeddings.to(self.device, torch.float32), dim=-1), None
 
     # -- the network on a batch of windows ------------------------------------------------------
     def _autocast(self):
@@ -209,13 +233,13 @@ class Segmenter:
 
     @torch.inference_mode()
     def encode_windows(self, crops: torch.Tensor) -> torch.Tensor:
-        """Normalised crops [B, 3, h, w] (on self.device) -> token logits [B, C, h_tok, w_tok]
-        (float32, cosine similarities to the class embeddings, no logit scale). The unit of work
-        that throughput benchmarks time."""
+        """Normalised crops [B, 3, h, w] (on self.device) -> token logits [B, S, h_tok, w_tok]
+        (float32, cosine similarities to the text rows: one per class, or one per synonym with
+        synonyms="max"; no logit scale). The unit of work that throughput benchmarks time."""
         bb, method = self.backbone, self.method
         dist_text = self.distribution_text if self.cdam else None  # (first call: ATP encoded outside autocast)
         with self._autocast():
-            x, grid = bb.embed(crops)
+            x, grid = bb.embed(crops, self.pos_interp)
             x = bb.run_blocks(x, 0, bb.depth - method.depth)
             first = method.first_pass(bb, x, grid)  # x_L1 stays cached in `first` for the re-run
             feats = bb.project(first.out[:, 1:])  # [B, N, E] float32
@@ -233,13 +257,12 @@ class Segmenter:
     # -- images -> windows -> results ---------------------------------------------------------
     def preprocess(self, image, what: str = "image") -> _Prepared:
         """Resize to the protocol size and normalise; plan the windows."""
-        pixels = to_tensor(image, what)
+        pixels = to_pixels(image, what)
         H, W = pixels.shape[-2:]
         ph, pw = self.backbone.patch_size
         size, layout = plan_image(H, W, (ph, pw), self.mode, self.short_side, self.long_side, self.crop,
                                   self.stride, what, self.backbone.name)
-        pixels = F.interpolate(pixels.to(self.device)[None], size=size, mode="bilinear", align_corners=False,
-                               antialias=False)[0]
+        pixels = resize_pixels(pixels, size, self.resize, self.device)
         tokens = (layout.window[0] // ph, layout.window[1] // pw)
         return _Prepared((pixels - self._mean) / self._std, (H, W), layout, tokens)
 
@@ -247,7 +270,8 @@ class Segmenter:
         if self.background is None or isinstance(self.background, float):
             return self.background
         tokens = window_logits if self.background == "entropy" else window_logits[-1:]
-        return bg.entropy_threshold(tokens.transpose(1, -1), self.logit_scale)
+        tokens = bg.class_logits(tokens.transpose(0, 1), self.owner, len(self.classes))  # [C, n, h, w]
+        return bg.entropy_threshold(tokens.movedim(0, -1), self.logit_scale)
 
     def _run_group(self, items: list) -> list:
         crops: dict = {}
@@ -278,7 +302,8 @@ class Segmenter:
         for it, o in zip(items, outs):
             wl = torch.stack(o)
             asm = _assembler(it.layout, it.tokens, it.original, self.device)
-            results.append(ImageResult(wl, self._threshold(wl), asm, it.original))
+            results.append(ImageResult(wl, self._threshold(wl), asm, it.original,
+                                       it.pixels if self.pamr_steps else None))
         return results
 
     def results(self, images, names=None):
@@ -331,16 +356,31 @@ class Segmenter:
         return self.logits_batch([image])[0]
 
     def logits_batch(self, images) -> list:
-        return [r.assembler(r.window_logits) for r in self.results(images)]
+        """Per image [C, H, W] float32 logits; with synonyms kept apart a class's logit is its
+        best synonym's; PAMR, when on, is applied."""
+        return [bg.class_logits(self._full_logits(r), self.owner, len(self.classes)) for r in self.results(images)]
+
+    def _full_logits(self, result: ImageResult) -> torch.Tensor:
+        """[S, H, W] logits of one result at the input size (PAMR applied when on)."""
+        logits = result.assembler(result.window_logits)
+        if self.pamr_steps and result.pixels is not None:
+            # the published codes refine with the normalised image resized back to the input size
+            image = F.interpolate(result.pixels[None].float(), size=result.original, mode="bilinear",
+                                  align_corners=False)[0]
+            logits = pamr(image, logits, self.pamr_steps, self.pamr_dilations)
+        return logits
 
     def label_map(self, result: ImageResult) -> np.ndarray:
         """[H, W] class indices (uint8 for up to 256 classes, else int64) of one result, built
         in row chunks so that [C, H, W] logits of a large image are never all in memory."""
-        half = result.assembler.half_apply(result.window_logits)
         H, W = result.original
-        rows = max(1, _LABEL_CHUNK // max(1, half.shape[0] * W))
-        out = torch.cat([bg.label(result.assembler.rows_apply(half, a, a + rows), result.threshold, self.logit_scale)
-                         for a in range(0, H, rows)])
+        if self.pamr_steps and result.pixels is not None:  # PAMR needs the whole logits map
+            out = bg.label(self._full_logits(result), result.threshold, self.logit_scale, self.owner)
+        else:
+            half = result.assembler.half_apply(result.window_logits)
+            rows = max(1, _LABEL_CHUNK // max(1, half.shape[0] * W))
+            out = torch.cat([bg.label(result.assembler.rows_apply(half, a, a + rows), result.threshold,
+                                      self.logit_scale, self.owner) for a in range(0, H, rows)])
         dtype = np.uint8 if len(self.classes) <= 256 else np.int64
         return out.cpu().numpy().astype(dtype)
 
