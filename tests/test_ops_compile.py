@@ -38,7 +38,29 @@ def opcheck_cases(name, gen):
     }
 
 
+def layout_cases(name, gen):
+    """Non-contiguous inputs (a transposed v, a permuted p / sim): every backend returns contiguous
+    outputs, so the fake must too (it used to keep v's strides)."""
+    def strided(t, *order):  # same values, permuted memory layout
+        return t.permute(*order).contiguous().permute(*order)
+
+    p = strided(random_distributions(gen, 2, 6, 4), 0, 2, 1)   # [2, 6, 4]
+    vt = strided(random_values(gen, 2, 6, 3), 0, 2, 1)         # [2, 6, 3]
+    sim = random_similarities(gen, 2, 4, 5, 3).permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)  # [2, 4, 3, 5]
+    vs = strided(random_values(gen, 2, 15, 3), 0, 2, 1)
+    assert not (p.is_contiguous() or vt.is_contiguous() or sim.is_contiguous() or vs.is_contiguous())
+    return {
+        "cdam_attention_vT": (ops.cdam_attention.default, (p, vt, 10.0, "materialize", BUDGET, name, True)),
+        "cdam_attention_vT_recompute": (ops.cdam_attention.default, (p, vt, 10.0, "recompute", 0, name, True)),
+        "multiscale_cdam_attention_vT": (ops.multiscale_cdam_attention.default,
+                                         (sim, vs, [1.0, 0.5], 0.1, 10.0, "auto", BUDGET, name, True)),
+        "jsd_attention_vT": (ops.jsd_attention.default, (p, vt, 0.1, None, name, True)),
+        "pairwise_jsd_pT": (ops.pairwise_jsd.default, (p, None, name, True)),
+    }
+
+
 CASE_NAMES = list(opcheck_cases("reference", torch.Generator().manual_seed(0)))
+LAYOUT_CASES = list(layout_cases("reference", torch.Generator().manual_seed(0)))
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
@@ -47,6 +69,49 @@ def test_opcheck(backend, gen, case):
     op, args = opcheck_cases(name, gen)[case]
     args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_opcheck_non_contiguous_inputs(backend, gen, case):
+    name, dev = backend
+    op, args = layout_cases(name, gen)[case]
+    args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, args)
+    out = op(*args)
+    assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("m", [5, 0])
+def test_mixed_dtypes_follow_one_rule(gen, m):
+    """p float32 with q float64 (also with M = 0): computed in float64, returned as float64,
+    eager and fake alike; an explicit float32-only backend refuses it."""
+    p = random_distributions(gen, 2, 4, 3)
+    q = random_distributions(gen, 2, max(m, 1), 3, dtype=torch.float64)[:, :m]
+    torch.library.opcheck(ops.pairwise_jsd.default, (p, q, "reference", True))
+    out = cf.pairwise_jsd(p, q)
+    assert out.dtype == torch.float64 and out.shape == (2, 4, m)
+    if m:
+        from cdam_fast import reference
+
+        torch.testing.assert_close(out, reference.pairwise_jsd(p.double(), q), rtol=0, atol=1e-15)
+    if m:
+        with pytest.raises(cf.BackendUnavailableError, match="float64"):
+            cf.pairwise_jsd(p, q, backend="cpu")
+    v = random_values(gen, 2, 4, 3, dtype=torch.float64)
+    torch.library.opcheck(ops.cdam_attention.default, (p, v, 10.0, "auto", BUDGET, "reference", True))
+    vk = random_values(gen, 2, m, 3, dtype=torch.float16)
+    torch.library.opcheck(ops.jsd_attention.default, (p.half(), vk, 0.1, q, "reference", True))
+
+
+def test_compile_fullgraph_transposed_values(backend, gen):
+    name, dev = backend
+
+    def fn(p, vt):
+        return cf.cdam_attention(p, vt.transpose(-1, -2), backend=name) * 2.0
+
+    p, vt = random_distributions(gen, 2, 6, 4).to(dev), random_values(gen, 2, 3, 6).to(dev)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend=counter)(p, vt), fn(p, vt))
 
 
 def test_opcheck_float64_reference(gen):
