@@ -558,3 +558,17 @@ def test_auto_skips_a_backend_whose_limits_a_call_exceeds(data, monkeypatch, ref
         out = cf.cdam_map(data["p"])
     assert reference_calls == ["cdam_map"]
     torch.testing.assert_close(out, reference_backend.cdam_map(data["p"], 10.0))
+
+
+def test_triton_backend_functions_take_non_contiguous_inputs(gen):
+    """The backend's functions used to be the raw launchers, which read v as if contiguous."""
+    if dispatch.unavailable_reason("triton", torch.device("cpu"), F32) is not None:
+        pytest.skip("triton does not run CPU tensors here")
+    from cdam_fast.backends import triton_backend
+
+    p = random_distributions(gen, 2, 5, 3)
+    v = random_values(gen, 2, 4, 5).transpose(1, 2)  # [2, 5, 4], non-contiguous
+    torch.testing.assert_close(triton_backend.jsd_attention(p, v, 0.1, None),
+                               triton_backend.jsd_attention(p, v.contiguous(), 0.1, None), rtol=0, atol=0)
+    pt = p.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(triton_backend.pairwise_jsd(pt, pt), triton_backend.pairwise_jsd(p, p), rtol=0, atol=0)
