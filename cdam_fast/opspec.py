@@ -26,8 +26,7 @@ from typing import Callable
 import torch
 
 from . import reference, validation
-
-MAP_OPS = ("pairwise_jsd", "cdam_map", "multiscale_cdam_map")
+from .memory import multiscale_grid_sizes
 
 
 @dataclass
@@ -79,8 +78,6 @@ class Call:
 
     def grid_sizes(self) -> list[int]:
         """n_s of every scale (one entry, N, for the single-scale ops)."""
-        from .memory import multiscale_grid_sizes
-
         sim = self.tensors.get("sim")
         if sim is None:
             return [self.tokens()]
