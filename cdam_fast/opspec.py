@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import torch
 
 from . import reference, validation
-from .memory import multiscale_grid_sizes
+from .memory import check_mode, multiscale_grid_sizes
+
+# The scalar parameters' checks, by parameter name: the public wrappers run them up front (so
+# they surface while tracing), the registered ops again (direct torch.ops calls skip the wrappers).
+OPTION_CHECKS = {"alpha": validation.check_alpha, "tau": validation.check_tau, "scales": validation.check_scales,
+                 "mode": check_mode, "memory_budget": validation.check_budget}
 
 
 @dataclass
@@ -45,15 +51,15 @@ class Call:
     def present(self) -> list:
         return [t for t in self.tensors.values() if t is not None]
 
-    @property
+    @cached_property  # metadata only: unchanged when tensors are made contiguous
     def device(self) -> torch.device:
         return self.present()[0].device
 
-    @property
+    @cached_property
     def compute_dtype(self) -> torch.dtype:
         return torch.float64 if any(t.dtype == torch.float64 for t in self.present()) else torch.float32
 
-    @property
+    @cached_property
     def batch(self) -> int:
         return self.present()[0].shape[0]
 
@@ -122,6 +128,10 @@ class OpSpec:
 
     def out_dtype(self, call: Call) -> torch.dtype:
         return call.compute_dtype if self.returns_map else call.tensors["v"].dtype
+
+    def check_options(self, call: Call) -> None:
+        for k, value in call.options.items():
+            OPTION_CHECKS[k](value)
 
     def check_values(self, call: Call) -> None:
         """The value checks (validate=True): they read the data."""

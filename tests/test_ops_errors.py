@@ -572,3 +572,18 @@ def test_triton_backend_functions_take_non_contiguous_inputs(gen):
                                triton_backend.jsd_attention(p, v.contiguous(), 0.1, None), rtol=0, atol=0)
     pt = p.transpose(1, 2).contiguous().transpose(1, 2)
     torch.testing.assert_close(triton_backend.pairwise_jsd(pt, pt), triton_backend.pairwise_jsd(p, p), rtol=0, atol=0)
+
+
+def test_registered_ops_check_their_parameters_too(data):
+    """torch.ops.cdam_fast.* called directly (no public wrapper) still rejects bad parameters."""
+    ops = torch.ops.cdam_fast
+    with raises_naming("alpha", also="float32"):
+        ops.cdam_map(data["p"], 1e39, "reference", True)
+    with raises_naming("tau"):
+        ops.jsd_attention(data["p"], data["v"], -1.0, None, "reference", True)
+    with raises_naming("mode"):
+        ops.cdam_attention(data["p"], data["v"], 10.0, "fast", 0, "reference", True)
+    with raises_naming("memory_budget"):
+        ops.cdam_attention(data["p"], data["v"], 10.0, "auto", -5, "reference", True)
+    with raises_naming("scales"):
+        ops.multiscale_cdam_map(data["sim"], [2.0], 0.1, 10.0, "reference", True)
