@@ -1,5 +1,8 @@
 """Baselines the backends are measured against, written from the spec's formulas (docs: spec 2-3).
 
+TEST ORACLE / BENCHMARK ONLY: nothing in the runtime package (cdam_fast without .benchmarks)
+imports this module; users never need it.
+
 Two families, both taking the ops' batch-flattened inputs (p [B, N, C], v [B, N, D],
 sim [B, C, h, w]):
 

@@ -10,12 +10,10 @@ import math
 from dataclasses import dataclass, replace
 
 from cdam_fast.grids import CDAM_SCALES
-
-OPS = ("pairwise_jsd", "cdam_map", "cdam_attention", "multiscale_cdam_map", "multiscale_cdam_attention",
-       "jsd_attention")
-MULTISCALE_OPS = ("multiscale_cdam_map", "multiscale_cdam_attention")
-ATTENTION_OPS = ("cdam_attention", "multiscale_cdam_attention", "jsd_attention")
-MODE_OPS = ("cdam_attention", "multiscale_cdam_attention")  # ops taking mode= / memory_budget=
+from cdam_fast.memory import multiscale_grid_sizes
+# the op lists come from the op specifications (cdam_fast.opspec), their one home
+from cdam_fast.opspec import ATTENTION_OPS, MODE_OPS, MULTISCALE_OPS  # noqa: F401  (re-exported)
+from cdam_fast.opspec import OP_NAMES as OPS
 PIPELINE = "pipeline"
 PAPER_N, PAPER_C = 784, 101
 
@@ -61,12 +59,7 @@ def divergence_elements(case: Case, scales=CDAM_SCALES) -> int | None:
     if case.op == PIPELINE:
         return None
     if case.op in MULTISCALE_OPS:
-        h, w = case.grid
-        pairs = 0
-        for s in scales:
-            hs, ws = (h, w) if s == 1.0 else (max(1, int(h * s)), max(1, int(w * s)))
-            pairs += (hs * ws) ** 2
-        return case.B * case.C * pairs
+        return case.B * case.C * sum(n * n for n in multiscale_grid_sizes(*case.grid, scales))
     return case.B * case.N * case.N * case.C
 
 

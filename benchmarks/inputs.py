@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .cases import ATTENTION_OPS, MULTISCALE_OPS, Case
+from cdam_fast.opspec import OPS
+
+from .cases import Case
 
 # Rotate through enough sets that their total is about twice the GPU's L2 (a call never
 # finds its inputs cached by the previous call), within these bounds.
@@ -23,15 +25,20 @@ def make_input_set(case: Case, device: torch.device, gen: torch.Generator) -> tu
     sim values look like raw cosine similarities (0.2 +- 0.05).
     """
     dt = dtype_of(case.dtype)
-    if case.op in MULTISCALE_OPS:
-        h, w = case.grid
-        first = 0.2 + 0.05 * torch.randn(case.B, case.C, h, w, generator=gen)
-    else:
-        first = torch.softmax(3.0 * torch.randn(case.B, case.N, case.C, generator=gen), dim=-1)
-    tensors = [first]
-    if case.op in ATTENTION_OPS:
-        tensors.append(torch.randn(case.B, case.N, case.D, generator=gen))
-    return tuple(t.to(device=device, dtype=dt) for t in tensors)
+
+    def distributions(shape):
+        return torch.softmax(3.0 * torch.randn(*shape, generator=gen), dim=-1)
+
+    def similarities(shape):
+        return 0.2 + 0.05 * torch.randn(*shape, generator=gen)
+
+    def values(shape):
+        return torch.randn(*shape, generator=gen)
+
+    spec = OPS[case.op]
+    args = spec.example_args(B=case.B, N=case.N, C=case.C, D=case.D, grid=case.grid, distributions=distributions,
+                             values=values, similarities=similarities)
+    return tuple(t.to(device=device, dtype=dt) for t in args.values())
 
 
 def set_bytes(case: Case) -> int:

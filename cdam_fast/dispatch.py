@@ -1,9 +1,19 @@
 """The one place that picks a backend for an op call.
 
-A backend is a module under ``cdam_fast.backends`` exposing ``unavailable_reason(device,
-dtype) -> str | None`` and one function per op, all taking batch-flattened, validated,
-contiguous tensors. Modules are imported lazily, so a missing Triton or compiler only
-matters to the calls that ask for it.
+A backend is a module under ``cdam_fast.backends`` exposing
+
+* ``unavailable_reason(device, dtype) -> str | None``: can it run at all here (for
+  :func:`available_backends`);
+* ``not_supported_reasons(call) -> list[str]``: why it cannot run this concrete call
+  (:class:`cdam_fast.opspec.Call`: device, dtypes, sizes, launch-grid and index limits, number
+  of scales...), empty when it can;
+* one function per op (named as in :data:`cdam_fast.opspec.OPS`, arguments in the spec's
+  ``params`` order), taking batch-flattened, validated, contiguous tensors.
+
+``"auto"`` takes the first backend of its device's preference list with no reasons; an
+explicitly requested backend that cannot run raises :class:`BackendUnavailableError` listing its
+reasons. Modules are imported lazily, so a missing Triton or compiler only matters to the calls
+that ask for it.
 """
 from __future__ import annotations
 
@@ -22,7 +32,7 @@ _MODULES = {
     "cuda": "cdam_fast.backends.cuda_backend",
     "cpu": "cdam_fast.backends.cpu_backend",
 }
-# Preference of "auto" per device type; the reference runs everywhere and closes each list.
+# Preference of "auto" per device type; the reference runs everything and closes each list.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference")}
 _AUTO_DEFAULT = ("cpu", "reference")
 
@@ -51,38 +61,75 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> s
     return mod.unavailable_reason(device, dtype)
 
 
+def not_supported_reasons(name: str, call) -> list[str]:
+    """Why backend `name` cannot run this call (empty list: it can)."""
+    mod = _load(name)
+    if isinstance(mod, Exception):
+        return [f"it could not be imported ({mod})"]
+    return list(mod.not_supported_reasons(call))
+
+
 def check_backend_name(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype):
-    """The backend module to run an op with; `backend` is a name from BACKENDS."""
+def _requested(backend: str) -> str:
     check_backend_name(backend)
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env:
             if env not in BACKENDS:
                 raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {env!r}")
-            backend = env
+            return env
+    return backend
+
+
+def _pick(backend: str, device: torch.device, dtype: torch.dtype, reasons_of, what: str):
+    """The module to run with; reasons_of(name) -> list of reasons it cannot."""
+    backend = _requested(backend)
     if backend != "auto":
-        why = unavailable_reason(backend, device, dtype)
-        if why is not None:
-            raise BackendUnavailableError(f"backend {backend!r} cannot run {dtype} tensors on {device}: {why}")
+        why = reasons_of(backend)
+        if why:
+            raise BackendUnavailableError(f"backend {backend!r} cannot run {what}: {'; '.join(why)}")
         return _load(backend)
     order = _AUTO_ORDER.get(device.type, _AUTO_DEFAULT)
-    for i, name in enumerate(order):
-        why = unavailable_reason(name, device, dtype)
-        if why is None:
+    skipped = []
+    for name in order:
+        why = reasons_of(name)
+        if not why:
+            _warn_fallback(skipped, name, device, dtype)
             return _load(name)
-        key = (name, device.type, why)
-        # A preferred backend that should work but does not (no compiler, broken Triton) is worth
-        # one line; float64 going to the reference is by design and stays quiet.
-        if i == 0 and dtype != torch.float64 and key not in _warned:
-            _warned.add(key)
-            warnings.warn(f"cdam_fast: backend {name!r} unavailable on {device.type} ({why}); "
-                          f"falling back to {order[i + 1]!r}", RuntimeWarning, stacklevel=3)
-    raise AssertionError("the reference backend is always available")
+        skipped.append((name, why))
+    raise AssertionError("the reference backend runs every call")
+
+
+def _warn_fallback(skipped, used: str, device: torch.device, dtype: torch.dtype) -> None:
+    """A preferred backend that should work but does not (no compiler, broken Triton, a size it
+    cannot launch) is worth one line naming the backend actually used; float64 going to the
+    reference is by design and stays quiet."""
+    if not skipped or dtype == torch.float64:
+        return
+    name, why = skipped[0]
+    key = (name, used, device.type, tuple(why))
+    if key in _warned:
+        return
+    _warned.add(key)
+    also = "".join(f"; {n!r} cannot either ({'; '.join(w)})" for n, w in skipped[1:])
+    warnings.warn(f"cdam_fast: backend {name!r} unavailable on {device.type} for this call ({'; '.join(why)}){also}; "
+                  f"falling back to {used!r}", RuntimeWarning, stacklevel=4)
+
+
+def select(backend: str, call):
+    """The backend module to run `call` (a cdam_fast.opspec.Call) with."""
+    return _pick(backend, call.device, call.compute_dtype, lambda n: not_supported_reasons(n, call),
+                 f"{call.op} on these inputs")
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype):
+    """The backend module for tensors of this device and dtype, regardless of sizes."""
+    return _pick(backend, device, dtype, lambda n: [r for r in [unavailable_reason(n, device, dtype)] if r],
+                 f"{dtype} tensors on {device}")
 
 
 def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict:

@@ -4,36 +4,30 @@ Every op accepts ``backend`` ("auto", "triton", "cuda", "cpu", "reference"; the 
 variable CDAM_FAST_BACKEND overrides "auto") and ``validate`` (value checks on the inputs:
 finite, probabilities summing to 1; structural checks always run).
 
-Maps come back in float32 (float64 for float64 inputs, which only the reference computes);
-attention outputs in v's dtype.
+Dtypes (cdam_fast.opspec states the rule once): the divergences are computed in float64 if any
+tensor input is float64 (only the reference does that), else in float32; maps come back in that
+dtype, attention outputs in v's dtype.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from . import _library as lib
+from . import memory
 from . import validation as val
 from .dispatch import check_backend_name
 from .grids import CDAM_SCALES
-
-#: Largest N x N float32 buffer (bytes, summed over the batch) that the two-pass CDAM
-#: attention may keep between its passes; beyond it the divergences are recomputed instead.
-DEFAULT_MEMORY_BUDGET = int(os.environ.get("CDAM_FAST_MEMORY_BUDGET", 1 << 30))
-MODES = ("auto", "materialize", "recompute")
+from .memory import DEFAULT_MEMORY_BUDGET, MODES  # noqa: F401  (public names)
 
 
 def _common(backend: str, mode: str | None = None, memory_budget: int | None = None):
     check_backend_name(backend)
-    if mode is not None and mode not in MODES:
-        raise val.CdamInputError(f"mode must be one of {MODES}, got {mode!r}")
-    if memory_budget is None:
-        return DEFAULT_MEMORY_BUDGET
-    if not isinstance(memory_budget, int) or memory_budget < 0:
-        raise val.CdamInputError(f"memory_budget must be a non-negative int (bytes), got {memory_budget!r}")
-    return memory_budget
+    if mode is None:
+        return None
+    memory.check_mode(mode)
+    return memory.resolve_budget(memory_budget)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -76,7 +70,7 @@ def cdam_map(p: torch.Tensor, alpha: float = 10.0, *, backend: str = "auto", val
     _common(backend)
     val.check_tensor("p", p, 2)
     _check_classes("p", p)
-    alpha = val.check_positive("alpha", alpha)
+    alpha = val.check_alpha(alpha)
     out = lib.cdam_map(_rows(p), alpha, backend, validate)
     return out.reshape(*p.shape[:-1], p.shape[-2])
 
@@ -94,13 +88,14 @@ def cdam_attention(p: torch.Tensor, v: torch.Tensor, alpha: float = 10.0, *, mod
 
     mode "materialize" keeps the N x N float32 divergences between the two passes, "recompute"
     evaluates them twice in O(N (C + D)) extra memory; "auto" materialises while the buffer fits
-    in memory_budget bytes (default DEFAULT_MEMORY_BUDGET, 1 GiB).
+    in memory_budget bytes (default: CDAM_FAST_MEMORY_BUDGET, else DEFAULT_MEMORY_BUDGET = 1 GiB;
+    the rule is cdam_fast.memory's).
     """
     budget = _common(backend, mode, memory_budget)
     val.check_tensor("p", p, 2)
     _check_classes("p", p)
     _check_values("p", p, v, p.shape[-2])
-    alpha = val.check_positive("alpha", alpha)
+    alpha = val.check_alpha(alpha)
     out = lib.cdam_attention(_rows(p), _rows(v), alpha, mode, budget, backend, validate)
     return out.reshape(v.shape)
 
@@ -109,7 +104,7 @@ def _check_sim(sim: torch.Tensor, scales, tau, alpha):
     val.check_tensor("sim", sim, 3)
     if sim.shape[-3] == 0:
         raise val.CdamInputError("sim has no classes (dim -3 is 0)")
-    return val.check_scales(scales), val.check_positive("tau", tau), val.check_positive("alpha", alpha)
+    return val.check_scales(scales), val.check_tau(tau), val.check_alpha(alpha)
 
 
 def multiscale_cdam_map(sim: torch.Tensor, scales=CDAM_SCALES, tau: float = 0.1, alpha: float = 10.0, *,
@@ -147,7 +142,7 @@ def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float = 0.1, *, q: torc
     _common(backend)
     val.check_tensor("p", p, 2)
     _check_classes("p", p)
-    tau = val.check_positive("tau", tau)
+    tau = val.check_tau(tau)
     _check_keys(p, q)
     keys = p if q is None else q
     val.check_tensor("v", v, 2)

@@ -18,6 +18,17 @@ ROW_SUM_TOL = 1e-3
 ROW_SUM_TOL_BF16 = 8e-3
 
 
+# The kernels take alpha, alpha * log2(e), 1 / tau and sim / tau as float32 numbers: parameters
+# are held to the range where those stay finite normal floats.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
+_LOG2E = 1.4426950408889634
+ALPHA_MAX = FLOAT32_MAX / _LOG2E / 2  # alpha * log2(e) stays finite, with 2x headroom for rounding
+TAU_MIN = FLOAT32_TINY * 16  # tau a normal float32 and log2(e) / tau finite, with headroom
+# memory_budget travels as a torch.library int (int64)
+INT64_MAX = 2**63 - 1
+
+
 class CdamInputError(ValueError):
     """Raised for arguments the ops cannot accept."""
 
@@ -50,17 +61,41 @@ def check_dim(name: str, size: int, what: str, expected: int, ref_name: str) -> 
         raise CdamInputError(f"{name} has {what} {size} but {ref_name} implies {expected}")
 
 
-def check_positive(name: str, x: float) -> float:
+def check_positive(name: str, x: float, lo: float = 0.0, hi: float = math.inf) -> float:
+    """A positive finite number; `lo` / `hi` (inclusive) narrow it to the range the kernels support."""
     # a chained comparison rather than math.isfinite: dynamo can evaluate it on a traced float
     if not isinstance(x, (int, float)) or isinstance(x, bool) or not (0.0 < x < math.inf):
         raise CdamInputError(f"{name} must be a positive finite number, got {x!r}")
+    if not (lo <= x <= hi):
+        raise CdamInputError(f"{name} must lie in [{lo:.4g}, {hi:.4g}] (the float32 range the kernels compute "
+                             f"in), got {x!r}")
     return float(x)
 
 
+def check_alpha(alpha) -> float:
+    return check_positive("alpha", alpha, hi=ALPHA_MAX)
+
+
+def check_tau(tau) -> float:
+    return check_positive("tau", tau, lo=TAU_MIN)
+
+
+def check_budget(x, name: str = "memory_budget") -> int:
+    """A byte count: a non-negative int (not a bool) that fits in int64."""
+    if not isinstance(x, int) or isinstance(x, bool) or not (0 <= x <= INT64_MAX):
+        raise CdamInputError(f"{name} must be a non-negative integer number of bytes below 2**63, got {x!r}")
+    return x
+
+
 def check_scales(scales) -> tuple:
+    if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
+        raise CdamInputError(f"scales must be a sequence of numbers, got {scales!r}")
+    items = list(scales)
     try:
-        out = tuple(float(s) for s in scales)
-    except TypeError:
+        if any(isinstance(s, (bool, str, bytes)) for s in items):
+            raise TypeError
+        out = tuple(float(s) for s in items)
+    except (TypeError, ValueError):
         raise CdamInputError(f"scales must be a sequence of numbers, got {scales!r}") from None
     if not out:
         raise CdamInputError("scales must not be empty")
@@ -89,3 +124,14 @@ def check_distribution(name: str, p: torch.Tensor) -> None:
             f"rows of {name} must sum to 1 (tolerance {tol}); the worst row is off by {err:.3g}. "
             "Pass softmax probabilities, not logits or similarities"
         )
+
+
+def check_scaled_similarities(sim: torch.Tensor, tau: float) -> None:
+    """sim / tau must stay finite in the dtype the softmax runs in (float32, float64 for float64 sim)."""
+    if sim.numel() == 0:
+        return
+    top = float(sim.abs().max().item())
+    limit = float(torch.finfo(torch.float64 if sim.dtype == torch.float64 else torch.float32).max)
+    if top / tau > limit:
+        raise CdamInputError(f"sim / tau overflows {'float64' if limit > FLOAT32_MAX else 'float32'}: "
+                             f"max |sim| = {top:.4g}, tau = {tau:.4g}; use a larger tau or rescale sim")

@@ -1,5 +1,7 @@
 """Compile the kernels for a GPU target without a GPU and report what the hardware would run.
 
+DIAGNOSTIC TOOL for tests and kernel work: the runtime never imports it.
+
     python -m cdam_fast.kernels.offline_compile [--arch 90]   # prints one JSON line per kernel
 
 For each kernel at its production tile sizes: register spills (from ptxas -v), the count of

@@ -21,12 +21,15 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util  # noqa: E402
+
 from cdam_fast.dispatch import unavailable_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = DEVICE.type == "cpu"
 # Every backend under test. The reference appears too: run in float32 it is checked against
-# itself in float64. Backends this machine cannot run are reported as skips with their reason.
+# itself in float64. Only absent hardware or an absent optional package skips a backend; one
+# that is present but broken (an import error inside cdam_fast.kernels, a failed build) fails.
 BACKENDS_UNDER_TEST = ("reference", "triton", "cpu", "cuda")
 
 
@@ -34,15 +37,45 @@ def backend_device(name: str) -> torch.device:
     return torch.device("cuda") if name == "cuda" else (torch.device("cpu") if name == "cpu" else DEVICE)
 
 
+def absent_reason(name: str, dev: torch.device) -> str | None:
+    """Why backend `name` legitimately cannot run on this machine (missing hardware, optional
+    package or toolchain), else None: then it must work."""
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "the optional package triton is not installed"
+        if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "no GPU and TRITON_INTERPRET is not set"
+    if name in ("cpu", "cuda"):
+        from cdam_fast.backends import extension_build as eb
+
+        if name == "cuda":
+            if not torch.cuda.is_available():
+                return "no CUDA GPU"
+            if torch.cuda.get_device_capability() < (8, 0):
+                return "the GPU is older than sm_80"
+        spec = eb.cpu_spec() if name == "cpu" else eb.cuda_spec()
+        if eb.verify(eb.build_root() / spec.module_name, spec.module_name) is not None:
+            if (why := eb.toolchain_problem(spec)) is not None:
+                return f"no toolchain to build it: {why}"
+    return None
+
+
+def usable_backend(name: str) -> tuple[str, torch.device]:
+    """(name, device) if backend `name` runs here; skips if it is absent, fails if it is broken."""
+    dev = backend_device(name)
+    why = unavailable_reason(name, dev, torch.float32)
+    if why is None:
+        return name, dev
+    absent = absent_reason(name, dev)
+    if absent is not None:
+        pytest.skip(f"backend {name!r} absent on {dev}: {absent} ({why})")
+    pytest.fail(f"backend {name!r} is present but broken on {dev}: {why}", pytrace=False)
+
+
 @pytest.fixture(params=BACKENDS_UNDER_TEST)
 def backend(request):
     """(name, device): a backend usable here and the device its inputs must live on."""
-    name = request.param
-    dev = backend_device(name)
-    why = unavailable_reason(name, dev, torch.float32)
-    if why is not None:
-        pytest.skip(f"backend {name!r} unavailable on {dev}: {why}")
-    return name, dev
+    return usable_backend(request.param)
 
 
 @pytest.fixture

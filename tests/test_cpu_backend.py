@@ -132,8 +132,9 @@ def test_compiler_error_becomes_one_line_reason(tmp_path):
 
 
 @pytest.fixture
-def broken_toolchain(monkeypatch):
+def broken_toolchain(monkeypatch, tmp_path):
     """The CPU backend as it behaves on a machine without a compiler (fresh, unbuilt state)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no cached build: that would still load
     monkeypatch.setenv("CXX", "/nonexistent/bin/c++")
     monkeypatch.setattr(cpu_backend, "cpu_extension", eb._Cached(eb.cpu_spec))
     monkeypatch.setattr(dispatch, "_warned", set())
@@ -151,7 +152,8 @@ def test_missing_compiler_gives_reason_and_auto_falls_back(broken_toolchain, gen
         cf.pairwise_jsd(p, backend="cpu")
 
 
-def test_build_can_be_disabled(monkeypatch):
+def test_build_can_be_disabled(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there: a built one would still load
     monkeypatch.setenv(eb.NO_BUILD_ENV, "1")
     fresh = eb._Cached(eb.cpu_spec)
     assert eb.NO_BUILD_ENV in fresh.failure()

@@ -5,6 +5,7 @@ import torch
 import torch._dynamo.testing
 
 import cdam_fast as cf
+from cdam_fast.opspec import OP_NAMES, OPS
 from conftest import random_distributions, random_similarities, random_values
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -38,7 +39,29 @@ def opcheck_cases(name, gen):
     }
 
 
+def layout_cases(name, gen):
+    """Non-contiguous inputs (a transposed v, a permuted p / sim): every backend returns contiguous
+    outputs, so the fake must too (it used to keep v's strides)."""
+    def strided(t, *order):  # same values, permuted memory layout
+        return t.permute(*order).contiguous().permute(*order)
+
+    p = strided(random_distributions(gen, 2, 6, 4), 0, 2, 1)   # [2, 6, 4]
+    vt = strided(random_values(gen, 2, 6, 3), 0, 2, 1)         # [2, 6, 3]
+    sim = random_similarities(gen, 2, 4, 5, 3).permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)  # [2, 4, 3, 5]
+    vs = strided(random_values(gen, 2, 15, 3), 0, 2, 1)
+    assert not (p.is_contiguous() or vt.is_contiguous() or sim.is_contiguous() or vs.is_contiguous())
+    return {
+        "cdam_attention_vT": (ops.cdam_attention.default, (p, vt, 10.0, "materialize", BUDGET, name, True)),
+        "cdam_attention_vT_recompute": (ops.cdam_attention.default, (p, vt, 10.0, "recompute", 0, name, True)),
+        "multiscale_cdam_attention_vT": (ops.multiscale_cdam_attention.default,
+                                         (sim, vs, [1.0, 0.5], 0.1, 10.0, "auto", BUDGET, name, True)),
+        "jsd_attention_vT": (ops.jsd_attention.default, (p, vt, 0.1, None, name, True)),
+        "pairwise_jsd_pT": (ops.pairwise_jsd.default, (p, None, name, True)),
+    }
+
+
 CASE_NAMES = list(opcheck_cases("reference", torch.Generator().manual_seed(0)))
+LAYOUT_CASES = list(layout_cases("reference", torch.Generator().manual_seed(0)))
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
@@ -47,6 +70,68 @@ def test_opcheck(backend, gen, case):
     op, args = opcheck_cases(name, gen)[case]
     args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_opcheck_non_contiguous_inputs(backend, gen, case):
+    name, dev = backend
+    op, args = layout_cases(name, gen)[case]
+    args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, args)
+    out = op(*args)
+    assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_every_registered_op_passes_opcheck(backend, gen, op):
+    """Inputs from the op's own spec: an op added to the registry is checked without new code here."""
+    name, dev = backend
+    spec = OPS[op]
+    kw = spec.example_args(B=2, N=6, C=4, D=3, M=5, grid=(2, 3),
+                           distributions=lambda s: random_distributions(gen, *s, device=dev),
+                           values=lambda s: random_values(gen, *s, device=dev),
+                           similarities=lambda s: random_similarities(gen, *s, device=dev))
+    options = {"alpha": 10.0, "tau": 0.1, "scales": [1.0, 0.5], "mode": "auto", "memory_budget": BUDGET}
+    args = tuple(kw.get(k, options.get(k)) for k in spec.params) + (name, True)
+    torch.library.opcheck(getattr(ops, op).default, args)
+
+
+@pytest.mark.parametrize("m", [5, 0])
+def test_mixed_dtypes_follow_one_rule(gen, m):
+    """p float32 with q float64 (also with M = 0): computed in float64, returned as float64,
+    eager and fake alike; an explicit float32-only backend refuses it."""
+    p = random_distributions(gen, 2, 4, 3)
+    q = random_distributions(gen, 2, max(m, 1), 3, dtype=torch.float64)[:, :m]
+    torch.library.opcheck(ops.pairwise_jsd.default, (p, q, "reference", True))
+    out = cf.pairwise_jsd(p, q)
+    assert out.dtype == torch.float64 and out.shape == (2, 4, m)
+    if m:
+        from cdam_fast import reference
+
+        torch.testing.assert_close(out, reference.pairwise_jsd(p.double(), q), rtol=0, atol=1e-15)
+    if m:
+        with pytest.raises(cf.BackendUnavailableError, match="float64"):
+            cf.pairwise_jsd(p, q, backend="cpu")
+    v = random_values(gen, 2, 4, 3, dtype=torch.float64)
+    torch.library.opcheck(ops.cdam_attention.default, (p, v, 10.0, "auto", BUDGET, "reference", True))
+    vk = random_values(gen, 2, m, 3, dtype=torch.float16)
+    torch.library.opcheck(ops.jsd_attention.default, (p.half(), vk, 0.1, q, "reference", True))
+
+
+def test_compile_fullgraph_transposed_values(gen):
+    """The output layout is the library's rule, not a backend's (opcheck above covers each backend)."""
+    name, dev = "reference", torch.device("cpu")
+
+    def fn(p, vt):
+        return cf.cdam_attention(p, vt.transpose(-1, -2), backend=name) * 2.0
+
+    p, vt = random_distributions(gen, 2, 6, 4).to(dev), random_values(gen, 2, 3, 6).to(dev)
+    # inductor (not aot_eager): it trusts the fake's strides and checks them on the real output.
+    # Its on-disk graph cache does not key on the fake implementation, so a graph compiled
+    # against an older fake (other checkouts share the cache) must not be reused here.
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(p, vt), fn(p, vt))
 
 
 def test_opcheck_float64_reference(gen):

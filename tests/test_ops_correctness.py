@@ -137,7 +137,7 @@ def xfail_interpreted_bf16_dot(request, name, v_dtype):
     compiled Triton does not. The test still runs and must fail (strict) exactly when this
     interpreter has the bug, so a fix or a workaround shows up as XPASS."""
     if v_dtype == BF16 and name == "triton" and INTERPRETED and _interpreter_bf16_dot_broken():
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the Triton interpreter's tl.dot on bfloat16 "
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason="the Triton interpreter's tl.dot on bfloat16 "
                                               "operands is broken (see _interpreter_bf16_dot_broken)"))
 
 

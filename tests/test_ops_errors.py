@@ -410,3 +410,180 @@ def test_triton_on_cpu_tensors_without_interpreter_raises():
     assert res.returncode == 0, res.stderr
     assert "RAISED" in res.stdout and "triton" in res.stdout, res.stdout
     assert "AUTO (3, 3)" in res.stdout, res.stdout  # auto still works there
+
+
+# ------------------------------------------------------------------ parameter types and float32 ranges
+
+@pytest.mark.parametrize("budget", [2**64, 2**63, True, False, "1024"])
+def test_memory_budget_must_be_an_int64_byte_count(data, budget):
+    with raises_naming("memory_budget"):
+        cf.cdam_attention(data["p"], data["v"], memory_budget=budget)
+    with raises_naming("memory_budget"):
+        cf.multiscale_cdam_attention(data["sim"], data["vs"], memory_budget=budget)
+
+
+@pytest.mark.parametrize("scales", ["1.0", b"1", (1.0, "0.5"), (True,), {"a": 1}])
+def test_scales_must_be_numbers(data, scales):
+    with raises_naming("scales"):
+        cf.multiscale_cdam_map(data["sim"], scales=scales)
+
+
+@pytest.mark.parametrize("alpha", [3.5e38, 2.4e38, 1e300])
+def test_alpha_beyond_the_float32_range_is_rejected(data, alpha):
+    """alpha * log2(e) overflows float32 in the kernels (alpha >= 3.4e38 gave NaN)."""
+    with raises_naming("alpha", also="float32"):
+        cf.cdam_map(data["p"], alpha)
+    with raises_naming("alpha", also="float32"):
+        cf.cdam_attention(data["p"], data["v"], alpha)
+    with raises_naming("alpha", also="float32"):
+        cf.multiscale_cdam_attention(data["sim"], data["vs"], alpha=alpha)
+
+
+@pytest.mark.parametrize("tau", [2.9e-39, 1e-45, 1e-38])
+def test_tau_below_the_float32_range_is_rejected(data, tau):
+    """1 / tau overflows float32 (tau < ~2.9e-39 gave NaN in jsd_attention)."""
+    with raises_naming("tau", also="float32"):
+        cf.jsd_attention(data["p"], data["v"], tau)
+    with raises_naming("tau", also="float32"):
+        cf.multiscale_cdam_map(data["sim"], tau=tau)
+
+
+def test_extreme_parameters_inside_the_range_are_accepted(data):
+    out = cf.cdam_map(data["p"].double(), 1e37)
+    assert bool(torch.isfinite(out).all())
+    out = cf.jsd_attention(data["p"].double(), data["v"].double(), 1e-36)
+    assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_sim_over_tau_overflowing_float32_is_rejected(data, dtype):
+    """The softmax of sim / tau runs in float32: an overflow made the cpu map silently uniform."""
+    sim = data["sim"].clone()
+    sim[0, 1, 1, 1] = 6e4
+    with raises_naming("tau", also="overflows float32"):
+        cf.multiscale_cdam_map(sim.to(dtype), tau=1e-35)
+    with raises_naming("sim", also="overflows float32"):
+        cf.multiscale_cdam_attention(sim.to(dtype), data["vs"], tau=1e-35)
+    cf.multiscale_cdam_map(sim.double(), tau=1e-35)  # float64 sim is softmaxed in float64: fine
+
+
+# ------------------------------------------------------------------ CDAM_FAST_MEMORY_BUDGET
+
+def test_bad_memory_budget_variable_does_not_break_import():
+    env = {**os.environ, "CDAM_FAST_MEMORY_BUDGET": "abc"}
+    code = "import cdam_fast, torch; print('IMPORTED', cdam_fast.DEFAULT_MEMORY_BUDGET)"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "IMPORTED" in res.stdout, res.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5e9", "1 GiB"])
+def test_bad_memory_budget_variable_is_named_when_used(data, monkeypatch, value):
+    monkeypatch.setenv("CDAM_FAST_MEMORY_BUDGET", value)
+    with raises_naming("CDAM_FAST_MEMORY_BUDGET", also=re.escape(value) if value != "-1" else None):
+        cf.cdam_attention(data["p"], data["v"])
+    # an explicit budget does not read the variable
+    cf.cdam_attention(data["p"], data["v"], memory_budget=1 << 20)
+
+
+def test_memory_budget_variable_is_read_at_each_call(monkeypatch):
+    from cdam_fast import memory
+
+    monkeypatch.setenv("CDAM_FAST_MEMORY_BUDGET", "12345")
+    assert memory.resolve_budget(None) == 12345
+    monkeypatch.setenv("CDAM_FAST_MEMORY_BUDGET", " 0 ")
+    assert memory.resolve_budget(None) == 0
+    monkeypatch.delenv("CDAM_FAST_MEMORY_BUDGET")
+    assert memory.resolve_budget(None) == cf.DEFAULT_MEMORY_BUDGET
+
+
+# ------------------------------------------------------------------ input-aware dispatch
+
+def _call(op, *tensors_and_options):
+    from cdam_fast.opspec import OPS
+
+    return OPS[op].bind((*tensors_and_options, "auto", True))[0]
+
+
+def test_triton_declares_its_launch_and_offset_limits(monkeypatch):
+    """Sizes the current Triton kernels cannot launch (batch on grid z, int32 offsets) are
+    reasons, so dispatch never sends them there; meta tensors stand in for the large inputs."""
+    triton_backend = pytest.importorskip("cdam_fast.backends.triton_backend")
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda device, dtype: None)
+    meta = dict(device="meta")
+    ok = _call("cdam_map", torch.empty(4, 784, 101, **meta), 10.0)
+    assert triton_backend.not_supported_reasons(ok) == []
+    big_batch = _call("pairwise_jsd", torch.empty(70000, 4, 3, **meta), None)
+    assert any("batch = 70000" in r for r in triton_backend.not_supported_reasons(big_batch))
+    wide = _call("jsd_attention", torch.empty(1, 2**22, 1024, **meta), torch.empty(1, 2**22, 8, **meta), 0.1, None)
+    assert any("int32" in r for r in triton_backend.not_supported_reasons(wide))
+    grid = _call("multiscale_cdam_attention", torch.empty(1, 2, 400, 400, **meta), torch.empty(1, 160000, 8, **meta),
+                 cf.CDAM_SCALES, 0.1, 10.0, "recompute", 0)
+    assert any("n_s^2" in r for r in triton_backend.not_supported_reasons(grid))
+
+
+def test_cuda_declares_its_launch_limits(monkeypatch):
+    from cdam_fast.backends import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda device, dtype: None)
+    meta = dict(device="meta")
+    ok = _call("multiscale_cdam_map", torch.empty(2, 101, 28, 28, **meta), cf.CDAM_SCALES, 0.1, 10.0)
+    assert cuda_backend.not_supported_reasons(ok) == []
+    big = _call("multiscale_cdam_map", torch.empty(1, 4, 300, 300, **meta), cf.CDAM_SCALES, 0.1, 10.0)
+    assert any("N = 90000" in r for r in cuda_backend.not_supported_reasons(big))
+    many = _call("multiscale_cdam_map", torch.empty(1, 4, 8, 8, **meta), [1.0] * 17, 0.1, 10.0)
+    assert any("scales = 17" in r for r in cuda_backend.not_supported_reasons(many))
+    batch = _call("cdam_attention", torch.empty(70000, 2, 3, **meta), torch.empty(70000, 2, 4, **meta), 10.0, "auto", 0)
+    assert any("batch" in r for r in cuda_backend.not_supported_reasons(batch))
+
+
+def test_explicit_backend_that_cannot_run_the_call_lists_its_reasons(data):
+    if dispatch.unavailable_reason("triton", torch.device("cpu"), F32) is not None:
+        pytest.skip("triton does not run CPU tensors here")
+    p = torch.full((65536, 2, 3), 1 / 3)
+    with pytest.raises(cf.BackendUnavailableError, match=r"'triton'.*batch = 65536 exceeds 65535"):
+        cf.pairwise_jsd(p, backend="triton")
+
+
+def test_auto_skips_a_backend_whose_limits_a_call_exceeds(data, monkeypatch, reference_calls):
+    """The warning names the backend actually used, even past several skipped ones."""
+    from cdam_fast.backends import cpu_backend
+
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "_AUTO_DEFAULT", ("cuda", "cpu", "reference"))
+    if not isinstance(dispatch._load("cpu"), Exception):
+        monkeypatch.setattr(cpu_backend, "not_supported_reasons", lambda call: ["a simulated limit"])
+    with pytest.warns(RuntimeWarning, match=r"backend 'cuda' unavailable.*'cpu' cannot either.*falling back to "
+                                            r"'reference'"):
+        out = cf.cdam_map(data["p"])
+    assert reference_calls == ["cdam_map"]
+    torch.testing.assert_close(out, reference_backend.cdam_map(data["p"], 10.0))
+
+
+def test_triton_backend_functions_take_non_contiguous_inputs(gen):
+    """The backend's functions used to be the raw launchers, which read v as if contiguous."""
+    if dispatch.unavailable_reason("triton", torch.device("cpu"), F32) is not None:
+        pytest.skip("triton does not run CPU tensors here")
+    from cdam_fast.backends import triton_backend
+
+    p = random_distributions(gen, 2, 5, 3)
+    v = random_values(gen, 2, 4, 5).transpose(1, 2)  # [2, 5, 4], non-contiguous
+    torch.testing.assert_close(triton_backend.jsd_attention(p, v, 0.1, None),
+                               triton_backend.jsd_attention(p, v.contiguous(), 0.1, None), rtol=0, atol=0)
+    pt = p.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(triton_backend.pairwise_jsd(pt, pt), triton_backend.pairwise_jsd(p, p), rtol=0, atol=0)
+
+
+def test_registered_ops_check_their_parameters_too(data):
+    """torch.ops.cdam_fast.* called directly (no public wrapper) still rejects bad parameters."""
+    ops = torch.ops.cdam_fast
+    with raises_naming("alpha", also="float32"):
+        ops.cdam_map(data["p"], 1e39, "reference", True)
+    with raises_naming("tau"):
+        ops.jsd_attention(data["p"], data["v"], -1.0, None, "reference", True)
+    with raises_naming("mode"):
+        ops.cdam_attention(data["p"], data["v"], 10.0, "fast", 0, "reference", True)
+    with raises_naming("memory_budget"):
+        ops.cdam_attention(data["p"], data["v"], 10.0, "auto", -5, "reference", True)
+    with raises_naming("scales"):
+        ops.multiscale_cdam_map(data["sim"], [2.0], 0.1, 10.0, "reference", True)

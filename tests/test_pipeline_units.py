@@ -12,7 +12,7 @@ from cdam_fast import CdamInputError
 from cdam_fast.pipeline import background as bg
 from cdam_fast.pipeline import images, text, visualize, windows
 
-SPEC = Path("/work/shared/spec")
+SPEC = Path(__file__).resolve().parents[1] / "cdam_fast" / "data"  # the packaged spec lists (hermetic)
 
 
 # -- windows ------------------------------------------------------------------------------

@@ -20,4 +20,10 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return dtype_reason(dtype) or cpu_extension.failure()
 
 
+def not_supported_reasons(call) -> list[str]:
+    # The kernels index with int64 and loop over the batch: no size limits beyond memory.
+    why = unavailable_reason(call.device, call.compute_dtype)
+    return [why] if why else []
+
+
 ExtensionOps(cpu_extension.module, lambda v: v.to(torch.float32).contiguous()).export(globals())

@@ -6,10 +6,16 @@ in a folder keyed by the sources, the flags and the torch/Python versions, so la
 import the cached library. A build is attempted at most once per process: success or failure
 is remembered, so asking again is free. A failure becomes a one-line reason (with the first
 compiler error line) that the backends return from ``unavailable_reason``.
+
+Builds are atomic: compiled in a private temporary folder, checksummed, then renamed into
+place, so a crash or a concurrent build never leaves a half-written library under the final
+name. A cached library is loaded only if its SHA-256 matches the one recorded at build time; a
+damaged one (e.g. truncated: loading it would SIGBUS) is discarded and rebuilt.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -17,6 +23,7 @@ import shutil
 import sys
 import sysconfig
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +32,15 @@ import torch
 import cdam_fast.csrc
 
 SOURCE_DIR = Path(cdam_fast.csrc.__file__).parent
-# Set to 1 to never compile (the backends then report themselves unavailable).
+# Set to 1 / true / yes to never compile: an extension already in the cache still loads; one
+# that is not makes the backend report itself unavailable.
 NO_BUILD_ENV = "CDAM_FAST_NO_BUILD"
+_TRUE = ("1", "true", "yes")
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def building_disabled() -> bool:
+    return os.environ.get(NO_BUILD_ENV, "").strip().lower() in _TRUE
 # The CUDA kernels use bf16 tensor cores (sm_80+); Hopper gets its own cubin.
 CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
@@ -135,8 +149,8 @@ def toolchain_problem(spec: ExtensionSpec) -> str | None:
     """Why this machine cannot even try to build `spec` (missing compiler or ninja), else None."""
     cpp_extension = _cpp_extension()
 
-    if os.environ.get(NO_BUILD_ENV, "").strip() not in ("", "0"):
-        return f"building the {spec.label} extension is disabled by {NO_BUILD_ENV}"
+    if building_disabled():
+        return f"building the {spec.label} extension is disabled by {NO_BUILD_ENV} (and none is built)"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler found (looked for {cxx!r}; install g++ or set CXX)"
@@ -150,32 +164,92 @@ def toolchain_problem(spec: ExtensionSpec) -> str | None:
     return None
 
 
-def _library_exists(folder: Path, name: str) -> bool:
+def _library_path(folder: Path, name: str) -> Path | None:
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    return any((folder / f"{name}{s}").exists() for s in {".so", suffix})
+    return next((folder / f"{name}{s}" for s in (".so", suffix) if (folder / f"{name}{s}").exists()), None)
+
+
+def _library_exists(folder: Path, name: str) -> bool:
+    return _library_path(folder, name) is not None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verify(folder: Path, name: str) -> str | None:
+    """None if folder holds a complete build of `name` (library + matching checksum), else why not."""
+    lib = _library_path(folder, name)
+    if lib is None:
+        return "no library"
+    record = lib.with_name(lib.name + CHECKSUM_SUFFIX)
+    if not record.exists():
+        return f"{lib.name} has no checksum record (an interrupted or pre-atomic build)"
+    if record.read_text().strip() != _sha256(lib):
+        return f"{lib.name} does not match its checksum (damaged or truncated)"
+    return None
+
+
+def _import(name: str, lib: Path):
+    spec = importlib.util.spec_from_file_location(name, str(lib))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _discard(folder: Path) -> None:
+    """Move a damaged build out of the way (rename first: atomic for concurrent readers)."""
+    trash = folder.with_name(f".{folder.name}.broken-{uuid.uuid4().hex[:8]}")
+    try:
+        folder.rename(trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def build(spec: ExtensionSpec, root: Path | None = None):
-    """Compile (or load from the cache) and import `spec`; raises ExtensionBuildError."""
+    """Load `spec` from the cache, or compile it (atomically) and import it; raises ExtensionBuildError."""
     cpp_extension = _cpp_extension()
-
+    name = spec.module_name
+    root = root or build_root()
+    folder = root / name
+    if folder.exists():
+        problem = verify(folder, name)
+        if problem is None:
+            try:
+                return _import(name, _library_path(folder, name))
+            except ImportError as e:
+                problem = f"it could not be imported ({e})"
+        print(f"cdam_fast: discarding the cached {spec.label} extension in {folder}: {problem}", file=sys.stderr,
+              flush=True)
+        _discard(folder)
     why = toolchain_problem(spec)
     if why is not None:
         raise ExtensionBuildError(why)
-    name = spec.module_name
-    folder = (root or build_root()) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    if not _library_exists(folder, name):
-        print(f"building cdam_fast {spec.label} extension (first use, ~1 min)...", file=sys.stderr, flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    print(f"building cdam_fast {spec.label} extension (first use, ~1 min)...", file=sys.stderr, flush=True)
+    # torch versions a JIT module whose build folder changed within a process (name_v1, ...);
+    # every build here has its own folder, and the final name must stay `name`
+    cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(name, None)
     try:
-        return cpp_extension.load(
+        module = cpp_extension.load(
             name=name, sources=[str(s) for s in spec.sources], extra_cflags=list(spec.cflags),
             extra_cuda_cflags=list(spec.cuda_cflags) or None, extra_ldflags=list(spec.ldflags) or None,
-            extra_include_paths=[str(SOURCE_DIR)], build_directory=str(folder), with_cuda=spec.with_cuda,
+            extra_include_paths=[str(SOURCE_DIR)], build_directory=str(tmp), with_cuda=spec.with_cuda,
             verbose=False)
     except Exception as e:  # compiler errors arrive as RuntimeError with the whole build log
+        shutil.rmtree(tmp, ignore_errors=True)
         raise ExtensionBuildError(
-            f"building the {spec.label} extension failed: {_first_error_line(str(e))} (build folder {folder})") from e
+            f"building the {spec.label} extension failed: {_first_error_line(str(e))} (build folder {tmp})") from e
+    lib = _library_path(tmp, name)
+    lib.with_name(lib.name + CHECKSUM_SUFFIX).write_text(_sha256(lib))
+    try:
+        tmp.rename(folder)  # atomic; fails if another process put its build there first
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return module
 
 
 class _Cached:
@@ -201,11 +275,6 @@ class _Cached:
         if why is not None:
             raise ExtensionBuildError(why)
         return self._result
-
-    def reset(self) -> None:
-        """Forget the outcome (tests; or after installing a compiler in a running process)."""
-        with self._lock:
-            self._result = None
 
 
 cpu_extension = _Cached(cpu_spec)

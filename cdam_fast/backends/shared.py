@@ -1,11 +1,23 @@
-"""Host-side steps every fast backend takes the same way."""
+"""Host-side steps every fast backend takes the same way, and the limits they declare."""
 from __future__ import annotations
 
 import torch
 
-from .. import grids
+from .. import grids, memory
 
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# CUDA launch grids hold at most this many blocks on their y and z axes (x: 2^31 - 1).
+GRID_YZ_MAX = 65535
+INT32_MAX = 2**31 - 1
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def limit_reason(what: str, value: int, limit: int, why: str) -> list[str]:
+    """[reason] if value exceeds limit, else []."""
+    return [f"{what} = {value} exceeds {limit} ({why})"] if value > limit else []
 
 
 def dtype_reason(dtype: torch.dtype) -> str | None:
@@ -15,15 +27,6 @@ def dtype_reason(dtype: torch.dtype) -> str | None:
     if dtype not in FAST_DTYPES:
         return f"unsupported dtype {dtype}"
     return None
-
-
-def use_materialize(mode: str, nbytes: int, memory_budget: int) -> bool:
-    """Mode "auto" keeps the divergences between passes while they fit in memory_budget bytes."""
-    if mode == "materialize":
-        return True
-    if mode == "recompute":
-        return False
-    return nbytes <= memory_budget
 
 
 def multiscale_inputs(sim: torch.Tensor, scales, tau: float):
@@ -45,8 +48,8 @@ def multiscale_inputs(sim: torch.Tensor, scales, tau: float):
 
 
 def materialized_bytes(ps) -> int:
-    """float32 bytes of every scale's divergences [B, n_s, n_s] (what "materialize" keeps)."""
-    return sum(4 * p.shape[0] * p.shape[1] ** 2 for p in ps)
+    """What materialize mode keeps for these per-scale distributions (cdam_fast.memory's rule)."""
+    return memory.materialized_bytes(ps[0].shape[0], [p.shape[1] for p in ps])
 
 
 class ExtensionOps:
@@ -71,7 +74,7 @@ class ExtensionOps:
 
     def cdam_attention(self, p, v, alpha, mode, memory_budget):
         B, N, _ = p.shape
-        materialize = use_materialize(mode, 4 * B * N * N, memory_budget)
+        materialize = memory.materialize(mode, memory.materialized_bytes(B, [N]), memory_budget)
         return self._module().cdam_attention(self._f32(p), self._values(v), float(alpha), materialize).to(v.dtype)
 
     def multiscale_cdam_map(self, sim, scales, tau, alpha):
@@ -80,7 +83,7 @@ class ExtensionOps:
 
     def multiscale_cdam_attention(self, sim, v, scales, tau, alpha, mode, memory_budget):
         ps, idx, wts = multiscale_inputs(sim, scales, tau)
-        materialize = use_materialize(mode, materialized_bytes(ps), memory_budget)
+        materialize = memory.materialize(mode, materialized_bytes(ps), memory_budget)
         return self._module().multiscale_cdam_attention(ps, idx, wts, self._values(v), float(alpha),
                                                         materialize).to(v.dtype)
 

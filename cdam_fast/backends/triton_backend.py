@@ -1,7 +1,9 @@
 """Triton backend: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests only).
 
-pairwise_jsd and jsd_attention are the kernel launchers themselves; the CDAM ops describe
-their scales as a ScaleSet for the two-pass kernels.
+The CDAM ops describe their scales as a ScaleSet for the two-pass kernels; pairwise_jsd and
+jsd_attention call their launchers. The launchers (cdam_fast.kernels.*) assume contiguous
+tensors and are not part of this backend's interface: the functions below make their inputs
+contiguous first.
 
 Host-side work here is O(N (C + D)) preparation: class-major copies, row entropy terms,
 bilinear tap tables and the small-grid divergences of the multi-scale op.
@@ -10,60 +12,94 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import common
-from ..kernels.cdam import ScaleSet, cdam_apply
-from ..kernels.jsd import class_major, row_terms
-from ..kernels.jsd import pairwise_jsd
-from ..kernels.jsd_attention import jsd_attention  # noqa: F401  (this backend's op, as is)
-from .shared import dtype_reason, materialized_bytes, multiscale_inputs, use_materialize
+from .. import memory
+from ..kernels import cdam as _cdam
+from ..kernels import common as _common
+from ..kernels import jsd as _jsd
+from ..kernels import jsd_attention as _jsd_attention
+from .shared import GRID_YZ_MAX, INT32_MAX, cdiv, dtype_reason, limit_reason, materialized_bytes, multiscale_inputs
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if why := dtype_reason(dtype):
         return why
     if device.type == "cuda":
-        if common.INTERPRETED:
+        if _common.INTERPRETED:
             return "TRITON_INTERPRET=1 is set, so Triton runs CPU tensors only"
         return None
-    if device.type == "cpu" and common.INTERPRETED:
+    if device.type == "cpu" and _common.INTERPRETED:
         return None
     return f"Triton needs CUDA tensors (got {device.type}; CPU tensors run only under TRITON_INTERPRET=1)"
 
 
+def not_supported_reasons(call) -> list[str]:
+    """Limits of the current kernels: batch on launch-grid z, key tiles (pairwise_jsd) or value
+    tiles (attention) on grid y, and int32 element offsets (class-major c * n, the small grids'
+    ia * n_s + ib gather, the tap tables' slot * N * 4)."""
+    why = unavailable_reason(call.device, call.compute_dtype)
+    if why:
+        return [why]
+    B, N, M, C, D = call.batch, call.tokens(), call.keys(), call.classes(), call.width()
+    reasons = limit_reason("batch", B, GRID_YZ_MAX, "the batch is launch-grid z")
+    if call.op == "pairwise_jsd":
+        reasons += limit_reason("key tiles", cdiv(M, _common.blocks(M, 64)), GRID_YZ_MAX, "launch-grid y")
+    elif D:
+        bd = min(_common.value_tiles(D, v_fp32, reads_j, multi)[2] for v_fp32 in (False, True)
+                 for reads_j in (False, True) for multi in (False, True))
+        reasons += limit_reason("value tiles", cdiv(D, _common.blocks(D, bd)), GRID_YZ_MAX, "launch-grid y")
+    reasons += limit_reason("C * N", C * max(N, M), INT32_MAX, "int32 class-major offsets")
+    if call.tensors.get("sim") is not None:
+        small = [n for n in call.grid_sizes() if n != N]
+        if small:
+            reasons += limit_reason("small-grid n_s^2", max(small) ** 2, INT32_MAX, "int32 gather offsets")
+            reasons += limit_reason("tap-table entries", 4 * N * len(small), INT32_MAX, "int32 offsets")
+        reasons += limit_reason("scales", len(call.grid_sizes()), GRID_YZ_MAX, "launch-grid y of the row statistics")
+    return reasons
+
+
 def _full_scale(p: torch.Tensor, materialize: bool):
     if materialize:
-        return ("materialized", pairwise_jsd(p, None))
-    return ("recompute", class_major(p), row_terms(p))
+        return ("materialized", _jsd.pairwise_jsd(p, None))
+    return ("recompute", _jsd.class_major(p), _jsd.row_terms(p))
+
+
+def pairwise_jsd(p, q):
+    return _jsd.pairwise_jsd(p.contiguous(), None if q is None else q.contiguous())
+
+
+def jsd_attention(p, v, tau, q):
+    return _jsd_attention.jsd_attention(p.contiguous(), v.contiguous(), tau, None if q is None else q.contiguous())
 
 
 def cdam_map(p, alpha):
     B, N, C = p.shape
-    sc = ScaleSet(B, N, C, p.device, _full_scale(p, True), [], [1.0])
-    return cdam_apply(sc, alpha, None)
+    sc = _cdam.ScaleSet(B, N, C, p.device, _full_scale(p.contiguous(), True), [], [1.0])
+    return _cdam.cdam_apply(sc, alpha, None)
 
 
 def cdam_attention(p, v, alpha, mode, memory_budget):
     B, N, C = p.shape
-    sc = ScaleSet(B, N, C, p.device, _full_scale(p, use_materialize(mode, 4 * B * N * N, memory_budget)), [], [1.0])
-    return cdam_apply(sc, alpha, v)
+    keep = memory.materialize(mode, memory.materialized_bytes(B, [N]), memory_budget)
+    sc = _cdam.ScaleSet(B, N, C, p.device, _full_scale(p.contiguous(), keep), [], [1.0])
+    return _cdam.cdam_apply(sc, alpha, v.contiguous())
 
 
 def _multiscale(sim, scales, tau, mode, memory_budget):
     B, C, h, w = sim.shape
-    ps, idx, wts = multiscale_inputs(sim, scales, tau)
+    ps, idx, wts = multiscale_inputs(sim.contiguous(), scales, tau)
     full = [p for p, i in zip(ps, idx) if i is None]
-    # the small grids' divergences are always kept (~1.07 N^2 floats at the default scales);
-    # the budget decides only the full grid's
-    small = [(pairwise_jsd(p, None), i, wt) for p, i, wt in zip(ps, idx, wts) if i is not None]
-    materialize = use_materialize(mode, materialized_bytes(full[:1]), memory_budget)
+    # the small grids' divergences are kept in either mode (the kernels gather from them);
+    # the mode decides only the full grid's, and "auto" decides by what materialize keeps
+    small = [(_jsd.pairwise_jsd(p, None), i, wt) for p, i, wt in zip(ps, idx, wts) if i is not None]
+    keep = memory.materialize(mode, materialized_bytes(ps), memory_budget)
     weights = ([len(full)] if full else []) + [1.0] * len(small)
-    return ScaleSet(B, h * w, C, sim.device, _full_scale(full[0], materialize) if full else None, small,
-                    [x / len(scales) for x in weights])
+    return _cdam.ScaleSet(B, h * w, C, sim.device, _full_scale(full[0], keep) if full else None, small,
+                          [x / len(scales) for x in weights])
 
 
 def multiscale_cdam_map(sim, scales, tau, alpha):
-    return cdam_apply(_multiscale(sim, scales, tau, "materialize", 0), alpha, None)
+    return _cdam.cdam_apply(_multiscale(sim, scales, tau, "materialize", 0), alpha, None)
 
 
 def multiscale_cdam_attention(sim, v, scales, tau, alpha, mode, memory_budget):
-    return cdam_apply(_multiscale(sim, scales, tau, mode, memory_budget), alpha, v)
+    return _cdam.cdam_apply(_multiscale(sim, scales, tau, mode, memory_budget), alpha, v.contiguous())
