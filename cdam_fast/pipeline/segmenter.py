@@ -89,6 +89,16 @@ class Segmenter:
     tau / alpha, cdam_mode / memory_budget (passed to the fused op), progress (text bar).
     """
 
+    # --- issue #14 hook: method="cliper" builds a CliperSegmenter (pipeline/cliper.py) ---
+    def __new__(cls, *args, **kwargs):
+        method = kwargs.get("method", args[3] if len(args) > 3 else None)
+        if cls is Segmenter and isinstance(method, str) and method.lower() == "cliper":
+            from .cliper import CliperSegmenter
+
+            return super().__new__(CliperSegmenter)
+        return super().__new__(cls)
+    # --- end of issue #14 hook ---
+
     def __init__(self, classes, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, method: str = "maskclip",
                  cdam: bool = True, mode: str = "window", backend: str = "auto", device=None, dtype=None,
                  background="auto", *, templates=None, atp=None, crop: int = CROP, stride: int = STRIDE,
