@@ -261,7 +261,8 @@ class CliperSegmenter(Segmenter):
     Extra keyword options: protocol ("mmseg" or a `PROTOCOLS` preset "cliper-voc21", ...),
     cdam_combine ("replace" or "average"), threshold (the set threshold before propagation;
     default 0.1 for up to 21 classes, else 0.2, or the preset's), set_index (default from the
-    backbone preset), compensation (None or "sd"), sd_weights (local diffusers folder), sd_seed.
+    backbone preset), compensation (None or "sd"), sd_weights (local diffusers folder), sd_seed,
+    sd_options (more SdCompensation arguments).
     CDAM is off by default for CLIPer (cdam=True refines it).
     """
 
@@ -269,6 +270,7 @@ class CliperSegmenter(Segmenter):
                  mode: str | None = None, backend: str = "auto", device=None, dtype=None, background="auto", *,
                  protocol: str = PROTOCOL_MMSEG, cdam_combine: str = "replace", threshold: float | None = None,
                  set_index: int | None = None, compensation: str | None = None, sd_weights=None, sd_seed: int = 0,
+                 sd_options: dict | None = None,
                  templates=None, short_side: int | None = None, logit_scale: float | None = None, **options):
         from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
@@ -320,7 +322,8 @@ class CliperSegmenter(Segmenter):
         if compensation == "sd":
             from .compensation import SdCompensation
 
-            self.compensation = SdCompensation(sd_weights, self.device, threshold=self.threshold, seed=sd_seed)
+            self.compensation = SdCompensation(sd_weights, self.device, threshold=self.threshold, seed=sd_seed,
+                                               **(sd_options or {}))
 
     def __repr__(self):
         return (f"Segmenter({len(self.classes)} classes, cliper{' + CDAM (' + self.cdam_combine + ')' if self.cdam else ''}"
