@@ -44,6 +44,9 @@ def register(subparsers) -> None:
                    help="results folder (default: cdam_eval/DATASET-METHOD-cdam|nocdam-MODEL-PRETRAINED[-global])")
     p.add_argument("--overwrite", action="store_true", help="discard the results already in --output and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from ..pipeline import cliper_options  # issue #14 hook: CLIPer's options
+
+    cliper_options.add_arguments(p, dataset_known=True)
     # for tests: MODULE:CALLABLE, called with the dataset, returning an `image -> label map` predictor
     p.add_argument("--predictor", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_eval)
@@ -64,9 +67,16 @@ def run_eval(args) -> int:
         if args.predictor is not None:
             factory, config = load_factory(args.predictor), {"predictor": args.predictor}
         else:
-            config = pipeline_config(dataset, method=args.method, cdam=not args.no_cdam, model=args.model,
+            from ..pipeline import cliper_options  # issue #14 hook
+            from ..validation import CdamInputError
+
+            try:
+                cdam, cliper = cliper_options.cdam_enabled(args), cliper_options.cliper_settings(args, dataset.name)
+            except CdamInputError as e:
+                raise UsageError(str(e)) from None
+            config = pipeline_config(dataset, method=args.method, cdam=cdam, model=args.model,
                                      pretrained=args.pretrained, mode=args.mode, dtype=args.dtype,
-                                     background=args.background)
+                                     background=args.background, cliper=cliper)
         output = Path(args.output) if args.output else DEFAULT_OUTPUT_ROOT / run_name(dataset.name, config)
         use_cuda = None if args.predictor is None else False  # test predictors run on CPU (gloo)
         with distributed_context(use_cuda=use_cuda) as dist:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-METHODS = ("maskclip", "sclip", "clearclip", "gem", "naclip")
+METHODS = ("maskclip", "sclip", "clearclip", "gem", "naclip", "cliper")  # issue #14: + cliper
 DEFAULT_OUTPUT_ROOT = Path("cdam_eval")
 
 
@@ -32,13 +32,19 @@ def background_setting(value, dataset_has_background: bool):
 
 
 def pipeline_config(dataset, *, method: str, cdam: bool, model: str, pretrained: str, mode: str = "window",
-                    dtype: str | None = None, background=None) -> dict:
+                    dtype: str | None = None, background=None, cliper: dict | None = None) -> dict:
     """What a stored result depends on (the kernel backend and device are left out: they change
-    rounding, not the method)."""
+    rounding, not the method). cliper: CLIPer's options (issue #14; pipeline.cliper_options)."""
     if method not in METHODS:
         raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    return {"method": method, "cdam": bool(cdam), "model": model, "pretrained": pretrained, "mode": mode,
-            "dtype": dtype, "background": background_setting(background, dataset.spec.has_background)}
+    config = {"method": method, "cdam": bool(cdam), "model": model, "pretrained": pretrained, "mode": mode,
+              "dtype": dtype, "background": background_setting(background, dataset.spec.has_background)}
+    if method == "cliper":  # issue #14 hook: CLIPer's protocol / combination / compensation are part of a result
+        config.update(cliper or {})
+        if config.get("protocol", "mmseg") != "mmseg":
+            # CLIPer's protocol: the whole image at short side 336, its own background thresholds
+            config["mode"], config["background"] = "global", None
+    return config
 
 
 def run_name(dataset_name: str, config: dict) -> str:
@@ -50,6 +56,12 @@ def run_name(dataset_name: str, config: dict) -> str:
              Path(str(config["pretrained"])).name]  # a checkpoint path contributes its file name
     if config["mode"] != "window":
         parts.append(config["mode"])
+    if config.get("protocol", "mmseg") != "mmseg":  # issue #14: CLIPer's protocol and compensation
+        parts.append(config["protocol"])
+    if config.get("compensation"):
+        parts.append(config["compensation"])
+    if config.get("cdam") and config.get("cdam_combine", "replace") != "replace":
+        parts.append(config["cdam_combine"])
     return "-".join(p.replace("/", "_") for p in parts)
 
 
@@ -62,12 +74,17 @@ def segmenter_predictor(dataset, config: dict, *, backend: str = "auto", device=
     from cdam_fast.pipeline import Segmenter, WeightsUnavailableError
     from cdam_fast.validation import CdamInputError
 
+    from cdam_fast.pipeline.cliper_options import CONFIG_KEYS
+
+    cliper = {k: config[k] for k in CONFIG_KEYS if k in config}  # issue #14 hook
     try:
         segmenter = Segmenter(dataset.classes, model=backbone or config["model"], pretrained=config["pretrained"],
                               method=config["method"], cdam=config["cdam"], mode=config["mode"], backend=backend,
                               device=None if backbone else device, dtype=config["dtype"],
-                              background=config["background"], progress=progress, **options)
+                              background=config["background"], progress=progress, **cliper, **options)
     except (CdamInputError, WeightsUnavailableError) as e:
+        raise UsageError(str(e)) from None
+    except ImportError as e:  # an optional extra (e.g. diffusers for --compensation sd)
         raise UsageError(str(e)) from None
     return segmenter.predict
 

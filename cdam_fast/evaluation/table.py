@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset (a smoke run)")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT_ROOT), help="folder for the per-run result folders")
     p.add_argument("--no-progress", action="store_true")
+    # issue #14: CLIPer rows (its own protocol) beside CLIPer's published numbers
+    p.add_argument("--cliper", action="store_true", help="add CLIPer rows (CLIPer's protocol): CLIPer, CLIPer + CDAM, "
+                                                         "and CLIPer + SD compensation with --sd-weights")
+    p.add_argument("--sd-weights", metavar="PATH", default=None,
+                   help="local diffusers folder of Stable Diffusion 2.1-base for the compensated CLIPer row")
     # for tests: MODULE:CALLABLE called with (dataset, method, cdam), returning a predictor
     p.add_argument("--predictor", default=None, help=argparse.SUPPRESS)
     return p
@@ -116,14 +121,24 @@ def main(argv=None) -> int:
             config_for, make_predictor = _cell_builders(args, dist)
             results = run_table(roots, make_predictor, config_for, methods=args.methods, limit=args.limit,
                                 output=args.output, dist=dist, progress=not args.no_progress)
+            cliper_results = {}
+            if args.cliper:  # issue #14 hook
+                from .cliper_table import format_cliper_rows, run_cliper_rows
+
+                cliper_results = run_cliper_rows(roots, make_predictor, lambda d, c, s: config_for(d, "cliper", c, s),
+                                                 sd_weights=args.sd_weights, limit=args.limit, output=args.output,
+                                                 dist=dist, progress=not args.no_progress)
             if dist.is_main:
                 table = format_comparison(results, args.methods)
+                if args.cliper:
+                    table += "\n" + format_cliper_rows(cliper_results, args.sd_weights)
                 print(table)
                 out = Path(args.output) / "published_table.json"
                 out.write_text(json.dumps({
                     "model": args.model, "pretrained": args.pretrained, "limit": args.limit,
                     "rows": [{"method": m, "cdam": c, "dataset": d, "mIoU": v, "published": published(m, c, d)}
                              for (m, c, d), v in results.items()],
+                    "cliper_rows": [{"row": r, "dataset": d, "mIoU": v} for (r, d), v in cliper_results.items()],
                 }, indent=2) + "\n")
                 print(f"results: {out}")
     except (DatasetError, StoreError, PredictionError, UsageError) as e:
@@ -138,8 +153,8 @@ def _cell_builders(args, dist):
     if args.predictor is not None:
         factory = load_factory(args.predictor)
 
-        def config_for(dataset, method, cdam):
-            return {"predictor": args.predictor, "method": method, "cdam": cdam}
+        def config_for(dataset, method, cdam, cliper=None):
+            return {"predictor": args.predictor, "method": method, "cdam": cdam, **(cliper or {})}
 
         def make_predictor(dataset, config):
             return factory(dataset, config["method"], config["cdam"])
@@ -148,9 +163,9 @@ def _cell_builders(args, dist):
 
     device = args.device or (str(dist.device) if dist.device is not None else None)
 
-    def config_for(dataset, method, cdam):
+    def config_for(dataset, method, cdam, cliper=None):
         return pipeline_config(dataset, method=method, cdam=cdam, model=args.model, pretrained=args.pretrained,
-                               mode=args.mode, dtype=args.dtype)
+                               mode=args.mode, dtype=args.dtype, cliper=cliper)
 
     backbone = None  # loaded at the first cell, then shared: one model load and text-embedding cache
 

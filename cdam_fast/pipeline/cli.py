@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..dispatch import BACKENDS, BackendUnavailableError
 from ..validation import CdamInputError
+from . import cliper_options
 from .methods import METHODS
 from .windows import CROP, LONG_SIDE_MAX, SHORT_SIDE, STRIDE
 
@@ -37,14 +38,16 @@ def register(subparsers) -> None:
                                        '(e.g. "background,cat,person; people")')
     src.add_argument("--classes-file", metavar="F", help="file with one class per line (synonyms joined by ';'), "
                                                          "or a packaged list: voc21, context60, coco_object, ...")
-    p.add_argument("--method", default="maskclip", choices=tuple(METHODS), help="last-layer method (default maskclip)")
+    p.add_argument("--method", default="maskclip", choices=tuple(METHODS) + ("cliper",),  # issue #14: + cliper
+                   help="last-layer method, or cliper (CLIPer's early-layer fusion) (default maskclip)")
     p.add_argument("--no-cdam", action="store_true", help="the method alone, without the CDAM refinement")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
     p.add_argument("--pretrained", default="openai",
                    help="open_clip tag (downloaded on request), local checkpoint PATH, or 'none' for random "
                         "weights from a fixed seed (default openai)")
-    p.add_argument("--mode", default="window", choices=("window", "global"),
-                   help="sliding 448 windows (published protocol) or the whole image at once (default window)")
+    p.add_argument("--mode", default=None, choices=("window", "global"),
+                   help="sliding 448 windows (published protocol) or the whole image at once (default window; "
+                        "global under CLIPer's protocol)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="CDAM op backend (default auto)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
@@ -52,16 +55,17 @@ def register(subparsers) -> None:
     p.add_argument("--background", default="auto", type=str,
                    help="auto (entropy threshold when the first class is 'background'), entropy, "
                         "entropy-per-window, none, or a fixed probability threshold")
-    p.add_argument("--templates", default="openai",
-                   help="prompt templates: openai (the 80 ImageNet ones), single, or a file with one per line")
+    p.add_argument("--templates", default=None,
+                   help="prompt templates: openai (the 80 ImageNet ones; default), single, or a file with one per line")
     p.add_argument("--window-batch", type=int, default=16, help="windows per forward pass (default 16)")
-    p.add_argument("--short-side", type=int, default=SHORT_SIDE,
-                   help=f"images are resized to this short side (default {SHORT_SIDE})")
+    p.add_argument("--short-side", type=int, default=None,
+                   help=f"images are resized to this short side (default {SHORT_SIDE}; 336 under CLIPer's protocol)")
     p.add_argument("--long-side", type=int, default=LONG_SIDE_MAX,
                    help=f"... unless the long side would exceed this (default {LONG_SIDE_MAX})")
     p.add_argument("--crop", type=int, default=CROP, help=f"window size in window mode (default {CROP})")
     p.add_argument("--stride", type=int, default=STRIDE, help=f"window stride in window mode (default {STRIDE})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights for --pretrained none")
+    cliper_options.add_arguments(p)  # issue #14 hook: --cdam, --cdam-combine, --protocol, --compensation, --sd-weights
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files without asking")
     p.set_defaults(func=run)
@@ -140,11 +144,15 @@ def _run(args) -> int:
     paths = _output_paths(args.images, out)
     _check_outputs(args.images, paths, args.overwrite)
     pretrained = None if args.pretrained.strip().lower() == "none" else args.pretrained
-    seg = Segmenter(classes, model=args.model, pretrained=pretrained, method=args.method, cdam=not args.no_cdam,
-                    mode=args.mode, backend=args.backend, device=args.device, dtype=args.dtype,
-                    background=_background(args.background), templates=args.templates,
-                    window_batch=args.window_batch, seed=args.seed, short_side=args.short_side,
-                    long_side=args.long_side, crop=args.crop, stride=args.stride)
+    # issue #14 hook: CLIPer's options ({} for the other methods); mode / templates / short side left
+    # unset fall to the method's defaults (CLIPer's protocol presets choose their own)
+    cliper = cliper_options.cliper_settings(args)
+    unset = {k: getattr(args, k) for k in ("mode", "templates", "short_side") if getattr(args, k) is not None}
+    seg = Segmenter(classes, model=args.model, pretrained=pretrained, method=args.method,
+                    cdam=cliper_options.cdam_enabled(args), **cliper, **unset, backend=args.backend,
+                    device=args.device, dtype=args.dtype, background=_background(args.background),
+                    window_batch=args.window_batch, seed=args.seed, long_side=args.long_side, crop=args.crop,
+                    stride=args.stride)
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(args.images), desc="segment", unit="image", disable=len(args.images) < 2)
     for img, result, files in zip(args.images, seg.results(args.images), paths):

@@ -47,12 +47,13 @@ from ..ops import multiscale_cdam_attention
 from ..validation import CdamInputError
 from . import background as bg
 from .backbone_presets import backbone_preset
+from .cliper_options import CDAM_COMBINES
 from .methods import merge_heads, split_heads
+from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .segmenter import ImageResult, Segmenter, _assembler
 from .text import TextEmbedder, resolve_templates
 from .windows import SHORT_SIDE, whole_layout
 
-CDAM_COMBINES = ("replace", "average")
 COMPENSATIONS = (None, "sd")
 PROTOCOL_MMSEG = "mmseg"
 # Propagation thresholds of CLIPer's configs: 0.1 for VOC-sized class lists, 0.2 otherwise.
@@ -266,14 +267,12 @@ class CliperSegmenter(Segmenter):
     CDAM is off by default for CLIPer (cdam=True refines it).
     """
 
-    def __init__(self, classes, model=None, pretrained=None, method: str = "cliper", cdam: bool = False,
+    def __init__(self, classes, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, method: str = "cliper", cdam: bool = False,
                  mode: str | None = None, backend: str = "auto", device=None, dtype=None, background="auto", *,
                  protocol: str = PROTOCOL_MMSEG, cdam_combine: str = "replace", threshold: float | None = None,
                  set_index: int | None = None, compensation: str | None = None, sd_weights=None, sd_seed: int = 0,
                  sd_options: dict | None = None,
                  templates=None, short_side: int | None = None, logit_scale: float | None = None, **options):
-        from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED
-
         if not isinstance(method, str) or method.lower() != "cliper":
             raise CdamInputError(f"CliperSegmenter runs method 'cliper', got {method!r}")
         if cdam_combine not in CDAM_COMBINES:
@@ -282,21 +281,29 @@ class CliperSegmenter(Segmenter):
             raise CdamInputError(f"compensation must be None or 'sd', got {compensation!r}")
         if compensation is None and sd_weights is not None:
             raise CdamInputError("sd_weights is given but compensation is not 'sd'")
+        if compensation == "sd":  # fail before the (slow) model load
+            from .compensation import check_sd_weights, import_extra
+
+            check_sd_weights(sd_weights)
+            import_extra("diffusers")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not 0.0 <= threshold <= 1.0):
             raise CdamInputError(f"threshold must be a fraction in [0, 1], got {threshold!r}")
-        model = DEFAULT_MODEL if model is None else model
         name = model if isinstance(model, str) else model.name
         if not isinstance(protocol, (str, CliperProtocol)):
             raise CdamInputError(f"protocol must be 'mmseg', a CLIPer preset name or a CliperProtocol, got {protocol!r}")
         self.protocol = resolve_protocol(protocol, name)
         preset = self.protocol
         if preset is not None:
+            if background not in ("auto", None):
+                raise CdamInputError(f"background: protocol {preset.name!r} labels background with its own class-score "
+                                     f"and pixel thresholds; leave background at 'auto', got {background!r}")
+            background = None
             mode = "global" if mode is None else mode
             templates = cliper_templates() if templates is None and preset.templates == "cliper" else templates
             logit_scale = preset.logit_scale if logit_scale is None else logit_scale
         self._templates = resolve_templates(templates)
-        super().__init__(classes, model, DEFAULT_PRETRAINED if pretrained is None else pretrained, "maskclip",
+        super().__init__(classes, model, pretrained, "maskclip",
                          cdam, "window" if mode is None else mode, backend, device, dtype, background,
                          templates=self._templates, short_side=SHORT_SIDE if short_side is None else short_side,
                          logit_scale=bg.LOGIT_SCALE if logit_scale is None else logit_scale, **options)

@@ -30,7 +30,7 @@ SD_UP_ATTENTIONS = (1, 0)  # CLIPer's layers -4, -6: attn1 of attentions[1], the
 _EPS = 1e-5
 
 
-def _import(name: str):
+def import_extra(name: str):
     try:
         return __import__(name)
     except ImportError as e:
@@ -76,7 +76,8 @@ class _CaptureProcessor:
         return out / attn.rescale_output_factor
 
 
-def _check_folder(weights) -> Path:
+def check_sd_weights(weights) -> Path:
+    """The local diffusers folder, checked (cheap: before any model is loaded)."""
     if weights is None:
         raise CdamInputError("compensation 'sd' needs sd_weights (--sd-weights PATH): a local diffusers folder of "
                              "Stable Diffusion 2.1-base (unet/, vae/, scheduler/, text_encoder/, tokenizer/); "
@@ -95,7 +96,7 @@ def _check_folder(weights) -> Path:
 def empty_prompt_embedding(path: Path) -> torch.Tensor:
     """[1, 77, D]: the text encoder's last hidden state for the empty prompt (as diffusers'
     encode_prompt gives it for SD 2.x without CLIP skip)."""
-    transformers = _import("transformers")
+    transformers = import_extra("transformers")
     for sub in ("text_encoder", "tokenizer"):
         if not (path / sub).is_dir():
             raise CdamInputError(f"sd_weights: {str(path / sub)!r} is missing (needed for the empty-prompt embedding)")
@@ -120,8 +121,8 @@ class SdCompensation:
     def __init__(self, weights, device, *, threshold: float = 0.1, seed: int = 0, size: int = SD_SIZE,
                  steps: int = SD_STEPS, timestep_index: int = SD_TIMESTEP_INDEX, prompt_embeds=None, dtype=None,
                  layers=None):
-        path = _check_folder(weights)
-        diffusers = _import("diffusers")
+        path = check_sd_weights(weights)
+        diffusers = import_extra("diffusers")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise CdamInputError(f"sd seed must be an integer, got {seed!r}")
         if not 0 <= timestep_index < steps:
