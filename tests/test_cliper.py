@@ -292,3 +292,48 @@ def test_whole_layout_assembler_is_identity_at_same_size(tiny):
     asm = _assembler(whole_layout((8, 8)), (8, 8), (8, 8), torch.device("cpu"))
     x = torch.rand(1, 2, 8, 8)
     torch.testing.assert_close(asm(x), x[0])
+
+
+def vit_l14_backbone():
+    """The ViT-L/14 image tower (24 blocks, width 1024, 16 heads, patch 14) with a tiny text
+    tower. Weights: a seeded random vector tiled over every matrix (drawing 300 M normal
+    values takes ~15 s on a loaded CPU; tiling takes ~1 s), layer norms at identity."""
+    import open_clip
+    from open_clip.factory import get_model_config
+
+    cfg = get_model_config("ViT-L-14")
+    with torch.device("meta"):
+        clip = open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"],
+                              text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    clip = clip.to_empty(device="cpu")
+    base = torch.randn(1_000_003, generator=torch.Generator().manual_seed(0)) * 0.02
+    with torch.no_grad():
+        for i, p in enumerate(clip.parameters()):
+            flat = p.view(-1)
+            reps = -(-flat.numel() // base.numel()) + 1
+            flat.copy_(base.roll(7919 * i).repeat(reps)[:flat.numel()])
+        for m in clip.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.fill_(1)
+                m.bias.fill_(0)
+    return ClipBackbone(clip.eval(), open_clip.get_tokenizer("ViT-L-14"), name="ViT-L-14", source="tiled random")
+
+
+def test_vit_l14_every_method():
+    """ViT-L/14 (a tiny image) runs every method; its preset sets patch 14 and CLIPer's
+    second-to-last set."""
+    from cdam_fast.pipeline.backbone_presets import backbone_preset
+    from cdam_fast.pipeline.methods import METHODS
+
+    bb = vit_l14_backbone()
+    preset = backbone_preset(bb)
+    assert bb.patch_size == (14, 14) and bb.heads == 16 and bb.depth == 24
+    assert preset.patch == 14 and preset.cliper_set == -2
+    img = _image(30, 44, 6)
+    opts = dict(model=bb, mode="global", short_side=28, backend="reference", background=None, **SMALL)
+    # with CDAM every method runs its own first pass and the re-run; CLIPer alone as well
+    for method, cdam in [(m, True) for m in METHODS] + [("cliper", False)]:
+        seg = Segmenter("background,cat", method=method, cdam=cdam, **opts)
+        logits = seg.logits(img)
+        assert logits.shape == (2, 30, 44) and bool(torch.isfinite(logits).all()), (method, cdam)
+    assert seg.set_index == -2 and seg.short_side == 28
