@@ -69,6 +69,7 @@ def literal_fusion(bb, x):
         x = x + blk.ls_1(out)
         x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
     kept.append(x)
+    literal_fusion.raw = M
     M = M / M.sum(dim=-2, keepdim=True)  # column sums
     M = M / M.sum(dim=-1, keepdim=True)  # row sums
     M = (M + M.transpose(-1, -2)) / 2
@@ -150,6 +151,34 @@ def test_cliper_maps_match_literal(tiny64, gen, cdam):
     expect = literal_cliper(tiny64, crops, text, 5, 50.0, -2, 0.2, None if cdam is None else (dist, cdam))
     torch.testing.assert_close(got, expect, **TIGHT)
     assert float((expect.amax(1) - expect.amin(1)).mean()) > 1e-3  # classes differ
+
+
+def test_official_normalisation_matches_clipers_loop(tiny64, gen):
+    """normalisation="official": CLIPer's code divides the accumulated map in place inside its
+    loop over the inputs; replayed here literally."""
+    crops = torch.randn(1, 3, 48, 64, generator=gen, dtype=torch.float64)
+    text = F.normalize(torch.randn(5, tiny64.embed_dim, generator=gen, dtype=torch.float64), dim=-1)
+    x, grid = tiny64.embed(crops)
+    kept, once = literal_fusion(tiny64, x)
+    attn_maps = literal_fusion.raw.clone()
+    sets = []
+    for z in kept:
+        attn_mask = attn_maps  # the code's argument aliases its accumulator
+        attn_mask /= torch.sum(attn_mask, dim=-2, keepdim=True)
+        attn_mask /= torch.sum(attn_mask, dim=-1, keepdim=True)
+        attn_mask = (attn_mask + attn_mask.transpose(-2, -1)) / 2
+        attn_mask -= attn_mask.mean(-2, keepdim=True)
+        attn_mask = torch.clamp(attn_mask, 0)
+        attn_mask /= torch.sum(attn_mask, dim=-1, keepdim=True)
+        sets.append(literal_last_block(tiny64, z, attn_mask))
+    probs = [torch.softmax(50.0 * f @ text.T, dim=-1) for f in sets]
+    s = probs[-1][0].T.clone()
+    s[s < s.amax(dim=-1, keepdim=True) * 0.1] = 0
+    expect = s @ attn_mask[0].mean(0)[1:, 1:] + torch.stack([p[0].T for p in probs]).mean(0)
+    got, _ = cliper_maps(tiny64, crops, text, 5, logit_scale=50.0, set_index=-1, threshold=0.1,
+                         normalisation="official")
+    torch.testing.assert_close(got[0].reshape(5, -1), expect, **TIGHT)
+    assert (attn_mask - once).abs().max() > 1e-6  # the two normalisations differ
 
 
 def test_thresholded_set_is_the_chosen_one(tiny64, gen):
@@ -275,6 +304,7 @@ def test_presets_and_backbone_settings():
     (dict(protocol="cliper-voc21"), "ViT-B-16"),  # a preset for another backbone
     (dict(threshold=1.5), "threshold"),
     (dict(set_index=4), "set_index"),
+    (dict(normalisation="twice"), "normalisation"),
     (dict(method="cliper", cdam="yes", cdam_combine=None), "cdam_combine"),
 ])
 def test_bad_options_rejected(tiny, bad, match):

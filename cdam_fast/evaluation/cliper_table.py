@@ -29,7 +29,7 @@ def cliper_rows(sd_weights=None) -> list:
 
 def cliper_settings(dataset: str, compensation, sd_weights) -> dict:
     return {"protocol": f"cliper-{dataset}", "cdam_combine": "replace", "compensation": compensation,
-            "sd_weights": sd_weights if compensation else None, "sd_seed": 0}
+            "sd_weights": sd_weights if compensation else None, "sd_seed": 0, "normalisation": "once"}
 
 
 def run_cliper_rows(roots: dict, make_predictor, config_for, *, sd_weights=None, limit=None, output=".",

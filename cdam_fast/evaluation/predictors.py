@@ -62,6 +62,8 @@ def run_name(dataset_name: str, config: dict) -> str:
         parts.append(config["compensation"])
     if config.get("cdam") and config.get("cdam_combine", "replace") != "replace":
         parts.append(config["cdam_combine"])
+    if config.get("normalisation", "once") != "once":
+        parts.append(f"{config['normalisation']}-normalisation")
     return "-".join(p.replace("/", "_") for p in parts)
 
 

@@ -47,7 +47,7 @@ from ..ops import multiscale_cdam_attention
 from ..validation import CdamInputError
 from . import background as bg
 from .backbone_presets import backbone_preset
-from .cliper_options import CDAM_COMBINES
+from .cliper_options import CDAM_COMBINES, NORMALISATIONS
 from .methods import merge_heads, split_heads
 from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .segmenter import ImageResult, Segmenter, _assembler
@@ -154,9 +154,9 @@ def _in_proj(backbone, index: int, part: slice):
     return w, None if attn.in_proj_bias is None else attn.in_proj_bias[part]
 
 
-def early_fusion(backbone, x: torch.Tensor, row_budget: int = _ROW_BUDGET):
+def early_fusion(backbone, x: torch.Tensor, row_budget: int = _ROW_BUDGET, normalise: bool = True):
     """x: tokens entering block 0 [B, T, width] -> (inputs [L, B, T, width]: ln_1_i(x_i) for
-    i < L-1 and x_{L-1}; fused map [B, heads, T, T] float32)."""
+    i < L-1 and x_{L-1}; fused map [B, heads, T, T] float32; normalise=False: the raw sum)."""
     L, H = backbone.depth, backbone.heads
     B, T, W = x.shape
     scale = 1.0 / math.sqrt(W // H)
@@ -179,7 +179,20 @@ def early_fusion(backbone, x: torch.Tensor, row_budget: int = _ROW_BUDGET):
         x = x + backbone.mlp_residual(x, i)
     inputs.append(x)
     dtype = inputs[0].dtype
-    return torch.stack([t.to(dtype) for t in inputs]), normalise_fused_(fused)
+    return torch.stack([t.to(dtype) for t in inputs]), normalise_fused_(fused) if normalise else fused
+
+
+def official_fused_maps(M: torch.Tensor, count: int):
+    """CLIPer's public code normalises the accumulated map in place inside its loop over the L
+    inputs, so the column / row division is applied again for every input. Yields the fused map
+    input k sees (k + 1 divisions; M is modified in place; one extra [B, H, T, T] buffer)."""
+    for _ in range(count):
+        M.div_(M.sum(-2, keepdim=True))
+        M.div_(M.sum(-1, keepdim=True))
+        F_k = symmetrise_(M.clone())
+        F_k.sub_(F_k.mean(-2, keepdim=True))
+        F_k.clamp_(min=0)
+        yield F_k.div_(F_k.sum(-1, keepdim=True).clamp_min(torch.finfo(F_k.dtype).tiny))
 
 
 def last_values(backbone, inputs: torch.Tensor) -> torch.Tensor:
@@ -225,14 +238,22 @@ def combine(probs: torch.Tensor, fused_mean: torch.Tensor, set_index: int, thres
 
 
 def cliper_maps(backbone, crops: torch.Tensor, text: torch.Tensor, outputs: int, *, logit_scale: float,
-                set_index: int, threshold: float, cdam=None) -> tuple:
+                set_index: int, threshold: float, cdam=None, normalisation: str = "once") -> tuple:
     """Normalised crops [B, 3, h, w] -> (maps [B, outputs, h_tok, w_tok] float32, grid).
-    cdam: None, or (distribution_text [C', E], combine, kwargs of multiscale_cdam_attention)."""
+    cdam: None, or (distribution_text [C', E], combine, kwargs of multiscale_cdam_attention).
+    normalisation: "once" (the method as described) or "official" (CLIPer's code: repeated per
+    input, see official_fused_maps)."""
     bb = backbone
     x, grid = bb.embed(crops)
-    inputs, fused = early_fusion(bb, x)
+    inputs, fused = early_fusion(bb, x, normalise=normalisation == "once")
     v = last_values(bb, inputs)  # [L, B, T, width]
-    heads_out = fused_heads_out(fused, v, bb.heads)
+    if normalisation == "once":
+        heads_out = fused_heads_out(fused, v, bb.heads)
+    else:  # each input its own map; the last one serves the propagation
+        outs = []
+        for k, fused_k in enumerate(official_fused_maps(fused, len(v))):
+            outs.append(fused_heads_out(fused_k, v[k:k + 1], bb.heads))
+        heads_out, fused = torch.cat(outs), fused_k
     feats = project(bb, bb.attention_residual(heads_out))  # [L, B, N, E]
     if cdam is not None:
         dist_text, how, op_kwargs = cdam
@@ -263,7 +284,8 @@ class CliperSegmenter(Segmenter):
     cdam_combine ("replace" or "average"), threshold (the set threshold before propagation;
     default 0.1 for up to 21 classes, else 0.2, or the preset's), set_index (default from the
     backbone preset), compensation (None or "sd"), sd_weights (local diffusers folder), sd_seed,
-    sd_options (more SdCompensation arguments).
+    sd_options (more SdCompensation arguments), normalisation ("once", the method as described,
+    or "official", CLIPer's code's repeated in-place normalisation).
     CDAM is off by default for CLIPer (cdam=True refines it).
     """
 
@@ -271,7 +293,7 @@ class CliperSegmenter(Segmenter):
                  mode: str | None = None, backend: str = "auto", device=None, dtype=None, background="auto", *,
                  protocol: str = PROTOCOL_MMSEG, cdam_combine: str = "replace", threshold: float | None = None,
                  set_index: int | None = None, compensation: str | None = None, sd_weights=None, sd_seed: int = 0,
-                 sd_options: dict | None = None,
+                 sd_options: dict | None = None, normalisation: str = "once",
                  templates=None, short_side: int | None = None, logit_scale: float | None = None, **options):
         if not isinstance(method, str) or method.lower() != "cliper":
             raise CdamInputError(f"CliperSegmenter runs method 'cliper', got {method!r}")
@@ -281,6 +303,9 @@ class CliperSegmenter(Segmenter):
             raise CdamInputError(f"compensation must be None or 'sd', got {compensation!r}")
         if compensation is None and sd_weights is not None:
             raise CdamInputError("sd_weights is given but compensation is not 'sd'")
+        if normalisation not in NORMALISATIONS:
+            raise CdamInputError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+        self.normalisation = normalisation
         if compensation == "sd":  # fail before the (slow) model load
             from .compensation import check_sd_weights, import_extra
 
@@ -363,7 +388,7 @@ class CliperSegmenter(Segmenter):
         with self._autocast():
             maps, _ = cliper_maps(self.backbone, crops, self.cls_text, self.outputs,
                                   logit_scale=self.logit_scale, set_index=self.set_index, threshold=self.threshold,
-                                  cdam=cdam)
+                                  cdam=cdam, normalisation=self.normalisation)
         maps = maps.float()
         if self.protocol is not None:
             maps = F.pad(maps, (0, 0, 0, 0, 1, 0))

@@ -8,7 +8,8 @@ CLIPER = "cliper"
 CDAM_COMBINES = ("replace", "average")
 CLIPER_DATASETS = ("voc21", "context60", "coco_object")  # datasets with a CLIPer protocol preset
 # Keys a CLIPer run adds to its stored configuration (and passes to the Segmenter).
-CONFIG_KEYS = ("protocol", "cdam_combine", "compensation", "sd_weights", "sd_seed")
+CONFIG_KEYS = ("protocol", "cdam_combine", "compensation", "sd_weights", "sd_seed", "normalisation")
+NORMALISATIONS = ("once", "official")  # the fused map's normalisation: as described / as CLIPer's code does it
 
 
 def add_arguments(parser, dataset_known: bool = False) -> None:
@@ -29,6 +30,9 @@ def add_arguments(parser, dataset_known: bool = False) -> None:
     g.add_argument("--sd-weights", metavar="PATH", default=None,
                    help="local diffusers folder of Stable Diffusion 2.1-base (never downloaded)")
     g.add_argument("--sd-seed", type=int, default=0, help="seed of the diffusion noise (default 0)")
+    g.add_argument("--fusion-normalisation", dest="normalisation", default="once", choices=NORMALISATIONS,
+                   help="once: the fused map normalised as the method describes it (default); official: repeated "
+                        "per input, as CLIPer's public code does in place")
 
 
 def cdam_enabled(args) -> bool:
@@ -44,7 +48,8 @@ def cliper_settings(args, dataset: str | None = None) -> dict:
     """The Segmenter keyword options of a CLIPer run ({} for the other methods, which reject
     CLIPer-only options)."""
     given = [f"--{k.replace('_', '-')}" for k, default in
-             (("protocol", "mmseg"), ("cdam_combine", "replace"), ("compensation", "none"), ("sd_weights", None))
+             (("protocol", "mmseg"), ("cdam_combine", "replace"), ("compensation", "none"), ("sd_weights", None),
+              ("normalisation", "once"))
              if getattr(args, k, default) != default]
     if args.method != CLIPER:
         if given:
@@ -63,4 +68,4 @@ def cliper_settings(args, dataset: str | None = None) -> dict:
     if compensation is None and args.sd_weights is not None:
         raise CdamInputError("--sd-weights is given without --compensation sd")
     return {"protocol": protocol, "cdam_combine": args.cdam_combine, "compensation": compensation,
-            "sd_weights": args.sd_weights, "sd_seed": args.sd_seed}
+            "sd_weights": args.sd_weights, "sd_seed": args.sd_seed, "normalisation": args.normalisation}
