@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from cdam_fast import CdamInputError, reference
 from cdam_fast.pipeline import Segmenter
 from cdam_fast.pipeline.cliper import (
-    CLIPER_PRESETS, CliperProtocol, cliper_maps, combine, early_fusion, fused_heads_out, last_values, normalise_fused_, symmetrise_,
+    CLIPER_PRESETS, CliperProtocol, cliper_maps, combine, early_fusion, fused_heads_out, last_values,
+    normalise_fused_, symmetrise_,
 )
 from cdam_fast.pipeline.model import ClipBackbone
 from cdam_fast.pipeline.windows import whole_layout

@@ -289,7 +289,8 @@ class CliperSegmenter(Segmenter):
     CDAM is off by default for CLIPer (cdam=True refines it).
     """
 
-    def __init__(self, classes, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, method: str = "cliper", cdam: bool = False,
+    def __init__(self, classes, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, method: str = "cliper",
+                 cdam: bool = False,
                  mode: str | None = None, backend: str = "auto", device=None, dtype=None, background="auto", *,
                  protocol: str = PROTOCOL_MMSEG, cdam_combine: str = "replace", threshold: float | None = None,
                  set_index: int | None = None, compensation: str | None = None, sd_weights=None, sd_seed: int = 0,
@@ -314,9 +315,10 @@ class CliperSegmenter(Segmenter):
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not 0.0 <= threshold <= 1.0):
             raise CdamInputError(f"threshold must be a fraction in [0, 1], got {threshold!r}")
-        name = model if isinstance(model, str) else model.name
+        name = model if isinstance(model, str) else getattr(model, "name", repr(model))
         if not isinstance(protocol, (str, CliperProtocol)):
-            raise CdamInputError(f"protocol must be 'mmseg', a CLIPer preset name or a CliperProtocol, got {protocol!r}")
+            raise CdamInputError(f"protocol must be 'mmseg', a CLIPer preset name or a CliperProtocol, "
+                                 f"got {protocol!r}")
         self.protocol = resolve_protocol(protocol, name)
         preset = self.protocol
         if preset is not None:
@@ -358,7 +360,8 @@ class CliperSegmenter(Segmenter):
                                                **(sd_options or {}))
 
     def __repr__(self):
-        return (f"Segmenter({len(self.classes)} classes, cliper{' + CDAM (' + self.cdam_combine + ')' if self.cdam else ''}"
+        cdam = f" + CDAM ({self.cdam_combine})" if self.cdam else ""
+        return (f"Segmenter({len(self.classes)} classes, cliper{cdam}"
                 f"{' + SD compensation' if self.compensation is not None else ''}, {self.backbone.name} "
                 f"({self.backbone.source}), protocol={self.protocol.name if self.protocol else PROTOCOL_MMSEG}, "
                 f"mode={self.mode}, backend={self.backend}, device={self.device}, dtype={self.dtype})")
