@@ -95,3 +95,18 @@ def test_table_cliper_rows(tmp_path, capsys):
     assert len(data["cliper_rows"]) == 3
     # each CLIPer cell is its own resumable run (2 MaskCLIP cells + 3 CLIPer cells)
     assert len(list((tmp_path / "out").glob("*/result.json"))) == 5
+
+
+def test_eval_predictor_builds_cliper_with_its_options():
+    """The eval hook hands CLIPer's stored options to the Segmenter."""
+    from cdam_fast.evaluation.predictors import segmenter_predictor
+    from cdam_fast.pipeline.text import read_class_file
+    from test_cliper import tiny_clip
+
+    voc = type("D", (), {"spec": DATASETS["voc21"], "classes": read_class_file("voc21")})()
+    cfg = pipeline_config(voc, method="cliper", cdam=True, model="tiny", pretrained="none", mode="global",
+                          cliper=dict(protocol="mmseg", cdam_combine="average", compensation=None, sd_weights=None,
+                                      sd_seed=0, normalisation="official"))
+    seg = segmenter_predictor(voc, cfg, backbone=tiny_clip(), progress=False, templates="single", atp=["red"]).__self__
+    assert (seg.method_name, seg.cdam, seg.cdam_combine, seg.normalisation) == ("cliper", True, "average", "official")
+    assert seg.mode == "global" and seg.protocol is None and seg.background == "entropy"
