@@ -368,3 +368,19 @@ def test_vit_l14_every_method():
         logits = seg.logits(img)
         assert logits.shape == (2, 30, 44) and bool(torch.isfinite(logits).all()), (method, cdam)
     assert seg.set_index == -2 and seg.short_side == 28
+
+
+def test_autocast_keeps_the_accumulations_in_fp32(tiny, gen):
+    """Under autocast (bf16 on the CPU here, fp16 on CUDA) the fused map, the probabilities and
+    the combination stay fp32; the maps stay near the fp32 ones (bf16 has 8 mantissa bits)."""
+    crops = torch.randn(1, 3, 48, 48, generator=gen)
+    text = F.normalize(torch.randn(5, tiny.embed_dim, generator=gen), dim=-1)
+    ref, _ = cliper_maps(tiny, crops, text, 5, logit_scale=50.0, set_index=-1, threshold=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, _ = tiny.embed(crops)
+        _, fused = early_fusion(tiny, x)
+        got, _ = cliper_maps(tiny, crops, text, 5, logit_scale=50.0, set_index=-1, threshold=0.1,
+                             cdam=(text, "average", dict(backend="reference")))
+        plain, _ = cliper_maps(tiny, crops, text, 5, logit_scale=50.0, set_index=-1, threshold=0.1)
+    assert fused.dtype == got.dtype == plain.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    assert float((plain - ref).abs().max()) < 0.1 * float(ref.abs().max())

@@ -266,8 +266,10 @@ def cliper_maps(backbone, crops: torch.Tensor, text: torch.Tensor, outputs: int,
         out = out.reshape(B, grid.n, L, bb.width).permute(2, 0, 1, 3).to(heads_out.dtype)
         heads_out = out if how == "replace" else 0.5 * (heads_out + out)
         feats = project(bb, bb.attention_residual(heads_out))
-    probs = class_probabilities(feats, text, logit_scale, outputs)
-    maps = combine(probs, fused.mean(1)[:, 1:, 1:], set_index, threshold)  # [B, N, C]
+    with torch.autocast(x.device.type, enabled=False):  # small: probabilities and combination in fp32
+        acc = torch.promote_types(feats.dtype, torch.float32)
+        probs = class_probabilities(feats.to(acc), text.to(acc), logit_scale, outputs)
+        maps = combine(probs, fused.mean(1)[:, 1:, 1:].to(acc), set_index, threshold)  # [B, N, C]
     return maps.transpose(1, 2).reshape(maps.shape[0], outputs, grid.h, grid.w), grid
 
 
