@@ -27,6 +27,7 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "nvidia-ml-py"],
         "keops": ["pykeops>=2.2"],
         "build": ["ninja"],
+        "sd": ["diffusers>=0.30", "transformers", "safetensors"],  # CLIPer's SD compensation (issue #14)
         "test": TEST,
     },
     entry_points={"console_scripts": ["cdam-fast=cdam_fast.cli:main"]},

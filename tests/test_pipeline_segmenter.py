@@ -279,10 +279,8 @@ def test_max_over_synonyms_matches_reference(vit_b16, class_embeddings, image):
     Rows 3 and 4 both belong to class 3 ("grass; lawn")."""
     seg = Segmenter(CLASSES, model=vit_b16, **{**SMALL, "mode": "global", "synonyms": "max", "background": "entropy"})
     assert seg.owner.tolist() == [0, 1, 2, 3, 3] and seg.text.shape[0] == 5
-    atp = seg.distribution_text[5:]
     rows = torch.cat([class_embeddings, F.normalize(class_embeddings[1] + class_embeddings[2], dim=0)[None]])
-    seg.text = rows.to(seg.device)
-    seg.distribution_text = torch.cat([seg.text, atp])
+    seg.text = rows.to(seg.device)  # distribution_text follows: [text rows, ATP rows]
     result = next(iter(seg.results([image])))
     labels = seg.label_map(result)
     ref = reference_segment(seg, image)

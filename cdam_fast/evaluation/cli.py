@@ -33,6 +33,9 @@ def register(subparsers) -> None:
                    help="results folder (default: cdam_eval/DATASET-METHOD-cdam|nocdam-MODEL-PRETRAINED[-global])")
     p.add_argument("--overwrite", action="store_true", help="discard the results already in --output and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from ..pipeline import cliper_options  # issue #14 hook: CLIPer's options
+
+    cliper_options.add_arguments(p, dataset_known=True)
     # for tests: MODULE:CALLABLE, called with the dataset, returning an `image -> label map` predictor
     p.add_argument("--predictor", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_eval)
@@ -62,15 +65,17 @@ def run_eval(args) -> int:
         if args.predictor is not None:
             factory, config = load_factory(args.predictor), {"predictor": args.predictor}
         else:
+            from cdam_fast.pipeline import cliper_options
             from cdam_fast.pipeline.options import segmenter_options
             from cdam_fast.validation import CdamInputError
 
             try:
                 protocol = segmenter_options(args)
+                cliper = cliper_options.cliper_settings(args, dataset.name)
             except CdamInputError as e:
                 raise UsageError(str(e)) from None
             config = pipeline_config(dataset, model=args.model, pretrained=args.pretrained, dtype=args.dtype,
-                                     preset=args.preset, **protocol)
+                                     preset=args.preset, cliper=cliper, **protocol)
             # what changes the results goes into the stored configuration (defaults left out: older runs match)
             config.update({k: v for k, v in (("templates", args.templates), ("quick_gelu", args.quick_gelu))
                            if v not in (None, "openai")})

@@ -30,10 +30,12 @@ def background_setting(value, dataset_has_background: bool):
 
 
 def pipeline_config(dataset, *, method: str, cdam: bool, model: str, pretrained: str, mode: str = "window",
-                    dtype: str | None = None, background=None, preset: str | None = None, **protocol) -> dict:
+                    dtype: str | None = None, background=None, preset: str | None = None, cliper: dict | None = None,
+                    **protocol) -> dict:
     """What a stored result depends on (the kernel backend and device are left out: they change
     rounding, not the method). `protocol`: the other Segmenter protocol settings (resize,
-    pos_interp, synonyms, PAMR, sizes, logit scale), stored as given."""
+    pos_interp, synonyms, PAMR, sizes, logit scale), stored as given. cliper: CLIPer's options
+    (pipeline.cliper_options), for method "cliper" only."""
     from cdam_fast.pipeline.methods import method_names
     from cdam_fast.pipeline.options import PROTOCOL_KEYS
 
@@ -47,6 +49,11 @@ def pipeline_config(dataset, *, method: str, cdam: bool, model: str, pretrained:
     config.update(protocol)
     if preset is not None:
         config["preset"] = preset
+    if method == "cliper":  # CLIPer's protocol / combination / compensation are part of a result
+        config.update(cliper or {})
+        if config.get("protocol", "mmseg") != "mmseg":
+            # CLIPer's protocol: the whole image at its short side, its own background thresholds
+            config["mode"], config["background"] = "global", None
     return config
 
 
@@ -68,6 +75,14 @@ def run_name(dataset_name: str, config: dict) -> str:
         parts.append(config["mode"])
     if config.get("preset"):
         parts.append(config["preset"])
+    if config.get("protocol", "mmseg") != "mmseg":  # issue #14: CLIPer's protocol and compensation
+        parts.append(config["protocol"])
+    if config.get("compensation"):
+        parts.append(config["compensation"])
+    if config.get("cdam") and config.get("cdam_combine", "replace") != "replace":
+        parts.append(config["cdam_combine"])
+    if config.get("normalisation", "once") != "once":
+        parts.append(f"{config['normalisation']}-normalisation")
     return "-".join(p.replace("/", "_") for p in parts)
 
 
@@ -80,9 +95,10 @@ def segmenter_predictor(dataset, config: dict, *, backend: str = "auto", device=
     from cdam_fast.pipeline import Segmenter, WeightsUnavailableError
     from cdam_fast.validation import CdamInputError
 
+    from cdam_fast.pipeline.cliper_options import CONFIG_KEYS
     from cdam_fast.pipeline.options import PROTOCOL_KEYS
 
-    protocol = {k: v for k, v in config.items() if k in PROTOCOL_KEYS}
+    protocol = {k: v for k, v in config.items() if k in PROTOCOL_KEYS or k in CONFIG_KEYS}
     try:
         segmenter = Segmenter(dataset.classes, model=backbone or config["model"], pretrained=config["pretrained"],
                               backend=backend, device=None if backbone else device, dtype=config["dtype"],

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset (a smoke run)")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT_ROOT), help="folder for the per-run result folders")
     p.add_argument("--no-progress", action="store_true")
+    # issue #14: CLIPer rows (its own protocol) beside CLIPer's published numbers
+    p.add_argument("--cliper", action="store_true", help="add CLIPer rows (CLIPer's protocol): CLIPer, CLIPer + CDAM, "
+                                                         "and CLIPer + SD compensation with --sd-weights")
+    p.add_argument("--sd-weights", metavar="PATH", default=None,
+                   help="local diffusers folder of Stable Diffusion 2.1-base for the compensated CLIPer row")
     # for tests: MODULE:CALLABLE called with (dataset, method, cdam), returning a predictor
     p.add_argument("--predictor", default=None, help=argparse.SUPPRESS)
     return p
@@ -121,8 +126,17 @@ def main(argv=None) -> int:
             config_for, make_predictor = _cell_builders(args, dist)
             results = run_table(roots, make_predictor, config_for, methods=args.methods, limit=args.limit,
                                 output=args.output, dist=dist, progress=not args.no_progress)
+            cliper_results = {}
+            if args.cliper:  # issue #14 hook
+                from .cliper_table import format_cliper_rows, run_cliper_rows
+
+                cliper_results = run_cliper_rows(roots, make_predictor, lambda d, c, s: config_for(d, "cliper", c, s),
+                                                 sd_weights=args.sd_weights, limit=args.limit, output=args.output,
+                                                 dist=dist, progress=not args.no_progress)
             if dist.is_main:
                 table = format_comparison(results, args.methods)
+                if args.cliper:
+                    table += "\n" + format_cliper_rows(cliper_results, args.sd_weights)
                 print(table)
                 out = Path(args.output) / "published_table.json"
                 out.write_text(json.dumps({
@@ -130,6 +144,7 @@ def main(argv=None) -> int:
                     "presets": {d: args.preset or table_preset(d) for d in roots},
                     "rows": [{"method": m, "cdam": c, "dataset": d, "mIoU": v, "published": published(m, c, d)}
                              for (m, c, d), v in results.items()],
+                    "cliper_rows": [{"row": r, "dataset": d, "mIoU": v} for (r, d), v in cliper_results.items()],
                 }, indent=2) + "\n")
                 print(f"results: {out}")
     except (DatasetError, StoreError, PredictionError, UsageError) as e:
@@ -146,16 +161,17 @@ def table_preset(dataset_name: str) -> str:
     return f"cdam-{dataset_name.replace('_', '-')}"
 
 
-def _cell_protocol(args, dataset, method, cdam):
+def _cell_protocol(args, dataset, method, cdam, cliper=None):
     """(preset name, Segmenter protocol settings) of one cell: the column's preset (or --preset)
-    under the explicit flags."""
+    under the explicit flags. CLIPer rows (cliper settings given) run CLIPer's own protocol, so
+    no CDAM preset applies to them."""
     import copy
 
     from cdam_fast.pipeline.options import segmenter_options
     from cdam_fast.validation import CdamInputError
 
     cell = copy.copy(args)
-    cell.preset = args.preset or table_preset(dataset.name)
+    cell.preset = None if cliper else args.preset or table_preset(dataset.name)
     try:
         return cell.preset, segmenter_options(cell, method=method, cdam=cdam)
     except CdamInputError as e:
@@ -168,9 +184,10 @@ def _cell_builders(args, dist):
     if args.predictor is not None:
         factory = load_factory(args.predictor)
 
-        def config_for(dataset, method, cdam):
-            _, protocol = _cell_protocol(args, dataset, method, cdam)
-            return {"predictor": args.predictor, "method": method, "cdam": cdam, "background": protocol["background"]}
+        def config_for(dataset, method, cdam, cliper=None):
+            _, protocol = _cell_protocol(args, dataset, method, cdam, cliper)
+            return {"predictor": args.predictor, "method": method, "cdam": cdam, "background": protocol["background"],
+                    **(cliper or {})}
 
         def make_predictor(dataset, config):
             return factory(dataset, config["method"], config["cdam"])
@@ -179,10 +196,10 @@ def _cell_builders(args, dist):
 
     device = args.device or (str(dist.device) if dist.device is not None else None)
 
-    def config_for(dataset, method, cdam):
-        preset, protocol = _cell_protocol(args, dataset, method, cdam)
+    def config_for(dataset, method, cdam, cliper=None):
+        preset, protocol = _cell_protocol(args, dataset, method, cdam, cliper)
         return pipeline_config(dataset, model=args.model, pretrained=args.pretrained, dtype=args.dtype, preset=preset,
-                               **protocol)
+                               cliper=cliper, **protocol)
 
     backbone = None  # loaded at the first cell, then shared: one model load and text-embedding cache
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..dispatch import BackendUnavailableError
 from ..validation import CdamInputError
-from .options import add_model_options, add_protocol_options, model_options, segmenter_options
+from . import cliper_options
+from .options import add_model_options, add_protocol_options, model_options, segmenter_defaults, segmenter_options
 
 DEFAULT_OUT = "cdam_segment_out"
 
@@ -28,6 +29,7 @@ def register(subparsers) -> None:
                                                          "or a packaged list: voc21, context60, coco_object, ...")
     add_model_options(p)  # the option set shared with `eval` and the published table (options.py)
     add_protocol_options(p)
+    cliper_options.add_arguments(p)  # --method cliper's own options
     p.add_argument("--window-batch", type=int, default=16, help="windows per forward pass (default 16)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files without asking")
@@ -86,7 +88,9 @@ def _precheck(args, protocol, paths) -> tuple:
     patch = model_patch_size(args.model)
     good, failures = [], []
     for img, files in zip(args.images, paths):
-        plan = partial(_plan, plan_image, patch, args.model, protocol)
+        # a segmenter method may leave sizes to its class (None): check with the general defaults
+        sizes = {**segmenter_defaults(), **{k: v for k, v in protocol.items() if v is not None}}
+        plan = partial(_plan, plan_image, patch, args.model, sizes)
         try:
             check_image_file(img, patch, plan)
         except CdamInputError as e:
@@ -131,7 +135,8 @@ def _run(args) -> int:
     good, failures = _precheck(args, protocol, paths)
     if not good:
         raise CdamInputError("no image can be segmented" if len(failures) > 1 else failures[0][1])
-    seg = Segmenter(classes, window_batch=args.window_batch, **model_options(args), **protocol)
+    seg = Segmenter(classes, window_batch=args.window_batch, **model_options(args), **protocol,
+                    **cliper_options.cliper_settings(args))
     created = not out.exists()
     bar = tqdm(total=len(good), desc="segment", unit="image", disable=len(good) < 2)
     try:

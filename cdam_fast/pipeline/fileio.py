@@ -109,7 +109,7 @@ def class_mapping(seg, source: str, size: tuple) -> dict:
         "size": {"width": size[0], "height": size[1]},
         "classes": [{"value": i, "name": syn[0], "synonyms": list(syn), "color": [int(c) for c in colours[i]]}
                     for i, syn in enumerate(seg.classes.synonyms)],
-        "method": seg.method.name, "cdam": seg.cdam, "model": seg.backbone.name, "weights": seg.backbone.source,
+        "method": seg.method_name, "cdam": seg.cdam, "model": seg.backbone.name, "weights": seg.backbone.source,
         "mode": seg.mode, "background": seg.background,
     }
 
@@ -119,7 +119,7 @@ def summary_line(source: str, labels: np.ndarray, seg, paths: OutputPaths | None
 
     shares = ", ".join(f"{n} {100 * s:.1f}%" for _, n, s in class_shares(labels, list(seg.class_names))[:6])
     H, W = labels.shape
-    line = (f"{source}: {W}x{H}, {seg.method.name}{' + CDAM' if seg.cdam else ''}, "
+    line = (f"{source}: {W}x{H}, {seg.method_name}{' + CDAM' if seg.cdam else ''}, "
             f"{seg.backbone.name} [{seg.backbone.source}]: {shares}")
     return line if paths is None else f"{line} -> {paths.labels}, {paths.overlay}"
 

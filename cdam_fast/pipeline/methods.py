@@ -196,9 +196,25 @@ for _cls in (MaskClip, SClip, ClearClip, NaClip, Gem):
     register_method(_cls)
 
 
+# Methods that are whole segmenters rather than a last-layer attention (a Segmenter subclass,
+# "module:Class", imported when asked for): Segmenter(method=name) builds that class.
+SEGMENTER_METHODS = {"cliper": "cdam_fast.pipeline.cliper:CliperSegmenter"}
+
+
 def method_names() -> tuple:
-    """The registered method names, in registration order (CLI choices)."""
-    return tuple(METHODS)
+    """Every method name, in registration order (CLI choices): last-layer methods, then the
+    segmenter methods."""
+    return tuple(METHODS) + tuple(SEGMENTER_METHODS)
+
+
+def segmenter_class(name):
+    """The Segmenter subclass that runs method `name`, or None for a last-layer method."""
+    if not isinstance(name, str) or name.lower() not in SEGMENTER_METHODS:
+        return None
+    import importlib
+
+    module, cls = SEGMENTER_METHODS[name.lower()].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def get_method(name: str) -> LastLayerMethod:

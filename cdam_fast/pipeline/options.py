@@ -14,7 +14,7 @@ import inspect
 from ..dispatch import BACKENDS
 from ..validation import CdamInputError
 from . import background as bg
-from .methods import method_names
+from .methods import method_names, segmenter_class
 from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED
 from .presets import POS_INTERPOLATIONS, PRESETS, RESIZES, SYNONYM_RULES, preset
 from .segmenter import MODES, Segmenter
@@ -25,10 +25,16 @@ PROTOCOL_KEYS = ("method", "cdam", "mode", "short_side", "long_side", "crop", "s
                  "resize", "pos_interp", "synonyms", "pamr_steps", "pamr_dilations")
 
 
-def segmenter_defaults() -> dict:
-    """Segmenter's own defaults for the protocol keys (the one home of those defaults)."""
+def segmenter_defaults(method=None) -> dict:
+    """The defaults of the protocol keys (the one home of those defaults): Segmenter's, under
+    those a segmenter method's own class sets (CLIPer: no CDAM, its protocol's sizes)."""
     params = inspect.signature(Segmenter.__init__).parameters
-    return {k: params[k].default for k in PROTOCOL_KEYS}
+    out = {k: params[k].default for k in PROTOCOL_KEYS}
+    sub = segmenter_class(method)
+    if sub is not None:
+        own = inspect.signature(sub.__init__).parameters
+        out.update({k: own[k].default for k in PROTOCOL_KEYS if k in own})
+    return out
 
 
 def parse_background(text):
@@ -72,7 +78,7 @@ def add_protocol_options(p: argparse.ArgumentParser, method: bool = True) -> Non
     if method:
         p.add_argument("--method", default=None, choices=method_names(), help="last-layer method (default maskclip)")
         p.add_argument("--cdam", action=argparse.BooleanOptionalAction, default=None,
-                       help="refine the method with CDAM (default on; --no-cdam: the method alone)")
+                       help="refine the method with CDAM (default on, off for cliper; --no-cdam: the method alone)")
     p.add_argument("--mode", default=None, choices=MODES,
                    help="sliding windows (published protocol) or the whole image at once (default window)")
     p.add_argument("--background", default=None, type=str,
@@ -102,9 +108,10 @@ def add_protocol_options(p: argparse.ArgumentParser, method: bool = True) -> Non
 def segmenter_options(args, **fixed) -> dict:
     """Segmenter keyword arguments for the protocol keys: explicit flags (and `fixed`, e.g. a
     table cell's method) over the preset over Segmenter's defaults."""
-    out = segmenter_defaults()
-    if getattr(args, "preset", None):
-        out.update(preset(args.preset))
+    chosen = preset(args.preset) if getattr(args, "preset", None) else {}
+    method = fixed.get("method") or getattr(args, "method", None) or chosen.get("method")
+    out = segmenter_defaults(method)
+    out.update(chosen)
     for key in PROTOCOL_KEYS:
         value = getattr(args, key, None)
         if value is not None:

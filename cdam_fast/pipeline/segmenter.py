@@ -26,7 +26,7 @@ from . import background as bg
 from .images import require_opencv
 from .images import resize as resize_pixels
 from .images import to_pixels
-from .methods import get_method
+from .methods import get_method, segmenter_class
 from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, ClipBackbone, load_clip
 from .pamr import pamr
 from .presets import PAMR_DILATIONS, POS_INTERPOLATIONS, RESIZES, SYNONYM_RULES, check_choice
@@ -130,6 +130,11 @@ class Segmenter:
     `Segmenter(classes, **presets.preset("cdam-voc21"))` reproduces a published configuration.
     """
 
+    def __new__(cls, *args, **kwargs):
+        # a segmenter method (methods.SEGMENTER_METHODS, e.g. "cliper") builds its own subclass
+        sub = segmenter_class(kwargs.get("method", args[3] if len(args) > 3 else None)) if cls is Segmenter else None
+        return super().__new__(sub or cls)
+
     def __init__(self, classes, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, method: str = "maskclip",
                  cdam: bool = True, mode: str = "window", backend: str = "auto", device=None, dtype=None,
                  background="auto", *, templates=None, atp=None, crop: int = CROP, stride: int = STRIDE,
@@ -141,6 +146,7 @@ class Segmenter:
                  pamr_dilations=PAMR_DILATIONS):
         self.classes = parse_classes(classes)
         self.method = get_method(method)
+        self.method_name = self.method.name  # what outputs call the method (a segmenter method sets its own)
         if mode not in MODES:
             raise CdamInputError(f"mode must be one of {MODES}, got {mode!r}")
         if backend not in BACKENDS:
@@ -197,7 +203,7 @@ class Segmenter:
         self._std = torch.tensor(self.backbone.std, device=self.device).reshape(3, 1, 1)
 
     def __repr__(self):
-        return (f"Segmenter({len(self.classes)} classes, {self.method.name}{' + CDAM' if self.cdam else ''}, "
+        return (f"Segmenter({len(self.classes)} classes, {self.method_name}{' + CDAM' if self.cdam else ''}, "
                 f"{self.backbone.name} ({self.backbone.source}), mode={self.mode}, backend={self.backend}, "
                 f"device={self.device}, dtype={self.dtype})")
 

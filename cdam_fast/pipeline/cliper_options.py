@@ -1,0 +1,59 @@
+"""Command-line options of `--method cliper` (issue #14), shared by `cdam-fast segment`,
+`cdam-fast eval` and the published-table script; no model stack is imported here."""
+from __future__ import annotations
+
+from ..validation import CdamInputError
+
+CLIPER = "cliper"
+CDAM_COMBINES = ("replace", "average")
+CLIPER_DATASETS = ("voc21", "context60", "coco_object")  # datasets with a CLIPer protocol preset
+# Keys a CLIPer run adds to its stored configuration (and passes to the Segmenter).
+CONFIG_KEYS = ("protocol", "cdam_combine", "compensation", "sd_weights", "sd_seed", "normalisation")
+NORMALISATIONS = ("once", "official")  # the fused map's normalisation: as described / as CLIPer's code does it
+
+
+def add_arguments(parser, dataset_known: bool = False) -> None:
+    g = parser.add_argument_group("CLIPer (--method cliper)")
+    g.add_argument("--cdam-combine", default="replace", choices=CDAM_COMBINES,
+                   help="with --cdam: the CDAM map replaces the fused map in the last-block pass, or is "
+                        "averaged with it (default replace)")
+    presets = ", ".join(f"cliper-{d}" for d in CLIPER_DATASETS)
+    g.add_argument("--protocol", default="mmseg",
+                   help="mmseg (default: the protocol of the rest of the table) or CLIPer's own protocol: "
+                        + ("'cliper' (the dataset's preset) or " if dataset_known else "") + presets)
+    g.add_argument("--compensation", default="none", choices=("none", "sd"),
+                   help="sd: CLIPer's fine-grained compensation with Stable Diffusion 2.1-base (needs --sd-weights "
+                        "and the 'sd' extra)")
+    g.add_argument("--sd-weights", metavar="PATH", default=None,
+                   help="local diffusers folder of Stable Diffusion 2.1-base (never downloaded)")
+    g.add_argument("--sd-seed", type=int, default=0, help="seed of the diffusion noise (default 0)")
+    g.add_argument("--fusion-normalisation", dest="normalisation", default="once", choices=NORMALISATIONS,
+                   help="once: the fused map normalised as the method describes it (default); official: repeated "
+                        "per input, as CLIPer's public code does in place")
+
+
+def cliper_settings(args, dataset: str | None = None) -> dict:
+    """The Segmenter keyword options of a CLIPer run ({} for the other methods, which reject
+    CLIPer-only options)."""
+    given = [f"--{k.replace('_', '-')}" for k, default in
+             (("protocol", "mmseg"), ("cdam_combine", "replace"), ("compensation", "none"), ("sd_weights", None),
+              ("normalisation", "once"))
+             if getattr(args, k, default) != default]
+    if args.method != CLIPER:
+        if given:
+            raise CdamInputError(f"{', '.join(given)} apply to --method cliper only")
+        return {}
+    protocol = args.protocol
+    if protocol == CLIPER:
+        if dataset is None:
+            raise CdamInputError(f"--protocol cliper needs a dataset; name the preset: "
+                                 f"{', '.join('cliper-' + d for d in CLIPER_DATASETS)}")
+        if dataset not in CLIPER_DATASETS:
+            raise CdamInputError(f"--protocol cliper: CLIPer's protocol has presets for "
+                                 f"{', '.join(CLIPER_DATASETS)}, not {dataset!r}")
+        protocol = f"cliper-{dataset}"
+    compensation = None if args.compensation == "none" else args.compensation
+    if compensation is None and args.sd_weights is not None:
+        raise CdamInputError("--sd-weights is given without --compensation sd")
+    return {"protocol": protocol, "cdam_combine": args.cdam_combine, "compensation": compensation,
+            "sd_weights": args.sd_weights, "sd_seed": args.sd_seed, "normalisation": args.normalisation}
