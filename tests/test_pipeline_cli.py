@@ -6,7 +6,7 @@ from PIL import Image
 
 from cdam_fast.cli import build_parser, main
 from cdam_fast.pipeline import Segmenter, load_clip
-from cdam_fast.pipeline.cli import _check_outputs, _output_paths
+from cdam_fast.pipeline.bulk import check_not_inputs, output_files
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # a reduced protocol keeps it quick: short side 64, windows of 48 at stride 32
@@ -90,13 +90,13 @@ def test_segment_errors_and_no_silent_overwrite(vit_b16, images, tmp_path, capsy
 
 def test_output_names_never_collide(tmp_path):
     a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.jpg"
-    paths = _output_paths([a, b], tmp_path / "out")
+    paths = output_files([a, b], tmp_path / "out")
     assert [p.name for pair in paths for p in pair] == ["x_labels.png", "x_overlay.png", "x-2_labels.png",
                                                        "x-2_overlay.png"]
     victim = tmp_path / "y_labels.png"
     victim.write_bytes(b"an input")
     with pytest.raises(Exception, match="would replace an input"):
-        _check_outputs([victim, tmp_path / "y.png"], _output_paths([tmp_path / "y.png"], tmp_path), True)
+        check_not_inputs([victim, tmp_path / "y.png"], output_files([tmp_path / "y.png"], tmp_path))
 
 
 def test_segment_is_registered():

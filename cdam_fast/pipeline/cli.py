@@ -1,11 +1,10 @@
 """`cdam-fast segment`: label maps and overlays for image files."""
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 from ..dispatch import BACKENDS, BackendUnavailableError
+from ..runstore import StoreError
 from ..validation import CdamInputError
 from .methods import METHODS
 from .windows import CROP, LONG_SIDE_MAX, SHORT_SIDE, STRIDE
@@ -31,7 +30,9 @@ def register(subparsers) -> None:
         description="Open-vocabulary segmentation of image files. For each IMAGE writes OUT/<name>_labels.png "
                     "(class index per pixel, one byte per pixel, input size) and OUT/<name>_overlay.png (colour "
                     "overlay with a legend), and prints one summary line.")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("images", nargs="+", metavar="INPUT",
+                   help="image files, folders (recursive), globs ('photos/**/*.jpg') or .txt/.lst files listing "
+                        "image paths; images whose outputs an earlier run into --out recorded are skipped")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--classes", help='comma-separated class names, synonyms joined by ";" '
                                        '(e.g. "background,cat,person; people")')
@@ -67,35 +68,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _output_paths(images, out: Path) -> list:
-    """(labels path, overlay path) per image; inputs with the same file name get -2, -3, ..."""
-    seen, paths = {}, []
-    for img in images:
-        stem = Path(img).stem
-        n = seen.get(stem, 0) + 1
-        seen[stem] = n
-        name = stem if n == 1 else f"{stem}-{n}"
-        paths.append((out / f"{name}_labels.png", out / f"{name}_overlay.png"))
-    return paths
-
-
-def _check_outputs(images, paths, overwrite: bool) -> None:
-    inputs = {os.path.realpath(i) for i in images}
-    flat = [p for pair in paths for p in pair]
-    for p in flat:
-        if os.path.realpath(p) in inputs:
-            raise CdamInputError(f"output {str(p)!r} would replace an input image; choose another --out")
-    existing = [p for p in flat if p.exists()]
-    if not existing or overwrite:
-        return
-    if sys.stdin.isatty():
-        answer = input(f"{len(existing)} output file(s) exist (e.g. {existing[0]}); overwrite? [y/N] ")
-        if answer.strip().lower() in ("y", "yes"):
-            return
-    raise CdamInputError(f"{len(existing)} output file(s) exist (e.g. {str(existing[0])!r}); "
-                         "pass --overwrite to replace them or choose another --out")
-
-
 def _summary(path, labels, names, method, cdam, files) -> str:
     from .visualize import class_shares
 
@@ -107,7 +79,7 @@ def _summary(path, labels, names, method, cdam, files) -> str:
 def run(args) -> int:
     try:
         return _run(args)
-    except (CdamInputError, BackendUnavailableError, FileNotFoundError) as e:
+    except (CdamInputError, BackendUnavailableError, FileNotFoundError, StoreError) as e:
         print(f"cdam-fast segment: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
@@ -122,36 +94,30 @@ def run(args) -> int:
         raise
 
 
-def _run(args) -> int:
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from .images import open_image
+def _segmenter(args, classes, device):
     from .segmenter import Segmenter
-    from .text import read_class_file
+
+    pretrained = None if args.pretrained.strip().lower() == "none" else args.pretrained
+    return Segmenter(classes, model=args.model, pretrained=pretrained, method=args.method, cdam=not args.no_cdam,
+                     mode=args.mode, backend=args.backend, device=device, dtype=args.dtype,
+                     background=_background(args.background), templates=args.templates,
+                     window_batch=args.window_batch, seed=args.seed, short_side=args.short_side,
+                     long_side=args.long_side, crop=args.crop, stride=args.stride)
+
+
+def _write(image, labels, seg, files) -> None:
+    """One image's outputs, at the paths bulk.OUTPUT_SUFFIXES names."""
+    import numpy as np
+
     from .visualize import overlay, save_labels
 
-    for img in args.images:  # fail before the (slow) model load
-        open_image(img)
-    classes = read_class_file(args.classes_file) if args.classes_file else args.classes
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CdamInputError(f"--out {str(out)!r} exists and is not a folder")
-    paths = _output_paths(args.images, out)
-    _check_outputs(args.images, paths, args.overwrite)
-    pretrained = None if args.pretrained.strip().lower() == "none" else args.pretrained
-    seg = Segmenter(classes, model=args.model, pretrained=pretrained, method=args.method, cdam=not args.no_cdam,
-                    mode=args.mode, backend=args.backend, device=args.device, dtype=args.dtype,
-                    background=_background(args.background), templates=args.templates,
-                    window_batch=args.window_batch, seed=args.seed, short_side=args.short_side,
-                    long_side=args.long_side, crop=args.crop, stride=args.stride)
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(args.images), desc="segment", unit="image", disable=len(args.images) < 2)
-    for img, result, files in zip(args.images, seg.results(args.images), paths):
-        labels = seg.label_map(result)
-        save_labels(labels, files[0])
-        overlay(np.asarray(open_image(img)), labels, seg.class_names).save(files[1])
-        tqdm.write(_summary(img, labels, seg.class_names, args.method, seg.cdam, files))
-        bar.update(1)
-    bar.close()
-    return 0
+    save_labels(labels, files[0])
+    overlay(np.asarray(image), labels, seg.class_names).save(files[1])
+
+
+def _run(args) -> int:
+    from . import bulk
+
+    return bulk.run(args, make_segmenter=lambda classes, device: _segmenter(args, classes, device), write=_write,
+                    describe=lambda item, labels, seg, files: _summary(item.path, labels, seg.class_names,
+                                                                       args.method, seg.cdam, files))
