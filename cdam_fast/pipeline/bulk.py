@@ -135,7 +135,8 @@ def _prefetched(load, items, ahead: int = PREFETCH):
             yield pending.popleft().result()
 
 
-def _message(e: Exception) -> str:
+def error_message(e: Exception) -> str:
+    """How a failed image's error is reported (input errors by their message, others with their type)."""
     return str(e) if isinstance(e, CdamInputError) else f"{type(e).__name__}: {e}"
 
 
@@ -207,9 +208,11 @@ def run(args, *, make_segmenter, write, describe, prog: str = "cdam-fast segment
                     for p in group:
                         _tmp(p, dist.rank).unlink(missing_ok=True)
                     counts.failed += 1
-                    folder.append({**record, "status": "failed", "error": _message(e),
+                    folder.append({**record, "status": "failed", "error": error_message(e),
                                    "seconds": round(time.perf_counter() - t0, 3)})
-                    tqdm.write(f"{prog}: error: {item.path}: {_message(e)}", file=sys.stderr)
+                    message = error_message(e)
+                    where = "" if item.path in message else f"{item.path}: "
+                    tqdm.write(f"{prog}: error: {where}{message}", file=sys.stderr)
                 else:
                     folder.append({**record, "status": "done", "error": None,
                                    "seconds": round(time.perf_counter() - t0, 3)})

@@ -1,0 +1,114 @@
+"""CDAM segmentation as a Ray Data stage: `ray.data.Dataset.map_batches(RaySegmenter, ...)`.
+
+    import ray
+    from cdam_fast.pipeline.ray_data import RaySegmenter
+
+    ds = ray.data.read_images("photos/", include_paths=True, mode="RGB")   # or from_items([{"path": p}, ...])
+    ds = ds.map_batches(RaySegmenter, fn_constructor_kwargs={"classes": "background,cat,sofa", "shares": True},
+                        batch_size=8, concurrency=2, num_gpus=1)         # as Ray expects; num_gpus=0 on CPU
+    for row in ds.iter_rows(): ...   # row["path"], row["labels"] ([H, W] uint8), row["shares"], row["error"]
+
+Ray builds one RaySegmenter per actor (`concurrency` actors), so the model and the text
+embeddings are loaded once per actor, then called on batches in Ray Data's formats: a dict of
+numpy arrays (the default; images stacked [B, H, W, 3] or, when sizes differ, an object array
+of [H, W, 3] arrays) or a pandas DataFrame. Each row's image comes from `image_column` (uint8
+or float [0, 1], [H, W] or [H, W, 1|3|4]) or, where that column is absent or None, is read
+from the file in `path_column`.
+
+Output columns (per row, in the input's order): `labels` ([H, W] class indices, uint8 up to
+256 classes), `error` (None, or the message of an image that failed: it gets an empty [0, 0]
+label map and the batch goes on), optionally `shares` ([C] float32 fraction of pixels per
+class, NaN for a failed image) and `overlay` ([H, W', 3] uint8 colour overlay with legend);
+the other input columns (e.g. `path`) pass through, the image column is dropped unless
+`keep_image`. Each image is computed on its own, so labels equal `Segmenter.predict`'s.
+
+This module does not import ray: it is the `[ray]` extra's entry point, and the core package
+never imports it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .bulk import error_message, segment_one
+from .images import open_image
+from .visualize import overlay as draw_overlay
+
+_EMPTY = np.zeros((0, 0), dtype=np.uint8)
+
+
+class RaySegmenter:
+    """A callable class for `Dataset.map_batches` (see the module doc).
+
+    classes: as for Segmenter. image_column / path_column: where each row's image comes from.
+    shares / overlay: add those columns. keep_image: pass the image column through.
+    segmenter_options: any Segmenter keyword (model, pretrained, method, cdam, mode, backend,
+    device, dtype, background, templates, window_batch, ...).
+    """
+
+    def __init__(self, classes, *, image_column: str = "image", path_column: str = "path", shares: bool = False,
+                 overlay: bool = False, keep_image: bool = False, **segmenter_options):
+        from .segmenter import Segmenter
+
+        segmenter_options.setdefault("progress", False)
+        self.segmenter = Segmenter(classes, **segmenter_options)
+        self.image_column, self.path_column = image_column, path_column
+        self.shares, self.overlay, self.keep_image = bool(shares), bool(overlay), bool(keep_image)
+
+    def __call__(self, batch):
+        columns = _columns(batch)
+        images, paths = columns.get(self.image_column), columns.get(self.path_column)
+        if images is None and paths is None:
+            raise KeyError(f"RaySegmenter: the batch has neither an {self.image_column!r} nor a {self.path_column!r} "
+                           f"column (columns: {sorted(columns)})")
+        n = len(images if images is not None else paths)
+        labels, overlays, errors = _objects(n), _objects(n), _objects(n)
+        shares = np.full((n, len(self.segmenter.class_names)), np.nan, dtype=np.float32)
+        for i in range(n):
+            where = f"row {i}" if paths is None else f"image {str(paths[i])!r}"
+            try:
+                image = images[i] if images is not None and images[i] is not None else open_image(paths[i])
+                image = _as_array(image)
+                labels[i] = segment_one(self.segmenter, image, where)
+                if self.shares:
+                    shares[i] = np.bincount(labels[i].ravel(), minlength=shares.shape[1]) / max(labels[i].size, 1)
+                if self.overlay:
+                    overlays[i] = np.asarray(draw_overlay(_uint8_rgb(image), labels[i], self.segmenter.class_names))
+            except Exception as e:  # reported in the row; the batch goes on
+                labels[i], overlays[i] = _EMPTY, np.zeros((0, 0, 3), np.uint8)
+                errors[i] = error_message(e)
+        out = {k: v for k, v in columns.items() if k != self.image_column or self.keep_image}
+        out["labels"], out["error"] = labels, errors
+        if self.shares:
+            out["shares"] = shares
+        if self.overlay:
+            out["overlay"] = overlays
+        return out
+
+
+def _objects(n: int) -> np.ndarray:
+    return np.empty(n, dtype=object)
+
+
+def _columns(batch) -> dict:
+    """A dict of numpy columns from Ray's numpy (dict) or pandas batch formats."""
+    if isinstance(batch, dict):
+        return dict(batch)
+    if hasattr(batch, "columns") and hasattr(batch, "to_numpy"):  # pandas.DataFrame
+        return {c: batch[c].to_numpy() for c in batch.columns}
+    raise TypeError(f"RaySegmenter takes Ray Data batches as dicts of numpy arrays or pandas DataFrames "
+                    f"(batch_format='numpy' or 'pandas'), got {type(batch).__name__}")
+
+
+def _as_array(image):
+    """Ray's tensor columns may arrive as nested lists in pandas batches."""
+    return np.asarray(image) if isinstance(image, (list, tuple)) else image
+
+
+def _uint8_rgb(image) -> np.ndarray:
+    from .images import to_tensor
+
+    rgb = to_tensor(image).permute(1, 2, 0).cpu().numpy()
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+__all__ = ["RaySegmenter"]
