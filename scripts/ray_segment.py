@@ -30,10 +30,13 @@ def _write_labels(batch, out: str, names: dict) -> dict:
 
     files = []
     for path, labels, error in zip(batch["path"], batch["labels"], batch["error"]):
-        if error is not None:
-            files.append(None)
+        if error:
+            files.append("")
             continue
-        target = Path(out) / f"{names[str(path)]}_labels.png"
+        path = str(path)
+        # read_images may report a path without its leading "/"
+        name = names.get(os.path.abspath(path)) or names[os.path.abspath(os.sep + path)]
+        target = Path(out) / f"{name}_labels.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.part.png")
         save_labels(labels, tmp)
@@ -85,11 +88,9 @@ def main(argv=None) -> int:
     gpus = args.num_gpus if args.num_gpus is not None else (1 if ray.cluster_resources().get("GPU") else 0)
     if args.read_images:
         ds = ray.data.read_images([it.path for it in items], include_paths=True, mode="RGB")
-        # read_images reports paths without a leading "/" on local filesystems
-        names = {os.path.abspath(it.path).lstrip("/"): it.name for it in items}
     else:
         ds = ray.data.from_items([{"path": it.path} for it in items])
-        names = {it.path: it.name for it in items}
+    names = {os.path.abspath(it.path): it.name for it in items}
     options = dict(classes=classes, model=args.model, pretrained=None if args.pretrained == "none" else args.pretrained,
                    method=args.method, cdam=not args.no_cdam, mode=args.mode, templates=args.templates,
                    shares=args.shares, device="cuda" if gpus else "cpu")
@@ -100,12 +101,12 @@ def main(argv=None) -> int:
     failed, done = [], 0
     shares = open(out / "shares.jsonl", "w") if args.shares else None
     for row in ds.iter_rows():
-        if row["error"] is not None:
+        if row["error"]:
             failed.append((row["path"], row["error"]))
         else:
             done += 1
         if shares is not None:
-            shares.write(json.dumps({"path": row["path"], "error": row["error"],
+            shares.write(json.dumps({"path": row["path"], "error": row["error"] or None,
                                      "shares": None if row["error"] else [float(s) for s in row["shares"]]}) + "\n")
     if shares is not None:
         shares.close()

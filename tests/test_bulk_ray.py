@@ -34,7 +34,7 @@ def photos(tmp_path_factory):
 
 
 def _check_row(path, labels, error, expected):
-    assert error is None, error
+    assert error == "", error
     np.testing.assert_array_equal(np.asarray(labels), expected[path], path)
 
 
@@ -49,7 +49,7 @@ def test_batch_formats_and_bad_rows_in_process(photos, tmp_path):
     # pandas batch of paths, one corrupt
     out = udf(pd.DataFrame({"path": [paths[0], str(bad), paths[1]], "id": [7, 8, 9]}))
     assert list(out["id"]) == [7, 8, 9] and "image" not in out  # other columns pass through
-    assert out["error"][0] is None and "cannot read image file" in out["error"][1] and out["error"][2] is None
+    assert out["error"][0] == "" and "cannot read image file" in out["error"][1] and out["error"][2] == ""
     assert out["labels"][1].shape == (0, 0) and np.isnan(out["shares"][1]).all()
     for i in (0, 2):
         labels = expected[out["path"][i]]
@@ -59,7 +59,7 @@ def test_batch_formats_and_bad_rows_in_process(photos, tmp_path):
     # numpy batch, images stacked [B, H, W, 3] (equal sizes) as decoded uint8 arrays; a too-small one fails
     same = [np.asarray(Image.open(paths[0]))] * 2
     out = udf({"image": np.stack(same)})
-    assert [e for e in out["error"]] == [None, None] and "path" not in out
+    assert list(out["error"]) == ["", ""] and "path" not in out
     for labels in out["labels"]:
         np.testing.assert_array_equal(labels, expected[paths[0]])
     ragged = np.empty(2, dtype=object)

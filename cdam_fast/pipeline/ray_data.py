@@ -16,8 +16,9 @@ or float [0, 1], [H, W] or [H, W, 1|3|4]) or, where that column is absent or Non
 from the file in `path_column`.
 
 Output columns (per row, in the input's order): `labels` ([H, W] class indices, uint8 up to
-256 classes), `error` (None, or the message of an image that failed: it gets an empty [0, 0]
-label map and the batch goes on), optionally `shares` ([C] float32 fraction of pixels per
+256 classes), `error` ("" for success, else the message of an image that failed: it gets an
+empty [0, 0] label map and the batch goes on; a string column either way, since Ray turns an
+all-None column into NaNs), optionally `shares` ([C] float32 fraction of pixels per
 class, NaN for a failed image) and `overlay` ([H, W', 3] uint8 colour overlay with legend);
 the other input columns (e.g. `path`) pass through, the image column is dropped unless
 `keep_image`. Each image is computed on its own, so labels equal `Segmenter.predict`'s.
@@ -61,7 +62,8 @@ class RaySegmenter:
             raise KeyError(f"RaySegmenter: the batch has neither an {self.image_column!r} nor a {self.path_column!r} "
                            f"column (columns: {sorted(columns)})")
         n = len(images if images is not None else paths)
-        labels, overlays, errors = _objects(n), _objects(n), _objects(n)
+        labels, overlays = _objects(n), _objects(n)
+        errors = np.full(n, "", dtype=object)
         shares = np.full((n, len(self.segmenter.class_names)), np.nan, dtype=np.float32)
         for i in range(n):
             where = f"row {i}" if paths is None else f"image {str(paths[i])!r}"
