@@ -175,13 +175,15 @@ def run(args, *, make_segmenter, write, describe, prog: str = "cdam-fast segment
     with distributed_context(use_cuda=use_cuda) as dist:
         folder = RunFolder(out, run_config(args, classes), dist.rank, config_file=CONFIG_FILE,
                            prefix=MANIFEST_PREFIX, option="--out")
+
         def check():  # before the (slow) model load, so that a refused folder fails at once
             folder.check(args.overwrite)
             if not args.overwrite:
                 check_foreign(files, folder, plan(items, files, folder, False))
 
         _on_rank0(dist, check)
-        device = args.device or (str(dist.device) if dist.device is not None else None)
+        # this rank's GPU under torchrun (a plain "cuda" would put every rank on one device)
+        device = str(dist.device) if dist.device is not None and args.device in (None, "cuda") else args.device
         seg = make_segmenter(classes, device)
         _on_rank0(dist, lambda: folder.prepare(args.overwrite))
         left = plan(items, files, folder, args.overwrite)
@@ -193,33 +195,10 @@ def run(args, *, make_segmenter, write, describe, prog: str = "cdam-fast segment
         try:
             loaded = _prefetched(lambda i: open_image(items[i].path), mine)
             for i, (image, error) in zip(mine, loaded):
-                item, group = items[i], files[i]
-                t0 = time.perf_counter()
-                record = {"image": item.path, "name": item.name, "rank": dist.rank,
-                          "outputs": [_rel(p, out) for p in group]}
-                try:
-                    if error is not None:
-                        raise error
-                    labels = segment_one(seg, image, f"image {item.path!r}")
-                    for p in group:
-                        p.parent.mkdir(parents=True, exist_ok=True)
-                    write(image, labels, seg, [_tmp(p, dist.rank) for p in group])
-                except Exception as e:  # one bad image never stops the shard
-                    for p in group:
-                        _tmp(p, dist.rank).unlink(missing_ok=True)
-                    counts.failed += 1
-                    folder.append({**record, "status": "failed", "error": error_message(e),
-                                   "seconds": round(time.perf_counter() - t0, 3)})
-                    message = error_message(e)
-                    where = "" if item.path in message else f"{item.path}: "
-                    tqdm.write(f"{prog}: error: {where}{message}", file=sys.stderr)
-                else:
-                    folder.append({**record, "status": "done", "error": None,
-                                   "seconds": round(time.perf_counter() - t0, 3)})
-                    for p in group:  # after the record: a listed file is either complete or absent
-                        _tmp(p, dist.rank).replace(p)
-                    counts.done += 1
-                    tqdm.write(describe(item, labels, seg, group))
+                ok, line = _segment_item(items[i], files[i], image, error, seg, folder, write, describe, dist.rank)
+                counts.done += ok
+                counts.failed += not ok
+                tqdm.write(line if ok else f"{prog}: error: {line}", file=sys.stdout if ok else sys.stderr)
                 bar.update(1)
         finally:
             bar.close()
@@ -228,11 +207,34 @@ def run(args, *, make_segmenter, write, describe, prog: str = "cdam-fast segment
         seconds = time.perf_counter() - start  # after the reduction: the slowest rank's time
         done, skipped, failed = (int(x) for x in total)
         if dist.is_main:
-            rate = f", {done / seconds:.2f} images/s" if done and seconds > 0 else ""
+            rate = f", {done / seconds:.3f} images/s" if done and seconds > 0 else ""
             procs = f" on {dist.world_size} processes" if dist.world_size > 1 else ""
             print(f"{prog}: {len(items)} images: {done} done, {skipped} skipped (already done), {failed} failed"
                   f"{rate}{procs}; manifest: {out / (MANIFEST_PREFIX + '.rank*.jsonl')}", file=sys.stderr)
         return 2 if failed else 0
+
+
+def _segment_item(item, group, image, error, seg, folder: RunFolder, write, describe, rank: int):
+    """Segment and write one image, record it in the manifest: (True, its line) or (False, the error)."""
+    t0 = time.perf_counter()
+    record = {"image": item.path, "name": item.name, "rank": rank, "outputs": [_rel(p, folder.folder) for p in group]}
+    try:
+        if error is not None:
+            raise error
+        labels = segment_one(seg, image, f"image {item.path!r}")
+        for p in group:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        write(image, labels, seg, [_tmp(p, rank) for p in group])
+    except Exception as e:  # one bad image never stops the shard
+        for p in group:
+            _tmp(p, rank).unlink(missing_ok=True)
+        message = error_message(e)
+        folder.append({**record, "status": "failed", "error": message, "seconds": round(time.perf_counter() - t0, 3)})
+        return False, message if item.path in message else f"{item.path}: {message}"
+    folder.append({**record, "status": "done", "error": None, "seconds": round(time.perf_counter() - t0, 3)})
+    for p in group:  # after the record: a file the manifest lists is either complete or absent
+        _tmp(p, rank).replace(p)
+    return True, describe(item, labels, seg, group)
 
 
 def _on_rank0(dist, fn) -> None:
