@@ -45,15 +45,17 @@ def run_once(folder: Path, out: Path, procs: int, args) -> dict:
            "-m", "cdam_fast.cli", "segment", str(folder), "--out", str(out), "--classes-file", args.classes_file,
            "--model", args.model, "--pretrained", args.pretrained, "--templates", "single", "--mode", args.mode,
            "--device", args.device]
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    load = (round(load_before, 1), round(os.getloadavg()[0], 1))  # 1-minute load average: before, after
     match = _RATE.search(proc.stderr)
     if proc.returncode != 0 or not match:
         raise RuntimeError(f"{procs} process(es) failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     done = int(match.group(1))
     return {"procs": procs, "threads_per_proc": args.threads, "images": done, "images_per_s": float(match.group(4)),
-            "wall_s": round(wall, 1)}
+            "wall_s": round(wall, 1), "load_average": load}
 
 
 def main(argv=None) -> int:
@@ -74,8 +76,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="cdam_bulk_bench_") as tmp:
         folder = Path(tmp) / "images"
         make_images(folder, args.images, (h, w))
-        for k in (int(v) for v in args.procs.split(",")):
-            results.append(run_once(folder, Path(tmp) / f"out{k}", k, args))
+        for i, k in enumerate(int(v) for v in args.procs.split(",")):
+            results.append(run_once(folder, Path(tmp) / f"out{i}", k, args))  # a fresh folder: nothing to resume
             print(json.dumps(results[-1]), flush=True)
     import torch
 
@@ -84,10 +86,11 @@ def main(argv=None) -> int:
             "classes": args.classes_file}
     print(f"\nbulk segment, {args.model} {args.mode}, {h}x{w}, {args.classes_file}, {args.device}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}")
-    print("| processes | threads each | images | images/s (loop) | wall s (incl. start-up) |")
-    print("|---|---|---|---|---|")
+    print("| processes | threads each | images | images/s (loop) | wall s (incl. start-up) | load avg before, after |")
+    print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['procs']} | {r['threads_per_proc']} | {r['images']} | {r['images_per_s']:.3f} | {r['wall_s']} |")
+        print(f"| {r['procs']} | {r['threads_per_proc']} | {r['images']} | {r['images_per_s']:.3f} | {r['wall_s']} "
+              f"| {r['load_average'][0]}, {r['load_average'][1]} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
     return 0

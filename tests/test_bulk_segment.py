@@ -42,10 +42,25 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(photos):
-    """Each good image's labels from the Python API (one image per call)."""
-    seg = Segmenter("background,cat,sofa", model="ViT-S-16", pretrained=None, templates="single", background=None,
-                    device="cpu", short_side=48, long_side=96, crop=32, stride=16, window_batch=4, progress=False)
-    return {Path(n).with_suffix("").as_posix(): seg.predict(photos / n) for n in SIZES}
+    """Each good image's labels from the Python API (one image per call), with one thread as in the
+    CLI runs compared with it (other thread counts may sum floats in another order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seg = Segmenter("background,cat,sofa", model="ViT-S-16", pretrained=None, templates="single",
+                        background=None, device="cpu", short_side=48, long_side=96, crop=32, stride=16,
+                        window_batch=4, progress=False)
+        return {Path(n).with_suffix("").as_posix(): seg.predict(photos / n) for n in SIZES}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _labels(out: Path) -> dict:
@@ -72,7 +87,7 @@ def test_inputs_folders_globs_lists(photos, tmp_path):
         expand_inputs([tmp_path / "empty"])
 
 
-def test_resume_after_crash_and_bad_image(photos, reference, tmp_path, monkeypatch, capsys):
+def test_resume_after_crash_and_bad_image(photos, reference, tmp_path, monkeypatch, capsys, one_thread):
     out = tmp_path / "out"
     real = bulk.segment_one
     calls = []
@@ -121,7 +136,7 @@ def test_resume_after_crash_and_bad_image(photos, reference, tmp_path, monkeypat
     assert json.loads((out / "segment.json").read_text())["method"] == "sclip"
 
 
-def test_torchrun_two_processes_equal_one(photos, reference, tmp_path):
+def test_torchrun_two_processes_equal_one(photos, reference, tmp_path, one_thread):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cdam_fast.cli",
            "segment", str(photos / "*.*"), str(photos / "sub"), *ARGS, "--out", str(tmp_path / "dist")]
@@ -138,12 +153,7 @@ def test_torchrun_two_processes_equal_one(photos, reference, tmp_path):
     assert [r["status"] for r in records if r["name"] == "bad"] == ["failed"]
 
     # single process, same thread count: byte-identical label files
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["segment", str(photos), *ARGS, "--out", str(tmp_path / "one")]) == 2
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["segment", str(photos), *ARGS, "--out", str(tmp_path / "one")]) == 2
     one = _labels(tmp_path / "one")
     assert _labels(tmp_path / "dist") == {n.split("/")[-1]: v for n, v in one.items()}
     for name, data in one.items():

@@ -64,7 +64,8 @@ def register(subparsers) -> None:
     p.add_argument("--stride", type=int, default=STRIDE, help=f"window stride in window mode (default {STRIDE})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights for --pretrained none")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files without asking")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files without asking, and redo the images an earlier run into "
+                        "--out finished (default: skip them)")
     p.set_defaults(func=run)
 
 
