@@ -18,8 +18,9 @@ configuration is refused unless --overwrite) and a run manifest, one JSON-lines 
   so its labels do not depend on which other images share the run: 1 and K processes, and
   resumed runs, write byte-identical label PNGs.
 * A bad image (unreadable, too small, ...) is recorded as failed with its error and the shard
-  goes on; the exit status is 2 when any image failed. Per-image lines go to stdout, errors
-  and the summary to stderr.
+  goes on; the exit status is 1 when some images failed, 2 when images failed and none was
+  segmented (as for bad arguments). Per-image lines go to stdout, errors and the summary to
+  stderr.
 """
 from __future__ import annotations
 
@@ -157,9 +158,10 @@ class Counts:
 def run(args, *, make_segmenter, write, describe, prog: str = "cdam-fast segment") -> int:
     """The segment command over args.images (see the module doc).
 
-    make_segmenter(classes, device) -> Segmenter; write(image, labels, seg, files) writes one
-    image's outputs to the paths `files` (OUTPUT_SUFFIXES order); describe(item, labels, seg,
-    files) -> the line printed per image."""
+    make_segmenter(classes, device) -> Segmenter; write(item, image, labels, seg, files) writes
+    one image's outputs to the paths `files` (temporary names, in OUTPUT_SUFFIXES order);
+    describe(item, labels, seg, files) -> the line printed per image. Returns the exit status:
+    0, 1 when some images failed, 2 when images failed and none was segmented."""
     from tqdm.auto import tqdm
 
     from ..evaluation.distributed import distributed_context
@@ -211,7 +213,7 @@ def run(args, *, make_segmenter, write, describe, prog: str = "cdam-fast segment
             procs = f" on {dist.world_size} processes" if dist.world_size > 1 else ""
             print(f"{prog}: {len(items)} images: {done} done, {skipped} skipped (already done), {failed} failed"
                   f"{rate}{procs}; manifest: {out / (MANIFEST_PREFIX + '.rank*.jsonl')}", file=sys.stderr)
-        return 2 if failed else 0
+        return 0 if not failed else (1 if done or skipped else 2)
 
 
 def _segment_item(item, group, image, error, seg, folder: RunFolder, write, describe, rank: int):
@@ -224,7 +226,7 @@ def _segment_item(item, group, image, error, seg, folder: RunFolder, write, desc
         labels = segment_one(seg, image, f"image {item.path!r}")
         for p in group:
             p.parent.mkdir(parents=True, exist_ok=True)
-        write(image, labels, seg, [_tmp(p, rank) for p in group])
+        write(item, image, labels, seg, [_tmp(p, rank) for p in group])
     except Exception as e:  # one bad image never stops the shard
         for p in group:
             _tmp(p, rank).unlink(missing_ok=True)

@@ -106,7 +106,7 @@ def _segmenter(args, classes, device):
                      long_side=args.long_side, crop=args.crop, stride=args.stride)
 
 
-def _write(image, labels, seg, files) -> None:
+def _write(item, image, labels, seg, files) -> None:
     """One image's outputs, at the paths bulk.OUTPUT_SUFFIXES names."""
     import numpy as np
 
