@@ -43,9 +43,10 @@ MANIFEST_PREFIX = "manifest"
 #: What each image gets in the output folder: OUT/<name><suffix>.
 OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png")
 PREFETCH = 2  # images decoded ahead of the model
-# segment options that do not change what is written (left out of segment.json)
+# segment options that do not change what is written (left out of segment.json; every other
+# option is in it, so options added later count by default). The classes are stored resolved.
 _NOT_CONFIG = frozenset({"images", "out", "overwrite", "func", "command", "backend", "device", "window_batch",
-                         "classes", "classes_file"})
+                         "classes", "classes_file", "cache_dir", "threads", "no_progress", "progress"})
 
 
 def output_files(items, out) -> list[tuple]:
