@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     from cdam_fast.pipeline.ray_data import RaySegmenter
     from cdam_fast.pipeline.text import read_class_file
 
-    items = expand_inputs(args.inputs)
     out = Path(args.out)
+    items = expand_inputs(args.inputs, exclude=out)
     existing = [f[0] for f in output_files(items, out) if f[0].exists()]
     if existing and not args.overwrite:
         print(f"error: {len(existing)} label file(s) exist (e.g. {existing[0]}); pass --overwrite or choose "

@@ -82,6 +82,9 @@ def test_inputs_folders_globs_lists(photos, tmp_path):
                           ([photos / ".hidden" / "empty"], "does not exist")]:
         with pytest.raises(CdamInputError, match=message):
             expand_inputs(args)
+    # an output folder inside an input folder is not read back as input
+    assert [i.name for i in expand_inputs([photos], exclude=photos / "sub")] == ["a", "b"]
+    assert [i.name for i in expand_inputs([photos / "sub" / "c.png"], exclude=photos / "sub")] == ["c"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(CdamInputError, match="holds no image files"):
         expand_inputs([tmp_path / "empty"])

@@ -169,9 +169,9 @@ def run(args, *, make_segmenter, write, describe, prog: str = "cdam-fast segment
     from .images import open_image
     from .text import parse_classes, read_class_file
 
-    items = expand_inputs(args.images)
-    classes = parse_classes(read_class_file(args.classes_file) if args.classes_file else args.classes)
     out = Path(args.out).expanduser()
+    items = expand_inputs(args.images, exclude=out)
+    classes = parse_classes(read_class_file(args.classes_file) if args.classes_file else args.classes)
     files = output_files(items, out)
     check_not_inputs(items, files)
     use_cuda = None if args.device is None else str(args.device).startswith("cuda")

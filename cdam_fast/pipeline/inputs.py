@@ -76,9 +76,12 @@ def _list(arg: str) -> list[InputImage]:
     return [InputImage(p, Path(p).stem) for p in paths]
 
 
-def expand_inputs(args) -> list[InputImage]:
-    """The images named by the command-line INPUTS, in order, each once (see the module doc)."""
+def expand_inputs(args, exclude=None) -> list[InputImage]:
+    """The images named by the command-line INPUTS, in order, each once (see the module doc).
+    exclude: a folder (the output folder) whose files folders and globs never pick up, so that
+    a rerun into a folder inside an input folder does not segment its own outputs."""
     items, seen = [], set()
+    skip = os.path.join(os.path.realpath(exclude), "") if exclude is not None else None
     for arg in map(os.fspath, args):
         if os.path.isdir(arg):
             found = _folder(arg)
@@ -94,6 +97,8 @@ def expand_inputs(args) -> list[InputImage]:
             found = [InputImage(arg, Path(arg).stem)]
         for item in found:
             key = os.path.realpath(item.path)
+            if skip is not None and key.startswith(skip) and (os.path.isdir(arg) or any(c in arg for c in _GLOB_CHARS)):
+                continue
             if key not in seen:
                 seen.add(key)
                 items.append(item)
