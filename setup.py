@@ -4,7 +4,8 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 
-TEST = ["pytest>=8", "pytest-benchmark>=4", "ninja", "open_clip_torch>=3", "matplotlib", "tqdm", "pillow"]
+RAY = ["ray[data]>=2.10"]  # the Ray Data adapter (cdam_fast.pipeline.ray_data); never imported by the core
+TEST = ["pytest>=8", "pytest-benchmark>=4", "ninja", "open_clip_torch>=3", "matplotlib", "tqdm", "pillow", *RAY]
 
 setup(
     name="cdam-fast",
@@ -24,6 +25,7 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "nvidia-ml-py"],
         "keops": ["pykeops>=2.2"],
         "build": ["ninja"],
+        "ray": RAY,
         "test": TEST,
     },
     entry_points={"console_scripts": ["cdam-fast=cdam_fast.cli:main"]},
