@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     if shares is not None:
         shares.close()
     for path, error in failed:
-        print(f"error: {path}: {error}", file=sys.stderr)
+        print(f"error: {error}" if str(path) in error else f"error: {path}: {error}", file=sys.stderr)
     print(f"{len(items)} images: {done} labelled into {out}, {len(failed)} failed", file=sys.stderr)
     return 0 if not failed else (1 if done else 2)
 
