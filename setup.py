@@ -5,8 +5,9 @@ from setuptools import setup
 ROOT = Path(__file__).parent
 
 PUBLISHED = ["opencv-python-headless"]  # the published protocol's uint8 INTER_LINEAR resize
+RAY = ["ray[data]>=2.10"]  # the Ray Data adapter (cdam_fast.pipeline.ray_data); never imported by the core
 TEST = ["pytest>=8", "pytest-benchmark>=4", "ninja", "open_clip_torch>=3", "matplotlib", "tqdm", "pillow",
-        "scikit-image", *PUBLISHED]
+        "scikit-image", *PUBLISHED, *RAY]
 
 setup(
     name="cdam-fast",
@@ -28,6 +29,7 @@ setup(
         "keops": ["pykeops>=2.2"],
         "build": ["ninja"],
         "sd": ["diffusers>=0.30", "transformers", "safetensors"],  # CLIPer's SD compensation (issue #14)
+        "ray": RAY,
         "test": TEST,
     },
     entry_points={"console_scripts": ["cdam-fast=cdam_fast.cli:main"]},

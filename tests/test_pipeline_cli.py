@@ -1,4 +1,6 @@
 """`cdam-fast segment` end to end on small images (random weights, CPU or the test device)."""
+import json
+import os
 import sys
 
 import numpy as np
@@ -8,7 +10,8 @@ from PIL import Image
 
 from cdam_fast.cli import build_parser, main
 from cdam_fast.pipeline import Segmenter, load_clip
-from cdam_fast.pipeline.cli import _check_outputs, _output_paths
+from cdam_fast.pipeline.bulk import check_not_inputs, read_manifest
+from cdam_fast.pipeline.fileio import output_paths
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # a reduced protocol keeps it quick: short side 64, windows of 48 at stride 32
@@ -92,13 +95,13 @@ def test_segment_errors_and_no_silent_overwrite(vit_b16, images, tmp_path, capsy
 
 def test_output_names_never_collide(tmp_path):
     a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.jpg"
-    paths = _output_paths([a, b], tmp_path / "out")
+    paths = output_paths([a, b], tmp_path / "out")
     assert [p.name for pair in paths for p in pair] == ["x_labels.png", "x_overlay.png", "x_classes.json",
                                                        "x-2_labels.png", "x-2_overlay.png", "x-2_classes.json"]
     victim = tmp_path / "y_labels.png"
     victim.write_bytes(b"an input")
     with pytest.raises(Exception, match="would replace an input"):
-        _check_outputs([victim, tmp_path / "y.png"], _output_paths([tmp_path / "y.png"], tmp_path), True)
+        check_not_inputs([victim, tmp_path / "y.png"], output_paths([tmp_path / "y.png"], tmp_path))
 
 
 def test_segment_is_registered():
@@ -138,9 +141,12 @@ def test_bad_images_cost_only_themselves(tiny_model, images, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 1, captured.err  # non-zero at the end, after every good image was written
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{s}{k}" for s in ("kitchen", "street") for k in ("_labels.png", "_overlay.png", "_classes.json"))
-    assert "4 of 6 image(s) failed (2 segmented)" in captured.err
-    summary = captured.err.split("failed (2 segmented):")[1]
+        [f"{s}{k}" for s in ("kitchen", "street") for k in ("_labels.png", "_overlay.png", "_classes.json")]
+        + ["manifest.rank0.jsonl", "segment.json"])
+    failed = [r for r in read_manifest(out) if r["status"] == "failed"]  # every failure recorded, named
+    assert [os.path.basename(r["image"]) for r in failed] == ["broken.jpg", "missing.png", "thin.png", "float.tif"]
+    assert "6 images: 2 done, 0 skipped (already done), 4 failed" in captured.err
+    summary = captured.err.split("4 image(s) failed:")[1]
     for message in ("broken.jpg': cannot identify image", "missing.png' does not exist",
                     "thin.png' is 40x8 pixels (W x H), smaller than one 16x16 patch", "float.tif': floating-point"):
         assert message in summary, message
@@ -245,12 +251,14 @@ def test_eval_without_open_clip_prints_the_hint(tmp_path, capsys, monkeypatch):
     assert rc == 1 and "pip install 'cdam-fast[clip]'" in err
 
 
-def test_segment_file_records_errors(tiny_model, images, tmp_path):
+def test_predict_names_the_image_and_write_outputs(tiny_model, images, tmp_path):
     name, backbone = tiny_model
     seg = Segmenter("background,cat", model=backbone, templates="single", progress=False, cache_dir=False,
                     **PROTOCOL)
-    paths = fileio.output_paths([images[0], tmp_path / "nope.png"], tmp_path / "o")
-    ok = fileio.segment_file(seg, images[0], paths[0])
-    bad = fileio.segment_file(seg, tmp_path / "nope.png", paths[1])
-    assert ok.ok and ok.size == (56, 40) and paths[0].labels.exists() and ok.shares
-    assert not bad.ok and "nope.png' does not exist" in bad.error and not paths[1].labels.exists()
+    with pytest.raises(Exception, match="'holiday.png' is 8x8 pixels"):
+        seg.predict(np.zeros((8, 8, 3), np.uint8), name="'holiday.png'")
+    paths = output_paths([images[0]], tmp_path / "o")[0]
+    labels = seg.predict(images[0])
+    fileio.write_outputs(seg, str(images[0]), np.asarray(Image.open(images[0]).convert("RGB")), labels, paths)
+    assert np.array_equal(np.asarray(Image.open(paths.labels)), labels) and Image.open(paths.overlay).width > 56
+    assert json.loads(paths.classes.read_text())["size"] == {"width": 56, "height": 40}

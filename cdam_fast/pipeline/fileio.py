@@ -1,28 +1,28 @@
-"""Image files in, label files out: the per-image work of `cdam-fast segment`, robust per image.
+"""Image files in, label files out: the output files of `cdam-fast segment` (and of the Ray
+script), and the checks made on image files before the model loads.
 
-For an input `photo.jpg` the outputs are `<out>/photo_labels.png` (class index per pixel, as a
-palette PNG whose colours match the overlay), `<out>/photo_overlay.png` (colour overlay with a
-legend) and `<out>/photo_classes.json` (which class each label value means, and how the map
-was made). Every file is written to a temporary name and renamed into place, so an
-interrupted run leaves no half-written output. `segment_file` / `segment_files` return one
-`ImageRecord` per image, with the error instead of raising: one bad image costs only itself.
+For an input named `photo` (see inputs.py: a file's stem, or its path below an input folder)
+the outputs are `<out>/photo_labels.png` (class index per pixel, as a palette PNG whose colours
+match the overlay), `<out>/photo_overlay.png` (colour overlay with a legend) and
+`<out>/photo_classes.json` (which class each label value means, and how the map was made).
+Writers put them under temporary names (`partial_paths`) and rename them into place
+(`publish`), so an interrupted run leaves no half-written output; the run loop that does so,
+with its manifest and resume, is bulk.py.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from ..validation import CdamInputError
-from .images import image_size, open_image
+from .images import image_size
+from .inputs import InputImage, unique_names
 
-OUTPUT_KINDS = ("labels", "overlay", "classes")
-_SUFFIX = {"labels": "_labels.png", "overlay": "_overlay.png", "classes": "_classes.json"}
+#: What each image gets in the output folder: OUT/<name><suffix>, in OutputPaths order.
+OUTPUT_SUFFIXES = {"labels": "_labels.png", "overlay": "_overlay.png", "classes": "_classes.json"}
 
 
 @dataclass(frozen=True)
@@ -32,35 +32,32 @@ class OutputPaths:
     classes: Path
 
     def __iter__(self):
-        return iter((self.labels, self.overlay, self.classes))
+        return iter(tuple(getattr(self, f.name) for f in fields(self)))
 
 
-@dataclass
-class ImageRecord:
-    """What happened to one input image."""
-    source: str
-    outputs: OutputPaths | None = None
-    size: tuple | None = None  # (W, H) of the input as viewers show it
-    error: str | None = None
-    line: str = ""  # the one-line summary the CLI prints
-    shares: list = field(default_factory=list)  # [(class index, name, fraction of pixels)]
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def output_paths(images, out) -> list:
-    """OutputPaths per image in `out`; inputs with the same file stem get -2, -3, ..."""
+def output_paths(items, out) -> list:
+    """OutputPaths per image (an InputImage, or a path named by its stem) in `out`; colliding
+    names get -2, -3, ... in order."""
     out = Path(out)
-    seen, paths = {}, []
-    for img in images:
-        stem = Path(img).stem
-        n = seen.get(stem, 0) + 1
-        seen[stem] = n
-        name = stem if n == 1 else f"{stem}-{n}"
-        paths.append(OutputPaths(*(out / f"{name}{_SUFFIX[k]}" for k in OUTPUT_KINDS)))
-    return paths
+    items = unique_names([it if isinstance(it, InputImage) else InputImage(os.fspath(it), Path(it).stem)
+                          for it in items])
+    return [OutputPaths(*(out / f"{it.name}{s}" for s in OUTPUT_SUFFIXES.values())) for it in items]
+
+
+def partial_paths(paths: OutputPaths, tag) -> OutputPaths:
+    """Where `paths` are written before `publish` renames them into place (hidden names that
+    keep the suffix, so writers that pick the format by extension still work)."""
+    return OutputPaths(*(p.with_name(f".{p.stem}.part{tag}{p.suffix}") for p in paths))
+
+
+def publish(partial: OutputPaths, paths: OutputPaths) -> None:
+    for tmp, final in zip(partial, paths):
+        tmp.replace(final)
+
+
+def discard(partial: OutputPaths) -> None:
+    for tmp in partial:
+        tmp.unlink(missing_ok=True)
 
 
 def model_patch_size(model: str) -> tuple | None:
@@ -83,20 +80,6 @@ def check_image_file(path, patch, plan) -> tuple:
     if patch is not None:
         plan(H, W, f"image {os.fspath(path)!r}")
     return W, H
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def class_mapping(seg, source: str, size: tuple) -> dict:
@@ -125,47 +108,14 @@ def summary_line(source: str, labels: np.ndarray, seg, paths: OutputPaths | None
 
 
 def write_outputs(seg, source: str, image: np.ndarray, labels: np.ndarray, paths: OutputPaths) -> None:
-    """The label PNG, the overlay and the class mapping of one image (each written atomically;
-    the label map last, so that its presence means the image is done)."""
+    """The label PNG, the overlay and the class mapping of one image, at `paths` (callers pass
+    partial_paths and publish them)."""
     from .visualize import overlay, save_labels
 
     H, W = labels.shape
-    picture = overlay(image, labels, seg.class_names)
-    _atomic_write(paths.overlay, lambda tmp: picture.save(tmp, format="PNG"))
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    overlay(np.asarray(image), labels, seg.class_names).save(paths.overlay, format="PNG")
     text = json.dumps(class_mapping(seg, source, (W, H)), indent=1)
-    _atomic_write(paths.classes, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
-    _atomic_write(paths.labels, lambda tmp: save_labels(labels, tmp, palette_colours=True))
-
-
-def _finish(seg, source: str, result, paths: OutputPaths) -> ImageRecord:
-    from .visualize import class_shares
-
-    labels = seg.label_map(result)
-    H, W = labels.shape
-    write_outputs(seg, source, np.asarray(open_image(source)), labels, paths)
-    return ImageRecord(source, paths, (W, H), None, summary_line(source, labels, seg, paths),
-                       class_shares(labels, list(seg.class_names)))
-
-
-def _error_record(source: str, e: BaseException, paths=None) -> ImageRecord:
-    message = str(e) if isinstance(e, (CdamInputError, OSError)) else f"{type(e).__name__}: {e}"
-    return ImageRecord(source, paths, error=message, line=f"{source}: error: {message}")
-
-
-def segment_files(seg, sources, paths) -> "iter[ImageRecord]":
-    """Segment image files and write their outputs, one ImageRecord per file, in order, as each
-    is done; windows of consecutive images share forward passes. Never raises for one image."""
-    sources = [os.fspath(s) for s in sources]
-    for i, result in seg.results_or_errors(sources):  # errors name each file
-        if isinstance(result, Exception):
-            yield _error_record(sources[i], result, paths[i])
-            continue
-        try:
-            yield _finish(seg, sources[i], result, paths[i])
-        except Exception as e:  # noqa: BLE001 - e.g. a full disk: reported, the others go on
-            yield _error_record(sources[i], e, paths[i])
-
-
-def segment_file(seg, source, paths: OutputPaths) -> ImageRecord:
-    """One image file -> its outputs; an ImageRecord with `error` set instead of an exception."""
-    return next(iter(segment_files(seg, [source], [paths])))
+    Path(paths.classes).write_text(text + "\n", encoding="utf-8")
+    save_labels(labels, paths.labels, palette_colours=True)

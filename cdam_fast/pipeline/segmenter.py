@@ -390,9 +390,12 @@ class Segmenter:
         dtype = np.uint8 if len(self.classes) <= 256 else np.int64
         return out.cpu().numpy().astype(dtype)
 
-    def predict(self, image) -> np.ndarray:
-        """[H, W] class indices at the input's size (uint8 up to 256 classes, else int64)."""
-        return self.predict_batch([image])[0]
+    def predict(self, image, name: str | None = None) -> np.ndarray:
+        """[H, W] class indices at the input's size (uint8 up to 256 classes, else int64). The
+        image is computed on its own (its windows batched together, never with another image's),
+        so its labels do not depend on what else is segmented. name: what error messages call
+        it (default its path, or "image 0")."""
+        return self.label_map(next(iter(self.results([image], None if name is None else [name]))))
 
     def predict_batch(self, images, progress: bool = False) -> list:
         """Label maps of several images; their windows share forward passes. progress: a tqdm
