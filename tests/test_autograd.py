@@ -11,9 +11,16 @@ import cdam_fast as cf
 from cdam_fast import reference as ref
 from cdam_fast.autograd import reference as bref
 from conftest import random_distributions, random_similarities, random_values
+from test_ops_correctness import xfail_interpreted_bf16_dot
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 ops = torch.ops.cdam_fast
+
+
+@pytest.fixture(autouse=True)
+def _small_interpreter_tiles(monkeypatch):
+    """16-wide Triton tiles under the interpreter, so the small test shapes span several tiles."""
+    monkeypatch.setenv("CDAM_FAST_INTERPRET_BLOCK", "16")
 
 
 def smooth_distributions(gen, *shape):
@@ -125,8 +132,10 @@ def _op_cases(gen, dtype, N=19, C=5, D=6, B=2):
 
 
 OP_CASES = list(_op_cases(torch.Generator().manual_seed(0), F32))
-# Relative error (max abs error over max abs gradient) the float32 paths reach, x ~4.
-GRAD_TOL = {F32: 2e-5, F16: 4e-3, BF16: 3e-2}
+# ~4x the largest relative error (max abs error / max abs gradient) measured over seeds on every
+# backend here: fp32 5.8e-6 (multi-scale map), fp16 5.5e-4 and bf16 4.2e-3 (the gradients' own
+# rounding to the input dtype).
+GRAD_TOL = {F32: 2e-5, F16: 2.5e-3, BF16: 1.6e-2}
 
 
 def _compare(got, expected, dtype, what):
@@ -147,15 +156,33 @@ def test_backend_gradients_match_float64_reference(backend, gen, case):
     _compare(got, expected, F32, f"{name} {case}")
 
 
-@pytest.mark.parametrize("dtype", [F16, BF16])
-@pytest.mark.parametrize("case", ["cdam_attention_recompute", "jsd_attention", "multiscale_cdam_attention"])
-def test_backend_gradients_16bit(backend, gen, case, dtype):
+# bf16 rows are multiples of 1/256 (conftest): with few classes duplicate rows appear, whose exact
+# ties at a row's max / min rounding breaks differently per precision, so CDAM is tested in fp16.
+@pytest.mark.parametrize("case,dtype", [("cdam_attention_recompute", F16), ("jsd_attention", F16),
+                                        ("jsd_attention", BF16), ("multiscale_cdam_attention", F16),
+                                        ("multiscale_cdam_attention", BF16)])
+def test_backend_gradients_16bit(request, backend, gen, case, dtype):
     """16-bit inputs: gradients come back in the input dtype, accumulated in fp32."""
     name, dev = backend
+    if case == "jsd_attention":  # its backward reads the forward's output, which the interpreter breaks
+        xfail_interpreted_bf16_dot(request, name, dtype)
     fn, inputs = _op_cases(gen, dtype)[case]
     expected = _grads(fn("reference"), [t.double() for t in inputs])
     got = _grads(fn(name), [t.to(dev) for t in inputs])
     _compare(got, expected, dtype, f"{name} {case} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_jsd_attention_backward_op_16bit(backend, gen, dtype):
+    """The backward op itself on 16-bit inputs, given the exact forward output (so the
+    interpreter's broken bf16 product in the forward does not matter here)."""
+    name, dev = backend
+    p, v = random_distributions(gen, 2, 19, 5, dtype=dtype), random_values(gen, 2, 19, 6, dtype=dtype)
+    g = random_values(gen, 2, 19, 6, dtype=dtype)
+    out = ref.jsd_attention(p.double(), v.double(), 0.1).to(dtype)
+    expected = bref.jsd_attention_backward(g.double(), p.double(), v.double(), None, 0.1)[:2]
+    got = ops.jsd_attention_backward(g.to(dev), p.to(dev), v.to(dev), None, out.to(dev), 0.1, name)[:2]
+    _compare(got, expected, dtype, f"{name} jsd_attention_backward {dtype}")
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 4, 3), (2, 7, 1, 3), (3, 2, 33, 3, 5)], ids=["N=1", "C=1", "batched"])
