@@ -270,3 +270,14 @@ def test_double_backward_raises_clearly(gen):
     (gp,) = torch.autograd.grad(cf.jsd_attention(p, v, backend="reference").sum(), p, create_graph=True)
     with pytest.raises(RuntimeError, match="jsd_attention_backward"):
         gp.sum().backward()
+
+
+def test_cpu_backward_extension_builds_where_the_cpu_backend_does():
+    """A compiler that builds the forward CPU kernels must build the backward ones too (else the
+    backward would silently take the slower reference path)."""
+    from cdam_fast.autograd import cpu_backward
+    from cdam_fast.dispatch import unavailable_reason
+
+    if unavailable_reason("cpu", torch.device("cpu"), F32) is not None:
+        pytest.skip("the CPU backend is unavailable here")
+    assert cpu_backward.extension.failure() is None

@@ -21,7 +21,7 @@ from . import reference as ref_bwd
 
 # backend name -> module holding fused backward functions (same names and signatures as the
 # reference.py functions); ops a module lacks fall back to the reference formulas.
-FUSED_BACKWARD = {"triton": "cdam_fast.kernels.jsd_backward"}
+FUSED_BACKWARD = {"triton": "cdam_fast.kernels.jsd_backward", "cpu": "cdam_fast.autograd.cpu_backward"}
 
 
 def _impl(op: str, backend: str, *ts):
@@ -32,7 +32,7 @@ def _impl(op: str, backend: str, *ts):
     if name in FUSED_BACKWARD:
         fused = importlib.import_module(FUSED_BACKWARD[name])
         fn = getattr(fused, op, None)
-        if fn is not None:
+        if fn is not None and getattr(fused, "available", lambda: True)():
             return fn
     return getattr(ref_bwd, op)
 
