@@ -23,24 +23,11 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
-// Largest [rows, Mp] float chunk of J, weights and g v^T per step: 8 MiB each.
+// Largest [rows, Mp] float chunk of weights and of g v^T per step: 8 MiB each.
 constexpr int64_t kChunkFloats = int64_t(1) << 21;
 
 inline Vec log2v(const Vec& s) { return at::vec::maximum(s, Vec(cdam::kTinyMass)).log2(); }
 float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
-
-// J of query row `prow` (C classes, row term ri) against all Mp padded keys; out[Mp].
-void jsd_row(const float* prow, float ri, const float* kT, const float* rk, int64_t C, int64_t Mp, float* out) {
-  for (int64_t j = 0; j < Mp; j += kLanes) {
-    Vec acc(0.f);
-    for (int64_t c = 0; c < C; ++c) {
-      const Vec s = Vec(prow[c]) + Vec::loadu(kT + c * Mp + j);
-      acc = at::vec::fmadd(s, log2v(s), acc);
-    }
-    const Vec jv = (Vec(ri) + Vec::loadu(rk + j) - acc) * Vec(cdam::kHalfLn2);
-    at::vec::maximum(jv, Vec(0.f)).store(out + j);
-  }
-}
 
 // For rows [i0, i1) of batch element b with score gradients G (row i at G + (i - i0) * Mp, zero
 // on padded keys): T[i, c] = sum_j G_ij (lp_ic - log2 s_ijc) and, if U is given,
@@ -158,7 +145,9 @@ void gradient_row(int kind, double param, const float* jr, float* wr, const floa
 }
 
 // The attention backward (kind as above, param = tau or alpha) in bounded row chunks; returns
-// T [B, N, C], U [B, C, Mp], gv [B, M, D] (float32).
+// T [B, N, C], U [B, C, Mp], gv [B, M, D] (float32). Each row's C x Mp logarithms are taken once
+// into a per-thread buffer (C Mp floats, cache-resident at paper sizes) that serves both its J
+// row and, once the row's score gradient is known, its class sums: one log per (i, j, c).
 std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& rp,
                                            const at::Tensor& kT, const at::Tensor& lkT, const at::Tensor& rk,
                                            const at::Tensor& v, const at::Tensor& g, int64_t kind, double param,
@@ -168,36 +157,69 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
   at::Tensor U = at::zeros({B, C, Mp}, p.options());
   at::Tensor gv = at::zeros({B, M, v.size(2)}, p.options());
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, kChunkFloats / Mp));
-  at::Tensor Jc = at::empty({R, Mp}, p.options()), W = at::empty({R, Mp}, p.options());
-  at::Tensor GV = at::empty({R, M}, p.options());
-  float *jc = Jc.data_ptr<float>(), *w = W.data_ptr<float>();
+  at::Tensor W = at::zeros({R, Mp}, p.options()), GV = at::empty({R, M}, p.options());
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> u_local(threads * C * Mp);
+  float* w = W.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
     const float* pb = p.data_ptr<float>() + b * N * C;
+    const float* lpb = lp.data_ptr<float>() + b * N * C;
     const float* kb = kT.data_ptr<float>() + b * C * Mp;
+    const float* lkb = lkT.data_ptr<float>() + b * C * Mp;
+    const float* rkb = rk.data_ptr<float>() + b * Mp;
+    float* Tb = T.data_ptr<float>() + b * N * C;
+    std::fill(u_local.begin(), u_local.end(), 0.f);
     for (int64_t i0 = 0; i0 < N; i0 += R) {
       const int64_t nr = std::min(R, N - i0);
-      at::parallel_for(0, nr, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          float* jr = jc + r * Mp;
-          jsd_row(pb + (i0 + r) * C, rp.data_ptr<float>()[b * N + i0 + r], kb, rk.data_ptr<float>() + b * Mp, C,
-                  Mp, jr);
-          if (self) jr[i0 + r] = 0.f;
-          forward_row(int(kind), param, jr, w + r * Mp, M);
-          std::fill(w + r * Mp + M, w + (r + 1) * Mp, 0.f);  // padded keys: no weight, no gradient
-        }
-      });
-      const at::Tensor w_rows = W.narrow(0, 0, nr).narrow(1, 0, M);
       const at::Tensor g_rows = g[b].narrow(0, i0, nr);
       at::Tensor gvr = GV.narrow(0, 0, nr);
       at::mm_out(gvr, g_rows, v[b].t());  // g_i . v_j
-      gv[b].addmm_(w_rows.t(), g_rows);
       at::parallel_for(0, nr, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r)
-          gradient_row(int(kind), param, jc + r * Mp, w + r * Mp, GV.data_ptr<float>() + r * M, M);
+        float* ut = u_local.data() + at::get_thread_num() * C * Mp;
+        std::vector<float> logs(C * Mp), jrow(Mp), grow(Mp);
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i = i0 + r;
+          const float* prow = pb + i * C;
+          for (int64_t j = 0; j < Mp; j += kLanes) {
+            Vec acc(0.f);
+            for (int64_t c = 0; c < C; ++c) {
+              const Vec s = Vec(prow[c]) + Vec::loadu(kb + c * Mp + j);
+              const Vec lg = log2v(s);
+              lg.store(logs.data() + c * Mp + j);
+              acc = at::vec::fmadd(s, lg, acc);
+            }
+            const Vec jv = (Vec(rp.data_ptr<float>()[b * N + i]) + Vec::loadu(rkb + j) - acc) * Vec(cdam::kHalfLn2);
+            at::vec::maximum(jv, Vec(0.f)).store(jrow.data() + j);
+          }
+          if (self) jrow[i] = 0.f;
+          float* wr = w + r * Mp;
+          forward_row(int(kind), param, jrow.data(), wr, M);
+          std::copy(wr, wr + M, grow.begin());
+          gradient_row(int(kind), param, jrow.data(), grow.data(), GV.data_ptr<float>() + r * M, M);
+          std::fill(grow.begin() + M, grow.end(), 0.f);  // padded keys: no gradient
+          const float* lprow = lpb + i * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const float* lc = logs.data() + c * Mp;
+            const float* lkc = lkb + c * Mp;
+            float* uc = ut + c * Mp;
+            Vec tacc(0.f);
+            const Vec lpc(lprow[c]);
+            for (int64_t j = 0; j < Mp; j += kLanes) {
+              const Vec gj = Vec::loadu(grow.data() + j), lg = Vec::loadu(lc + j);
+              tacc = at::vec::fmadd(gj, lpc - lg, tacc);
+              at::vec::fmadd(gj, Vec::loadu(lkc + j) - lg, Vec::loadu(uc + j)).store(uc + j);
+            }
+            Tb[i * C + c] = sum_lanes(tacc);
+          }
+        }
       });
-      class_terms(pb, lp.data_ptr<float>() + b * N * C, kb, lkT.data_ptr<float>() + b * C * Mp, w, i0, i0 + nr, C,
-                  Mp, T.data_ptr<float>() + b * N * C, U.data_ptr<float>() + b * C * Mp);
+      gv[b].addmm_(W.narrow(0, 0, nr).narrow(1, 0, M).t(), g_rows);
     }
+    float* Ub = U.data_ptr<float>() + b * C * Mp;
+    at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t t = 0; t < threads; ++t)
+        for (int64_t k = begin; k < end; ++k) Ub[k] += u_local[t * C * Mp + k];
+    });
   }
   return {T, U, gv};
 }
