@@ -20,7 +20,8 @@ from ..dispatch import resolve
 from . import reference as ref_bwd
 
 # backend name -> module holding fused backward functions (same names and signatures as the
-# reference.py functions); ops a module lacks fall back to the reference formulas.
+# reference.py functions); ops a module lacks, or a module whose available() is False, fall
+# back to the reference formulas.
 FUSED_BACKWARD = {"triton": "cdam_fast.kernels.jsd_backward", "cpu": "cdam_fast.autograd.cpu_backward"}
 
 
@@ -92,8 +93,7 @@ def cdam_attention_backward(grad: Tensor, p: Tensor, v: Tensor, alpha: float, mo
     if grad.numel() == 0:
         return torch.zeros_like(p), torch.zeros_like(v)
     fn = _impl("cdam_attention_backward", backend, p, v, grad)
-    args = (grad.contiguous(), p.contiguous(), v.contiguous(), alpha)
-    gp, gv = fn(*args, mode, memory_budget) if fn.__module__ != ref_bwd.__name__ else fn(*args)
+    gp, gv = fn(grad.contiguous(), p.contiguous(), v.contiguous(), alpha, mode, memory_budget)
     return _like(gp, p), _like(gv, v)
 
 
@@ -143,8 +143,8 @@ def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tenso
     if grad.numel() == 0 or p.shape[1] == 0:
         return torch.zeros_like(p), torch.zeros_like(v), _none_as_empty(None if q is None else torch.zeros_like(q), p)
     fn = _impl("jsd_attention_backward", backend, p, q, v, grad)
-    args = (grad.contiguous(), p.contiguous(), v.contiguous(), None if q is None else q.contiguous(), tau)
-    gp, gv, gq = fn(*args, out=out.contiguous()) if fn.__module__ != ref_bwd.__name__ else fn(*args)
+    gp, gv, gq = fn(grad.contiguous(), p.contiguous(), v.contiguous(), None if q is None else q.contiguous(), tau,
+                    out=out.contiguous())
     return _like(gp, p), _like(gv, v), _none_as_empty(None if gq is None else _like(gq, q), p)
 
 

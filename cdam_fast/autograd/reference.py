@@ -97,15 +97,17 @@ def _product_vjp(a: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
     return g @ v.to(a.dtype).transpose(-1, -2), a.transpose(-1, -2) @ g
 
 
-def cdam_attention_backward(grad, p, v, alpha):
+def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None):
+    """(mode and memory_budget do not apply: the reference holds the N x N maps, as its forward does.)"""
     j = ref.pairwise_jsd(p.to(compute_dtype(p, v, grad)))
     ga, gv = _product_vjp(ref.minmax_expm1(j, alpha), v, grad)
     return jsd_vjp(p, None, minmax_expm1_vjp(j, ga, alpha))[0], gv
 
 
-def jsd_attention_backward(grad, p, v, q, tau):
+def jsd_attention_backward(grad, p, v, q, tau, out=None):
     """FlashAttention's backward with the divergence as the score: w = softmax(-J / tau),
-    dS_ij = w_ij (g_i . v_j - sum_k w_ik g_i . v_k), dJ = -dS / tau."""
+    dS_ij = w_ij (g_i . v_j - sum_k w_ik g_i . v_k), dJ = -dS / tau (the forward output `out`
+    is not needed: the full rows of w are at hand)."""
     dt = compute_dtype(p, q, v, grad)
     j = ref.pairwise_jsd(p.to(dt), None if q is None else q.to(dt))
     w = torch.softmax(-j / tau, dim=-1)
