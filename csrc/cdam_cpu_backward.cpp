@@ -19,6 +19,10 @@
 
 #include "cdam_common.h"
 
+#if defined(CPU_CAPABILITY_AVX2)
+#include <sleef.h>  // shipped with torch; libtorch_cpu exports the SLEEF entry points
+#endif
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -26,7 +30,15 @@ constexpr int64_t kLanes = Vec::size();
 // Largest [rows, Mp] float chunk of weights and of g v^T per step: 8 MiB each.
 constexpr int64_t kChunkFloats = int64_t(1) << 21;
 
-inline Vec log2v(const Vec& s) { return at::vec::maximum(s, Vec(cdam::kTinyMass)).log2(); }
+// log2 of max(s, kTinyMass): SLEEF's 3.5-ulp AVX2 log2 where available (about twice the speed
+// of the 1-ulp one behind Vec::log2, and far below what the fp32 sums resolve), else Vec::log2.
+inline Vec log2v(const Vec& s) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Vec(Sleef_log2f8_u35avx2(at::vec::maximum(s, Vec(cdam::kTinyMass))));
+#else
+  return at::vec::maximum(s, Vec(cdam::kTinyMass)).log2();
+#endif
+}
 float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
 
 // For rows [i0, i1) of batch element b with score gradients G (row i at G + (i - i0) * Mp, zero
@@ -180,15 +192,22 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = i0 + r;
           const float* prow = pb + i * C;
-          for (int64_t j = 0; j < Mp; j += kLanes) {
-            Vec acc(0.f);
-            for (int64_t c = 0; c < C; ++c) {
-              const Vec s = Vec(prow[c]) + Vec::loadu(kb + c * Mp + j);
+          // class-major sweep: every stream (keys, logs, the row's sums) is read or written in order
+          std::fill(jrow.begin(), jrow.end(), 0.f);
+          for (int64_t c = 0; c < C; ++c) {
+            const Vec pc(prow[c]);
+            const float* kc = kb + c * Mp;
+            float* lc = logs.data() + c * Mp;
+            for (int64_t j = 0; j < Mp; j += kLanes) {
+              const Vec s = pc + Vec::loadu(kc + j);
               const Vec lg = log2v(s);
-              lg.store(logs.data() + c * Mp + j);
-              acc = at::vec::fmadd(s, lg, acc);
+              lg.store(lc + j);
+              at::vec::fmadd(s, lg, Vec::loadu(jrow.data() + j)).store(jrow.data() + j);
             }
-            const Vec jv = (Vec(rp.data_ptr<float>()[b * N + i]) + Vec::loadu(rkb + j) - acc) * Vec(cdam::kHalfLn2);
+          }
+          const Vec ri(rp.data_ptr<float>()[b * N + i]);
+          for (int64_t j = 0; j < Mp; j += kLanes) {
+            const Vec jv = (ri + Vec::loadu(rkb + j) - Vec::loadu(jrow.data() + j)) * Vec(cdam::kHalfLn2);
             at::vec::maximum(jv, Vec(0.f)).store(jrow.data() + j);
           }
           if (self) jrow[i] = 0.f;
