@@ -281,3 +281,21 @@ def test_cpu_backward_extension_builds_where_the_cpu_backend_does():
     if unavailable_reason("cpu", torch.device("cpu"), F32) is not None:
         pytest.skip("the CPU backend is unavailable here")
     assert cpu_backward.extension.failure() is None
+
+
+def test_backend_tie_rule_on_duplicate_rows(backend, gen):
+    """Duplicate rows give bitwise-equal divergences in every precision, so the row max / min of
+    the CDAM transform are tied exactly: every backend must split their gradient evenly, like
+    the float64 reference."""
+    name, dev = backend
+    p = random_distributions(gen, 1, 13, 4, dtype=F64, sharpness=1.0, zeros=False, one_hot=False)
+    peaked = torch.tensor([0.94, 0.02, 0.02, 0.02], dtype=F64)
+    p[0, 3] = p[0, 8] = p[0, 11] = peaked  # the farthest rows from most others: tied maxima
+    p = p.float()
+    v = random_values(gen, 1, 13, 5)
+    j = ref.pairwise_jsd(p.double())[0]
+    row_max_ties = (j == j.amax(-1, keepdim=True)).sum(-1)
+    assert (row_max_ties >= 2).sum() >= 5  # the test really exercises ties
+    expected = _grads(lambda p, v: cf.cdam_attention(p, v, backend="reference"), [p.double(), v.double()])
+    got = _grads(lambda p, v: cf.cdam_attention(p, v, backend=name), [p.to(dev), v.to(dev)])
+    _compare(got, expected, F32, f"{name} cdam_attention with tied row maxima")

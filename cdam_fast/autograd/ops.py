@@ -22,7 +22,7 @@ from . import reference as ref_bwd
 # backend name -> module holding fused backward functions (same names and signatures as the
 # reference.py functions); ops a module lacks, or a module whose available() is False, fall
 # back to the reference formulas.
-FUSED_BACKWARD = {"triton": "cdam_fast.kernels.jsd_backward", "cpu": "cdam_fast.autograd.cpu_backward"}
+FUSED_BACKWARD = {"triton": "cdam_fast.autograd.triton_backward", "cpu": "cdam_fast.autograd.cpu_backward"}
 
 
 def _impl(op: str, backend: str, *ts):
