@@ -58,7 +58,8 @@ GRADCHECK_CASES = {
 @pytest.mark.parametrize("case", list(GRADCHECK_CASES))
 def test_reference_gradcheck(gen, case):
     fn, inputs = GRADCHECK_CASES[case](gen)
-    assert gradcheck(fn, tuple(_leaf(t) for t in inputs), eps=1e-6, atol=1e-7, rtol=1e-5)
+    # fast_mode: finite differences along random directions (all inputs and outputs at once)
+    assert gradcheck(fn, tuple(_leaf(t) for t in inputs), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
 def test_zero_probabilities_get_zero_gradient_and_the_rest_is_exact(gen):
@@ -185,7 +186,7 @@ def test_jsd_attention_backward_op_16bit(backend, gen, dtype):
     _compare(got, expected, dtype, f"{name} jsd_attention_backward {dtype}")
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 4, 3), (2, 7, 1, 3), (3, 2, 33, 3, 5)], ids=["N=1", "C=1", "batched"])
+@pytest.mark.parametrize("shape", [(1, 1, 4, 3), (2, 7, 1, 3), (2, 2, 21, 3, 5)], ids=["N=1", "C=1", "batched"])
 def test_edge_shapes(backend, gen, shape):
     """N = 1 and C = 1 (every divergence is 0: zero gradient for p), several batch dims."""
     name, dev = backend
