@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/, csrc/ and benchmarks/ live at the top level (design card) but ship inside the package.
-    packages=["cdam_fast", "cdam_fast.backends", "cdam_fast.pipeline", "cdam_fast.evaluation",
+    packages=["cdam_fast", "cdam_fast.autograd", "cdam_fast.backends", "cdam_fast.pipeline", "cdam_fast.evaluation",
               "cdam_fast.kernels", "cdam_fast.csrc", "cdam_fast.benchmarks"],
     package_dir={"cdam_fast.kernels": "kernels", "cdam_fast.csrc": "csrc", "cdam_fast.benchmarks": "benchmarks"},
     package_data={"cdam_fast": ["data/*.txt", "data/classes/*.txt"], "cdam_fast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},

@@ -47,6 +47,8 @@ class Case:
             parts.append(f"D={self.D}")
         if self.dtype != "float32":
             parts.append(self.dtype)
+        if "backward" in self.tags:  # benchmarks/backward.py: forward + backward step
+            parts.append("fwd+bwd")
         return " ".join(parts)
 
 
@@ -80,7 +82,13 @@ def _quick():
             cases.append(case)
     cases.append(Case("cdam_attention", B=4, N=64, C=21, D=64, heavy_baselines=False))
     cases.append(Case(PIPELINE, C=21, image=(448, 448), tags=("quick",)))
-    return cases
+    return cases + _backward("quick_cases")
+
+
+def _backward(which: str) -> list:
+    from . import backward  # forward + backward cases (imports this module)
+
+    return getattr(backward, which)()
 
 
 def _ops():
@@ -150,8 +158,10 @@ SETS = {
     "sweep": (_sweep, "C' from 21 to 251, D = 64 / 768, batch 1 to 64, fp16 / bf16 inputs"),
     "multiscale": (_multiscale, "the seven-scale CDAM at the paper's crop (N = 784, C' = 101) and beyond"),
     "lowmem": (_lowmem, "materialize vs recompute up to N = 65536, where the baselines run out of memory"),
+    "backward": (lambda: _backward("cases"), "forward + backward of the ops (N = 784, C' = 101, D = 768 and up) "
+                 "against autograd through the reference, torch.compile and KeOps"),
     "pipeline": (_pipeline, "the whole pipeline per image (cdam_fast.pipeline.Segmenter)"),
-    "gpu-full": (lambda: _dedupe(_ops() + _sweep() + _multiscale() + _lowmem() + _pipeline()),
+    "gpu-full": (lambda: _dedupe(_ops() + _sweep() + _multiscale() + _lowmem() + _pipeline() + _backward("cases")),
                  "everything above: the full GPU measurement"),
 }
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import impls, pipeline_bench
+from . import backward, impls, pipeline_bench
 from .cases import MODE_OPS, PIPELINE, Case, divergence_elements
 from .inputs import dtype_of, make_input_sets
 from .roofline import SfuLimit, fractions
@@ -111,7 +111,7 @@ def _skip_reason(task: Task, opts: RunOptions) -> str | None:
     if opts.max_elements is not None and elements > opts.max_elements:
         return f"skipped: {elements:.3g} divergence elements > --max-elements {opts.max_elements:.3g}"
     if opts.memory_cap_bytes is not None and task.kind == "baseline":
-        need = impls.estimated_bytes(case, task.impl)
+        need = (backward.estimated_bytes if backward.is_backward(case) else impls.estimated_bytes)(case, task.impl)
         if need > opts.memory_cap_bytes:
             return f"skipped: needs ~{need / 2**30:.1f} GiB > memory cap {opts.memory_cap_bytes / 2**30:.1f} GiB"
     return None
@@ -125,7 +125,8 @@ def _time_task(task: Task, inputs: list, opts: RunOptions, limit: SfuLimit | Non
         t = time_call(lambda i: predict(images[i]), len(images), opts.timing, opts.device)
         extra = {"images_per_s": 1e3 / t.median_ms if t.median_ms > 0 else None}
     else:
-        fn = impls.op_callable(case.op, task.impl, task.mode)
+        make = backward.op_callable if backward.is_backward(case) else impls.op_callable
+        fn = make(case.op, task.impl, task.mode)
         t = time_call(lambda i: fn(inputs[i]), len(inputs), opts.timing, opts.device)
         rate, frac, frac_measured = fractions(divergence_elements(case), t.median_ms, limit)
         extra = {"elements_per_s": rate, "sfu_fraction": frac, "sfu_fraction_measured": frac_measured}

@@ -16,6 +16,9 @@ from .ops import (
     pairwise_jsd,
 )
 from .validation import CdamInputError
+from .autograd import register_autograd as _register_autograd
+
+_register_autograd()  # gradients for every op (docs/autograd.md)
 
 __version__ = "0.1.0"
 

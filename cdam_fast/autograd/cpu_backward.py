@@ -1,0 +1,92 @@
+"""Fused CPU backward of pairwise_jsd and jsd_attention (csrc/cdam_cpu_backward.cpp).
+
+Built just in time like the forward CPU extension (same flags, cache and failure handling,
+cdam_fast.backends.extension_build), as its own small module so the forward's sources stay as
+they are. If it cannot be built, the backward falls back to the reference formulas.
+Host-side work here is O(N C) preparation: float32 copies, log terms, class-major padded keys.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import extension_build as eb
+from ..kernels.jsd import row_terms
+
+_HALF_LN2 = 0.34657359027997264
+
+
+def _spec() -> eb.ExtensionSpec:
+    cpu = eb.cpu_spec()
+    return eb.ExtensionSpec("cdam_fast_cpu_backward", (eb.SOURCE_DIR / "cdam_cpu_backward.cpp",), cflags=cpu.cflags,
+                            ldflags=cpu.ldflags, label="CPU backward", headers=cpu.headers)
+
+
+extension = eb._Cached(_spec)
+
+
+def available() -> bool:
+    return extension.failure() is None
+
+
+def _lanes() -> int:
+    return 16  # a multiple of every at::vec float width (AVX2 8, AVX-512 16)
+
+
+def _rows(p):
+    p = p.float().contiguous()
+    return p, (torch.log2(p.clamp_min(1e-30)) + 1.0).contiguous()
+
+
+def _keys(k):
+    """class-major zero-padded keys [B, C, Mp], their log terms and row terms [B, Mp]."""
+    k = k.float()
+    pad = -k.shape[1] % _lanes()
+    kT = F.pad(k.transpose(1, 2), (0, pad)).contiguous()
+    lkT = F.pad((torch.log2(k.clamp_min(1e-30)) + 1.0).transpose(1, 2), (0, pad)).contiguous()
+    return kT, lkT, F.pad(row_terms(k), (0, pad)).contiguous()
+
+
+def _finish(acc, p):
+    """[B, n, C] sums -> gradient: (ln 2 / 2) acc, 0 where p = 0."""
+    return torch.where(p > 0, _HALF_LN2 * acc, 0.0)
+
+
+def pairwise_jsd_backward(grad, p, q):
+    mod = extension.module()
+    pp, lp = _rows(p)
+    g = grad.float()
+    if q is None:
+        g = g + g.transpose(1, 2)  # p on both sides: one pass over G + G^T (constant diagonal)
+        g.diagonal(dim1=-2, dim2=-1).zero_()
+    kT, lkT, _ = _keys(pp if q is None else q)
+    g = F.pad(g, (0, kT.shape[2] - g.shape[2])).contiguous()
+    T, U = mod.jsd_class_grads(pp, lp, kT, lkT, g, q is not None)
+    if q is None:
+        return _finish(T, p), None
+    return _finish(T, p), _finish(U[:, :, :q.shape[1]].transpose(1, 2), q)
+
+
+def _attention(kind, param, grad, p, v, q):
+    mod = extension.module()
+    pp, lp = _rows(p)
+    keys = p if q is None else q
+    kT, lkT, rk = _keys(keys)
+    T, U, gv = mod.attention_backward(pp, lp, row_terms(pp).contiguous(), kT, lkT, rk, v.float().contiguous(),
+                                      grad.float().contiguous(), kind, float(param), q is None)
+    gk = _finish(U[:, :, :keys.shape[1]].transpose(1, 2), keys)
+    if q is None:
+        return _finish(T, p) + gk, gv, None
+    return _finish(T, p), gv, gk
+
+
+def jsd_attention_backward(grad, p, v, q, tau, out=None):
+    """out is not needed: a CPU row of weights fits in cache, so Delta_i is summed exactly."""
+    return _attention(0, tau, grad, p, v, q)
+
+
+def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None):
+    """Always in bounded row chunks (mode and memory_budget do not matter: the chunked recompute
+    is as fast as keeping N x N here, the row statistics being local to each row)."""
+    gp, gv, _ = _attention(1, alpha, grad, p, v, None)
+    return gp, gv

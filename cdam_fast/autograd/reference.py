@@ -1,0 +1,164 @@
+"""Reference backward passes (pure torch): the vector-Jacobian products of every op.
+
+Derivations are in docs/autograd.md. Like the forward reference, nothing here builds an
+[N, N, C] tensor: the divergence's gradient is evaluated in row chunks of bounded size, so the
+extra memory is a few N x N maps (what the reference forward holds anyway) plus O(N C).
+Inputs are batch-flattened (p [B, N, C], v [B, N, D], sim [B, C, h, w]); results are in the
+compute dtype (float64 for float64 inputs, else float32); callers cast to the input dtypes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import reference as ref
+from ..grids import class_distributions, scale_grid
+
+
+def compute_dtype(*ts) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _log_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """log x where x > 0, else 0 (those entries are discarded or multiplied by zero)."""
+    return torch.where(x > 0, x, torch.ones_like(x)).log()
+
+
+def jsd_vjp(p: torch.Tensor, q: torch.Tensor | None, g: torch.Tensor):
+    """Gradients of sum_ij g_ij J(p_i, q_j) with respect to p and q (q None: q is p, and the
+    two sides are summed into the p gradient; the returned q gradient is None).
+
+    dJ_ij / dp_ic = (1/2) log(p_ic / m_ijc), m = (p_i + q_j) / 2, so
+    grad p_ic = (1/2) (log p_ic sum_j g_ij - sum_j g_ij log m_ijc), and 0 where p_ic = 0
+    (the convention of docs/autograd.md: the one-sided derivative there is -inf).
+    """
+    dt = compute_dtype(p, q, g)
+    pp = p.to(dt)
+    qq = pp if q is None else q.to(dt)
+    g = g.to(dt)
+    if q is None:  # the diagonal is exactly 0 whatever p is
+        g = g.clone()
+        g.diagonal(dim1=-2, dim2=-1).zero_()
+    B, N, C = pp.shape
+    M = qq.shape[1]
+    t = torch.zeros(B, N, C, dtype=dt, device=p.device)  # sum_j g_ij log m_ijc
+    u = torch.zeros(B, M, C, dtype=dt, device=p.device)  # sum_i g_ij log m_ijc
+    rows = max(1, ref._CHUNK_ELEMENTS // max(1, M * C))
+    for b in range(B):
+        for i in range(0, N, rows):
+            logm = _log_or_zero(0.5 * (pp[b, i:i + rows, None, :] + qq[b, None, :, :]))  # [r, M, C]
+            gb = g[b, i:i + rows]
+            t[b, i:i + rows] = torch.einsum("rm,rmc->rc", gb, logm)
+            u[b] += torch.einsum("rm,rmc->mc", gb, logm)
+    gp = torch.where(pp > 0, 0.5 * (_log_or_zero(pp) * g.sum(-1, keepdim=True) - t), 0.0)
+    gq = torch.where(qq > 0, 0.5 * (_log_or_zero(qq) * g.sum(-2).unsqueeze(-1) - u), 0.0)
+    if q is None:
+        return gp + gq, None
+    return gp, gq
+
+
+def minmax_expm1_vjp(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Gradient with respect to J of sum_ij ga_ij A_ij, A = ref.minmax_expm1(J, alpha).
+
+    The row max and min pass their gradient to their positions, split evenly between ties (as
+    torch.amax / amin do); rows that are constant (span < CONSTANT_ROW_EPS, X := 1) get zero.
+    """
+    hi = j.amax(-1, keepdim=True)
+    lo = j.amin(-1, keepdim=True)
+    span = hi - lo
+    flat = span < ref.CONSTANT_ROW_EPS
+    inv = torch.where(flat, torch.zeros_like(span), 1.0 / torch.where(flat, torch.ones_like(span), span))
+    x = torch.where(flat, torch.ones_like(j), (hi - j) * inv)
+    # dA/dX = alpha exp(alpha X) / expm1(alpha) = alpha exp(alpha (X - 1)) / (1 - exp(-alpha)), no overflow
+    gx = ga * (alpha / -math.expm1(-alpha)) * torch.exp(alpha * (x - 1.0))
+    gx = torch.where(flat, torch.zeros_like(gx), gx)
+    # X_ij = (hi - J_ij) / (hi - lo): dX/dJ_ij = -1/span, dX/dhi = (1 - X)/span, dX/dlo = X/span
+    to_hi = (gx * (1.0 - x)).sum(-1, keepdim=True) * inv
+    to_lo = (gx * x).sum(-1, keepdim=True) * inv
+    at_hi = (j == hi).to(j.dtype)
+    at_lo = (j == lo).to(j.dtype)
+    return (-gx * inv + at_hi * (to_hi / at_hi.sum(-1, keepdim=True))
+            + at_lo * (to_lo / at_lo.sum(-1, keepdim=True)))
+
+
+def pairwise_jsd_backward(grad, p, q):
+    return jsd_vjp(p, q, grad)
+
+
+def cdam_map_backward(grad, p, alpha):
+    j = ref.pairwise_jsd(p.to(compute_dtype(p, grad)))
+    return jsd_vjp(p, None, minmax_expm1_vjp(j, grad.to(j.dtype), alpha))[0]
+
+
+def _product_vjp(a: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
+    """out = a @ v: (grad of a, grad of v)."""
+    g = grad.to(a.dtype)
+    return g @ v.to(a.dtype).transpose(-1, -2), a.transpose(-1, -2) @ g
+
+
+def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None):
+    """(mode and memory_budget do not apply: the reference holds the N x N maps, as its forward does.)"""
+    j = ref.pairwise_jsd(p.to(compute_dtype(p, v, grad)))
+    ga, gv = _product_vjp(ref.minmax_expm1(j, alpha), v, grad)
+    return jsd_vjp(p, None, minmax_expm1_vjp(j, ga, alpha))[0], gv
+
+
+def jsd_attention_backward(grad, p, v, q, tau, out=None):
+    """FlashAttention's backward with the divergence as the score: w = softmax(-J / tau),
+    dS_ij = w_ij (g_i . v_j - sum_k w_ik g_i . v_k), dJ = -dS / tau (the forward output `out`
+    is not needed: the full rows of w are at hand)."""
+    dt = compute_dtype(p, q, v, grad)
+    j = ref.pairwise_jsd(p.to(dt), None if q is None else q.to(dt))
+    w = torch.softmax(-j / tau, dim=-1)
+    gw, gv = _product_vjp(w, v, grad)
+    ds = w * (gw - (w * gw).sum(-1, keepdim=True))
+    gp, gq = jsd_vjp(p, q, ds / -tau)
+    return gp, gv, gq
+
+
+def _resize_vjp(g: torch.Tensor, in_hw: tuple[int, int]) -> torch.Tensor:
+    """Adjoint of F.interpolate(x, size=g.shape[-2:], mode="bilinear", align_corners=False)."""
+    n, c, h, w = g.shape
+    return torch.ops.aten.upsample_bilinear2d_backward(g.contiguous(), [h, w], [n, c, *in_hw], False, None, None)
+
+
+def _multiscale_map_vjp(sim: torch.Tensor, ga: torch.Tensor, scales, tau: float, alpha: float) -> torch.Tensor:
+    """Gradient wrt sim of sum ga * multiscale_cdam_map(sim). Per scale, in reverse: min-max /
+    expm1 and the divergence by the formulas above, then the adjoints of the pair upsampling
+    (separable bilinear, transposed), of softmax(. / tau) over classes and of the grid resize."""
+    B, C, h, w = sim.shape
+    n_full = h * w
+    gsim = torch.zeros(sim.shape, dtype=ga.dtype, device=sim.device)
+    ga = ga / len(scales)
+    x = sim.to(ga.dtype)
+    for s in scales:
+        hs, ws = scale_grid(h, w, s)
+        ps = class_distributions(x, hs, ws, tau)  # [B, n, C]
+        js = ref.pairwise_jsd(ps)
+        if (hs, ws) == (h, w):
+            gjs = minmax_expm1_vjp(js, ga, alpha)
+        else:
+            n = hs * ws
+            gju = minmax_expm1_vjp(ref._upsample_pairs(js, hs, ws, h, w), ga, alpha)  # [B, N(query), N(key)]
+            # forward: keys = up(js rows) [B, n, N]; both = up(keys^T rows) [B, N(key), N(query)]; out = both^T
+            g_both = gju.transpose(1, 2).reshape(B * n_full, 1, h, w)
+            g_keys = _resize_vjp(g_both, (hs, ws)).reshape(B, n_full, n).transpose(1, 2)  # [B, n, N]
+            gjs = _resize_vjp(g_keys.reshape(B * n, 1, h, w), (hs, ws)).reshape(B, n, n)
+        gps = jsd_vjp(ps, None, gjs)[0]
+        # softmax over classes of the resized grid / tau
+        gz = ps * (gps - (ps * gps).sum(-1, keepdim=True)) / tau  # [B, n, C]
+        gz = gz.transpose(1, 2).reshape(B, C, hs, ws)
+        gsim += gz if (hs, ws) == (h, w) else _resize_vjp(gz, (h, w))
+    return gsim
+
+
+def multiscale_cdam_map_backward(grad, sim, scales, tau, alpha):
+    return _multiscale_map_vjp(sim, grad.to(compute_dtype(sim, grad)), scales, tau, alpha)
+
+
+def multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha):
+    dt = compute_dtype(sim, v, grad)
+    a = ref.multiscale_cdam_map(sim.to(dt), scales, tau, alpha)
+    ga, gv = _product_vjp(a, v, grad)
+    return _multiscale_map_vjp(sim, ga, scales, tau, alpha), gv

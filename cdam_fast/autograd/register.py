@@ -1,0 +1,109 @@
+"""register_autograd(): attach the backward ops (ops.py) to the forward custom ops.
+
+setup_context saves the differentiable inputs (and, for jsd_attention, the output, whose row
+dot products with the incoming gradient the fused backward needs); nothing of size N x N is
+saved. Gradients for non-tensor arguments (alpha, tau, scales, mode, backend, ...) are None.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops as bwd  # noqa: F401  (defines the cdam_fast::*_backward ops)
+
+_ops = torch.ops.cdam_fast
+
+
+def _first(t):
+    return None if t is None or t.numel() == 0 else t
+
+
+# pairwise_jsd(p, q, backend, validate)
+def _setup_pairwise(ctx, inputs, output):
+    p, q, backend, _ = inputs
+    ctx.save_for_backward(p, q)
+    ctx.backend = backend
+
+
+def _bwd_pairwise(ctx, grad):
+    p, q = ctx.saved_tensors
+    gp, gq = _ops.pairwise_jsd_backward(grad, p, q, ctx.backend)
+    return gp, (None if q is None else gq), None, None
+
+
+# cdam_map(p, alpha, backend, validate)
+def _setup_map(ctx, inputs, output):
+    p, alpha, backend, _ = inputs
+    ctx.save_for_backward(p)
+    ctx.alpha, ctx.backend = alpha, backend
+
+
+def _bwd_map(ctx, grad):
+    (p,) = ctx.saved_tensors
+    return _ops.cdam_map_backward(grad, p, ctx.alpha, ctx.backend), None, None, None
+
+
+# cdam_attention(p, v, alpha, mode, memory_budget, backend, validate)
+def _setup_attention(ctx, inputs, output):
+    p, v, alpha, mode, budget, backend, _ = inputs
+    ctx.save_for_backward(p, v)
+    ctx.args = (alpha, mode, budget, backend)
+
+
+def _bwd_attention(ctx, grad):
+    p, v = ctx.saved_tensors
+    gp, gv = _ops.cdam_attention_backward(grad, p, v, *ctx.args)
+    return gp, gv, None, None, None, None, None
+
+
+# multiscale_cdam_map(sim, scales, tau, alpha, backend, validate)
+def _setup_ms_map(ctx, inputs, output):
+    sim, scales, tau, alpha, backend, _ = inputs
+    ctx.save_for_backward(sim)
+    ctx.args = (list(scales), tau, alpha, backend)
+
+
+def _bwd_ms_map(ctx, grad):
+    (sim,) = ctx.saved_tensors
+    return _ops.multiscale_cdam_map_backward(grad, sim, *ctx.args), None, None, None, None, None
+
+
+# multiscale_cdam_attention(sim, v, scales, tau, alpha, mode, memory_budget, backend, validate)
+def _setup_ms_attention(ctx, inputs, output):
+    sim, v, scales, tau, alpha, _mode, _budget, backend, _ = inputs
+    ctx.save_for_backward(sim, v)
+    ctx.args = (list(scales), tau, alpha, backend)
+
+
+def _bwd_ms_attention(ctx, grad):
+    sim, v = ctx.saved_tensors
+    gs, gv = _ops.multiscale_cdam_attention_backward(grad, sim, v, *ctx.args)
+    return gs, gv, None, None, None, None, None, None, None
+
+
+# jsd_attention(p, v, tau, q, backend, validate)
+def _setup_jsd_attention(ctx, inputs, output):
+    p, v, tau, q, backend, _ = inputs
+    ctx.save_for_backward(p, v, q, output)
+    ctx.tau, ctx.backend = tau, backend
+
+
+def _bwd_jsd_attention(ctx, grad):
+    p, v, q, out = ctx.saved_tensors
+    gp, gv, gq = _ops.jsd_attention_backward(grad, p, v, q, out, ctx.tau, ctx.backend)
+    return gp, gv, None, (None if q is None else gq), None, None
+
+
+_FORMULAS = {
+    "pairwise_jsd": (_bwd_pairwise, _setup_pairwise),
+    "cdam_map": (_bwd_map, _setup_map),
+    "cdam_attention": (_bwd_attention, _setup_attention),
+    "multiscale_cdam_map": (_bwd_ms_map, _setup_ms_map),
+    "multiscale_cdam_attention": (_bwd_ms_attention, _setup_ms_attention),
+    "jsd_attention": (_bwd_jsd_attention, _setup_jsd_attention),
+}
+
+
+def register_autograd() -> None:
+    """Register the backward of every cdam_fast op (idempotent: torch replaces the formula)."""
+    for op, (backward, setup) in _FORMULAS.items():
+        torch.library.register_autograd(f"cdam_fast::{op}", backward, setup_context=setup)

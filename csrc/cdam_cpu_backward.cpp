@@ -1,0 +1,257 @@
+// CPU backward passes of pairwise_jsd and jsd_attention (docs/autograd.md, sections 1 and 4):
+// SIMD over keys (at::vec::Vectorized), at::parallel_for over rows, BLAS GEMMs for the products
+// with g and v, thread-local key-side accumulators. Never builds [N, M, C]; jsd_attention keeps
+// bounded [rows, M] chunks of the weights and score gradients (O(N (C + D)) plus 16 MiB).
+//
+// Inputs arrive from cdam_fast/autograd/cpu_backward.py float32 and prepared: rows p [B, N, C],
+// their log terms lp = log2 p + 1 [B, N, C] and r = sum_c p (log2 p + 1) [B, N]; keys class-major
+// and zero-padded to a multiple of the vector width, kT / lkT [B, C, Mp], rk [B, Mp].
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cdam_common.h"
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <sleef.h>  // shipped with torch; libtorch_cpu exports the SLEEF entry points
+#endif
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+// Largest [rows, Mp] float chunk of weights and of g v^T per step: 8 MiB each.
+constexpr int64_t kChunkFloats = int64_t(1) << 21;
+
+// log2 of max(s, kTinyMass): SLEEF's 3.5-ulp AVX2 log2 where available (about twice the speed
+// of the 1-ulp one behind Vec::log2, and far below what the fp32 sums resolve), else Vec::log2.
+inline Vec log2v(const Vec& s) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Vec(Sleef_log2f8_u35avx2(at::vec::maximum(s, Vec(cdam::kTinyMass))));
+#else
+  return at::vec::maximum(s, Vec(cdam::kTinyMass)).log2();
+#endif
+}
+float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
+
+// For rows [i0, i1) of batch element b with score gradients G (row i at G + (i - i0) * Mp, zero
+// on padded keys): T[i, c] = sum_j G_ij (lp_ic - log2 s_ijc) and, if U is given,
+// U[c, j] += sum_i G_ij (lk_cj - log2 s_ijc), through per-thread buffers summed at the end.
+void class_terms(const float* p, const float* lp, const float* kT, const float* lkT, const float* G, int64_t i0,
+                 int64_t i1, int64_t C, int64_t Mp, float* T, float* U) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> u_local(U ? threads * C * Mp : 0, 0.f);
+  at::parallel_for(i0, i1, 1, [&](int64_t begin, int64_t end) {
+    float* ut = U ? u_local.data() + at::get_thread_num() * C * Mp : nullptr;
+    std::vector<Vec> tacc(C);
+    for (int64_t i = begin; i < end; ++i) {
+      const float* prow = p + i * C;
+      const float* lprow = lp + i * C;
+      const float* grow = G + (i - i0) * Mp;
+      std::fill(tacc.begin(), tacc.end(), Vec(0.f));
+      for (int64_t j = 0; j < Mp; j += kLanes) {
+        const Vec g = Vec::loadu(grow + j);
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec lg = log2v(Vec(prow[c]) + Vec::loadu(kT + c * Mp + j));
+          tacc[c] = at::vec::fmadd(g, Vec(lprow[c]) - lg, tacc[c]);
+          if (ut) {
+            Vec u = Vec::loadu(ut + c * Mp + j);
+            at::vec::fmadd(g, Vec::loadu(lkT + c * Mp + j) - lg, u).store(ut + c * Mp + j);
+          }
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) T[i * C + c] = sum_lanes(tacc[c]);
+    }
+  });
+  if (U) {
+    at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t t = 0; t < threads; ++t)
+        for (int64_t k = begin; k < end; ++k) U[k] += u_local[t * C * Mp + k];
+    });
+  }
+}
+
+// pairwise_jsd: given G [B, N, Mp] (zero-padded), T [B, N, C] and, if keys_too, U [B, C, Mp].
+std::vector<at::Tensor> jsd_class_grads(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& kT,
+                                        const at::Tensor& lkT, const at::Tensor& G, bool keys_too) {
+  const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2);
+  at::Tensor T = at::zeros({B, N, C}, p.options());
+  at::Tensor U = keys_too ? at::zeros({B, C, Mp}, p.options()) : at::Tensor();
+  for (int64_t b = 0; b < B; ++b)
+    class_terms(p.data_ptr<float>() + b * N * C, lp.data_ptr<float>() + b * N * C,
+                kT.data_ptr<float>() + b * C * Mp, lkT.data_ptr<float>() + b * C * Mp,
+                G.data_ptr<float>() + b * N * Mp, 0, N, C, Mp, T.data_ptr<float>() + b * N * C,
+                keys_too ? U.data_ptr<float>() + b * C * Mp : nullptr);
+  return {T, keys_too ? U : at::zeros({0}, p.options())};
+}
+
+// Row transforms of the attention backward. kind 0 (jsd_attention): w = softmax_j(-J_ij / tau),
+// G = -w (g.v - Delta) / tau. kind 1 (cdam_attention): w = A = expm1(alpha X) / expm1(alpha),
+// X = (hi - J) / (hi - lo) (1 on constant rows), and G from docs/autograd.md section 2 (ties at
+// the row max / min share its gradient evenly; constant rows get none).
+void forward_row(int kind, double param, const float* jr, float* wr, int64_t M) {
+  if (kind == 0) {
+    const float inv_tau = float(1.0 / param);
+    float lo = std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < M; ++j) lo = std::min(lo, jr[j]);
+    float sum = 0.f;
+    for (int64_t j = 0; j < M; ++j) sum += (wr[j] = std::exp((lo - jr[j]) * inv_tau));
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < M; ++j) wr[j] *= inv;
+    return;
+  }
+  float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < M; ++j) {
+    hi = std::max(hi, jr[j]);
+    lo = std::min(lo, jr[j]);
+  }
+  const float span = hi - lo;
+  const bool flat = span < cdam::kConstantRowEps;
+  const double alpha = param, denom = std::expm1(-alpha);
+  for (int64_t j = 0; j < M; ++j) {
+    const double x = flat ? 1.0 : double(hi - jr[j]) / span;
+    wr[j] = float(std::exp(alpha * (x - 1.0)) * std::expm1(-alpha * x) / denom);
+  }
+}
+
+void gradient_row(int kind, double param, const float* jr, float* wr, const float* gr, int64_t M) {
+  double delta = 0.0;
+  if (kind == 0) {
+    const float inv_tau = float(1.0 / param);
+    for (int64_t j = 0; j < M; ++j) delta += double(wr[j]) * gr[j];
+    for (int64_t j = 0; j < M; ++j) wr[j] = -wr[j] * (gr[j] - float(delta)) * inv_tau;
+    return;
+  }
+  float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < M; ++j) {
+    hi = std::max(hi, jr[j]);
+    lo = std::min(lo, jr[j]);
+  }
+  const float span = hi - lo;
+  if (span < cdam::kConstantRowEps) {
+    std::fill(wr, wr + M, 0.f);
+    return;
+  }
+  const double alpha = param, scale = alpha / -std::expm1(-alpha), inv = 1.0 / span;
+  double to_hi = 0.0, to_lo = 0.0;
+  int64_t n_hi = 0, n_lo = 0;
+  for (int64_t j = 0; j < M; ++j) {  // wr becomes gX = (g.v) dA/dX
+    const double x = double(hi - jr[j]) * inv;
+    const double gx = double(gr[j]) * scale * std::exp(alpha * (x - 1.0));
+    to_hi += gx * (1.0 - x);
+    to_lo += gx * x;
+    n_hi += jr[j] == hi;
+    n_lo += jr[j] == lo;
+    wr[j] = float(gx);
+  }
+  const double add_hi = to_hi * inv / double(n_hi), add_lo = to_lo * inv / double(n_lo);
+  for (int64_t j = 0; j < M; ++j)
+    wr[j] = float(-double(wr[j]) * inv + (jr[j] == hi ? add_hi : 0.0) + (jr[j] == lo ? add_lo : 0.0));
+}
+
+// The attention backward (kind as above, param = tau or alpha) in bounded row chunks; returns
+// T [B, N, C], U [B, C, Mp], gv [B, M, D] (float32). Each row's C x Mp logarithms are taken once
+// into a per-thread buffer (C Mp floats, cache-resident at paper sizes) that serves both its J
+// row and, once the row's score gradient is known, its class sums: one log per (i, j, c).
+std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& rp,
+                                           const at::Tensor& kT, const at::Tensor& lkT, const at::Tensor& rk,
+                                           const at::Tensor& v, const at::Tensor& g, int64_t kind, double param,
+                                           bool self) {
+  const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2), M = v.size(1);
+  at::Tensor T = at::zeros({B, N, C}, p.options());
+  at::Tensor U = at::zeros({B, C, Mp}, p.options());
+  at::Tensor gv = at::zeros({B, M, v.size(2)}, p.options());
+  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, kChunkFloats / Mp));
+  at::Tensor W = at::zeros({R, Mp}, p.options()), GV = at::empty({R, M}, p.options());
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> u_local(threads * C * Mp);
+  float* w = W.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* pb = p.data_ptr<float>() + b * N * C;
+    const float* lpb = lp.data_ptr<float>() + b * N * C;
+    const float* kb = kT.data_ptr<float>() + b * C * Mp;
+    const float* lkb = lkT.data_ptr<float>() + b * C * Mp;
+    const float* rkb = rk.data_ptr<float>() + b * Mp;
+    float* Tb = T.data_ptr<float>() + b * N * C;
+    std::fill(u_local.begin(), u_local.end(), 0.f);
+    for (int64_t i0 = 0; i0 < N; i0 += R) {
+      const int64_t nr = std::min(R, N - i0);
+      const at::Tensor g_rows = g[b].narrow(0, i0, nr);
+      at::Tensor gvr = GV.narrow(0, 0, nr);
+      at::mm_out(gvr, g_rows, v[b].t());  // g_i . v_j
+      at::parallel_for(0, nr, 1, [&](int64_t begin, int64_t end) {
+        float* ut = u_local.data() + at::get_thread_num() * C * Mp;
+        std::vector<float> logs(C * Mp), jrow(Mp), grow(Mp);
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i = i0 + r;
+          const float* prow = pb + i * C;
+          // class-major sweep: every stream (keys, logs, the row's sums) is read or written in order
+          std::fill(jrow.begin(), jrow.end(), 0.f);
+          for (int64_t c = 0; c < C; ++c) {
+            const Vec pc(prow[c]);
+            const float* kc = kb + c * Mp;
+            float* lc = logs.data() + c * Mp;
+            for (int64_t j = 0; j < Mp; j += kLanes) {
+              const Vec s = pc + Vec::loadu(kc + j);
+              const Vec lg = log2v(s);
+              lg.store(lc + j);
+              at::vec::fmadd(s, lg, Vec::loadu(jrow.data() + j)).store(jrow.data() + j);
+            }
+          }
+          const Vec ri(rp.data_ptr<float>()[b * N + i]);
+          for (int64_t j = 0; j < Mp; j += kLanes) {
+            const Vec jv = (ri + Vec::loadu(rkb + j) - Vec::loadu(jrow.data() + j)) * Vec(cdam::kHalfLn2);
+            at::vec::maximum(jv, Vec(0.f)).store(jrow.data() + j);
+          }
+          if (self) jrow[i] = 0.f;
+          float* wr = w + r * Mp;
+          forward_row(int(kind), param, jrow.data(), wr, M);
+          std::copy(wr, wr + M, grow.begin());
+          gradient_row(int(kind), param, jrow.data(), grow.data(), GV.data_ptr<float>() + r * M, M);
+          std::fill(grow.begin() + M, grow.end(), 0.f);  // padded keys: no gradient
+          const float* lprow = lpb + i * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const float* lc = logs.data() + c * Mp;
+            const float* lkc = lkb + c * Mp;
+            float* uc = ut + c * Mp;
+            Vec tacc(0.f);
+            const Vec lpc(lprow[c]);
+            for (int64_t j = 0; j < Mp; j += kLanes) {
+              const Vec gj = Vec::loadu(grow.data() + j), lg = Vec::loadu(lc + j);
+              tacc = at::vec::fmadd(gj, lpc - lg, tacc);
+              at::vec::fmadd(gj, Vec::loadu(lkc + j) - lg, Vec::loadu(uc + j)).store(uc + j);
+            }
+            Tb[i * C + c] = sum_lanes(tacc);
+          }
+        }
+      });
+      gv[b].addmm_(W.narrow(0, 0, nr).narrow(1, 0, M).t(), g_rows);
+    }
+    float* Ub = U.data_ptr<float>() + b * C * Mp;
+    at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t t = 0; t < threads; ++t)
+        for (int64_t k = begin; k < end; ++k) Ub[k] += u_local[t * C * Mp + k];
+    });
+  }
+  return {T, U, gv};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cdam_fast CPU backward kernels (see cdam_fast/autograd/cpu_backward.py)";
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("jsd_class_grads", &jsd_class_grads, "per-class gradient sums of sum_ij G_ij J_ij", py::arg("p"),
+        py::arg("lp"), py::arg("kT"), py::arg("lkT"), py::arg("G"), py::arg("keys_too"), nogil);
+  m.def("attention_backward", &attention_backward,
+        "backward of softmax(-J / tau) @ v (kind 0) or cdam_map(p, alpha) @ v (kind 1)", py::arg("p"), py::arg("lp"),
+        py::arg("rp"), py::arg("kT"), py::arg("lkT"), py::arg("rk"), py::arg("v"), py::arg("g"), py::arg("kind"),
+        py::arg("param"), py::arg("self"), nogil);
+}

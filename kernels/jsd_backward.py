@@ -1,0 +1,274 @@
+"""Fused backward passes of pairwise_jsd and jsd_attention (docs/autograd.md, sections 1 and 4).
+
+The divergence's gradient needs, per (row, class), sum_j G_ij log(p_ic / m_ijc): the same
+N M C logarithms as the forward. With s = p_i + q_j and lp_ic = log2 p_ic + 1,
+log(p_ic / m_ijc) = ln 2 (lp_ic - log2 s_ijc), so a tile adds G_ij (lp_ic - log2 s_ijc) per class
+to a class-major accumulator T [C, n] of the side being differentiated (query side: sum over the
+tile's keys; key side: sum over its queries). Each program owns its rows of T, so the
+read-modify-write needs no atomics and the result is deterministic. Nothing of size N x M
+(attention) or N x M x C is stored: the attention backward recomputes J tiles from the row
+log-sum-exp, FlashAttention-2 style, in O(N (C + D)) extra memory.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, TINY, blocks, fast_log, jsd_tile, log2
+from .jsd import class_major, row_terms
+
+NUM_WARPS = 4  # the divergence-only kernels (pairwise gradient, LSE)
+# (BM, BN, BD) and warps of the attention gradient kernels on GPU: the largest tiles that compile
+# spill-free for sm_90 (tests/test_autograd_compile.py); the key side also holds w^T and the
+# value-gradient product, so it walks 32 queries at a time with 16-wide D chunks.
+QUERY_TILES, KEY_TILES, ATTN_WARPS = (64, 64, 32), (32, 64, 16), 8
+_HALF_LN2 = 0.34657359027997264
+
+
+@triton.jit
+def _accumulate_class_terms(aT, bT, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, n_a, n_b, C, acc,
+                            QUERY_SIDE: tl.constexpr, FAST_LOG: tl.constexpr):
+    """acc[c, own rows] += sum over the other side of G * (l_own - log2 s) for every class c.
+
+    G is a [BM, BN] tile (rows offs_m of a, columns offs_n of b), zero outside the masks;
+    QUERY_SIDE accumulates over columns into a's rows (offs_m), else over rows into b's (offs_n).
+    """
+    for c in range(C):
+        a = tl.load(aT + c * n_a + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        b = tl.load(bT + c * n_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        lg = log2(tl.maximum(a[:, None] + b[None, :], TINY), FAST_LOG)
+        if QUERY_SIDE:
+            la = tl.load(laT + c * n_a + offs_m, mask=mask_m, other=0.0)
+            t = tl.sum(G * (la[:, None] - lg), axis=1)
+            ptr = acc + c * n_a + offs_m
+            tl.store(ptr, tl.load(ptr, mask=mask_m, other=0.0) + t, mask=mask_m)
+        else:
+            lb = tl.load(lbT + c * n_b + offs_n, mask=mask_n, other=0.0)
+            t = tl.sum(G * (lb[None, :] - lg), axis=0)
+            ptr = acc + c * n_b + offs_n
+            tl.store(ptr, tl.load(ptr, mask=mask_n, other=0.0) + t, mask=mask_n)
+
+
+@triton.jit
+def pairwise_jsd_grad_kernel(aT, bT, laT, lbT, g, stride_gm, stride_gn, acc, N, M, C,
+                             QUERY_SIDE: tl.constexpr, FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """One program per block of the differentiated side's rows; G = the incoming gradient."""
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    aT += b * C * N
+    bT += b * C * M
+    laT += b * C * N
+    lbT += b * C * M
+    acc += b * C * (N if QUERY_SIDE else M)
+    g += b * N * M
+    if QUERY_SIDE:
+        offs_m = pid * BM + tl.arange(0, BM)
+        mask_m = offs_m < N
+        for n0 in range(0, M, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            mask_n = offs_n < M
+            G = tl.load(g + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :] * stride_gn,
+                        mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            _accumulate_class_terms(aT, bT, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, True,
+                                    FAST_LOG)
+    else:
+        offs_n = pid * BN + tl.arange(0, BN)
+        mask_n = offs_n < M
+        for m0 in range(0, N, BM):
+            offs_m = m0 + tl.arange(0, BM)
+            mask_m = offs_m < N
+            G = tl.load(g + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :] * stride_gn,
+                        mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            _accumulate_class_terms(aT, bT, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False,
+                                    FAST_LOG)
+
+
+@triton.jit
+def jsd_attention_lse_kernel(pT, qT, rp, rq, lse, N, M, C, neg_log2e_over_tau, SELF: tl.constexpr,
+                             FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """lse_i = log2 sum_j 2^(-J_ij log2(e) / tau): the forward's softmax normaliser, base 2."""
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs_m = pid * BM + tl.arange(0, BM)
+    row_max = tl.full((BM,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, M, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        j = jsd_tile(pT + b * C * N, qT + b * C * M, rp + b * N, rq + b * M, offs_m, offs_n, N, M, C, SELF,
+                     FAST_LOG, BM, BN, 0)
+        logits = tl.where((offs_n < M)[None, :], j * neg_log2e_over_tau, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(logits - new_max[:, None]), axis=1)
+        row_max = new_max
+    tl.store(lse + b * N + offs_m, row_max + log2(row_sum, FAST_LOG), mask=offs_m < N)
+
+
+@triton.jit
+def _score_grad_tile(pT, qT, rp, rq, lse, delta, g, v, offs_m, offs_n, mask_m, mask_n, N, M, C, D,
+                     neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """(w, G) on a [BM, BN] tile: w = softmax weights from the saved normaliser,
+    G = dL/dJ = -w (g_i . v_j - delta_i) / tau; both zero outside the masks."""
+    j = jsd_tile(pT, qT, rp, rq, offs_m, offs_n, N, M, C, SELF, FAST_LOG, BM, BN, 0)
+    l2 = tl.load(lse + offs_m, mask=mask_m, other=0.0)
+    valid = mask_m[:, None] & mask_n[None, :]
+    w = tl.where(valid, tl.exp2(j * neg_log2e_over_tau - l2[:, None]), 0.0)
+    gv = tl.zeros((BM, BN), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        mask_d = offs_d < D
+        gt = tl.load(g + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
+                     other=0.0)
+        vt = tl.load(v + offs_n[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                     other=0.0)
+        gv = tl.dot(gt, tl.trans(vt), gv, input_precision="tf32x3")
+    dl = tl.load(delta + offs_m, mask=mask_m, other=0.0)
+    return w, w * (gv - dl[:, None]) * neg_inv_tau
+
+
+@triton.jit
+def jsd_attention_grad_query_kernel(pT, qT, rp, rq, lpT, lqT, lse, delta, g, v, acc, N, M, C, D,
+                                    neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
+                                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Query side: acc[c, i] = sum_j G_ij (lp_ic - log2 s_ijc), one program per query block."""
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pT += b * C * N
+    qT += b * C * M
+    lpT += b * C * N
+    acc += b * C * N
+    offs_m = pid * BM + tl.arange(0, BM)
+    mask_m = offs_m < N
+    for n0 in range(0, M, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask_n = offs_n < M
+        _, G = _score_grad_tile(pT, qT, rp + b * N, rq + b * M, lse + b * N, delta + b * N, g + b * N * D,
+                                v + b * M * D, offs_m, offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau,
+                                neg_inv_tau, SELF, FAST_LOG, BM, BN, BD)
+        _accumulate_class_terms(pT, qT, lpT, lqT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, True, FAST_LOG)
+
+
+@triton.jit
+def jsd_attention_grad_key_kernel(pT, qT, rp, rq, lpT, lqT, lse, delta, g, v, acc, gv_out, N, M, C, D,
+                                  neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
+                                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Key side, one program per key block: acc[c, j] = sum_i G_ij (lq_jc - log2 s_ijc) and the
+    value gradient gv_j = sum_i w_ij g_i (fp32, read-modify-write per D chunk)."""
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pT += b * C * N
+    qT += b * C * M
+    lqT += b * C * M
+    acc += b * C * M
+    gv_out += b * M * D
+    offs_n = pid * BN + tl.arange(0, BN)
+    mask_n = offs_n < M
+    for m0 in range(0, N, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mask_m = offs_m < N
+        w, G = _score_grad_tile(pT, qT, rp + b * N, rq + b * M, lse + b * N, delta + b * N, g + b * N * D,
+                                v + b * M * D, offs_m, offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau,
+                                neg_inv_tau, SELF, FAST_LOG, BM, BN, BD)
+        wT = tl.trans(w)
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            mask_d = offs_d < D
+            gt = tl.load(g + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
+                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            ptr = gv_out + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
+            mask = mask_n[:, None] & mask_d[None, :]
+            tl.store(ptr, tl.dot(wT, gt, tl.load(ptr, mask=mask, other=0.0), input_precision="tf32x3"), mask=mask)
+        _accumulate_class_terms(pT, qT, lpT, lqT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False, FAST_LOG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side.
+
+def _log_terms(p: torch.Tensor) -> torch.Tensor:
+    """lp = log2 p + 1 class-major [B, C, N] fp32 (entries with p = 0 are discarded later)."""
+    return (torch.log2(p.float().clamp_min(1e-30)) + 1.0).transpose(1, 2).contiguous()
+
+
+def _finish(acc: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """[B, C, n] class sums -> the gradient [B, n, C]: (ln 2 / 2) acc, and 0 where p = 0."""
+    return torch.where(p > 0, _HALF_LN2 * acc.transpose(1, 2), 0.0)
+
+
+def _class_grad(p, q, g, query_side):
+    """The per-class sums of one side for an explicit G [B, N, M] (strided views allowed)."""
+    B, N, C = p.shape
+    M = q.shape[1]
+    pT, qT = class_major(p), class_major(q)
+    lpT, lqT = _log_terms(p), _log_terms(q)
+    acc = torch.zeros(B, C, N if query_side else M, device=p.device, dtype=torch.float32)
+    BM, BN = blocks(N, 64), blocks(M, 64)
+    grid = (triton.cdiv(N, BM) if query_side else triton.cdiv(M, BN), B)
+    pairwise_jsd_grad_kernel[grid](pT, qT, lpT, lqT, g, g.stride(1), g.stride(2), acc, N, M, C,
+                                   QUERY_SIDE=query_side, FAST_LOG=fast_log(), BM=BM, BN=BN, num_warps=NUM_WARPS)
+    return acc
+
+
+def pairwise_jsd_backward(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None):
+    g = grad.float()
+    if q is None:
+        # p is on both sides: one query-side pass over G + G^T (the diagonal is constant 0)
+        g = g + g.transpose(1, 2)
+        g.diagonal(dim1=-2, dim2=-1).zero_()
+        return _finish(_class_grad(p, p, g, True), p), None
+    g = g.contiguous()
+    return _finish(_class_grad(p, q, g, True), p), _finish(_class_grad(p, q, g, False), q)
+
+
+def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, tau: float,
+                           out: torch.Tensor):
+    B, N, C = p.shape
+    keys = p if q is None else q
+    M, D = v.shape[1], v.shape[2]
+    pT, rp, lpT = class_major(p), row_terms(p), _log_terms(p)
+    qT, rq, lqT = (pT, rp, lpT) if q is None else (class_major(q), row_terms(q), _log_terms(q))
+    g32, v32 = grad.float().contiguous(), v.float().contiguous()  # fp32 products (tf32x3 on GPU)
+    delta = (g32 * out.float()).sum(-1).contiguous()  # Delta_i = g_i . out_i
+    scale = -LOG2E / tau
+    flags = dict(SELF=q is None, FAST_LOG=fast_log())
+    qm, qn, qd = QUERY_TILES
+    BM, BN, BD = blocks(N, qm), blocks(M, qn), blocks(D, qd)
+    lse = torch.empty(B, N, device=p.device, dtype=torch.float32)
+    jsd_attention_lse_kernel[(triton.cdiv(N, BM), B)](pT, qT, rp, rq, lse, N, M, C, scale, **flags, BM=BM, BN=BN,
+                                                      num_warps=NUM_WARPS)
+    acc_p = torch.zeros(B, C, N, device=p.device, dtype=torch.float32)
+    acc_q = torch.zeros(B, C, M, device=p.device, dtype=torch.float32)
+    gv = torch.zeros(B, M, D, device=p.device, dtype=torch.float32)
+    args = (pT, qT, rp, rq, lpT, lqT, lse, delta, g32, v32)
+    jsd_attention_grad_query_kernel[(triton.cdiv(N, BM), B)](*args, acc_p, N, M, C, D, scale, -1.0 / tau, **flags,
+                                                             BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
+    km, kn, kd = KEY_TILES
+    BM, BN, BD = blocks(N, km), blocks(M, kn), blocks(D, kd)
+    jsd_attention_grad_key_kernel[(triton.cdiv(M, BN), B)](*args, acc_q, gv, N, M, C, D, scale, -1.0 / tau, **flags,
+                                                           BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
+    gp, gk = _finish(acc_p, p), _finish(acc_q, keys)
+    if q is None:
+        return gp + gk, gv, None
+    return gp, gv, gk
+
+
+def offline_cases() -> dict:
+    """name -> (kernel, signature, constexprs, num_warps) at the GPU tile sizes, for
+    cdam_fast.kernels.offline_compile.inspect_kernel (tests/test_autograd_compile.py)."""
+    f32, i32 = "*fp32", "i32"
+    tiles = {"FAST_LOG": True, "BM": 64, "BN": 64}
+    attn = {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "lpT": f32, "lqT": f32, "lse": f32, "delta": f32,
+            "g": f32, "v": f32, "acc": f32}
+    sizes = {"N": i32, "M": i32, "C": i32, "D": i32, "neg_log2e_over_tau": "fp32", "neg_inv_tau": "fp32"}
+    cases = {}
+    for side in (True, False):
+        cases[f"pairwise_jsd_grad[{'query' if side else 'key'}]"] = (
+            pairwise_jsd_grad_kernel,
+            {"aT": f32, "bT": f32, "laT": f32, "lbT": f32, "g": f32, "stride_gm": i32, "stride_gn": i32, "acc": f32,
+             "N": i32, "M": i32, "C": i32}, {"QUERY_SIDE": side, **tiles}, NUM_WARPS)
+    for self_ in (True, False):
+        tag = "self" if self_ else "q"
+        cases[f"jsd_attention_lse[{tag}]"] = (
+            jsd_attention_lse_kernel,
+            {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "lse": f32, "N": i32, "M": i32, "C": i32,
+             "neg_log2e_over_tau": "fp32"}, {"SELF": self_, **tiles}, NUM_WARPS)
+        for name, kernel, sig, t in (("query", jsd_attention_grad_query_kernel, {**attn, **sizes}, QUERY_TILES),
+                                     ("key", jsd_attention_grad_key_kernel, {**attn, "gv_out": f32, **sizes},
+                                      KEY_TILES)):
+            cases[f"jsd_attention_grad_{name}[{tag}]"] = (
+                kernel, sig, {"SELF": self_, "FAST_LOG": True, **dict(zip(("BM", "BN", "BD"), t))}, ATTN_WARPS)
+    return cases
