@@ -12,7 +12,7 @@ import torch
 
 from ..kernels import common
 from ..kernels.cdam import ScaleSet, cdam_apply
-from ..kernels.jsd import class_major, row_terms
+from ..kernels.jsd import operands
 from ..kernels.jsd import pairwise_jsd
 from ..kernels.jsd_attention import jsd_attention  # noqa: F401  (this backend's op, as is)
 from .shared import dtype_reason, materialized_bytes, multiscale_inputs, use_materialize
@@ -33,7 +33,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 def _full_scale(p: torch.Tensor, materialize: bool):
     if materialize:
         return ("materialized", pairwise_jsd(p, None))
-    return ("recompute", class_major(p), row_terms(p))
+    pT, _, rp, _, w = operands(p, None)
+    return ("recompute", pT, rp, w)
 
 
 def cdam_map(p, alpha):
