@@ -240,14 +240,14 @@ def test_triton_production_tiles(monkeypatch, gen, vdtype):
     monkeypatch.setenv("CDAM_FAST_INTERPRET_BLOCK", "production")
     n, c, d = 70, 5, 260  # 2 row tiles of 64, 3 key tiles of 32, 2 BD = 256 tiles at D = 260 (16-bit)
     p, v = random_distributions(gen, n, c), random_values(gen, n, d, dtype=vdtype)
-    assert_divergences(cf.pairwise_jsd(p, backend="triton"), ref.pairwise_jsd(p[None].double())[0])
+    assert_divergences("triton", cf.pairwise_jsd(p, backend="triton"), ref.pairwise_jsd(p[None].double())[0])
     a = ref.cdam_map(p[None].double())[0]
-    assert_map(cf.cdam_map(p, backend="triton"), a)
-    assert_attention(cf.cdam_attention(p, v, mode="recompute", backend="triton"), *weighted_sums(a, v), vdtype)
+    assert_map("triton", cf.cdam_map(p, backend="triton"), a)
+    assert_attention("triton", cf.cdam_attention(p, v, mode="recompute", backend="triton"), *weighted_sums(a, v), vdtype)
     w = torch.softmax(-ref.pairwise_jsd(p[None].double())[0] / 0.1, -1)
-    assert_attention(cf.jsd_attention(p, v, backend="triton"), *weighted_sums(w, v), vdtype)
+    assert_attention("triton", cf.jsd_attention(p, v, backend="triton"), *weighted_sums(w, v), vdtype)
     sim = random_similarities(gen, c, 9, 8)
     vs = random_values(gen, 72, d, dtype=vdtype)
     m = ref.multiscale_cdam_map(sim[None].double())[0]
-    assert_attention(cf.multiscale_cdam_attention(sim, vs, mode="recompute", backend="triton"),
+    assert_attention("triton", cf.multiscale_cdam_attention(sim, vs, mode="recompute", backend="triton"),
                      *weighted_sums(m, vs), vdtype)
