@@ -6,7 +6,8 @@ The kernels take w_c = 1 / (2 u_c) with u the mean class distribution of the bat
 (`class_reference`): then s w is close to 1 for the flat distributions of CLIP, every term of
 the sum is small and float32 accumulation keeps J accurate, where the entropy form (w = 1)
 subtracts numbers near log2 C'. One multiply more per (i, j, c), still one logarithm.
-The C++ / CUDA backends compute the same terms in csrc/cdam_centring.h.
+The CUDA bindings compute the same terms in csrc/cdam_centring.h, the CPU extension in fused
+loops (csrc/cdam_cpu.cpp).
 """
 from __future__ import annotations
 

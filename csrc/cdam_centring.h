@@ -1,5 +1,6 @@
-// Host-side terms of the centred divergence (cdam_common.h), for the CPU and CUDA bindings:
-// the same formulas as cdam_fast/centring.py, evaluated with ATen ops on the tensors' device.
+// Host-side terms of the centred divergence (cdam_common.h) for the CUDA bindings: the same
+// formulas as cdam_fast/centring.py, evaluated with ATen ops on the tensors' device. (The CPU
+// extension computes them in fused loops, cdam_cpu.cpp: centring_weights / centred_row_terms.)
 #pragma once
 
 #include <torch/extension.h>
