@@ -31,7 +31,10 @@ def class_distributions(sim: torch.Tensor, hs: int, ws: int, tau: float) -> torc
     x = sim if sim.dtype == torch.float64 else sim.float()
     if (hs, ws) != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=(hs, ws), mode="bilinear", align_corners=False, antialias=False)
-    return torch.softmax(x.flatten(-2).transpose(-1, -2) / tau, dim=-1).contiguous()
+    logits = x.flatten(-2).transpose(-1, -2)
+    # softmax((S - max S) / tau), not softmax(S / tau): the same distribution, but S / tau can
+    # overflow to inf (inf - inf = NaN in softmax) for small tau, (S - max) / tau <= 0 cannot.
+    return torch.softmax((logits - logits.amax(-1, keepdim=True)) / tau, dim=-1).contiguous()
 
 
 def bilinear_taps_1d(out_size: int, in_size: int, device=None):

@@ -140,8 +140,6 @@ class OpSpec:
                 validation.check_distribution(k, call.tensors[k])
         for k in self.finite:
             validation.check_finite(k, call.tensors[k])
-        if self.multiscale:
-            validation.check_scaled_similarities(call.tensors["sim"], call.options["tau"])
 
     def new_output(self, call: Call, fill_zero: bool = False) -> torch.Tensor:
         """A contiguous output of the right shape, dtype and device (the fake, and empty calls)."""

@@ -1,7 +1,7 @@
 """The pure-torch reference for every op: the definition the fast backends are tested against.
 
-Written for clarity and the spec's literal formulas (entropy of the mixture minus the mean
-entropy, F.interpolate for the grids), not for speed. It never builds an [N, N, C] tensor:
+Written for clarity and the spec's formulas (the divergence in a centred KL form that is
+algebraically the spec's entropy form, F.interpolate for the grids), not for speed. It never builds an [N, N, C] tensor:
 the pairwise divergence is evaluated in row chunks whose size is bounded. Inputs are
 batch-flattened: p [B, N, C], v [B, N, D], sim [B, C, h, w]. It computes in float64 for
 float64 input and in float32 otherwise.
@@ -13,10 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .centring import class_reference
+from .constants import CONSTANT_ROW_EPS
 from .grids import class_distributions, scale_grid
 
-# A row whose divergences span less than this (in nats) is numerically constant (spec 2.6).
-CONSTANT_ROW_EPS = 1e-6
 # Largest [rows, M, C] block the chunked divergence materialises at once.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -25,46 +25,62 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    return -torch.xlogy(p, p).sum(-1)  # xlogy gives 0 log 0 = 0
-
-
 def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
     """J[b, i, j] = H((p_i + q_j) / 2) - (H(p_i) + H(q_j)) / 2 in nats, clamped at 0.
 
     With q None the divergence is of p against itself and the diagonal is exactly 0.
+    Evaluated in the centred form J = (KL(p_i || u) + KL(q_j || u)) / 2 - KL(m || u),
+    m = (p_i + q_j) / 2, with u = class_reference(p, q) shared by the batch element: the same
+    value as the entropy form, but for the flat distributions of CLIP (where H is close to
+    ln C and J ~ 1e-3) it sums small terms instead of cancelling numbers near ln C, so float32
+    keeps ~100x more of J. The per-row KL terms are computed once in float64.
     """
     dt = _compute_dtype(p)
     pp = p.to(dt)
     qq = pp if q is None else q.to(dt)
     B, N, C = pp.shape
     M = qq.shape[1]
-    hp, hq = _entropy(pp), _entropy(qq)
+    u = class_reference(pp, None if q is None else qq)
+    kp = _kl_to(pp, u).to(dt)
+    kq = kp if q is None else _kl_to(qq, u).to(dt)
+    inv_u = (1.0 / u).to(dt)
     out = torch.empty(B, N, M, dtype=dt, device=p.device)
     rows = max(1, _CHUNK_ELEMENTS // max(1, M * C))
     for b in range(B):
         for i in range(0, N, rows):
             m = 0.5 * (pp[b, i:i + rows, None, :] + qq[b, None, :, :])
-            out[b, i:i + rows] = _entropy(m) - 0.5 * (hp[b, i:i + rows, None] + hq[b, None, :])
+            out[b, i:i + rows] = 0.5 * (kp[b, i:i + rows, None] + kq[b, None, :]) - torch.xlogy(m, m * inv_u[b]).sum(-1)
     out.clamp_(min=0.0)
     if q is None:
         out.diagonal(dim1=-2, dim2=-1).zero_()
     return out
 
 
+def _kl_to(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """KL(p_i || u) in nats, float64, per row (0 log 0 = 0)."""
+    pd = p.double()
+    return torch.xlogy(pd, pd / u[:, None, :]).sum(-1)
+
+
 def minmax_expm1(j: torch.Tensor, alpha: float) -> torch.Tensor:
     """Spec 2.5-2.6: X = row min-max of (1 - J), A = expm1(alpha X) / expm1(alpha).
 
-    Rows whose range is below CONSTANT_ROW_EPS get X = 1 (so A = 1) instead of 0/0. Evaluated as
-    exp(alpha (X - 1)) * expm1(-alpha X) / expm1(-alpha), the same value with no factor above 1
-    (float32 would overflow exp(alpha X) for alpha > 88) and expm1 keeping small alpha accurate.
+    Rows whose range is below CONSTANT_ROW_EPS get X = 1 (so A = 1) instead of 0/0. Evaluated
+    as exp(-alpha t) * expm1(-alpha X) / expm1(-alpha) with X = (hi - J) / span and
+    t = 1 - X = (J - lo) / span both taken directly (1 - X would round): the same value with
+    every factor <= 1 and exponents <= 0, so nothing overflows for any alpha in the float
+    range, the row minimum of J maps to exactly 1 (t = 0, X = span / span = 1), and expm1 keeps
+    small alpha and small A accurate. NaN in J gives NaN rows.
     """
+    alpha = min(float(alpha), torch.finfo(j.dtype).max)
     hi = j.amax(-1, keepdim=True)
     lo = j.amin(-1, keepdim=True)
     span = hi - lo
-    flat = span < CONSTANT_ROW_EPS
-    x = torch.where(flat, torch.ones_like(j), (hi - j) / torch.where(flat, torch.ones_like(span), span))
-    return torch.exp(alpha * (x - 1.0)) * torch.expm1(-alpha * x) / math.expm1(-alpha)
+    flat = span < CONSTANT_ROW_EPS  # False for NaN: NaN rows stay NaN
+    safe = torch.where(flat, torch.ones_like(span), span)
+    x = torch.where(flat, torch.ones_like(j), (hi - j) / safe)
+    t = torch.where(flat, torch.zeros_like(j), (j - lo) / safe)
+    return torch.exp(-alpha * t) * torch.expm1(-alpha * x) / math.expm1(-alpha)
 
 
 def cdam_map(p: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .constants import FLOAT32_MAX
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ROW_SUM_TOL = 1e-3
 # bfloat16 keeps 8 significant bits: rounding a softmax row to it moves the sum by up to ~4e-3,
@@ -18,13 +20,11 @@ ROW_SUM_TOL = 1e-3
 ROW_SUM_TOL_BF16 = 8e-3
 
 
-# The kernels take alpha, alpha * log2(e), 1 / tau and sim / tau as float32 numbers: parameters
-# are held to the range where those stay finite normal floats.
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
-_LOG2E = 1.4426950408889634
-ALPHA_MAX = FLOAT32_MAX / _LOG2E / 2  # alpha * log2(e) stays finite, with 2x headroom for rounding
-TAU_MIN = FLOAT32_TINY * 16  # tau a normal float32 and log2(e) / tau finite, with headroom
+# The kernels take alpha and tau as float32 numbers and clamp what they derive from them
+# (alpha log2 e, 1 / tau) to the float32 range, so any alpha / tau that float32 represents is
+# computed safely (constants.py); beyond that range a parameter would become inf or 0.
+ALPHA_MAX = FLOAT32_MAX
+TAU_MIN = 2.0 ** -149  # the smallest positive float32 (a subnormal)
 # memory_budget travels as a torch.library int (int64)
 INT64_MAX = 2**63 - 1
 
@@ -124,14 +124,3 @@ def check_distribution(name: str, p: torch.Tensor) -> None:
             f"rows of {name} must sum to 1 (tolerance {tol}); the worst row is off by {err:.3g}. "
             "Pass softmax probabilities, not logits or similarities"
         )
-
-
-def check_scaled_similarities(sim: torch.Tensor, tau: float) -> None:
-    """sim / tau must stay finite in the dtype the softmax runs in (float32, float64 for float64 sim)."""
-    if sim.numel() == 0:
-        return
-    top = float(sim.abs().max().item())
-    limit = float(torch.finfo(torch.float64 if sim.dtype == torch.float64 else torch.float32).max)
-    if top / tau > limit:
-        raise CdamInputError(f"sim / tau overflows {'float64' if limit > FLOAT32_MAX else 'float32'}: "
-                             f"max |sim| = {top:.4g}, tau = {tau:.4g}; use a larger tau or rescale sim")

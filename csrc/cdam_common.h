@@ -1,20 +1,50 @@
-// Constants shared by the CPU (cdam_cpu.cpp) and CUDA (cdam_cuda.cu) implementations.
+// Shared by the CPU (cdam_cpu.cpp) and CUDA (cdam_cuda_kernels.cu) implementations.
 //
-// The divergence is evaluated in its base-2 entropy form (see cdam_fast/backends/cpu_backend.py):
-//   r_i  = sum_c p_ic (log2 p_ic + 1)
-//   J_ij = (ln 2 / 2) (r_i + r'_j - sum_c s log2 s),  s = p_ic + q_jc,
-// which needs one logarithm per (i, j, c) and accumulates in fp32 whatever the input dtype.
+// The divergence is evaluated in its centred base-2 form (cdam_fast/centring.py): with
+// w_c = 1 / (2 u_c), u the batch element's mean class distribution,
+//   r_i  = sum_c p_ic log2(2 p_ic w_c)                      (per row, float64, cdam_centring.h)
+//   J_ij = (ln 2 / 2) (r_i + r'_j - sum_c s log2(s w_c)),  s = p_ic + q_jc,
+// one multiply and one logarithm per (i, j, c), accumulated in fp32 whatever the input dtype;
+// the summed terms are small for flat distributions, so fp32 keeps J accurate.
+// The numerical constants come from cdam_fast/constants.py through the generated
+// cdam_constants.h (kConstantRowEps, kTinyMass, kHalfLn2, kLog2e, kSmallAlphaLimit, kFloat32Max).
 #pragma once
+
+#include "cdam_constants.h"
+
+#include <algorithm>
+#include <cmath>
 
 namespace cdam {
 
-// log2 is taken of max(s, kTinyMass) so that s = 0 contributes 0 * finite = 0 (0 log 0 = 0);
-// 1e-30 is a normal float, so no denormal reaches the logarithm. (The AVX2 CPU log2 needs no
-// clamp: it maps 0 to -127 through the exponent bits.)
-constexpr float kTinyMass = 1e-30f;
-// ln(2) / 2: converts the base-2 sums into half a natural-log divergence.
-constexpr float kHalfLn2 = 0.34657359027997264f;
-// Rows whose divergences span less than this (nats) are numerically constant: A = 1 (spec 2.6).
-constexpr float kConstantRowEps = 1e-6f;
+// Host-side factors of the CDAM transform for one alpha (cdam_fast/constants.py: transform_factors):
+// A = (exp2(-alpha_log2e t) - exp_neg_alpha) * factor, or for small alpha
+// A = exp2(-alpha_log2e t) X g(alpha X) * factor (kernels/common.py: cdam_transform).
+struct TransformFactors {
+  float alpha = 0.f;
+  float alpha_log2e = 0.f;  // clamped to the float32 range
+  float exp_neg_alpha = 0.f;
+  float factor = 0.f;       // 1 / (1 - exp(-alpha)) with (1 - exp_neg_alpha) * factor == 1 in float; small: 1 / g(alpha)
+  bool small = false;
+};
+
+inline TransformFactors transform_factors(double alpha) {
+  TransformFactors tf;
+  tf.alpha = static_cast<float>(alpha);
+  tf.small = alpha < kSmallAlphaLimit;
+  tf.alpha_log2e = static_cast<float>(std::min(alpha * static_cast<double>(kLog2e), static_cast<double>(kFloat32Max)));
+  tf.exp_neg_alpha = static_cast<float>(std::exp(-alpha));
+  const double den = -std::expm1(-alpha);  // 1 - exp(-alpha) > 0
+  if (tf.small) {
+    tf.factor = static_cast<float>(alpha / den);
+    return tf;
+  }
+  // unit_factor: a few ulps so that the row minimum (exp(0) = 1) maps to exactly 1
+  const float x = 1.f - tf.exp_neg_alpha;
+  float f = static_cast<float>(1.0 / den);
+  for (int k = 0; k < 8 && x * f != 1.f; ++k) f = std::nextafter(f, x * f > 1.f ? 0.f : 2.f);
+  tf.factor = f;
+  return tf;
+}
 
 }  // namespace cdam

@@ -31,6 +31,8 @@ constexpr int64_t kTile = 64;
 constexpr int64_t kChunkFloats = int64_t(1) << 21;
 // Largest [N, N] weight buffer of a jsd_attention(p, p) step that covers all pairs: 32 MiB (N <= 2896).
 constexpr int64_t kSelfStepFloats = int64_t(1) << 23;
+// Classes summed into one partial sum of a divergence before it joins the total.
+constexpr int64_t kClassBlock = 64;
 // Keys per step of the online softmax in jsd_attention (a multiple of kKeyBlock).
 constexpr int64_t kSoftmaxKeys = 4096;
 
@@ -103,7 +105,8 @@ inline Vec log2_nonneg(const Vec& xv) {
 // y = n ln2 + f, |f| <= ln2 / 2, exp(f) by a degree-6 polynomial (relative minimax fit), 2^n
 // added to the exponent bits: max relative error 1.1e-7 on [-86, 0].
 inline Vec exp_nonpos(const Vec& yv) {
-  const __m256 y = _mm256_max_ps(static_cast<__m256>(yv), _mm256_set1_ps(-86.f));
+  // max(-86, y) with y second: MAXPS returns its second operand when one is NaN, so NaN stays NaN
+  const __m256 y = _mm256_max_ps(_mm256_set1_ps(-86.f), static_cast<__m256>(yv));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(1.4426950408889634f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), y);  // ln2 in two parts: n ln2_hi is exact
@@ -126,29 +129,62 @@ inline Vec exp_nonpos(const Vec& y) { return at::vec::maximum(y, Vec(-86.f)).exp
 // s log2 s with 0 log 0 = 0.
 inline Vec xlog2x(const Vec& s) { return s * log2_nonneg(s); }
 
-// Per row r_i = sum_c p_ic (log2 p_ic + 1), for rows [n] of p [n, C]; padded with zeros to pad_to.
-at::Tensor row_terms(const at::Tensor& p, int64_t pad_to) {
-  const int64_t n = p.size(-2), C = p.size(-1);
-  const int64_t rows = p.numel() / C;
-  const int64_t batch = rows / std::max<int64_t>(n, 1);
-  at::Tensor out = at::zeros({batch, pad_to}, p.options());
-  const float* src = p.data_ptr<float>();
+// The centring terms of cdam_centring.h in fused loops (the ATen version costs ~2 ms at N = 784,
+// C = 101, a sixth of a pairwise_jsd): w [B, C] = 1 / (2u), u the mean of the finite entries of
+// the rows of p (and q), in float64; the same values as cdam::centring_weights.
+at::Tensor centring_weights(const at::Tensor& p, const at::Tensor* q) {
+  const int64_t B = p.size(0), C = p.size(2);
+  at::Tensor out = at::empty({B, C}, p.options());
   float* dst = out.data_ptr<float>();
-  parallel_blocks(0, rows, 64, [&](int64_t begin, int64_t end) {
+  parallel_blocks(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<double> total(C), count(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(total.begin(), total.end(), 0.0);
+      std::fill(count.begin(), count.end(), 0.0);
+      for (const at::Tensor* t : {&p, q}) {
+        if (t == nullptr) continue;
+        const int64_t n = t->size(1);
+        const float* rows = t->data_ptr<float>() + b * n * C;
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t c = 0; c < C; ++c) {
+            const float x = rows[i * C + c];
+            if (std::isfinite(x)) {
+              total[c] += x;
+              count[c] += 1.0;
+            }
+          }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const double u = std::max(total[c] / std::max(count[c], 1.0), static_cast<double>(cdam::kTinyMass));
+        dst[b * C + c] = static_cast<float>(0.5 / u);
+      }
+    }
+  });
+  return out;
+}
+
+// Row terms r_i = sum_c p_ic log2(2 p_ic w_c) [B, pad_to] (zero-padded): each term in float32 with
+// Sleef's 1-ulp log2 (the kernel's own rounding of s w is of the same size), summed in float64.
+at::Tensor centred_row_terms(const at::Tensor& p, const at::Tensor& w, int64_t pad_to) {
+  const int64_t n = p.size(1), C = p.size(2), B = p.size(0);
+  at::Tensor out = at::zeros({B, pad_to}, p.options());
+  const float* src = p.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  parallel_blocks(0, B * n, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> terms(kLanes);
     for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / n;
       const float* x = src + row * C;
-      Vec acc(0.f);
-      int64_t c = 0;
-      for (; c + kLanes <= C; c += kLanes) {
-        Vec v = Vec::loadu(x + c);
-        acc = acc + xlog2x(v) + v;
+      const float* wb = wp + b * C;
+      double acc = 0.0;
+      for (int64_t c = 0; c < C; c += kLanes) {
+        const int64_t count = std::min(kLanes, C - c);
+        const Vec pv = Vec::loadu(x + c, count), arg = pv * Vec::loadu(wb + c, count) * Vec(2.f);
+        (pv * at::vec::maximum(arg, Vec(cdam::kTinyMass)).log2()).store(terms.data(), count);
+        for (int64_t k = 0; k < count; ++k) acc += terms[k];
       }
-      if (c < C) {
-        Vec v = Vec::loadu(x + c, C - c);  // masked lanes are 0 and add 0
-        acc = acc + xlog2x(v) + v;
-      }
-      dst[(row / n) * pad_to + row % n] =
-          sum_lanes(acc);
+      dst[b * pad_to + row % n] = static_cast<float>(acc);
     }
   });
   return out;
@@ -157,33 +193,40 @@ at::Tensor row_terms(const at::Tensor& p, int64_t pad_to) {
 // One side of a pairwise divergence laid out for the inner loop: keys in blocks of kKeyBlock,
 // class-major inside a block, so each class step reads kKeyBlock contiguous floats.
 struct Operand {
-  at::Tensor rows;    // [B, n, C]
-  at::Tensor terms;   // [B, n_pad]
-  at::Tensor blocks;  // [B, n_pad / kKeyBlock, C, kKeyBlock]
+  at::Tensor rows;     // [B, n, C]
+  at::Tensor weights;  // [B, C] centring weights w = 1 / (2u), shared by both sides of a divergence
+  at::Tensor terms;    // [B, n_pad] row terms sum_c p log2(2 p w), zero-padded
+  at::Tensor blocks;   // [B, n_pad / kKeyBlock, C, kKeyBlock]
   int64_t n = 0, n_pad = 0, C = 0;
 
   // Raw pointers into the tensors above: the inner loops must not pay data_ptr's checks.
-  const float *rows_ptr = nullptr, *terms_ptr = nullptr, *blocks_ptr = nullptr;
+  const float *rows_ptr = nullptr, *weights_ptr = nullptr, *terms_ptr = nullptr, *blocks_ptr = nullptr;
 
-  explicit Operand(const at::Tensor& p) : rows(p.contiguous()) {
+  // p [B, n, C] with the centring weights w [B, C] of the pair it belongs to.
+  Operand(const at::Tensor& p, const at::Tensor& w) : rows(p.contiguous()), weights(w.contiguous()) {
     n = p.size(1);
     C = p.size(2);
     n_pad = ceil_div(n, kKeyBlock) * kKeyBlock;
-    terms = row_terms(rows, n_pad);
+    terms = centred_row_terms(rows, weights, n_pad);
     blocks = at::constant_pad_nd(rows, {0, 0, 0, n_pad - n})
                  .view({p.size(0), n_pad / kKeyBlock, kKeyBlock, C})
                  .transpose(2, 3)
                  .contiguous();
     rows_ptr = rows.data_ptr<float>();
+    weights_ptr = weights.data_ptr<float>();
     terms_ptr = terms.data_ptr<float>();
     blocks_ptr = blocks.data_ptr<float>();
   }
   const float* row(int64_t b, int64_t i) const { return rows_ptr + (b * n + i) * C; }
   const float* term(int64_t b) const { return terms_ptr + b * n_pad; }
+  const float* weight(int64_t b) const { return weights_ptr + b * C; }
   const float* block(int64_t b, int64_t kb) const {
     return blocks_ptr + ((b * (n_pad / kKeyBlock)) + kb) * C * kKeyBlock;
   }
 };
+
+// p against itself: centred on p's own mean distribution.
+Operand self_operand(const at::Tensor& p) { return Operand(p, centring_weights(p.contiguous(), nullptr)); }
 
 // J between query row i of `q_side` and the kKeyBlock keys of block kb of `k_side`; writes the
 // first `count` of them to out.
@@ -191,14 +234,23 @@ inline void jsd_key_block(const Operand& q_side, const Operand& k_side, int64_t 
                           float* out, int64_t count) {
   const float* prow = q_side.row(b, i);
   const float* keys = k_side.block(b, kb);
+  const float* w = q_side.weight(b);
   const int64_t C = q_side.C;
+  // Blocked summation: kClassBlock terms into fresh partial sums, then into the totals, so the
+  // rounding error grows with C / kClassBlock + kClassBlock instead of C (C' = 2000 classes).
   Vec acc0(0.f), acc1(0.f);
-  for (int64_t c = 0; c < C; ++c) {
-    const Vec pc(prow[c]);
-    const Vec s0 = pc + Vec::loadu(keys + c * kKeyBlock);
-    const Vec s1 = pc + Vec::loadu(keys + c * kKeyBlock + kLanes);
-    acc0 = at::vec::fmadd(s0, log2_nonneg(s0), acc0);
-    acc1 = at::vec::fmadd(s1, log2_nonneg(s1), acc1);
+  for (int64_t c0 = 0; c0 < C; c0 += kClassBlock) {
+    Vec part0(0.f), part1(0.f);
+    const int64_t c1 = std::min(C, c0 + kClassBlock);
+    for (int64_t c = c0; c < c1; ++c) {
+      const Vec pc(prow[c]), wc(w[c]);
+      const Vec s0 = pc + Vec::loadu(keys + c * kKeyBlock);
+      const Vec s1 = pc + Vec::loadu(keys + c * kKeyBlock + kLanes);
+      part0 = at::vec::fmadd(s0, log2_nonneg(s0 * wc), part0);
+      part1 = at::vec::fmadd(s1, log2_nonneg(s1 * wc), part1);
+    }
+    acc0 = acc0 + part0;
+    acc1 = acc1 + part1;
   }
   const Vec ri(q_side.term(b)[i]);
   const float* rk = k_side.term(b) + kb * kKeyBlock;
@@ -256,47 +308,60 @@ at::Tensor jsd_self_full(const Operand& x) {
 
 // Spec 2.5-2.6 on one row of divergences: dst (+)= weight * expm1(alpha X) / expm1(alpha) with
 // X = (hi - J) / (hi - lo), or weight where the row is constant. src and dst may alias (add=false).
-// Evaluated as exp(alpha (X - 1)) * expm1(-alpha X) / expm1(-alpha): same value, but no factor
-// overflows for large alpha (expm1(alpha) is inf in float beyond alpha ~ 88).
+// As kernels/common.py's cdam_transform: A = (exp(-alpha t) - exp(-alpha)) / (1 - exp(-alpha)) with
+// t = 1 - X = (J - lo) / span taken directly, so the exponent is <= 0 (no overflow for any alpha),
+// small A stay relatively accurate and t = 0 gives exactly 1; for alpha < kSmallAlphaLimit, where
+// the difference cancels, A = exp(-alpha t) X g(alpha X) / g(alpha), g(y) = (1 - e^-y) / y by its
+// Taylor series. A NaN divergence makes the row NaN (never a plausible row of ones).
 void cdam_row(const float* src, int64_t n, float alpha, float weight, float* dst, bool add) {
   Vec vhi(-std::numeric_limits<float>::infinity()), vlo(std::numeric_limits<float>::infinity());
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
     const Vec v = Vec::loadu(src + k);
-    vhi = at::vec::maximum(vhi, v);
+    vhi = at::vec::maximum(vhi, v);  // Vectorized maximum / minimum propagate NaN
     vlo = at::vec::minimum(vlo, v);
   }
   float hi = max_lanes(vhi), lo = min_lanes(vlo);
   for (; k < n; ++k) {
-    hi = std::max(hi, src[k]);
+    hi = std::isnan(src[k]) ? src[k] : std::max(hi, src[k]);
     lo = std::min(lo, src[k]);
   }
-  const bool flat = !(hi - lo >= cdam::kConstantRowEps);
-  const Vec vinv_span(flat ? 0.f : 1.f / (hi - lo)), vtop(hi), valpha(alpha), one(1.f), zero(0.f);
-  // For alpha >= 1 one exponential suffices: A = (exp(alpha (X - 1)) - exp(-alpha)) / (1 - exp(-alpha)),
-  // all terms in [0, 1] and the divisor >= 0.63, so the error stays within a few ulp. For smaller
-  // alpha that difference cancels; the two-factor form keeps the precision there.
-  const bool one_exp = alpha >= 1.f;
-  const double neg_expm1 = -std::expm1(-static_cast<double>(alpha));  // 1 - exp(-alpha) > 0
-  const Vec vscale(static_cast<float>(weight / neg_expm1));
-  const Vec voffset(static_cast<float>(weight * std::exp(-static_cast<double>(alpha)) / neg_expm1));
-  const Vec vnegalpha(-alpha), vweight(weight);
+  const float span = hi - lo;
+  const bool flat = span < cdam::kConstantRowEps;  // false for NaN
+  const cdam::TransformFactors tf = cdam::transform_factors(static_cast<double>(alpha));
+  const Vec vinv_span(flat ? 0.f : 1.f / span), vlo_row(lo), vhi_row(hi), one(1.f), zero(0.f);
+  const Vec vfactor(tf.factor), voffset(tf.exp_neg_alpha), vneg_alpha(-tf.alpha_log2e / cdam::kLog2e);
+  const Vec valpha(alpha), vweight(weight);
   auto transform = [&](const Vec& j) -> Vec {
-    if (flat) return vweight;
-    const Vec x = (vtop - j) * vinv_span;
-    const Vec e = exp_nonpos((x - one) * valpha);
-    if (one_exp) return at::vec::maximum(at::vec::fmsub(e, vscale, voffset), zero);
-    return e * (x * vnegalpha).expm1().neg() * vscale;  // 1 - exp(-alpha X) = -expm1(-alpha X)
+    Vec t = (j - vlo_row) * vinv_span;
+    t = Vec::blendv(t, zero, t < zero);  // NaN-keeping clamp: a recomputed J may round below lo
+    const Vec e = exp_nonpos(t * vneg_alpha);  // exactly 1 at t = 0
+    Vec a;
+    if (tf.small) {
+      const Vec x = (vhi_row - j) * vinv_span;
+      const Vec y = x * valpha;
+      Vec g(1.f / 5040.f);
+      g = Vec(1.f / 720.f) - y * g;
+      g = Vec(1.f / 120.f) - y * g;
+      g = Vec(1.f / 24.f) - y * g;
+      g = Vec(1.f / 6.f) - y * g;
+      g = Vec(0.5f) - y * g;
+      g = one - y * g;
+      a = Vec::blendv(e * x * g * vfactor, one, t == zero);
+    } else {
+      a = (e - voffset) * vfactor;  // (1 - exp(-alpha)) * factor == 1 exactly (transform_factors)
+    }
+    return Vec::blendv(a, zero, a < zero) * vweight;  // t may round to 1 + ulp; keeps NaN
   };
   for (k = 0; k + kLanes <= n; k += kLanes) {
-    Vec a = transform(Vec::loadu(src + k));
-    if (add) a = a + Vec::loadu(dst + k);
-    a.store(dst + k);
+    Vec v = transform(Vec::loadu(src + k));
+    if (add) v = v + Vec::loadu(dst + k);
+    v.store(dst + k);
   }
   if (k < n) {
-    Vec a = transform(Vec::loadu(src + k, n - k));
-    if (add) a = a + Vec::loadu(dst + k, n - k);
-    a.store(dst + k, n - k);
+    Vec v = transform(Vec::loadu(src + k, n - k));
+    if (add) v = v + Vec::loadu(dst + k, n - k);
+    v.store(dst + k, n - k);
   }
 }
 
@@ -308,7 +373,7 @@ struct Scale {
   at::Tensor idx, wts; // [N, 4] bilinear taps onto the full grid, undefined for the full grid
   Scale(const at::Tensor& p, const c10::optional<at::Tensor>& taps_idx, const c10::optional<at::Tensor>& taps_wts,
         bool materialize)
-      : dist(p) {
+      : dist(self_operand(p)) {
     if (taps_idx.has_value()) {
       idx = taps_idx->to(at::kInt).contiguous();
       wts = taps_wts->to(at::kFloat).contiguous();
@@ -422,8 +487,10 @@ std::vector<Scale> make_scales(const std::vector<at::Tensor>& ps, const std::vec
 // ----------------------------------------------------------------------------- public ops
 
 at::Tensor pairwise_jsd(const at::Tensor& p, const c10::optional<at::Tensor>& q) {
-  if (!q.has_value()) return jsd_self_full(Operand(p));
-  const Operand rows(p), keys(*q);
+  if (!q.has_value()) return jsd_self_full(self_operand(p));
+  const at::Tensor qc = q->contiguous();
+  const at::Tensor centre = centring_weights(p.contiguous(), &qc);
+  const Operand rows(p, centre), keys(*q, centre);
   const int64_t B = p.size(0), N = p.size(1), M = keys.n;
   at::Tensor J = at::empty({B, N, M}, p.options());
   float* out = J.data_ptr<float>();
@@ -438,7 +505,7 @@ at::Tensor pairwise_jsd(const at::Tensor& p, const c10::optional<at::Tensor>& q)
 }
 
 at::Tensor cdam_map(const at::Tensor& p, double alpha) {
-  at::Tensor A = jsd_self_full(Operand(p));
+  at::Tensor A = jsd_self_full(self_operand(p));
   const int64_t N = A.size(1);
   float* a = A.data_ptr<float>();
   parallel_blocks(0, A.size(0) * N, 16, [&](int64_t begin, int64_t end) {
@@ -501,9 +568,11 @@ at::Tensor multiscale_cdam_attention(const std::vector<at::Tensor>& ps, const st
 // softmax_j(-J_ij / tau) @ v with an online softmax over blocks of keys: per row a running max m
 // and sum l; O(rows x (kSoftmaxKeys + D)) scratch, rows x kSoftmaxKeys <= kChunkFloats.
 at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, const c10::optional<at::Tensor>& q) {
-  const Operand rows(p);
+  const at::Tensor qc = q.has_value() ? q->contiguous() : at::Tensor();
+  const at::Tensor centre = centring_weights(p.contiguous(), q.has_value() ? &qc : nullptr);
+  const Operand rows(p, centre);
   c10::optional<Operand> keys_own;
-  if (q.has_value()) keys_own.emplace(*q);
+  if (q.has_value()) keys_own.emplace(*q, centre);
   const Operand& keys = q.has_value() ? *keys_own : rows;
   const int64_t B = p.size(0), N = p.size(1), M = keys.n, D = v.size(2);
   const bool self = !q.has_value();
@@ -521,7 +590,9 @@ at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, c
   at::Tensor acc = one_key_step ? at::Tensor() : at::empty({R, D}, p.options());
   at::Tensor rescale = at::empty({R, 1}, p.options());
   std::vector<float> run_max(R), run_sum(R);
-  const float neg_inv_tau = static_cast<float>(-1.0 / tau);
+  // J <= ln 2: clamped to the float32 range the scale keeps every logit finite for any tau > 0
+  // (below tau ~ 3e-39, -1 / tau is -inf in float32 and 0 * inf = NaN on the diagonal)
+  const float neg_inv_tau = static_cast<float>(std::max(-1.0 / tau, -static_cast<double>(cdam::kFloat32Max)));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i0 = 0; i0 < N; i0 += R) {
       const int64_t i1 = std::min(N, i0 + R), nr = i1 - i0;
@@ -546,7 +617,8 @@ at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, c
               logit.store(wr + k);
               vmax = at::vec::maximum(vmax, k + kLanes <= nk ? logit : Vec::set(ninf, logit, nk - k));
             }
-            const float m_new = std::max(run_max[i - i0], max_lanes(vmax));
+            const float tile_max = max_lanes(vmax);  // NaN if a logit is NaN (Vectorized max keeps NaN)
+            const float m_new = std::isnan(tile_max) ? tile_max : std::max(run_max[i - i0], tile_max);
             const Vec vm_new(m_new);
             Vec total = zero;
             for (int64_t k = 0; k < nk; k += kLanes) {

@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "cdam_centring.h"
 #include "cdam_cuda.h"
 
 namespace {
@@ -23,20 +24,22 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// Distributions [B, n, C] in float32 with their row terms, alive as long as this object.
+// Distributions [B, n, C] in float32 with their centring weights w [B, C] (shared with the other
+// side of the divergence, cdam_centring.h) and row terms, alive as long as this object.
 struct DistBuffers {
-  at::Tensor p, r;
-  explicit DistBuffers(const at::Tensor& src) : p(src.to(at::kFloat).contiguous()) {
+  at::Tensor p, w, r;
+  DistBuffers(const at::Tensor& src, const at::Tensor& weights) : p(src.to(at::kFloat).contiguous()), w(weights) {
     TORCH_CHECK(p.dim() == 3, "distributions must be [B, n, C]");
     TORCH_CHECK(p.size(1) <= INT32_MAX && p.size(2) <= INT32_MAX, "too many rows or classes");
-    r = at::empty({p.size(0), p.size(1)}, p.options());
-    check(cc::row_terms(p.data_ptr<float>(), r.data_ptr<float>(), p.size(0) * p.size(1), int(p.size(2)), stream()),
-          "row_terms");
+    r = cdam::centred_row_terms(p, w);
   }
+  // p against itself: centred on its own mean distribution.
+  explicit DistBuffers(const at::Tensor& src) : DistBuffers(src, cdam::centring_weights(src, nullptr)) {}
   cc::Dist view() const {
     cc::Dist d;
     d.p = p.data_ptr<float>();
     d.r = r.data_ptr<float>();
+    d.w = w.data_ptr<float>();
     d.n = int(p.size(1));
     return d;
   }
@@ -102,9 +105,9 @@ void guard_inputs(const at::Tensor& t) { TORCH_CHECK(t.is_cuda(), "the cuda back
 at::Tensor pairwise_jsd(const at::Tensor& p, const c10::optional<at::Tensor>& q) {
   guard_inputs(p);
   const c10::cuda::CUDAGuard device(p.device());
-  const DistBuffers a(p);
-  if (!q.has_value()) return jsd_of(a, nullptr);
-  const DistBuffers b(*q);
+  if (!q.has_value()) return jsd_of(DistBuffers(p), nullptr);
+  const at::Tensor w = cdam::centring_weights(p, &*q);
+  const DistBuffers a(p, w), b(*q, w);
   return jsd_of(a, &b);
 }
 
@@ -225,9 +228,10 @@ at::Tensor multiscale_cdam_attention(const std::vector<at::Tensor>& ps, const st
 at::Tensor jsd_attention(const at::Tensor& p, const at::Tensor& v, double tau, const c10::optional<at::Tensor>& q) {
   guard_inputs(p);
   const c10::cuda::CUDAGuard device(p.device());
-  const DistBuffers a(p);
+  const at::Tensor w = cdam::centring_weights(p, q.has_value() ? &*q : nullptr);
+  const DistBuffers a(p, w);
   c10::optional<DistBuffers> b;
-  if (q.has_value()) b.emplace(*q);
+  if (q.has_value()) b.emplace(*q, w);
   const ValueBuffers vals(v);
   at::Tensor out = at::empty({p.size(0), p.size(1), v.size(2)}, p.options().dtype(at::kFloat));
   check(cc::jsd_attention(a.view(), b ? b->view() : a.view(), !q.has_value(), a.B(), a.C(), float(tau), vals.view,

@@ -17,10 +17,12 @@ constexpr int kMaxScales = 16;
 // products, about 16 significant bits).
 enum class ValueKind : int { kHalf = 0, kBf16 = 1, kSplitBf16 = 2 };
 
-// A batch of class distributions p [B, n, C] with its row terms r [B, n].
+// A batch of class distributions p [B, n, C] with its row terms r [B, n] and the centring
+// weights w [B, C] it shares with the other side of the divergence (cdam_common.h).
 struct Dist {
   const float* p = nullptr;
   const float* r = nullptr;
+  const float* w = nullptr;
   int n = 0;
 };
 
@@ -42,9 +44,6 @@ struct ScaleSet {
   ScaleView s[kMaxScales];
   int count = 0;
 };
-
-// r[row] = sum_c p (log2 p + 1) for `rows` rows of C classes.
-cudaError_t row_terms(const float* p, float* r, int64_t rows, int C, cudaStream_t stream);
 
 // J [B, N, M] between rows of a and b (self: diagonal exactly 0).
 cudaError_t pairwise_jsd(Dist a, Dist b, int B, int C, bool self, float* J, cudaStream_t stream);

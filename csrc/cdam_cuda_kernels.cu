@@ -1,7 +1,8 @@
 // CUDA kernels of the CDAM ops (the fallback GPU backend beside the Triton kernels).
 //
-// Divergences use the entropy form of cdam_common.h with the hardware lg2.approx.f32 and fp32
-// accumulation. The products with v run on the tensor cores through nvcuda::wmma (fp16 or
+// Divergences use the centred form of cdam_common.h with the hardware lg2.approx.f32 and fp32
+// accumulation. Every launch uses a one-dimensional grid (block3 unfolds it), so no batch or
+// tile count meets the 65535 limit of grid axes y and z. The products with v run on the tensor cores through nvcuda::wmma (fp16 or
 // bf16 fragments, fp32 accumulators; fp32 v is split into bf16 hi + lo parts, three products),
 // with the weights produced tile by tile in shared memory and never written to global memory.
 // Needs sm_80+ (bf16 WMMA); built for sm_80 and sm_90.
@@ -32,7 +33,7 @@ constexpr int kCols = 256;              // output columns per block: 16 WMMA til
 constexpr int kTileLd = kKeys + 8;      // 16-bit weight-tile stride (WMMA wants a multiple of 8)
 constexpr int kReduceThreads = 256;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 __device__ __forceinline__ float lg2_approx(float x) {
   float y;
@@ -40,28 +41,58 @@ __device__ __forceinline__ float lg2_approx(float x) {
   return y;
 }
 
-__device__ __forceinline__ float xlog2x(float s) { return s * lg2_approx(fmaxf(s, cdam::kTinyMass)); }
+// s log2(s w), 0 for s = 0 (s w clamped to a normal float before the log).
+__device__ __forceinline__ float term(float s, float w) { return s * lg2_approx(fmaxf(s * w, cdam::kTinyMass)); }
+
+// max / min that keep NaN (fmaxf / fminf drop it): a NaN divergence must reach the row range.
+__device__ __forceinline__ float nanmax(float a, float b) { return (a > b || a != a) ? a : b; }
+__device__ __forceinline__ float nanmin(float a, float b) { return (a < b || a != a) ? a : b; }
 
 __device__ __forceinline__ float divergence(float ri, float rk, float sum) {
-  return fmaxf(cdam::kHalfLn2 * (ri + rk - sum), 0.f);
+  const float J = cdam::kHalfLn2 * (ri + rk - sum);
+  return J < 0.f ? 0.f : J;  // clamp at 0, NaN stays NaN
 }
 
-// Spec 2.5-2.6 for one divergence of a row with range [lo, hi]; as expm1(aX) / expm1(a) but
-// written as exp(a(X - 1)) expm1(-aX) / expm1(-a) so that no factor overflows for large a.
-__device__ __forceinline__ float cdam_weight(float J, float hi, float lo, float alpha, float inv_neg_em1) {
+using Transform = cdam::TransformFactors;
+
+// Spec 2.5-2.6 for one divergence of a row with range [lo, hi], as kernels/common.py's
+// cdam_transform: A = (exp(-alpha t) - exp(-alpha)) * factor with t = (J - lo) / span >= 0 taken
+// directly (no overflow for any alpha; the row minimum gives exactly 1); for small alpha
+// A = exp(-alpha t) X g(alpha X) * factor, g(y) = (1 - e^-y) / y by its Taylor series. NaN stays NaN.
+__device__ __forceinline__ float cdam_weight(float J, float hi, float lo, const Transform& tr) {
   const float span = hi - lo;
-  if (!(span >= cdam::kConstantRowEps)) return 1.f;
-  const float x = (hi - J) / span;
-  return expf(alpha * (x - 1.f)) * expm1f(-alpha * x) * inv_neg_em1;
+  const float inv = span < cdam::kConstantRowEps ? 0.f : 1.f / span;  // constant rows: t = 0, A = 1
+  float t = (J - lo) * inv;
+  t = t < 0.f ? 0.f : t;
+  const float e = exp2f(-tr.alpha_log2e * t);
+  float a;
+  if (tr.small) {
+    const float x = (hi - J) * inv, y = tr.alpha * x;
+    const float g =
+        1.f - y * (0.5f - y * (1.f / 6.f - y * (1.f / 24.f - y * (1.f / 120.f - y * (1.f / 720.f - y * (1.f / 5040.f))))));
+    a = t == 0.f ? 1.f : e * x * g * tr.factor;
+  } else {
+    a = (e - tr.exp_neg_alpha) * tr.factor;  // (1 - exp(-alpha)) * factor == 1 exactly
+  }
+  return a < 0.f ? 0.f : a;
 }
 
-// Max / min across the kSlots lanes that share a row (aligned groups of 8 lanes).
+// This block's (x, y, z) in a grid of nx x ny x nz blocks launched as one-dimensional (flat_grid).
+struct Block3 {
+  int x, y, z;
+};
+__device__ __forceinline__ Block3 block3(int nx, int ny) {
+  const int64_t id = blockIdx.x;
+  return Block3{int(id % nx), int((id / nx) % ny), int(id / (int64_t(nx) * ny))};
+}
+
+// Max / min across the kSlots lanes that share a row (aligned groups of 8 lanes), keeping NaN.
 __device__ __forceinline__ float group_max(float v) {
-  for (int off = kSlots / 2; off; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = kSlots / 2; off; off >>= 1) v = nanmax(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
 __device__ __forceinline__ float group_min(float v) {
-  for (int off = kSlots / 2; off; off >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = kSlots / 2; off; off >>= 1) v = nanmin(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
 __device__ __forceinline__ float group_sum(float v) {
@@ -74,12 +105,14 @@ __device__ __forceinline__ float group_sum(float v) {
 struct TileSmem {
   float p[kRows][kClassChunk + 1];  // +1: rows fall in different banks
   float q[kKeys][kClassChunk + 1];
+  float w[kClassChunk];             // centring weights of the chunk's classes
 };
 
 // Thread t owns row t / kSlots and keys (t % kSlots) + kSlots * u of the kRows x kKeys tile at
-// (i0, k0); sums[u] = sum_c s log2 s for those pairs. Every thread of the block must call it.
-__device__ void divergence_sums(const float* __restrict__ p, int n, const float* __restrict__ q, int m, int C, int i0,
-                                int k0, TileSmem& sm, float (&sums)[kPairs]) {
+// (i0, k0); sums[u] = sum_c s log2(s w_c) for those pairs. Every thread of the block must call it.
+__device__ void divergence_sums(const float* __restrict__ p, int n, const float* __restrict__ q, int m,
+                                const float* __restrict__ w, int C, int i0, int k0, TileSmem& sm,
+                                float (&sums)[kPairs]) {
   const int t = threadIdx.x, r = t / kSlots, x = t % kSlots;
 #pragma unroll
   for (int u = 0; u < kPairs; ++u) sums[u] = 0.f;
@@ -94,11 +127,12 @@ __device__ void divergence_sums(const float* __restrict__ p, int n, const float*
       const int kk = e / kClassChunk, cc = e % kClassChunk;
       sm.q[kk][cc] = (k0 + kk < m && cc < cn) ? q[int64_t(k0 + kk) * C + c0 + cc] : 0.f;
     }
+    if (t < kClassChunk) sm.w[t] = t < cn ? w[c0 + t] : 0.f;
     __syncthreads();
     for (int c = 0; c < cn; ++c) {
-      const float pv = sm.p[r][c];
+      const float pv = sm.p[r][c], wc = sm.w[c];
 #pragma unroll
-      for (int u = 0; u < kPairs; ++u) sums[u] += xlog2x(pv + sm.q[x + kSlots * u][c]);
+      for (int u = 0; u < kPairs; ++u) sums[u] += term(pv + sm.q[x + kSlots * u][c], wc);
     }
   }
 }
@@ -108,7 +142,7 @@ __device__ void divergence_tile(const Dist& a, const Dist& b, int bz, int C, boo
                                 float (&J)[kPairs]) {
   const float* pa = a.p + int64_t(bz) * a.n * C;
   const float* pb = b.p + int64_t(bz) * b.n * C;
-  divergence_sums(pa, a.n, pb, b.n, C, i0, k0, sm, J);
+  divergence_sums(pa, a.n, pb, b.n, a.w + int64_t(bz) * C, C, i0, k0, sm, J);
   const int i = i0 + threadIdx.x / kSlots, x = threadIdx.x % kSlots;
   const float ri = i < a.n ? a.r[int64_t(bz) * a.n + i] : 0.f;
 #pragma unroll
@@ -119,20 +153,10 @@ __device__ void divergence_tile(const Dist& a, const Dist& b, int bz, int C, boo
   }
 }
 
-__global__ void row_terms_kernel(const float* __restrict__ p, float* __restrict__ r, int64_t rows, int C) {
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;  // whole warps leave together
-  const float* x = p + row * C;
-  float acc = 0.f;
-  for (int c = lane; c < C; c += 32) acc += xlog2x(x[c]) + x[c];
-  for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) r[row] = acc;
-}
-
 __global__ void __launch_bounds__(kThreads) pairwise_jsd_kernel(Dist a, Dist b, int C, bool self, float* __restrict__ J) {
   __shared__ TileSmem sm;
-  const int bz = blockIdx.z, i0 = blockIdx.y * kRows, k0 = blockIdx.x * kKeys;
+  const Block3 blk = block3(int(ceil_div(b.n, kKeys)), int(ceil_div(a.n, kRows)));
+  const int bz = blk.z, i0 = blk.y * kRows, k0 = blk.x * kKeys;
   float vals[kPairs];
   divergence_tile(a, b, bz, C, self, i0, k0, sm, vals);
   const int i = i0 + threadIdx.x / kSlots, x = threadIdx.x % kSlots;
@@ -149,7 +173,8 @@ __global__ void __launch_bounds__(kThreads) pairwise_jsd_kernel(Dist a, Dist b, 
 __global__ void __launch_bounds__(kThreads) jsd_row_range_kernel(Dist a, int C, float* __restrict__ hi,
                                                                  float* __restrict__ lo) {
   __shared__ TileSmem sm;
-  const int bz = blockIdx.z, i0 = blockIdx.y * kRows, k0 = blockIdx.x * kKeys;
+  const Block3 blk = block3(int(ceil_div(a.n, kKeys)), int(ceil_div(a.n, kRows)));
+  const int bz = blk.z, i0 = blk.y * kRows, k0 = blk.x * kKeys;
   float vals[kPairs];
   divergence_tile(a, a, bz, C, true, i0, k0, sm, vals);
   const int i = i0 + threadIdx.x / kSlots, x = threadIdx.x % kSlots;
@@ -157,12 +182,14 @@ __global__ void __launch_bounds__(kThreads) jsd_row_range_kernel(Dist a, int C, 
 #pragma unroll
   for (int u = 0; u < kPairs; ++u)
     if (k0 + x + kSlots * u < a.n) {
-      top = fmaxf(top, vals[u]);
-      bottom = fminf(bottom, vals[u]);
+      top = nanmax(top, vals[u]);
+      bottom = nanmin(bottom, vals[u]);
     }
   top = group_max(top);
   bottom = group_min(bottom);
   if (x == 0 && i < a.n) {
+    // J >= 0 or NaN: as integers the bit patterns order like the values, and a (positive) NaN
+    // is above +inf, so it wins the max and the row's range becomes NaN
     atomicMax(reinterpret_cast<int*>(hi) + int64_t(bz) * a.n + i, __float_as_int(top));
     atomicMin(reinterpret_cast<int*>(lo) + int64_t(bz) * a.n + i, __float_as_int(bottom));
   }
@@ -180,8 +207,8 @@ __global__ void fill_row_range_kernel(float* hi, float* lo, int64_t rows) {
 __device__ void block_range(float top, float bottom, float* hi, float* lo, int64_t row) {
   __shared__ float tops[kReduceThreads / 32], bottoms[kReduceThreads / 32];
   for (int off = 16; off; off >>= 1) {
-    top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, off));
-    bottom = fminf(bottom, __shfl_xor_sync(0xffffffffu, bottom, off));
+    top = nanmax(top, __shfl_xor_sync(0xffffffffu, top, off));
+    bottom = nanmin(bottom, __shfl_xor_sync(0xffffffffu, bottom, off));
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
@@ -191,8 +218,8 @@ __device__ void block_range(float top, float bottom, float* hi, float* lo, int64
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int w = 1; w < kReduceThreads / 32; ++w) {
-      top = fmaxf(top, tops[w]);
-      bottom = fminf(bottom, bottoms[w]);
+      top = nanmax(top, tops[w]);
+      bottom = nanmin(bottom, bottoms[w]);
     }
     hi[row] = top;
     lo[row] = bottom;
@@ -205,8 +232,8 @@ __global__ void __launch_bounds__(kReduceThreads) row_range_kernel(const float* 
   const float* src = J + row * M;
   float top = -INFINITY, bottom = INFINITY;
   for (int k = threadIdx.x; k < M; k += kReduceThreads) {
-    top = fmaxf(top, src[k]);
-    bottom = fminf(bottom, src[k]);
+    top = nanmax(top, src[k]);
+    bottom = nanmin(bottom, src[k]);
   }
   block_range(top, bottom, hi, lo, row);
 }
@@ -234,32 +261,34 @@ __device__ __forceinline__ float stored_value(const ScaleView& s, int bz, int N,
 
 __global__ void __launch_bounds__(kReduceThreads) upsampled_row_range_kernel(ScaleView s, int N, float* __restrict__ hi,
                                                                              float* __restrict__ lo) {
-  const int i = blockIdx.x, bz = blockIdx.y;
+  const Block3 blk = block3(N, 1);
+  const int i = blk.x, bz = blk.z;
   float top = -INFINITY, bottom = INFINITY;
   for (int k = threadIdx.x; k < N; k += kReduceThreads) {
     const float u = stored_value(s, bz, N, i, k);
-    top = fmaxf(top, u);
-    bottom = fminf(bottom, u);
+    top = nanmax(top, u);
+    bottom = nanmin(bottom, u);
   }
   block_range(top, bottom, hi, lo, int64_t(bz) * N + i);
 }
 
 __global__ void cdam_transform_kernel(float* __restrict__ J, int64_t total, int M, const float* __restrict__ hi,
-                                      const float* __restrict__ lo, float alpha, float inv_neg_em1) {
+                                      const float* __restrict__ lo, Transform tr) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = e / M;
-    J[e] = cdam_weight(J[e], hi[row], lo[row], alpha, inv_neg_em1);
+    J[e] = cdam_weight(J[e], hi[row], lo[row], tr);
   }
 }
 
-__global__ void multiscale_map_kernel(ScaleSet scales, int N, float alpha, float inv_neg_em1, float* __restrict__ out) {
-  const int k = blockIdx.x * blockDim.x + threadIdx.x, i = blockIdx.y, bz = blockIdx.z;
+__global__ void multiscale_map_kernel(ScaleSet scales, int N, Transform tr, float* __restrict__ out) {
+  const Block3 blk = block3(int(ceil_div(N, 256)), N);
+  const int k = blk.x * blockDim.x + threadIdx.x, i = blk.y, bz = blk.z;
   if (k >= N) return;
   const int64_t row = int64_t(bz) * N + i;
   float total = 0.f;
   for (int s = 0; s < scales.count; ++s) {
     const ScaleView& sv = scales.s[s];
-    total += cdam_weight(stored_value(sv, bz, N, i, k), sv.hi[row], sv.lo[row], alpha, inv_neg_em1);
+    total += cdam_weight(stored_value(sv, bz, N, i, k), sv.hi[row], sv.lo[row], tr);
   }
   out[row * N + k] = total / scales.count;
 }
@@ -276,7 +305,8 @@ struct AttnParams {
   ScaleSet scales;            // kMultiscale
   bool self = true;
   int C = 0;
-  float alpha = 0.f, inv_neg_em1 = 0.f, neg_inv_tau = 0.f;
+  Transform tr;
+  float neg_inv_tau = 0.f;
   ValuesView v;
   float* out = nullptr;       // [B, N, D] float32
 };
@@ -311,7 +341,7 @@ __device__ void step_weights(const AttnParams& prm, int bz, int i0, int k0, Tile
         continue;
       }
       const float J = kPolicy == kCdamStored ? prm.J[row * N + k] : w[u];
-      w[u] = cdam_weight(J, top, bottom, prm.alpha, prm.inv_neg_em1);
+      w[u] = cdam_weight(J, top, bottom, prm.tr);
     }
   } else if constexpr (kPolicy == kMultiscale) {
     bool recompute = false;  // the same for every thread: the full grid's J is not stored
@@ -335,7 +365,7 @@ __device__ void step_weights(const AttnParams& prm, int bz, int i0, int k0, Tile
       for (int s = 0; s < prm.scales.count; ++s) {
         const ScaleView& sv = prm.scales.s[s];
         const float val = sv.J == nullptr ? Jfull[u] : stored_value(sv, bz, N, i, k);
-        w[u] += cdam_weight(val, sv.hi[row], sv.lo[row], prm.alpha, prm.inv_neg_em1);
+        w[u] += cdam_weight(val, sv.hi[row], sv.lo[row], prm.tr);
       }
       w[u] /= prm.scales.count;
     }
@@ -356,7 +386,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttnParams prm) {
   __shared__ __align__(32) T w_lo[kSplit ? kRows : 1][kTileLd];
   __shared__ float row_scale[kRows], row_max[kRows], row_sum[kRows];
 
-  const int bz = blockIdx.z, i0 = blockIdx.y * kRows, d0 = blockIdx.x * kCols;
+  const Block3 blk = block3(int(ceil_div(prm.v.Dp, kCols)), int(ceil_div(prm.a.n, kRows)));
+  const int bz = blk.z, i0 = blk.y * kRows, d0 = blk.x * kCols;
   const int t = threadIdx.x, r = t / kSlots, x = t % kSlots, warp = t / 32;
   const int N = prm.a.n, M = prm.b.n;
   for (int e = t; e < kRows * kCols; e += kThreads) acc[e / kCols][e % kCols] = 0.f;
@@ -440,9 +471,17 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttnParams prm) {
   }
 }
 
+// A one-dimensional grid of nx * ny * nz blocks (the kernels unfold it with block3), or 0 when
+// that exceeds the 2^31 - 1 blocks of grid axis x.
+unsigned flat_grid(int64_t nx, int64_t ny, int64_t nz) {
+  const int64_t total = nx * ny * nz;
+  return total > INT32_MAX ? 0u : unsigned(total);
+}
+
 template <int kPolicy>
 cudaError_t launch_attention(const AttnParams& prm, int B, cudaStream_t stream) {
-  const dim3 grid(unsigned(ceil_div(prm.v.Dp, kCols)), unsigned(ceil_div(prm.a.n, kRows)), unsigned(B));
+  const unsigned grid = flat_grid(ceil_div(prm.v.Dp, kCols), ceil_div(prm.a.n, kRows), B);
+  if (grid == 0) return cudaErrorInvalidConfiguration;
   switch (prm.v.kind) {
     case ValueKind::kHalf:
       attention_kernel<__half, false, kPolicy><<<grid, kThreads, 0, stream>>>(prm);
@@ -457,24 +496,18 @@ cudaError_t launch_attention(const AttnParams& prm, int B, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
-float inv_neg_expm1(float alpha) { return float(1.0 / std::expm1(-double(alpha))); }
+Transform make_transform(float alpha) { return cdam::transform_factors(double(alpha)); }
 
-dim3 tile_grid(int n, int m, int B) {
-  return dim3(unsigned(ceil_div(m, kKeys)), unsigned(ceil_div(n, kRows)), unsigned(B));
-}
+unsigned tile_grid(int n, int m, int B) { return flat_grid(ceil_div(m, kKeys), ceil_div(n, kRows), B); }
 
 }  // namespace
 
 // ------------------------------------------------------------------ launchers
 
-cudaError_t row_terms(const float* p, float* r, int64_t rows, int C, cudaStream_t stream) {
-  constexpr int kWarps = 8;
-  row_terms_kernel<<<unsigned(ceil_div(rows, kWarps)), kWarps * 32, 0, stream>>>(p, r, rows, C);
-  return cudaGetLastError();
-}
-
 cudaError_t pairwise_jsd(Dist a, Dist b, int B, int C, bool self, float* J, cudaStream_t stream) {
-  pairwise_jsd_kernel<<<tile_grid(a.n, b.n, B), kThreads, 0, stream>>>(a, b, C, self, J);
+  const unsigned grid = tile_grid(a.n, b.n, B);
+  if (grid == 0) return cudaErrorInvalidConfiguration;
+  pairwise_jsd_kernel<<<grid, kThreads, 0, stream>>>(a, b, C, self, J);
   return cudaGetLastError();
 }
 
@@ -484,17 +517,23 @@ cudaError_t fill_row_range(float* hi, float* lo, int64_t rows, cudaStream_t stre
 }
 
 cudaError_t jsd_row_range(Dist a, int B, int C, float* hi, float* lo, cudaStream_t stream) {
-  jsd_row_range_kernel<<<tile_grid(a.n, a.n, B), kThreads, 0, stream>>>(a, C, hi, lo);
+  const unsigned grid = tile_grid(a.n, a.n, B);
+  if (grid == 0) return cudaErrorInvalidConfiguration;
+  jsd_row_range_kernel<<<grid, kThreads, 0, stream>>>(a, C, hi, lo);
   return cudaGetLastError();
 }
 
 cudaError_t row_range(const float* J, int64_t rows, int M, float* hi, float* lo, cudaStream_t stream) {
-  row_range_kernel<<<unsigned(rows), kReduceThreads, 0, stream>>>(J, M, hi, lo);
+  const unsigned grid = flat_grid(rows, 1, 1);
+  if (grid == 0) return cudaErrorInvalidConfiguration;
+  row_range_kernel<<<grid, kReduceThreads, 0, stream>>>(J, M, hi, lo);
   return cudaGetLastError();
 }
 
 cudaError_t upsampled_row_range(const ScaleView& s, int B, int N, float* hi, float* lo, cudaStream_t stream) {
-  upsampled_row_range_kernel<<<dim3(unsigned(N), unsigned(B)), kReduceThreads, 0, stream>>>(s, N, hi, lo);
+  const unsigned grid = flat_grid(N, 1, B);
+  if (grid == 0) return cudaErrorInvalidConfiguration;
+  upsampled_row_range_kernel<<<grid, kReduceThreads, 0, stream>>>(s, N, hi, lo);
   return cudaGetLastError();
 }
 
@@ -502,13 +541,14 @@ cudaError_t cdam_transform(float* J, int64_t rows, int M, const float* hi, const
                            cudaStream_t stream) {
   const int64_t total = rows * M;
   const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(total, 256), 65535));
-  cdam_transform_kernel<<<blocks, 256, 0, stream>>>(J, total, M, hi, lo, alpha, inv_neg_expm1(alpha));
+  cdam_transform_kernel<<<blocks, 256, 0, stream>>>(J, total, M, hi, lo, make_transform(alpha));
   return cudaGetLastError();
 }
 
 cudaError_t multiscale_map(const ScaleSet& scales, int B, int N, float alpha, float* out, cudaStream_t stream) {
-  multiscale_map_kernel<<<dim3(unsigned(ceil_div(N, 256)), unsigned(N), unsigned(B)), 256, 0, stream>>>(
-      scales, N, alpha, inv_neg_expm1(alpha), out);
+  const unsigned grid = flat_grid(ceil_div(N, 256), N, B);  // N on "y" of a flat grid: N > 65535 works
+  if (grid == 0) return cudaErrorInvalidConfiguration;
+  multiscale_map_kernel<<<grid, 256, 0, stream>>>(scales, N, make_transform(alpha), out);
   return cudaGetLastError();
 }
 
@@ -520,8 +560,7 @@ cudaError_t cdam_attention(Dist a, const float* J, const float* hi, const float*
   prm.hi = hi;
   prm.lo = lo;
   prm.C = C;
-  prm.alpha = alpha;
-  prm.inv_neg_em1 = inv_neg_expm1(alpha);
+  prm.tr = make_transform(alpha);
   prm.v = v;
   prm.out = out;
   return J != nullptr ? launch_attention<kCdamStored>(prm, B, stream) : launch_attention<kCdamRecompute>(prm, B, stream);
@@ -533,8 +572,7 @@ cudaError_t multiscale_attention(const ScaleSet& scales, int B, int C, int N, fl
   prm.a.n = prm.b.n = N;
   prm.scales = scales;
   prm.C = C;
-  prm.alpha = alpha;
-  prm.inv_neg_em1 = inv_neg_expm1(alpha);
+  prm.tr = make_transform(alpha);
   prm.v = v;
   prm.out = out;
   return launch_attention<kMultiscale>(prm, B, stream);
@@ -547,7 +585,8 @@ cudaError_t jsd_attention(Dist a, Dist b, bool self, int B, int C, float tau, Va
   prm.b = b;
   prm.self = self;
   prm.C = C;
-  prm.neg_inv_tau = float(-1.0 / double(tau));
+  // J <= ln 2: clamped to the float32 range the scale keeps every logit finite for any tau > 0
+  prm.neg_inv_tau = float(std::max(-1.0 / double(tau), -double(cdam::kFloat32Max)));
   prm.v = v;
   prm.out = out;
   return launch_attention<kSoftmax>(prm, B, stream);

@@ -1,25 +1,50 @@
 """Pieces every divergence kernel shares: the log, the pairwise tile, the CDAM row transform.
 
-Notation: with s = p_i + q_j, the Jensen-Shannon divergence in nats is
-    J_ij = (ln 2 / 2) * (r_i + r'_j - sum_c s_c log2 s_c),   r_i = sum_c p_ic (log2 p_ic + 1),
-so once the per-row terms r are known the pairwise work is one add, one lg2 and one FMA per
-(i, j, c). Distributions are passed class-major (pT [C, N]) so each class step is a
-contiguous vector load.
+Notation (cdam_fast/centring.py): with s = p_i + q_j and per-class weights w_c = 1 / (2 u_c),
+u the batch element's mean class distribution, the Jensen-Shannon divergence in nats is
+    J_ij = (ln 2 / 2) * (r_i + r'_j - sum_c s_c log2(s_c w_c)),   r_i = sum_c p_ic log2(2 p_ic w_c),
+so once the per-row terms r are known the pairwise work is one add, one multiply, one lg2 and
+one FMA per (i, j, c); centring makes the summed terms small, so fp32 keeps J accurate on flat
+distributions. Distributions are passed class-major (pT [C, N]) so each class step is a
+contiguous vector load. Launch grids are one-dimensional (tile_ids), so no batch or tile count
+meets the 65535 limit of grid axes y and z.
 """
 import os
 
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import constants
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HALF_LN2 = tl.constexpr(0.34657359027997264)
-LOG2E = 1.4426950408889634
+HALF_LN2 = tl.constexpr(constants.HALF_LN2)
+LN2 = tl.constexpr(constants.LN2)
 # Rows whose divergences span less than this many nats are constant (spec 2.6): A = 1.
-CONSTANT_ROW_EPS = tl.constexpr(reference.CONSTANT_ROW_EPS)
-# s below this contributes s * log2(TINY) ~ 0 instead of 0 * log2(0) = NaN.
-TINY = tl.constexpr(1e-30)
+CONSTANT_ROW_EPS = tl.constexpr(constants.CONSTANT_ROW_EPS)
+# s w below this contributes s * log2(TINY) ~ 0 instead of 0 * log2(0) = NaN.
+TINY = tl.constexpr(constants.TINY_MASS)
+# Largest program count of a one-dimensional grid.
+MAX_GRID_X = 2**31 - 1
+
+
+def flat_grid(*counts: int) -> tuple[int]:
+    """The one-dimensional launch grid of a kernel whose programs tile_ids() decomposes into
+    `counts` (fastest first); only grid axis x, which allows 2^31 - 1 programs, is used."""
+    total = 1
+    for c in counts:
+        total *= c
+    if total > MAX_GRID_X:
+        raise ValueError(f"{total} programs exceed the {MAX_GRID_X} of a CUDA grid")
+    return (total,)
+
+
+@triton.jit
+def tile_ids(n0, n1):
+    """(i0, i1, b) of this program in a flat_grid(n0, n1, B) launch; b as int64 for offsets."""
+    pid = tl.program_id(0)
+    i0 = pid % n0
+    rest = pid // n0
+    return i0, rest % n1, (rest // n1).to(tl.int64)
 
 
 @triton.jit
@@ -54,24 +79,27 @@ def log2_poly(x):
 
 
 @triton.jit
-def _class_term(pT, qT, c, offs_m, offs_n, mask_m, mask_n, n_p, n_q, POLY: tl.constexpr, FAST_LOG: tl.constexpr):
-    """s log2 s for class c, s = p_ic + q_jc, as a [BM, BN] tile."""
-    a = tl.load(pT + c * n_p + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-    b = tl.load(qT + c * n_q + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+def _class_term(pT, qT, wc, c, offs_m, offs_n, mask_m, mask_n, n_p, n_q, POLY: tl.constexpr, FAST_LOG: tl.constexpr):
+    """s log2(s w_c) for class c, s = p_ic + q_jc, as a [BM, BN] tile."""
+    c64 = tl.cast(c, tl.int64)  # c * n can pass 2^31 (C = 32768 classes at N = 65536)
+    a = tl.load(pT + c64 * n_p + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+    b = tl.load(qT + c64 * n_q + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    w = tl.load(wc + c64)
     s = a[:, None] + b[None, :]
     if POLY:
-        lg = log2_poly(tl.maximum(s, TINY))
+        lg = log2_poly(tl.maximum(s * w, TINY))
     else:
-        lg = log2(tl.maximum(s, TINY), FAST_LOG)
+        lg = log2(tl.maximum(s * w, TINY), FAST_LOG)
     return s * lg
 
 
 @triton.jit
-def jsd_tile(pT, qT, rp, rq, offs_m, offs_n, n_p, n_q, C, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
+def jsd_tile(pT, qT, rp, rq, wc, offs_m, offs_n, n_p, n_q, C, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, POLY_LOGS: tl.constexpr):
-    """J for rows offs_m of p against rows offs_n of q, [BM, BN] fp32, clamped at 0.
+    """J for rows offs_m of p against rows offs_n of q, [BM, BN] fp32, clamped at 0 (NaN stays NaN).
 
-    pT/qT point at this batch's [C, n] class-major distributions, rp/rq at its row terms.
+    pT/qT point at this batch's [C, n] class-major distributions, rp/rq at its row terms, wc at
+    its [C] centring weights.
     Out-of-range rows/columns read zeros (finite; callers mask them). POLY_LOGS of every 4
     classes take their log from log2_poly, so the FMA pipe shares the work of the
     special-function unit, which alone bounds the kernel (as FlashAttention-4 does for exp2).
@@ -84,44 +112,49 @@ def jsd_tile(pT, qT, rp, rq, offs_m, offs_n, n_p, n_q, C, SELF: tl.constexpr, FA
         c_tail = C - C % 4
         for c0 in range(0, c_tail, 4):
             for g in tl.static_range(4):
-                acc += _class_term(pT, qT, c0 + g, offs_m, offs_n, mask_m, mask_n, n_p, n_q, g < POLY_LOGS,
+                acc += _class_term(pT, qT, wc, c0 + g, offs_m, offs_n, mask_m, mask_n, n_p, n_q, g < POLY_LOGS,
                                    FAST_LOG)
     for c in range(c_tail, C):
-        acc += _class_term(pT, qT, c, offs_m, offs_n, mask_m, mask_n, n_p, n_q, False, FAST_LOG)
+        acc += _class_term(pT, qT, wc, c, offs_m, offs_n, mask_m, mask_n, n_p, n_q, False, FAST_LOG)
     ri = tl.load(rp + offs_m, mask=mask_m, other=0.0)
     rj = tl.load(rq + offs_n, mask=mask_n, other=0.0)
-    j = tl.maximum((ri[:, None] + rj[None, :] - acc) * HALF_LN2, 0.0)
+    j = (ri[:, None] + rj[None, :] - acc) * HALF_LN2
+    j = tl.where(j < 0.0, 0.0, j)  # not tl.maximum: the GPU's max turns NaN into 0
     if SELF:
         j = tl.where(offs_m[:, None] == offs_n[None, :], 0.0, j)
     return j
 
 
-# Below this alpha the bounded form's difference E - exp(-alpha) cancels (it is ~alpha X): with
-# ex2.approx's 2^-22 relative error the map would be off by ~2.4e-7 / alpha, so those alphas
-# take a Taylor 1 - exp(-alpha X) instead (relative error < 1e-9 for alpha X <= 1/8).
-SMALL_ALPHA_LIMIT = 0.125
-LN2 = tl.constexpr(0.6931471805599453)
-
-
 @triton.jit
-def expm1_transform(u, hi, lo, alpha_log2e, exp_neg_alpha, inv_denominator, SMALL_ALPHA: tl.constexpr):
-    """Spec 2.5-2.6 on a tile: X = (hi - u) / (hi - lo) per row (1 on constant rows),
-    A = expm1(alpha X) / expm1(alpha), evaluated as (exp(alpha (X - 1)) - exp(-alpha)) /
-    (1 - exp(-alpha)): the same value with every factor <= 1, so no overflow for alpha > 88
-    where exp(alpha X) is inf in fp32. With SMALL_ALPHA (alpha < 0.125) as
-    exp(alpha (X - 1)) (1 - exp(-alpha X)) / (1 - exp(-alpha)), free of cancellation.
-    hi/lo are [BM] row statistics of u."""
+def cdam_transform(u, hi, lo, alpha_log2e, exp_neg_alpha, factor, SMALL_ALPHA: tl.constexpr):
+    """Spec 2.5-2.6 on a tile: A = expm1(alpha X) / expm1(alpha), X = (hi - u) / (hi - lo) per row
+    (1 on constant rows), hi/lo [BM] the row statistics of u.
+
+    Evaluated as A = (exp(-alpha t) - exp(-alpha)) * factor, factor = 1 / (1 - exp(-alpha)), with
+    t = 1 - X = (u - lo) / span taken directly (1 - X would round): every term is <= 1, the
+    exponent is <= 0 (alpha log2e arrives clamped to the float32 range), so nothing overflows for
+    any alpha, and small A keep their relative accuracy. t = 0 (the row minimum of J, and every
+    entry of a constant row) gives exactly 1: constants.transform_factors rounds factor so that
+    (1 - exp(-alpha)) * factor is 1 in float32. With SMALL_ALPHA (alpha < constants.SMALL_ALPHA_LIMIT),
+    where that difference cancels, A = exp(-alpha t) X g(alpha X) * factor, g(y) = (1 - e^-y) / y
+    by its Taylor series, factor = 1 / g(alpha). NaN in a row (hi NaN) gives NaN, never a
+    plausible map.
+    """
     span = hi - lo
-    flat = span < CONSTANT_ROW_EPS
+    flat = span < CONSTANT_ROW_EPS  # False for NaN
     inv = tl.where(flat, 0.0, 1.0 / tl.where(flat, 1.0, span))
-    x = tl.where(flat[:, None], 1.0, (hi[:, None] - u) * inv[:, None])
-    e = tl.exp2(alpha_log2e * (x - 1.0))
+    t = (u - lo[:, None]) * inv[:, None]
+    t = tl.where(t < 0.0, 0.0, t)  # a recomputed J may round below the row minimum; NaN stays
+    e = tl.exp2(-alpha_log2e * t)  # exactly 1 at t = 0
     if SMALL_ALPHA:
+        x = (hi[:, None] - u) * inv[:, None]
         y = alpha_log2e * LN2 * x  # alpha X in [0, 1/8]
-        one_minus_exp = y * (1.0 - y * (0.5 - y * (1.0 / 6.0 - y * (1.0 / 24.0 - y * (1.0 / 120.0 - y * (
-            1.0 / 720.0 - y * (1.0 / 5040.0)))))))
-        return e * one_minus_exp * inv_denominator
-    return (e - exp_neg_alpha) * inv_denominator
+        g = 1.0 - y * (0.5 - y * (1.0 / 6.0 - y * (1.0 / 24.0 - y * (1.0 / 120.0 - y * (1.0 / 720.0 - y * (
+            1.0 / 5040.0))))))
+        a = tl.where(t == 0.0, 1.0, e * x * g * factor)
+    else:
+        a = (e - exp_neg_alpha) * factor  # factor makes (1 - exp_neg_alpha) * factor exactly 1 in fp32
+    return tl.where(a < 0.0, 0.0, a)  # t may round to 1 + ulp; a NaN-keeping clamp
 
 
 @triton.jit
@@ -176,6 +209,10 @@ def fast_log() -> bool:
 
 def blocks(n: int, big: int) -> int:
     """A power-of-two tile edge: `big` on GPU; in the interpreter, whose cost is per program and
-    per op, CDAM_FAST_INTERPRET_BLOCK (default 32) so small test shapes still span several tiles."""
-    edge = int(os.environ.get("CDAM_FAST_INTERPRET_BLOCK", 32)) if INTERPRETED else big
+    per op, CDAM_FAST_INTERPRET_BLOCK (default 32) so small test shapes still span several tiles,
+    or `big` itself when it is "production" (the GPU's tiles, for tests of that code path)."""
+    edge = big
+    if INTERPRETED:
+        setting = os.environ.get("CDAM_FAST_INTERPRET_BLOCK", "32")
+        edge = big if setting == "production" else int(setting)
     return max(16, min(edge, triton.next_power_of_2(max(n, 1))))

@@ -3,18 +3,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, blocks, fast_log, jsd_tile, poly_logs, product, value_tiles
-from .jsd import class_major, row_terms
+from .. import constants
+from .common import blocks, fast_log, flat_grid, jsd_tile, poly_logs, product, tile_ids, value_tiles
+from .jsd import operands
 
 
 NUM_WARPS = 8  # spill-free on sm_90 with the fp32 (3xTF32) product; 4 warps spill
 
 
 @triton.jit
-def jsd_attention_kernel(pT, qT, rp, rq, v, out, N, M, C, D, neg_log2e_over_tau,
+def jsd_attention_kernel(pT, qT, rp, rq, wc, v, out, N, M, C, D, neg_log2e_over_tau,
                          SELF: tl.constexpr, V_IS_FP32: tl.constexpr, FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    pid_m, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    pid_m, pid_d, b = tile_ids(tl.cdiv(N, BM), tl.cdiv(D, BD))
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = pid_d * BD + tl.arange(0, BD)
     mask_m = offs_m < N
@@ -25,8 +26,8 @@ def jsd_attention_kernel(pT, qT, rp, rq, v, out, N, M, C, D, neg_log2e_over_tau,
     for n0 in range(0, M, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < M
-        j = jsd_tile(pT + b * C * N, qT + b * C * M, rp + b * N, rq + b * M, offs_m, offs_n, N, M, C, SELF,
-                     FAST_LOG, BM, BN, POLY_LOGS)
+        j = jsd_tile(pT + b * C * N, qT + b * C * M, rp + b * N, rq + b * M, wc + b * C, offs_m, offs_n, N, M, C,
+                     SELF, FAST_LOG, BM, BN, POLY_LOGS)
         logits = tl.where(mask_n[None, :], j * neg_log2e_over_tau, float("-inf"))  # base-2 logits
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         rescale = tl.exp2(row_max - new_max)
@@ -41,14 +42,16 @@ def jsd_attention_kernel(pT, qT, rp, rq, v, out, N, M, C, D, neg_log2e_over_tau,
 
 def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float, q: torch.Tensor | None) -> torch.Tensor:
     B, N, C = p.shape
-    pT, rp = class_major(p), row_terms(p)
-    qT, rq = (pT, rp) if q is None else (class_major(q), row_terms(q))
+    pT, qT, rp, rq, w = operands(p, q)
     M, D = v.shape[1], v.shape[2]
     out = torch.empty(B, N, D, device=v.device, dtype=v.dtype)
     bm, bn, bd = value_tiles(D, v.dtype == torch.float32, reads_j=False, poly=poly_logs() > 0)
     BM, BN, BD = blocks(N, bm), blocks(M, bn), blocks(D, bd)
-    grid = (triton.cdiv(N, BM), triton.cdiv(D, BD), B)
-    jsd_attention_kernel[grid](pT, qT, rp, rq, v, out, N, M, C, D, -LOG2E / tau, SELF=q is None,
+    grid = flat_grid(triton.cdiv(N, BM), triton.cdiv(D, BD), B)
+    # J <= ln 2, so clamping the scale to the float32 range keeps every logit finite for any
+    # tau > 0 (a tau below ~3e-39 would otherwise make it -inf and 0 * inf = NaN on the diagonal)
+    scale = max(-constants.LOG2E / tau, -constants.FLOAT32_MAX)
+    jsd_attention_kernel[grid](pT, qT, rp, rq, w, v, out, N, M, C, D, scale, SELF=q is None,
                                V_IS_FP32=v.dtype == torch.float32, FAST_LOG=fast_log(), POLY_LOGS=poly_logs(), BM=BM, BN=BN, BD=BD,
                                num_warps=NUM_WARPS)
     return out

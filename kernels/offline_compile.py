@@ -35,11 +35,12 @@ def _tiles(D: int, vdt: str, reads_j: bool, multi: bool = False, poly: bool = Fa
 
 def _cases():
     base_c = {"FAST_LOG": True, "POLY_LOGS": 0, "BM": 64, "BN": 64}
-    scale_sig = {"pT": _P, "rp": _P, "jfull": _P, "js_flat": _P, "js_off": "*i64", "js_n": "*i32",
+    scale_sig = {"pT": _P, "rp": _P, "wc": _P, "jfull": _P, "js_flat": _P, "js_off": "*i64", "js_n": "*i32",
                  "taps_idx": "*i32", "taps_w": _P}
     cases = {
         "pairwise_jsd": (jsd.pairwise_jsd_kernel,
-                         {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "out": _P, "N": "i32", "M": "i32", "C": "i32"},
+                         {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "w": _P, "out": _P, "N": "i32", "M": "i32",
+                          "C": "i32"},
                          {"SELF": False, **base_c}, jsd.NUM_WARPS),
     }
     for src, multi, label in ((1, False, "recompute"), (2, False, "materialized"), (1, True, "multiscale,recompute"),
@@ -47,20 +48,21 @@ def _cases():
         cases[f"row_stats[{label}]"] = (
             cdam.row_stats_kernel,
             {**scale_sig, "hi_out": _P, "lo_out": _P, "N": "i32", "C": "i32", "S": "i32"},
-            {"FULL_SRC": src, "MULTI": multi, **base_c}, cdam.NUM_WARPS)
+            {"FULL_SRC": src, "MULTI": multi, **base_c, **({"BN": cdam.ROW_STATS_BN_MULTI} if multi else {})},
+            cdam.NUM_WARPS)
         for vdt in ("fp16", "fp32"):  # bf16 compiles like fp16
             cases[f"cdam_product[{label},{vdt}]"] = (
                 cdam.cdam_product_kernel,
                 {**scale_sig, "hi_in": _P, "lo_in": _P, "weights": _P, "v": f"*{vdt}", "out": f"*{vdt}",
                  "N": "i32", "C": "i32", "D": "i32", "S": "i32", "alpha_log2e": "fp32", "exp_neg_alpha": "fp32",
-                 "inv_denominator": "fp32"},
+                 "factor": "fp32"},
                 {"FULL_SRC": src, "MULTI": multi, "WRITE_MAP": False, "V_IS_FP32": vdt == "fp32", "SMALL_ALPHA": False,
                  **base_c,
                  **_tiles(128, vdt, src == 2, multi)}, cdam.NUM_WARPS)
     for vdt in ("fp16", "fp32"):
         cases[f"jsd_attention[{vdt}]"] = (
             jsd_attention.jsd_attention_kernel,
-            {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "v": f"*{vdt}", "out": f"*{vdt}", "N": "i32", "M": "i32",
+            {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "wc": _P, "v": f"*{vdt}", "out": f"*{vdt}", "N": "i32", "M": "i32",
              "C": "i32", "D": "i32", "neg_log2e_over_tau": "fp32"},
             {"SELF": True, "V_IS_FP32": vdt == "fp32", **base_c, **_tiles(128, vdt, False)}, jsd_attention.NUM_WARPS)
     # wide 16-bit values (D > 128) take BD = 256 in the kernels that recompute J
@@ -78,7 +80,7 @@ def _cases():
         vdt = "fp32" if consts["V_IS_FP32"] else "fp16"
         cases[name.replace("]", ",poly1]")] = (kernel, sig, {**consts, "POLY_LOGS": 1,
                                                              **_tiles(128, vdt, False, poly=True)}, warps)
-    # alpha < SMALL_ALPHA_LIMIT adds a Taylor 1 - exp(-alpha X) to the transform
+    # alpha < SMALL_ALPHA_LIMIT adds a Taylor g(alpha X) = (1 - exp(-alpha X)) / (alpha X) to the transform
     for name in ("cdam_product[recompute,fp32]", "cdam_product[multiscale,recompute,fp32]",
                  "cdam_product[materialized,fp32]"):
         kernel, sig, consts, warps = cases[name]

@@ -23,8 +23,9 @@ from cdam_fast.backends import cpu_backend, extension_build as eb
 from cdam_fast.dispatch import BackendUnavailableError
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
-J_ATOL = 1e-5      # float32 accumulation of C <= 512 entropy terms: ~1e-6 nats
-MAP_ATOL = 1e-4    # the row min-max and expm1 amplify J errors by up to 2 alpha / span
+# The cpu row of test_ops_correctness.TOLERANCES (~4x the measured errors; README accuracy table)
+J_ATOL = 8e-6      # centred float32 sums over C <= 512 classes, blocked by 64: <= 2e-6 nats measured
+MAP_ATOL = 3e-5    # the row min-max and expm1 amplify J errors by up to 2 alpha / span
 ATTN_RTOL = {F32: 1e-4, F16: 2e-3, BF16: 1e-2}  # relative to max |reference|; 16-bit outputs round
 SCALES = (1.0, 0.25, 0.37, 0.5, 0.63, 0.75, 0.87)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .extension_build import cuda_extension
-from .shared import GRID_YZ_MAX, INT32_MAX, ExtensionOps, cdiv, dtype_reason, limit_reason
+from .shared import INT32_MAX, ExtensionOps, cdiv, dtype_reason, limit_reason
 
 MIN_CAPABILITY = (8, 0)
 # From csrc/cdam_cuda_kernels.cu and cdam_cuda.h: query rows per block (grid y) and the scale slots.
@@ -33,21 +33,21 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def not_supported_reasons(call) -> list[str]:
-    """Limits of the current launches: the batch on grid z (grid y for the upsampled row
-    statistics), query-row blocks on grid y, N itself on grid y in the multi-scale map, int32
-    row and class counts and tap indices, at most MAX_SCALES scales."""
+    """Limits of the current launches: one-dimensional grids of at most 2^31 - 1 blocks (the
+    largest is the multi-scale map's, B x N x N/256), int32 row and class counts and tap
+    indices, at most MAX_SCALES scales."""
     why = unavailable_reason(call.device, call.compute_dtype)
     if why:
         return [why]
     B, N, M, C = call.batch, call.tokens(), call.keys(), call.classes()
-    reasons = limit_reason("batch", B, GRID_YZ_MAX, "launch-grid z")
-    reasons += limit_reason("query-row blocks", cdiv(N, ROWS_PER_BLOCK), GRID_YZ_MAX, "launch-grid y")
+    blocks = B * cdiv(N, ROWS_PER_BLOCK) * cdiv(max(M, C, 1), ROWS_PER_BLOCK)
+    if call.op == "multiscale_cdam_map":
+        blocks = max(blocks, B * N * cdiv(N, 256))
+    reasons = limit_reason("launch blocks", blocks, INT32_MAX, "one-dimensional launch grid")
     reasons += limit_reason("rows or classes", max(N, M, C), INT32_MAX, "int32 sizes")
     if call.tensors.get("sim") is not None:
         reasons += limit_reason("scales", len(call.grid_sizes()), MAX_SCALES, "fixed scale slots")
         reasons += limit_reason("tap-table entries", 4 * N, INT32_MAX, "int32 tap indices")
-        if call.op == "multiscale_cdam_map":
-            reasons += limit_reason("N", N, GRID_YZ_MAX, "the multi-scale map puts N on launch-grid y")
     return reasons
 
 

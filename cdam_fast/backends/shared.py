@@ -7,7 +7,6 @@ from .. import grids, memory
 
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # CUDA launch grids hold at most this many blocks on their y and z axes (x: 2^31 - 1).
-GRID_YZ_MAX = 65535
 INT32_MAX = 2**31 - 1
 
 

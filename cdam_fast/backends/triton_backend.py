@@ -17,7 +17,7 @@ from ..kernels import cdam as _cdam
 from ..kernels import common as _common
 from ..kernels import jsd as _jsd
 from ..kernels import jsd_attention as _jsd_attention
-from .shared import GRID_YZ_MAX, INT32_MAX, cdiv, dtype_reason, limit_reason, materialized_bytes, multiscale_inputs
+from .shared import INT32_MAX, cdiv, dtype_reason, limit_reason, materialized_bytes, multiscale_inputs
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -33,34 +33,25 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def not_supported_reasons(call) -> list[str]:
-    """Limits of the current kernels: batch on launch-grid z, key tiles (pairwise_jsd) or value
-    tiles (attention) on grid y, and int32 element offsets (class-major c * n, the small grids'
-    ia * n_s + ib gather, the tap tables' slot * N * 4)."""
+    """Limits of the current kernels: every launch is one-dimensional (kernels/common.flat_grid),
+    so the programs of a launch (counted here with the smallest tile, 16) must stay below
+    2^31 - 1; the bilinear tap indices (slot * 4) are int32. Element offsets are 64-bit."""
     why = unavailable_reason(call.device, call.compute_dtype)
     if why:
         return [why]
-    B, N, M, C, D = call.batch, call.tokens(), call.keys(), call.classes(), call.width()
-    reasons = limit_reason("batch", B, GRID_YZ_MAX, "the batch is launch-grid z")
-    if call.op == "pairwise_jsd":
-        reasons += limit_reason("key tiles", cdiv(M, _common.blocks(M, 64)), GRID_YZ_MAX, "launch-grid y")
-    elif D:
-        bd = min(_common.value_tiles(D, v_fp32, reads_j, multi)[2] for v_fp32 in (False, True)
-                 for reads_j in (False, True) for multi in (False, True))
-        reasons += limit_reason("value tiles", cdiv(D, _common.blocks(D, bd)), GRID_YZ_MAX, "launch-grid y")
-    reasons += limit_reason("C * N", C * max(N, M), INT32_MAX, "int32 class-major offsets")
+    B, N, M, D = call.batch, call.tokens(), call.keys(), call.width()
+    tiles = cdiv(N, 16) * max(cdiv(M, 16), cdiv(D, 16) if D else 1)
+    reasons = limit_reason("programs per launch", B * tiles, _common.MAX_GRID_X, "one-dimensional launch grid")
     if call.tensors.get("sim") is not None:
-        small = [n for n in call.grid_sizes() if n != N]
-        if small:
-            reasons += limit_reason("small-grid n_s^2", max(small) ** 2, INT32_MAX, "int32 gather offsets")
-            reasons += limit_reason("tap-table entries", 4 * N * len(small), INT32_MAX, "int32 offsets")
-        reasons += limit_reason("scales", len(call.grid_sizes()), GRID_YZ_MAX, "launch-grid y of the row statistics")
+        reasons += limit_reason("tap-table entries", 4 * N, INT32_MAX, "int32 tap indices")
     return reasons
 
 
 def _full_scale(p: torch.Tensor, materialize: bool):
     if materialize:
         return ("materialized", _jsd.pairwise_jsd(p, None))
-    return ("recompute", _jsd.class_major(p), _jsd.row_terms(p))
+    pT, _, rp, _, w = _jsd.operands(p, None)
+    return ("recompute", pT, rp, w)
 
 
 def pairwise_jsd(p, q):
