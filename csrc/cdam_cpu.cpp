@@ -676,13 +676,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ps"), py::arg("idx"), py::arg("wts"), py::arg("v"), py::arg("alpha"), py::arg("materialize"), nogil);
   m.def("jsd_attention", &jsd_attention, "softmax(-J / tau) @ v, online softmax", py::arg("p"), py::arg("v"),
         py::arg("tau"), py::arg("q") = py::none(), nogil);
-  m.def("vector_isa", []() {
-#if defined(CPU_CAPABILITY_AVX512)
-    return std::string("avx512");
-#elif defined(CPU_CAPABILITY_AVX2)
-    return std::string("avx2");
-#else
-    return std::string("default");
-#endif
-  });
 }
