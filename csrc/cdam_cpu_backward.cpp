@@ -158,8 +158,11 @@ void gradient_row(int kind, double param, const float* jr, float* wr, const floa
   double to_hi = 0.0, to_lo = 0.0;
   int64_t n_hi = 0, n_lo = 0;
   for (int64_t j = 0; j < M; ++j) {  // wr becomes gX = (g.v) dA/dX
-    const double t = std::max(0.0, double(jr[j] - st.lo) * inv), x = double(st.hi - jr[j]) * inv;
-    const double gx = double(gr[j]) * scale * std::exp(-alpha * t);
+    // X = 1 - t: exactly 1 where t = 0, so at a single row minimum the direct term and the one
+    // through lo cancel exactly (for huge alpha both are ~alpha / span)
+    const double t = std::max(0.0, double(jr[j] - st.lo) * inv), x = 1.0 - t;
+    // rounded to float first: the sums then hold exactly the values the direct term reads back
+    const double gx = float(double(gr[j]) * scale * std::exp(-alpha * t));
     to_hi += gx * t;
     to_lo += gx * x;
     n_hi += jr[j] == st.hi;

@@ -52,7 +52,7 @@ def cdam_row_stats_kernel(pT, rp, wc, hi_out, lo_out, nhi_out, nlo_out, N, C, FA
 def _tile(pT, rp, wc, hi, lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D, FAST_LOG: tl.constexpr,
           POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """(J, t, X, inv_span, g_i . v_j) on a tile, J recomputed as the forward does (jsd_tile):
-    t = (J - lo) / span as kernels/common.cdam_transform takes it, X = (hi - J) / span = 1 - t;
+    t = (J - lo) / span as kernels/common.cdam_transform takes it, X = 1 - t;
     inv_span = 0 on constant rows (span < CONSTANT_ROW_EPS), whose gradient is zero."""
     j = jsd_tile(pT, pT, rp, rp, wc, offs_m, offs_n, N, N, C, True, FAST_LOG, BM, BN, POLY_LOGS)
     h = tl.load(hi + offs_m, mask=mask_m, other=0.0)
@@ -62,7 +62,9 @@ def _tile(pT, rp, wc, hi, lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D, FAS
     inv = tl.where(flat, 0.0, 1.0 / tl.where(flat, 1.0, span))
     t = (j - lw[:, None]) * inv[:, None]
     t = tl.where(t < 0.0, 0.0, t)
-    x = (h[:, None] - j) * inv[:, None]
+    # X = 1 - t, not (hi - J) / span: X is then exactly 1 where t = 0, so at a single row minimum
+    # the direct term and the one through lo cancel exactly (for huge alpha both are ~alpha / span)
+    x = 1.0 - t
     gv = tl.zeros((BM, BN), dtype=tl.float32)
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
