@@ -32,6 +32,7 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 // Largest [rows, Mp] float chunk of weights and of g v^T per step: 8 MiB each.
 constexpr int64_t kChunkFloats = int64_t(1) << 21;
+using cdam::kClassBlock;  // J is accumulated in the forward's blocked order
 
 // log2 of max(s, kTinyMass): SLEEF's 3.5-ulp AVX2 log2 where available (about twice the speed
 // of the 1-ulp one behind Vec::log2, and far below what the fp32 sums resolve), else Vec::log2.
@@ -207,22 +208,28 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
       at::mm_out(gvr, g_rows, v[b].t());  // g_i . v_j
       at::parallel_for(0, nr, 1, [&](int64_t begin, int64_t end) {
         float* ut = u_local.data() + at::get_thread_num() * C * Mp;
-        std::vector<float> logs(C * Mp), jrow(Mp), grow(Mp);
+        std::vector<float> logs(C * Mp), jrow(Mp), part(Mp), grow(Mp);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = i0 + r;
           const float* prow = pb + i * C;
           // class-major sweep: every stream (keys, logs, the row's sums) is read or written in order
+          // blocked as the forward: kClassBlock classes into fresh partial sums, then into the totals
           std::fill(jrow.begin(), jrow.end(), 0.f);
-          for (int64_t c = 0; c < C; ++c) {
-            const Vec pc(prow[c]), wc(wb[c]);
-            const float* kc = kb + c * Mp;
-            float* lc = logs.data() + c * Mp;
-            for (int64_t j = 0; j < Mp; j += kLanes) {
-              const Vec s = pc + Vec::loadu(kc + j);
-              const Vec lg = log2v(s * wc);
-              lg.store(lc + j);
-              at::vec::fmadd(s, lg, Vec::loadu(jrow.data() + j)).store(jrow.data() + j);
+          for (int64_t c0 = 0; c0 < C; c0 += kClassBlock) {
+            std::fill(part.begin(), part.end(), 0.f);
+            for (int64_t c = c0; c < std::min<int64_t>(C, c0 + kClassBlock); ++c) {
+              const Vec pc(prow[c]), wc(wb[c]);
+              const float* kc = kb + c * Mp;
+              float* lc = logs.data() + c * Mp;
+              for (int64_t j = 0; j < Mp; j += kLanes) {
+                const Vec s = pc + Vec::loadu(kc + j);
+                const Vec lg = log2v(s * wc);
+                lg.store(lc + j);
+                at::vec::fmadd(s, lg, Vec::loadu(part.data() + j)).store(part.data() + j);
+              }
             }
+            for (int64_t j = 0; j < Mp; j += kLanes)
+              (Vec::loadu(jrow.data() + j) + Vec::loadu(part.data() + j)).store(jrow.data() + j);
           }
           const Vec ri(rp.data_ptr<float>()[b * N + i]);
           for (int64_t j = 0; j < Mp; j += kLanes) {
