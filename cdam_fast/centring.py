@@ -36,3 +36,12 @@ def row_terms(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     own dtype, w as the float32 it is given), rounded to float32 once."""
     pd = p.double()
     return (torch.xlogy(pd, 2.0 * pd * w.double()[:, None, :]).sum(-1) * LOG2E).float().contiguous()
+
+
+def log_terms(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """lp [B, n, C] = log2(2 p w) in float64, rounded to float32 once: the summands of r_i / p_ic,
+    and the gradient's log(p_ic / m_ijc) = ln 2 (lp_ic - log2(s_ijc w_c)) with the same logarithm
+    of s w the divergence takes (the fused backward passes). p = 0 reads TINY_MASS (finite; the
+    gradient is 0 there)."""
+    pd = p.double().clamp_min(TINY_MASS)
+    return torch.log2(2.0 * pd * w.double()[:, None, :]).float()

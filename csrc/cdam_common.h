@@ -14,8 +14,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 namespace cdam {
+
+// CPU kernels (forward and backward): classes summed into one partial sum of a divergence before
+// it joins the total, so the rounding error grows with C / kClassBlock + kClassBlock instead of C.
+constexpr int64_t kClassBlock = 64;
 
 // Host-side factors of the CDAM transform for one alpha (cdam_fast/constants.py: transform_factors):
 // A = (exp2(-alpha_log2e t) - exp_neg_alpha) * factor, or for small alpha

@@ -31,8 +31,7 @@ constexpr int64_t kTile = 64;
 constexpr int64_t kChunkFloats = int64_t(1) << 21;
 // Largest [N, N] weight buffer of a jsd_attention(p, p) step that covers all pairs: 32 MiB (N <= 2896).
 constexpr int64_t kSelfStepFloats = int64_t(1) << 23;
-// Classes summed into one partial sum of a divergence before it joins the total.
-constexpr int64_t kClassBlock = 64;
+using cdam::kClassBlock;
 // Keys per step of the online softmax in jsd_attention (a multiple of kKeyBlock).
 constexpr int64_t kSoftmaxKeys = 4096;
 

@@ -3,9 +3,12 @@
 // with g and v, thread-local key-side accumulators. Never builds [N, M, C]; jsd_attention keeps
 // bounded [rows, M] chunks of the weights and score gradients (O(N (C + D)) plus 16 MiB).
 //
-// Inputs arrive from cdam_fast/autograd/cpu_backward.py float32 and prepared: rows p [B, N, C],
-// their log terms lp = log2 p + 1 [B, N, C] and r = sum_c p (log2 p + 1) [B, N]; keys class-major
-// and zero-padded to a multiple of the vector width, kT / lkT [B, C, Mp], rk [B, Mp].
+// J is evaluated in the forward's centred form (cdam_common.h): with the centring weights w [B, C]
+// shared by both sides, J_ij = (ln 2 / 2) (r_i + r'_j - sum_c s log2(s w_c)), and the gradient's
+// log(p_ic / m_ijc) = ln 2 (lp_ic - log2(s w_c)) with lp_ic = log2(2 p_ic w_c): one logarithm per
+// (i, j, c) serves both. Inputs arrive from cdam_fast/autograd/cpu_backward.py float32 and prepared:
+// rows p [B, N, C], their log terms lp [B, N, C] and row terms r [B, N] (cdam_fast/centring.py);
+// keys class-major and zero-padded to a multiple of the vector width, kT / lkT [B, C, Mp], rk [B, Mp].
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -29,6 +32,7 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 // Largest [rows, Mp] float chunk of weights and of g v^T per step: 8 MiB each.
 constexpr int64_t kChunkFloats = int64_t(1) << 21;
+using cdam::kClassBlock;  // J is accumulated in the forward's blocked order
 
 // log2 of max(s, kTinyMass): SLEEF's 3.5-ulp AVX2 log2 where available (about twice the speed
 // of the 1-ulp one behind Vec::log2, and far below what the fp32 sums resolve), else Vec::log2.
@@ -42,10 +46,10 @@ inline Vec log2v(const Vec& s) {
 float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
 
 // For rows [i0, i1) of batch element b with score gradients G (row i at G + (i - i0) * Mp, zero
-// on padded keys): T[i, c] = sum_j G_ij (lp_ic - log2 s_ijc) and, if U is given,
-// U[c, j] += sum_i G_ij (lk_cj - log2 s_ijc), through per-thread buffers summed at the end.
-void class_terms(const float* p, const float* lp, const float* kT, const float* lkT, const float* G, int64_t i0,
-                 int64_t i1, int64_t C, int64_t Mp, float* T, float* U) {
+// on padded keys) and centring weights w [C]: T[i, c] = sum_j G_ij (lp_ic - log2(s_ijc w_c)) and,
+// if U is given, U[c, j] += sum_i G_ij (lk_cj - log2(s_ijc w_c)), through per-thread buffers summed at the end.
+void class_terms(const float* p, const float* lp, const float* kT, const float* lkT, const float* w, const float* G,
+                 int64_t i0, int64_t i1, int64_t C, int64_t Mp, float* T, float* U) {
   const int64_t threads = at::get_num_threads();
   std::vector<float> u_local(U ? threads * C * Mp : 0, 0.f);
   at::parallel_for(i0, i1, 1, [&](int64_t begin, int64_t end) {
@@ -59,7 +63,7 @@ void class_terms(const float* p, const float* lp, const float* kT, const float* 
       for (int64_t j = 0; j < Mp; j += kLanes) {
         const Vec g = Vec::loadu(grow + j);
         for (int64_t c = 0; c < C; ++c) {
-          const Vec lg = log2v(Vec(prow[c]) + Vec::loadu(kT + c * Mp + j));
+          const Vec lg = log2v((Vec(prow[c]) + Vec::loadu(kT + c * Mp + j)) * Vec(w[c]));
           tacc[c] = at::vec::fmadd(g, Vec(lprow[c]) - lg, tacc[c]);
           if (ut) {
             Vec u = Vec::loadu(ut + c * Mp + j);
@@ -80,80 +84,95 @@ void class_terms(const float* p, const float* lp, const float* kT, const float* 
 
 // pairwise_jsd: given G [B, N, Mp] (zero-padded), T [B, N, C] and, if keys_too, U [B, C, Mp].
 std::vector<at::Tensor> jsd_class_grads(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& kT,
-                                        const at::Tensor& lkT, const at::Tensor& G, bool keys_too) {
+                                        const at::Tensor& lkT, const at::Tensor& w, const at::Tensor& G,
+                                        bool keys_too) {
   const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2);
   at::Tensor T = at::zeros({B, N, C}, p.options());
   at::Tensor U = keys_too ? at::zeros({B, C, Mp}, p.options()) : at::Tensor();
   for (int64_t b = 0; b < B; ++b)
     class_terms(p.data_ptr<float>() + b * N * C, lp.data_ptr<float>() + b * N * C,
-                kT.data_ptr<float>() + b * C * Mp, lkT.data_ptr<float>() + b * C * Mp,
+                kT.data_ptr<float>() + b * C * Mp, lkT.data_ptr<float>() + b * C * Mp, w.data_ptr<float>() + b * C,
                 G.data_ptr<float>() + b * N * Mp, 0, N, C, Mp, T.data_ptr<float>() + b * N * C,
                 keys_too ? U.data_ptr<float>() + b * C * Mp : nullptr);
   return {T, keys_too ? U : at::zeros({0}, p.options())};
 }
 
 // Row transforms of the attention backward. kind 0 (jsd_attention): w = softmax_j(-J_ij / tau),
-// G = -w (g.v - Delta) / tau. kind 1 (cdam_attention): w = A = expm1(alpha X) / expm1(alpha),
-// X = (hi - J) / (hi - lo) (1 on constant rows), and G from docs/autograd.md section 2 (ties at
-// the row max / min share its gradient evenly; constant rows get none).
-void forward_row(int kind, double param, const float* jr, float* wr, int64_t M) {
-  if (kind == 0) {
-    const float inv_tau = float(1.0 / param);
-    float lo = std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < M; ++j) lo = std::min(lo, jr[j]);
-    float sum = 0.f;
-    for (int64_t j = 0; j < M; ++j) sum += (wr[j] = std::exp((lo - jr[j]) * inv_tau));
-    const float inv = 1.f / sum;
-    for (int64_t j = 0; j < M; ++j) wr[j] *= inv;
-    return;
-  }
+// G = -w (g.v - Delta) / tau, 1 / tau clamped to the float32 range as in the forward. kind 1
+// (cdam_attention): A = expm1(alpha X) / expm1(alpha) in the forward's form (kernels/common.py:
+// cdam_transform) with t = 1 - X = (J - lo) / span taken directly, evaluated in double as
+// A = exp(-alpha t) expm1(-alpha X) / expm1(-alpha), which is accurate for every alpha (so the
+// float32 forward's small-alpha series is not needed here) and exactly 1 at t = 0 and on constant
+// rows (span < kConstantRowEps, X := 1); dA/dX = -dA/dt = alpha exp(-alpha t) / (1 - exp(-alpha)).
+// G from docs/autograd.md section 2: ties at the row max / min share its gradient evenly;
+// constant rows get none.
+struct RowStats {
+  float hi, lo, span;
+  bool flat;
+};
+
+RowStats row_stats(const float* jr, int64_t M) {
   float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < M; ++j) {
     hi = std::max(hi, jr[j]);
     lo = std::min(lo, jr[j]);
   }
-  const float span = hi - lo;
-  const bool flat = span < cdam::kConstantRowEps;
-  const double alpha = param, denom = std::expm1(-alpha);
+  return {hi, lo, hi - lo, hi - lo < cdam::kConstantRowEps};
+}
+
+float neg_inv_tau(double tau) { return float(std::max(-1.0 / tau, -double(cdam::kFloat32Max))); }
+
+void forward_row(int kind, double param, const float* jr, float* wr, int64_t M) {
+  if (kind == 0) {
+    const float scale = neg_inv_tau(param);
+    float lo = std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < M; ++j) lo = std::min(lo, jr[j]);
+    float sum = 0.f;
+    for (int64_t j = 0; j < M; ++j) sum += (wr[j] = std::exp((jr[j] - lo) * scale));
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < M; ++j) wr[j] *= inv;
+    return;
+  }
+  const RowStats st = row_stats(jr, M);
+  const double alpha = param, denom = std::expm1(-alpha), inv = st.flat ? 0.0 : 1.0 / st.span;
   for (int64_t j = 0; j < M; ++j) {
-    const double x = flat ? 1.0 : double(hi - jr[j]) / span;
-    wr[j] = float(std::exp(alpha * (x - 1.0)) * std::expm1(-alpha * x) / denom);
+    const double t = std::max(0.0, double(jr[j] - st.lo) * inv);
+    const double x = st.flat ? 1.0 : double(st.hi - jr[j]) * inv;
+    wr[j] = float(std::max(0.0, std::exp(-alpha * t) * std::expm1(-alpha * x) / denom));
   }
 }
 
 void gradient_row(int kind, double param, const float* jr, float* wr, const float* gr, int64_t M) {
   double delta = 0.0;
   if (kind == 0) {
-    const float inv_tau = float(1.0 / param);
+    const float scale = neg_inv_tau(param);
     for (int64_t j = 0; j < M; ++j) delta += double(wr[j]) * gr[j];
-    for (int64_t j = 0; j < M; ++j) wr[j] = -wr[j] * (gr[j] - float(delta)) * inv_tau;
+    for (int64_t j = 0; j < M; ++j) wr[j] = wr[j] * (gr[j] - float(delta)) * scale;
     return;
   }
-  float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < M; ++j) {
-    hi = std::max(hi, jr[j]);
-    lo = std::min(lo, jr[j]);
-  }
-  const float span = hi - lo;
-  if (span < cdam::kConstantRowEps) {
+  const RowStats st = row_stats(jr, M);
+  if (st.flat) {
     std::fill(wr, wr + M, 0.f);
     return;
   }
-  const double alpha = param, scale = alpha / -std::expm1(-alpha), inv = 1.0 / span;
+  const double alpha = param, scale = alpha / -std::expm1(-alpha), inv = 1.0 / st.span;
   double to_hi = 0.0, to_lo = 0.0;
   int64_t n_hi = 0, n_lo = 0;
   for (int64_t j = 0; j < M; ++j) {  // wr becomes gX = (g.v) dA/dX
-    const double x = double(hi - jr[j]) * inv;
-    const double gx = double(gr[j]) * scale * std::exp(alpha * (x - 1.0));
-    to_hi += gx * (1.0 - x);
+    // X = 1 - t: exactly 1 where t = 0, so at a single row minimum the direct term and the one
+    // through lo cancel exactly (for huge alpha both are ~alpha / span)
+    const double t = std::max(0.0, double(jr[j] - st.lo) * inv), x = 1.0 - t;
+    // rounded to float first: the sums then hold exactly the values the direct term reads back
+    const double gx = float(double(gr[j]) * scale * std::exp(-alpha * t));
+    to_hi += gx * t;
     to_lo += gx * x;
-    n_hi += jr[j] == hi;
-    n_lo += jr[j] == lo;
+    n_hi += jr[j] == st.hi;
+    n_lo += jr[j] == st.lo;
     wr[j] = float(gx);
   }
   const double add_hi = to_hi * inv / double(n_hi), add_lo = to_lo * inv / double(n_lo);
   for (int64_t j = 0; j < M; ++j)
-    wr[j] = float(-double(wr[j]) * inv + (jr[j] == hi ? add_hi : 0.0) + (jr[j] == lo ? add_lo : 0.0));
+    wr[j] = float(-double(wr[j]) * inv + (jr[j] == st.hi ? add_hi : 0.0) + (jr[j] == st.lo ? add_lo : 0.0));
 }
 
 // The attention backward (kind as above, param = tau or alpha) in bounded row chunks; returns
@@ -162,8 +181,8 @@ void gradient_row(int kind, double param, const float* jr, float* wr, const floa
 // row and, once the row's score gradient is known, its class sums: one log per (i, j, c).
 std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& rp,
                                            const at::Tensor& kT, const at::Tensor& lkT, const at::Tensor& rk,
-                                           const at::Tensor& v, const at::Tensor& g, int64_t kind, double param,
-                                           bool self) {
+                                           const at::Tensor& cw, const at::Tensor& v, const at::Tensor& g, int64_t kind,
+                                           double param, bool self) {
   const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2), M = v.size(1);
   at::Tensor T = at::zeros({B, N, C}, p.options());
   at::Tensor U = at::zeros({B, C, Mp}, p.options());
@@ -179,6 +198,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
     const float* kb = kT.data_ptr<float>() + b * C * Mp;
     const float* lkb = lkT.data_ptr<float>() + b * C * Mp;
     const float* rkb = rk.data_ptr<float>() + b * Mp;
+    const float* wb = cw.data_ptr<float>() + b * C;
     float* Tb = T.data_ptr<float>() + b * N * C;
     std::fill(u_local.begin(), u_local.end(), 0.f);
     for (int64_t i0 = 0; i0 < N; i0 += R) {
@@ -188,22 +208,28 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
       at::mm_out(gvr, g_rows, v[b].t());  // g_i . v_j
       at::parallel_for(0, nr, 1, [&](int64_t begin, int64_t end) {
         float* ut = u_local.data() + at::get_thread_num() * C * Mp;
-        std::vector<float> logs(C * Mp), jrow(Mp), grow(Mp);
+        std::vector<float> logs(C * Mp), jrow(Mp), part(Mp), grow(Mp);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = i0 + r;
           const float* prow = pb + i * C;
           // class-major sweep: every stream (keys, logs, the row's sums) is read or written in order
+          // blocked as the forward: kClassBlock classes into fresh partial sums, then into the totals
           std::fill(jrow.begin(), jrow.end(), 0.f);
-          for (int64_t c = 0; c < C; ++c) {
-            const Vec pc(prow[c]);
-            const float* kc = kb + c * Mp;
-            float* lc = logs.data() + c * Mp;
-            for (int64_t j = 0; j < Mp; j += kLanes) {
-              const Vec s = pc + Vec::loadu(kc + j);
-              const Vec lg = log2v(s);
-              lg.store(lc + j);
-              at::vec::fmadd(s, lg, Vec::loadu(jrow.data() + j)).store(jrow.data() + j);
+          for (int64_t c0 = 0; c0 < C; c0 += kClassBlock) {
+            std::fill(part.begin(), part.end(), 0.f);
+            for (int64_t c = c0; c < std::min<int64_t>(C, c0 + kClassBlock); ++c) {
+              const Vec pc(prow[c]), wc(wb[c]);
+              const float* kc = kb + c * Mp;
+              float* lc = logs.data() + c * Mp;
+              for (int64_t j = 0; j < Mp; j += kLanes) {
+                const Vec s = pc + Vec::loadu(kc + j);
+                const Vec lg = log2v(s * wc);
+                lg.store(lc + j);
+                at::vec::fmadd(s, lg, Vec::loadu(part.data() + j)).store(part.data() + j);
+              }
             }
+            for (int64_t j = 0; j < Mp; j += kLanes)
+              (Vec::loadu(jrow.data() + j) + Vec::loadu(part.data() + j)).store(jrow.data() + j);
           }
           const Vec ri(rp.data_ptr<float>()[b * N + i]);
           for (int64_t j = 0; j < Mp; j += kLanes) {
@@ -249,9 +275,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cdam_fast CPU backward kernels (see cdam_fast/autograd/cpu_backward.py)";
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("jsd_class_grads", &jsd_class_grads, "per-class gradient sums of sum_ij G_ij J_ij", py::arg("p"),
-        py::arg("lp"), py::arg("kT"), py::arg("lkT"), py::arg("G"), py::arg("keys_too"), nogil);
+        py::arg("lp"), py::arg("kT"), py::arg("lkT"), py::arg("w"), py::arg("G"), py::arg("keys_too"), nogil);
   m.def("attention_backward", &attention_backward,
         "backward of softmax(-J / tau) @ v (kind 0) or cdam_map(p, alpha) @ v (kind 1)", py::arg("p"), py::arg("lp"),
-        py::arg("rp"), py::arg("kT"), py::arg("lkT"), py::arg("rk"), py::arg("v"), py::arg("g"), py::arg("kind"),
+        py::arg("rp"), py::arg("kT"), py::arg("lkT"), py::arg("rk"), py::arg("w"), py::arg("v"), py::arg("g"), py::arg("kind"),
         py::arg("param"), py::arg("self"), nogil);
 }

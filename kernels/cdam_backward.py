@@ -1,27 +1,28 @@
 """Fused backward of cdam_attention, out = A @ v with A = cdam_map(p) (docs/autograd.md, section 2).
 
-The row statistics play the part of attention's LSE. Four passes over the divergence tiles,
+J is recomputed exactly as the forward computes it (the centred form of kernels/jsd.operands,
+jsd_tile), and A by the forward's cdam_transform. The row statistics play the part of attention's LSE. Four passes over the divergence tiles,
 each recomputing J from p (O(N (C + D)) extra memory, nothing N x N):
   1. per row: hi / lo (max / min of J) and how many keys attain them (ties share the gradient);
-  2. per row: s_hi = sum_j gX_ij (1 - X_ij), s_lo = sum_j gX_ij X_ij with gX = (g_i . v_j) dA/dX;
+  2. per row: s_hi = sum_j gX_ij t_ij, s_lo = sum_j gX_ij X_ij with gX = (g_i . v_j) dA/dX,
+     t = 1 - X = (J - lo) / span as the forward's transform takes it (kernels/common.cdam_transform);
   3. query side: G = dL/dJ per tile, class sums over keys (jsd_backward's accumulator);
   4. key side: the same G, class sums over queries, and gv_j = sum_i A_ij g_i.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import CONSTANT_ROW_EPS, LOG2E, SMALL_ALPHA_LIMIT, blocks, expm1_transform, fast_log, jsd_tile
-from .jsd import class_major, row_terms
+from .. import constants
+from .common import CONSTANT_ROW_EPS, blocks, cdam_transform, fast_log, flat_grid, jsd_tile, poly_logs, tile_ids
+from .jsd import operands
 from .jsd_backward import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, _accumulate_class_terms, _finish, _log_terms
 
 
 @triton.jit
-def cdam_row_stats_kernel(pT, rp, hi_out, lo_out, nhi_out, nlo_out, N, C, FAST_LOG: tl.constexpr, BM: tl.constexpr,
-                          BN: tl.constexpr):
-    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+def cdam_row_stats_kernel(pT, rp, wc, hi_out, lo_out, nhi_out, nlo_out, N, C, FAST_LOG: tl.constexpr,
+                          POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    pid, _unused, b = tile_ids(tl.cdiv(N, BM), 1)
     offs_m = pid * BM + tl.arange(0, BM)
     hi = tl.full((BM,), float("-inf"), tl.float32)
     lo = tl.full((BM,), float("inf"), tl.float32)
@@ -30,8 +31,8 @@ def cdam_row_stats_kernel(pT, rp, hi_out, lo_out, nhi_out, nlo_out, N, C, FAST_L
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         valid = (offs_n < N)[None, :]
-        j = jsd_tile(pT + b * C * N, pT + b * C * N, rp + b * N, rp + b * N, offs_m, offs_n, N, N, C, True, FAST_LOG,
-                     BM, BN, 0)
+        j = jsd_tile(pT + b * C * N, pT + b * C * N, rp + b * N, rp + b * N, wc + b * C, offs_m, offs_n, N, N, C, True,
+                     FAST_LOG, BM, BN, POLY_LOGS)
         t_hi = tl.max(tl.where(valid, j, float("-inf")), axis=1)
         t_lo = tl.min(tl.where(valid, j, float("inf")), axis=1)
         c_hi = tl.sum(tl.where(valid & (j == t_hi[:, None]), 1.0, 0.0), axis=1)
@@ -48,16 +49,22 @@ def cdam_row_stats_kernel(pT, rp, hi_out, lo_out, nhi_out, nlo_out, N, C, FAST_L
 
 
 @triton.jit
-def _tile(pT, rp, hi, lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D, alpha_log2e, FAST_LOG: tl.constexpr,
-          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """(J, X, inv_span, g_i . v_j) on a tile; inv_span = 0 on constant rows, X = 1 there."""
-    j = jsd_tile(pT, pT, rp, rp, offs_m, offs_n, N, N, C, True, FAST_LOG, BM, BN, 0)
+def _tile(pT, rp, wc, hi, lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D, FAST_LOG: tl.constexpr,
+          POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """(J, t, X, inv_span, g_i . v_j) on a tile, J recomputed as the forward does (jsd_tile):
+    t = (J - lo) / span as kernels/common.cdam_transform takes it, X = 1 - t;
+    inv_span = 0 on constant rows (span < CONSTANT_ROW_EPS), whose gradient is zero."""
+    j = jsd_tile(pT, pT, rp, rp, wc, offs_m, offs_n, N, N, C, True, FAST_LOG, BM, BN, POLY_LOGS)
     h = tl.load(hi + offs_m, mask=mask_m, other=0.0)
     lw = tl.load(lo + offs_m, mask=mask_m, other=0.0)
     span = h - lw
     flat = span < CONSTANT_ROW_EPS
     inv = tl.where(flat, 0.0, 1.0 / tl.where(flat, 1.0, span))
-    x = tl.where(flat[:, None], 1.0, (h[:, None] - j) * inv[:, None])
+    t = (j - lw[:, None]) * inv[:, None]
+    t = tl.where(t < 0.0, 0.0, t)
+    # X = 1 - t, not (hi - J) / span: X is then exactly 1 where t = 0, so at a single row minimum
+    # the direct term and the one through lo cancel exactly (for huge alpha both are ~alpha / span)
+    x = 1.0 - t
     gv = tl.zeros((BM, BN), dtype=tl.float32)
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
@@ -67,14 +74,16 @@ def _tile(pT, rp, hi, lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D, alpha_l
         vt = tl.load(v + offs_n[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
                      other=0.0)
         gv = tl.dot(gt, tl.trans(vt), gv, input_precision="tf32x3")
-    return j, x, inv, gv
+    return j, t, x, inv, gv
 
 
 @triton.jit
-def cdam_grad_sums_kernel(pT, rp, hi, lo, g, v, add_hi, add_lo, N, C, D, alpha_log2e, dadx_scale,
-                          FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """add_hi_i = s_hi / span / n_hi and add_lo_i = s_lo / span / n_lo (before the tie split)."""
-    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+def cdam_grad_sums_kernel(pT, rp, wc, hi, lo, g, v, add_hi, add_lo, N, C, D, alpha_log2e, dadx_scale,
+                          FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BD: tl.constexpr):
+    """add_hi_i = s_hi / span and add_lo_i = s_lo / span (before the tie split), with
+    s_hi = sum_j gX_ij t_ij, s_lo = sum_j gX_ij X_ij, gX = (g_i . v_j) dA/dX."""
+    pid, _unused, b = tile_ids(tl.cdiv(N, BM), 1)
     offs_m = pid * BM + tl.arange(0, BM)
     mask_m = offs_m < N
     s_hi = tl.zeros((BM,), dtype=tl.float32)
@@ -83,65 +92,70 @@ def cdam_grad_sums_kernel(pT, rp, hi, lo, g, v, add_hi, add_lo, N, C, D, alpha_l
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < N
-        _, x, inv, gv = _tile(pT + b * C * N, rp + b * N, hi + b * N, lo + b * N, g + b * N * D, v + b * N * D, offs_m,
-                              offs_n, mask_m, mask_n, N, C, D, alpha_log2e, FAST_LOG, BM, BN, BD)
-        gx = tl.where(mask_n[None, :], gv * dadx_scale * tl.exp2(alpha_log2e * (x - 1.0)), 0.0)
-        s_hi += tl.sum(gx * (1.0 - x), axis=1)
+        _, t, x, inv, gv = _tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, g + b * N * D,
+                                 v + b * N * D, offs_m, offs_n, mask_m, mask_n, N, C, D, FAST_LOG, POLY_LOGS, BM, BN,
+                                 BD)
+        # dA/dX = -dA/dt = alpha exp(-alpha t) factor (small alpha: exp(-alpha t) factor)
+        gx = tl.where(mask_n[None, :], gv * dadx_scale * tl.exp2(-alpha_log2e * t), 0.0)
+        s_hi += tl.sum(gx * t, axis=1)
         s_lo += tl.sum(gx * x, axis=1)
     tl.store(add_hi + b * N + offs_m, s_hi * inv, mask=mask_m)
     tl.store(add_lo + b * N + offs_m, s_lo * inv, mask=mask_m)
 
 
 @triton.jit
-def _grad_tile(pT, rp, hi, lo, nhi, nlo, add_hi, add_lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D, alpha_log2e,
-               dadx_scale, exp_neg_alpha, inv_denominator, SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """(A, G) on a tile, both zero outside the masks: G = dL/dJ (docs/autograd.md, section 2)."""
-    j, x, inv, gv = _tile(pT, rp, hi, lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D, alpha_log2e, FAST_LOG, BM,
-                          BN, BD)
+def _grad_tile(pT, rp, wc, hi, lo, nhi, nlo, add_hi, add_lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D,
+               alpha_log2e, dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
+               POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """(A, G) on a tile, both zero outside the masks: A by the forward's cdam_transform,
+    G = dL/dJ (docs/autograd.md, section 2)."""
+    j, t, x, inv, gv = _tile(pT, rp, wc, hi, lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D, FAST_LOG, POLY_LOGS,
+                             BM, BN, BD)
     h = tl.load(hi + offs_m, mask=mask_m, other=0.0)
     lw = tl.load(lo + offs_m, mask=mask_m, other=0.0)
     a_hi = tl.load(add_hi + offs_m, mask=mask_m, other=0.0) / tl.load(nhi + offs_m, mask=mask_m, other=1.0)
     a_lo = tl.load(add_lo + offs_m, mask=mask_m, other=0.0) / tl.load(nlo + offs_m, mask=mask_m, other=1.0)
     valid = mask_m[:, None] & mask_n[None, :]
-    gx = gv * dadx_scale * tl.exp2(alpha_log2e * (x - 1.0))
+    gx = gv * dadx_scale * tl.exp2(-alpha_log2e * t)
     G = -gx * inv[:, None] + tl.where(j == h[:, None], a_hi[:, None], 0.0) + tl.where(j == lw[:, None], a_lo[:, None],
                                                                                     0.0)
     G = tl.where(valid & (inv[:, None] > 0.0), G, 0.0)
-    A = tl.where(valid, expm1_transform(j, h, lw, alpha_log2e, exp_neg_alpha, inv_denominator, SMALL_ALPHA), 0.0)
+    A = tl.where(valid, cdam_transform(j, h, lw, alpha_log2e, exp_neg_alpha, factor, SMALL_ALPHA), 0.0)
     return A, G
 
 
 @triton.jit
-def cdam_grad_query_kernel(pT, rp, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g, v, acc, N, C, D, alpha_log2e, dadx_scale,
-                           exp_neg_alpha, inv_denominator, SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+def cdam_grad_query_kernel(pT, rp, wc, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g, v, acc, N, C, D, alpha_log2e,
+                           dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
+                           POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid, _unused, b = tile_ids(tl.cdiv(N, BM), 1)
     offs_m = pid * BM + tl.arange(0, BM)
     mask_m = offs_m < N
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < N
-        _, G = _grad_tile(pT + b * C * N, rp + b * N, hi + b * N, lo + b * N, nhi + b * N, nlo + b * N, add_hi + b * N,
-                          add_lo + b * N, g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n, N, C, D,
-                          alpha_log2e, dadx_scale, exp_neg_alpha, inv_denominator, SMALL_ALPHA, FAST_LOG, BM, BN, BD)
-        _accumulate_class_terms(pT + b * C * N, pT + b * C * N, lpT + b * C * N, lpT + b * C * N, G, offs_m, offs_n,
-                                mask_m, mask_n, N, N, C, acc + b * C * N, True, FAST_LOG)
+        _, G = _grad_tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, nhi + b * N, nlo + b * N,
+                          add_hi + b * N, add_lo + b * N, g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n,
+                          N, C, D, alpha_log2e, dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA, FAST_LOG, POLY_LOGS,
+                          BM, BN, BD)
+        _accumulate_class_terms(pT + b * C * N, pT + b * C * N, wc + b * C, lpT + b * C * N, lpT + b * C * N, G,
+                                offs_m, offs_n, mask_m, mask_n, N, N, C, acc + b * C * N, True, FAST_LOG)
 
 
 @triton.jit
-def cdam_grad_key_kernel(pT, rp, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g, v, acc, gv_out, N, C, D, alpha_log2e,
-                         dadx_scale, exp_neg_alpha, inv_denominator, SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+def cdam_grad_key_kernel(pT, rp, wc, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g, v, acc, gv_out, N, C, D, alpha_log2e,
+                         dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
+                         POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid, _unused, b = tile_ids(tl.cdiv(N, BN), 1)
     offs_n = pid * BN + tl.arange(0, BN)
     mask_n = offs_n < N
     for m0 in range(0, N, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < N
-        A, G = _grad_tile(pT + b * C * N, rp + b * N, hi + b * N, lo + b * N, nhi + b * N, nlo + b * N, add_hi + b * N,
-                          add_lo + b * N, g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n, N, C, D,
-                          alpha_log2e, dadx_scale, exp_neg_alpha, inv_denominator, SMALL_ALPHA, FAST_LOG, BM, BN, BD)
+        A, G = _grad_tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, nhi + b * N, nlo + b * N,
+                          add_hi + b * N, add_lo + b * N, g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n,
+                          N, C, D, alpha_log2e, dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA, FAST_LOG, POLY_LOGS,
+                          BM, BN, BD)
         aT = tl.trans(A)
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
@@ -151,8 +165,16 @@ def cdam_grad_key_kernel(pT, rp, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g, v, ac
             ptr = gv_out + b * N * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
             mask = mask_n[:, None] & mask_d[None, :]
             tl.store(ptr, tl.dot(aT, gt, tl.load(ptr, mask=mask, other=0.0), input_precision="tf32x3"), mask=mask)
-        _accumulate_class_terms(pT + b * C * N, pT + b * C * N, lpT + b * C * N, lpT + b * C * N, G, offs_m, offs_n,
-                                mask_m, mask_n, N, N, C, acc + b * C * N, False, FAST_LOG)
+        _accumulate_class_terms(pT + b * C * N, pT + b * C * N, wc + b * C, lpT + b * C * N, lpT + b * C * N, G,
+                                offs_m, offs_n, mask_m, mask_n, N, N, C, acc + b * C * N, False, FAST_LOG)
+
+
+def transform_derivative_scale(alpha: float) -> float:
+    """dA/dX = -dA/dt = exp(-alpha t) times this, for the transform of constants.transform_factors:
+    alpha * factor (factor = 1 / (1 - exp(-alpha))), or factor itself in the small-alpha variant
+    (factor = alpha / (1 - exp(-alpha)) there); clamped to the float32 range."""
+    _, _, factor, small = constants.transform_factors(alpha)
+    return min(factor if small else alpha * factor, constants.FLOAT32_MAX)
 
 
 def cdam_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, alpha: float, mode=None,
@@ -160,59 +182,58 @@ def cdam_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor
     """Always recomputes J (mode and memory_budget do not change the backward)."""
     B, N, C = p.shape
     D = v.shape[2]
-    pT, rp, lpT = class_major(p), row_terms(p), _log_terms(p)
+    pT, _, rp, _, w = operands(p, None)  # the forward's operands: J is recomputed bit for bit
+    lpT = _log_terms(p, w)
     g32, v32 = grad.float().contiguous(), v.float().contiguous()
     f32 = dict(device=p.device, dtype=torch.float32)
     hi, lo, nhi, nlo = (torch.empty(B, N, **f32) for _ in range(4))
+    logs = dict(FAST_LOG=fast_log(), POLY_LOGS=poly_logs())
     BM, BN = blocks(N, 64), blocks(N, 64)
-    cdam_row_stats_kernel[(triton.cdiv(N, BM), B)](pT, rp, hi, lo, nhi, nlo, N, C, FAST_LOG=fast_log(), BM=BM, BN=BN,
-                                                   num_warps=NUM_WARPS)
-    alpha_log2e = alpha * LOG2E
-    inv_denominator = -1.0 / math.expm1(-alpha)
-    dadx_scale = alpha * inv_denominator
+    cdam_row_stats_kernel[flat_grid(triton.cdiv(N, BM), 1, B)](pT, rp, w, hi, lo, nhi, nlo, N, C, **logs, BM=BM, BN=BN,
+                                                               num_warps=NUM_WARPS)
+    alpha_log2e, exp_neg_alpha, factor, small = constants.transform_factors(alpha)
+    dadx_scale = transform_derivative_scale(alpha)
     add_hi, add_lo = torch.empty(B, N, **f32), torch.empty(B, N, **f32)
     qm, qn, qd = QUERY_TILES
     BM, BN, BD = blocks(N, qm), blocks(N, qn), blocks(D, qd)
-    cdam_grad_sums_kernel[(triton.cdiv(N, BM), B)](pT, rp, hi, lo, g32, v32, add_hi, add_lo, N, C, D, alpha_log2e,
-                                                   dadx_scale, FAST_LOG=fast_log(), BM=BM, BN=BN, BD=BD,
-                                                   num_warps=ATTN_WARPS)
-    stats = (pT, rp, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g32, v32)
-    scalars = (alpha_log2e, dadx_scale, math.exp(-alpha), inv_denominator)
-    flags = dict(SMALL_ALPHA=alpha < SMALL_ALPHA_LIMIT, FAST_LOG=fast_log())
+    grid = flat_grid(triton.cdiv(N, BM), 1, B)
+    cdam_grad_sums_kernel[grid](pT, rp, w, hi, lo, g32, v32, add_hi, add_lo, N, C, D, alpha_log2e, dadx_scale, **logs,
+                                BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
+    stats = (pT, rp, w, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g32, v32)
+    scalars = (alpha_log2e, dadx_scale, exp_neg_alpha, factor)
     acc_q = torch.zeros(B, C, N, **f32)
-    cdam_grad_query_kernel[(triton.cdiv(N, BM), B)](*stats, acc_q, N, C, D, *scalars, **flags, BM=BM, BN=BN, BD=BD,
-                                                    num_warps=ATTN_WARPS)
+    cdam_grad_query_kernel[grid](*stats, acc_q, N, C, D, *scalars, SMALL_ALPHA=small, **logs, BM=BM, BN=BN, BD=BD,
+                                 num_warps=ATTN_WARPS)
     km, kn, kd = KEY_TILES
     BM, BN, BD = blocks(N, km), blocks(N, kn), blocks(D, kd)
     acc_k = torch.zeros(B, C, N, **f32)
     gv = torch.zeros(B, N, D, **f32)
-    cdam_grad_key_kernel[(triton.cdiv(N, BN), B)](*stats, acc_k, gv, N, C, D, *scalars, **flags, BM=BM, BN=BN, BD=BD,
-                                                  num_warps=ATTN_WARPS)
+    cdam_grad_key_kernel[flat_grid(triton.cdiv(N, BN), 1, B)](*stats, acc_k, gv, N, C, D, *scalars, SMALL_ALPHA=small,
+                                                              **logs, BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
     return _finish(acc_q, p) + _finish(acc_k, p), gv
 
 
 def offline_cases() -> dict:
     """name -> (kernel, signature, constexprs, num_warps) at the GPU tile sizes (see jsd_backward)."""
     f32, i32, s = "*fp32", "i32", "fp32"
-    stats = {"pT": f32, "rp": f32, "lpT": f32, "hi": f32, "lo": f32, "nhi": f32, "nlo": f32, "add_hi": f32,
+    stats = {"pT": f32, "rp": f32, "wc": f32, "lpT": f32, "hi": f32, "lo": f32, "nhi": f32, "nlo": f32, "add_hi": f32,
              "add_lo": f32, "g": f32, "v": f32, "acc": f32}
-    scal = {"N": i32, "C": i32, "D": i32, "alpha_log2e": s, "dadx_scale": s, "exp_neg_alpha": s, "inv_denominator": s}
+    scal = {"N": i32, "C": i32, "D": i32, "alpha_log2e": s, "dadx_scale": s, "exp_neg_alpha": s, "factor": s}
     q = dict(zip(("BM", "BN", "BD"), QUERY_TILES))
     k = dict(zip(("BM", "BN", "BD"), KEY_TILES))
     cases = {
-        "cdam_row_stats": (cdam_row_stats_kernel, {"pT": f32, "rp": f32, "hi_out": f32, "lo_out": f32, "nhi_out": f32,
-                                                   "nlo_out": f32, "N": i32, "C": i32},
-                           {"FAST_LOG": True, "BM": 64, "BN": 64}, NUM_WARPS),
-        "cdam_grad_sums": (cdam_grad_sums_kernel, {"pT": f32, "rp": f32, "hi": f32, "lo": f32, "g": f32, "v": f32,
-                                                   "add_hi": f32, "add_lo": f32, "N": i32, "C": i32, "D": i32,
+        "cdam_row_stats": (cdam_row_stats_kernel, {"pT": f32, "rp": f32, "wc": f32, "hi_out": f32, "lo_out": f32,
+                                                   "nhi_out": f32, "nlo_out": f32, "N": i32, "C": i32},
+                           {"FAST_LOG": True, "POLY_LOGS": 0, "BM": 64, "BN": 64}, NUM_WARPS),
+        "cdam_grad_sums": (cdam_grad_sums_kernel, {"pT": f32, "rp": f32, "wc": f32, "hi": f32, "lo": f32, "g": f32,
+                                                   "v": f32, "add_hi": f32, "add_lo": f32, "N": i32, "C": i32, "D": i32,
                                                    "alpha_log2e": s, "dadx_scale": s},
-                           {"FAST_LOG": True, **q}, ATTN_WARPS),
+                           {"FAST_LOG": True, "POLY_LOGS": 0, **q}, ATTN_WARPS),
     }
     for small in (False, True):
-        tag = ",small_alpha" if small else ""
-        cases[f"cdam_grad_query[{tag[1:] or 'default'}]"] = (
-            cdam_grad_query_kernel, {**stats, **scal}, {"SMALL_ALPHA": small, "FAST_LOG": True, **q}, ATTN_WARPS)
-        cases[f"cdam_grad_key[{tag[1:] or 'default'}]"] = (
-            cdam_grad_key_kernel, {**stats, "gv_out": f32, **scal}, {"SMALL_ALPHA": small, "FAST_LOG": True, **k},
-            ATTN_WARPS)
+        tag = "small_alpha" if small else "default"
+        flags = {"SMALL_ALPHA": small, "FAST_LOG": True, "POLY_LOGS": 0}
+        cases[f"cdam_grad_query[{tag}]"] = (cdam_grad_query_kernel, {**stats, **scal}, {**flags, **q}, ATTN_WARPS)
+        cases[f"cdam_grad_key[{tag}]"] = (cdam_grad_key_kernel, {**stats, "gv_out": f32, **scal}, {**flags, **k},
+                                          ATTN_WARPS)
     return cases

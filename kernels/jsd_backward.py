@@ -1,9 +1,10 @@
 """Fused backward passes of pairwise_jsd and jsd_attention (docs/autograd.md, sections 1 and 4).
 
 The divergence's gradient needs, per (row, class), sum_j G_ij log(p_ic / m_ijc): the same
-N M C logarithms as the forward. With s = p_i + q_j and lp_ic = log2 p_ic + 1,
-log(p_ic / m_ijc) = ln 2 (lp_ic - log2 s_ijc), so a tile adds G_ij (lp_ic - log2 s_ijc) per class
-to a class-major accumulator T [C, n] of the side being differentiated (query side: sum over the
+N M C logarithms as the forward. With s = p_i + q_j, the forward's centring weights w_c
+(cdam_fast/centring.py) and lp_ic = log2(2 p_ic w_c), log(p_ic / m_ijc) = ln 2 (lp_ic - log2(s_ijc w_c)):
+the logarithm is the forward's own (of s w, small for flat distributions), and a tile adds
+G_ij (lp_ic - log2(s_ijc w_c)) per class to a class-major accumulator T [C, n] of the side being differentiated (query side: sum over the
 tile's keys; key side: sum over its queries). Each program owns its rows of T, so the
 read-modify-write needs no atomics and the result is deterministic. Nothing of size N x M
 (attention) or N x M x C is stored: the attention backward recomputes J tiles from the row
@@ -13,61 +14,72 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, TINY, blocks, fast_log, jsd_tile, log2
-from .jsd import class_major, row_terms
+from .. import constants
+from ..centring import centring_weights, log_terms
+from .common import TINY, blocks, fast_log, flat_grid, jsd_tile, log2, poly_logs, tile_ids
+from .jsd import class_major, operands
 
 NUM_WARPS = 4  # the divergence-only kernels (pairwise gradient, LSE)
 # (BM, BN, BD) and warps of the attention gradient kernels on GPU: the largest tiles that compile
 # spill-free for sm_90 (tests/test_autograd_compile.py); the key side also holds w^T and the
 # value-gradient product, so it walks 32 queries at a time with 16-wide D chunks.
 QUERY_TILES, KEY_TILES, ATTN_WARPS = (64, 64, 32), (32, 64, 16), 8
-_HALF_LN2 = 0.34657359027997264
 
 
 @triton.jit
-def _accumulate_class_terms(aT, bT, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, n_a, n_b, C, acc,
+def _accumulate_class_terms(aT, bT, wc, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, n_a, n_b, C, acc,
                             QUERY_SIDE: tl.constexpr, FAST_LOG: tl.constexpr):
-    """acc[c, own rows] += sum over the other side of G * (l_own - log2 s) for every class c.
+    """acc[c, own rows] += sum over the other side of G * (l_own - log2(s w_c)) for every class c.
 
     G is a [BM, BN] tile (rows offs_m of a, columns offs_n of b), zero outside the masks;
     QUERY_SIDE accumulates over columns into a's rows (offs_m), else over rows into b's (offs_n).
+    wc: this batch element's [C] centring weights.
     """
     for c in range(C):
-        a = tl.load(aT + c * n_a + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-        b = tl.load(bT + c * n_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        lg = log2(tl.maximum(a[:, None] + b[None, :], TINY), FAST_LOG)
+        c64 = tl.cast(c, tl.int64)  # c * n can pass 2^31
+        a = tl.load(aT + c64 * n_a + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        b = tl.load(bT + c64 * n_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        w = tl.load(wc + c64)
+        lg = log2(tl.maximum((a[:, None] + b[None, :]) * w, TINY), FAST_LOG)
         if QUERY_SIDE:
-            la = tl.load(laT + c * n_a + offs_m, mask=mask_m, other=0.0)
+            la = tl.load(laT + c64 * n_a + offs_m, mask=mask_m, other=0.0)
             t = tl.sum(G * (la[:, None] - lg), axis=1)
-            ptr = acc + c * n_a + offs_m
+            ptr = acc + c64 * n_a + offs_m
             tl.store(ptr, tl.load(ptr, mask=mask_m, other=0.0) + t, mask=mask_m)
         else:
-            lb = tl.load(lbT + c * n_b + offs_n, mask=mask_n, other=0.0)
+            lb = tl.load(lbT + c64 * n_b + offs_n, mask=mask_n, other=0.0)
             t = tl.sum(G * (lb[None, :] - lg), axis=0)
-            ptr = acc + c * n_b + offs_n
+            ptr = acc + c64 * n_b + offs_n
             tl.store(ptr, tl.load(ptr, mask=mask_n, other=0.0) + t, mask=mask_n)
 
 
 @triton.jit
-def pairwise_jsd_grad_kernel(aT, bT, laT, lbT, g, stride_gm, stride_gn, acc, N, M, C,
+def pairwise_jsd_grad_kernel(aT, bT, wc, laT, lbT, g, stride_gm, stride_gn, acc, N, M, C,
                              QUERY_SIDE: tl.constexpr, FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """One program per block of the differentiated side's rows; G = the incoming gradient."""
-    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    """One program per block of the differentiated side's rows (flat_grid(blocks, 1, B));
+    G = the incoming gradient."""
+    if QUERY_SIDE:
+        pid, _unused, b = tile_ids(tl.cdiv(N, BM), 1)
+    else:
+        pid, _unused, b = tile_ids(tl.cdiv(M, BN), 1)
     aT += b * C * N
     bT += b * C * M
+    wc += b * C
     laT += b * C * N
     lbT += b * C * M
     acc += b * C * (N if QUERY_SIDE else M)
     g += b * N * M
+    stride_gm = stride_gm.to(tl.int64)
+    stride_gn = stride_gn.to(tl.int64)
     if QUERY_SIDE:
         offs_m = pid * BM + tl.arange(0, BM)
         mask_m = offs_m < N
         for n0 in range(0, M, BN):
             offs_n = n0 + tl.arange(0, BN)
             mask_n = offs_n < M
-            G = tl.load(g + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :] * stride_gn,
+            G = tl.load(g + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                         mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            _accumulate_class_terms(aT, bT, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, True,
+            _accumulate_class_terms(aT, bT, wc, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, True,
                                     FAST_LOG)
     else:
         offs_n = pid * BN + tl.arange(0, BN)
@@ -75,24 +87,24 @@ def pairwise_jsd_grad_kernel(aT, bT, laT, lbT, g, stride_gm, stride_gn, acc, N, 
         for m0 in range(0, N, BM):
             offs_m = m0 + tl.arange(0, BM)
             mask_m = offs_m < N
-            G = tl.load(g + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :] * stride_gn,
+            G = tl.load(g + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                         mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            _accumulate_class_terms(aT, bT, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False,
+            _accumulate_class_terms(aT, bT, wc, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False,
                                     FAST_LOG)
 
 
 @triton.jit
-def jsd_attention_lse_kernel(pT, qT, rp, rq, lse, N, M, C, neg_log2e_over_tau, SELF: tl.constexpr,
-                             FAST_LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def jsd_attention_lse_kernel(pT, qT, rp, rq, wc, lse, N, M, C, neg_log2e_over_tau, SELF: tl.constexpr,
+                             FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """lse_i = log2 sum_j 2^(-J_ij log2(e) / tau): the forward's softmax normaliser, base 2."""
-    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid, _unused, b = tile_ids(tl.cdiv(N, BM), 1)
     offs_m = pid * BM + tl.arange(0, BM)
     row_max = tl.full((BM,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BM,), dtype=tl.float32)
     for n0 in range(0, M, BN):
         offs_n = n0 + tl.arange(0, BN)
-        j = jsd_tile(pT + b * C * N, qT + b * C * M, rp + b * N, rq + b * M, offs_m, offs_n, N, M, C, SELF,
-                     FAST_LOG, BM, BN, 0)
+        j = jsd_tile(pT + b * C * N, qT + b * C * M, rp + b * N, rq + b * M, wc + b * C, offs_m, offs_n, N, M, C,
+                     SELF, FAST_LOG, BM, BN, POLY_LOGS)
         logits = tl.where((offs_n < M)[None, :], j * neg_log2e_over_tau, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(logits - new_max[:, None]), axis=1)
@@ -101,12 +113,13 @@ def jsd_attention_lse_kernel(pT, qT, rp, rq, lse, N, M, C, neg_log2e_over_tau, S
 
 
 @triton.jit
-def _score_grad_tile(pT, qT, rp, rq, lse, delta, g, v, offs_m, offs_n, mask_m, mask_n, N, M, C, D,
+def _score_grad_tile(pT, qT, rp, rq, wc, lse, delta, g, v, offs_m, offs_n, mask_m, mask_n, N, M, C, D,
                      neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                     POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """(w, G) on a [BM, BN] tile: w = softmax weights from the saved normaliser,
-    G = dL/dJ = -w (g_i . v_j - delta_i) / tau; both zero outside the masks."""
-    j = jsd_tile(pT, qT, rp, rq, offs_m, offs_n, N, M, C, SELF, FAST_LOG, BM, BN, 0)
+    G = dL/dJ = -w (g_i . v_j - delta_i) / tau; both zero outside the masks. J is recomputed
+    exactly as the forward (jsd_tile, same centring weights and row terms)."""
+    j = jsd_tile(pT, qT, rp, rq, wc, offs_m, offs_n, N, M, C, SELF, FAST_LOG, BM, BN, POLY_LOGS)
     l2 = tl.load(lse + offs_m, mask=mask_m, other=0.0)
     valid = mask_m[:, None] & mask_n[None, :]
     w = tl.where(valid, tl.exp2(j * neg_log2e_over_tau - l2[:, None]), 0.0)
@@ -124,13 +137,14 @@ def _score_grad_tile(pT, qT, rp, rq, lse, delta, g, v, offs_m, offs_n, mask_m, m
 
 
 @triton.jit
-def jsd_attention_grad_query_kernel(pT, qT, rp, rq, lpT, lqT, lse, delta, g, v, acc, N, M, C, D,
+def jsd_attention_grad_query_kernel(pT, qT, rp, rq, wc, lpT, lqT, lse, delta, g, v, acc, N, M, C, D,
                                     neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
-                                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Query side: acc[c, i] = sum_j G_ij (lp_ic - log2 s_ijc), one program per query block."""
-    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+                                    POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Query side: acc[c, i] = sum_j G_ij (lp_ic - log2(s_ijc w_c)), one program per query block."""
+    pid, _unused, b = tile_ids(tl.cdiv(N, BM), 1)
     pT += b * C * N
     qT += b * C * M
+    wc += b * C
     lpT += b * C * N
     acc += b * C * N
     offs_m = pid * BM + tl.arange(0, BM)
@@ -138,21 +152,23 @@ def jsd_attention_grad_query_kernel(pT, qT, rp, rq, lpT, lqT, lse, delta, g, v, 
     for n0 in range(0, M, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < M
-        _, G = _score_grad_tile(pT, qT, rp + b * N, rq + b * M, lse + b * N, delta + b * N, g + b * N * D,
+        _, G = _score_grad_tile(pT, qT, rp + b * N, rq + b * M, wc, lse + b * N, delta + b * N, g + b * N * D,
                                 v + b * M * D, offs_m, offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau,
-                                neg_inv_tau, SELF, FAST_LOG, BM, BN, BD)
-        _accumulate_class_terms(pT, qT, lpT, lqT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, True, FAST_LOG)
+                                neg_inv_tau, SELF, FAST_LOG, POLY_LOGS, BM, BN, BD)
+        _accumulate_class_terms(pT, qT, wc, lpT, lqT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, True,
+                                FAST_LOG)
 
 
 @triton.jit
-def jsd_attention_grad_key_kernel(pT, qT, rp, rq, lpT, lqT, lse, delta, g, v, acc, gv_out, N, M, C, D,
+def jsd_attention_grad_key_kernel(pT, qT, rp, rq, wc, lpT, lqT, lse, delta, g, v, acc, gv_out, N, M, C, D,
                                   neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
-                                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Key side, one program per key block: acc[c, j] = sum_i G_ij (lq_jc - log2 s_ijc) and the
+                                  POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Key side, one program per key block: acc[c, j] = sum_i G_ij (lq_jc - log2(s_ijc w_c)) and the
     value gradient gv_j = sum_i w_ij g_i (fp32, read-modify-write per D chunk)."""
-    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid, _unused, b = tile_ids(tl.cdiv(M, BN), 1)
     pT += b * C * N
     qT += b * C * M
+    wc += b * C
     lqT += b * C * M
     acc += b * C * M
     gv_out += b * M * D
@@ -161,9 +177,9 @@ def jsd_attention_grad_key_kernel(pT, qT, rp, rq, lpT, lqT, lse, delta, g, v, ac
     for m0 in range(0, N, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < N
-        w, G = _score_grad_tile(pT, qT, rp + b * N, rq + b * M, lse + b * N, delta + b * N, g + b * N * D,
+        w, G = _score_grad_tile(pT, qT, rp + b * N, rq + b * M, wc, lse + b * N, delta + b * N, g + b * N * D,
                                 v + b * M * D, offs_m, offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau,
-                                neg_inv_tau, SELF, FAST_LOG, BM, BN, BD)
+                                neg_inv_tau, SELF, FAST_LOG, POLY_LOGS, BM, BN, BD)
         wT = tl.trans(w)
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
@@ -173,45 +189,54 @@ def jsd_attention_grad_key_kernel(pT, qT, rp, rq, lpT, lqT, lse, delta, g, v, ac
             ptr = gv_out + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
             mask = mask_n[:, None] & mask_d[None, :]
             tl.store(ptr, tl.dot(wT, gt, tl.load(ptr, mask=mask, other=0.0), input_precision="tf32x3"), mask=mask)
-        _accumulate_class_terms(pT, qT, lpT, lqT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False, FAST_LOG)
+        _accumulate_class_terms(pT, qT, wc, lpT, lqT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False,
+                                FAST_LOG)
 
 
 # ---------------------------------------------------------------------------------------------
 # Host side.
 
-def _log_terms(p: torch.Tensor) -> torch.Tensor:
-    """lp = log2 p + 1 class-major [B, C, N] fp32 (entries with p = 0 are discarded later)."""
-    return (torch.log2(p.float().clamp_min(1e-30)) + 1.0).transpose(1, 2).contiguous()
+def _log_terms(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """centring.log_terms class-major: [B, C, N] fp32."""
+    return log_terms(p, w).transpose(1, 2).contiguous()
 
 
 def _finish(acc: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """[B, C, n] class sums -> the gradient [B, n, C]: (ln 2 / 2) acc, and 0 where p = 0."""
-    return torch.where(p > 0, _HALF_LN2 * acc.transpose(1, 2), 0.0)
+    return torch.where(p > 0, constants.HALF_LN2 * acc.transpose(1, 2), 0.0)
 
 
-def _class_grad(p, q, g, query_side):
+def _scales(tau: float) -> tuple[float, float]:
+    """(-log2(e) / tau, -1 / tau) clamped to the float32 range, as the forward clamps its logit
+    scale (J <= ln 2 keeps every logit finite, and 0 * inf never meets the diagonal)."""
+    top = constants.FLOAT32_MAX
+    return max(-constants.LOG2E / tau, -top), max(-1.0 / tau, -top)
+
+
+def _class_grad(p, q, w, g, query_side):
     """The per-class sums of one side for an explicit G [B, N, M] (strided views allowed)."""
     B, N, C = p.shape
     M = q.shape[1]
     pT, qT = class_major(p), class_major(q)
-    lpT, lqT = _log_terms(p), _log_terms(q)
+    lpT, lqT = _log_terms(p, w), _log_terms(q, w)
     acc = torch.zeros(B, C, N if query_side else M, device=p.device, dtype=torch.float32)
     BM, BN = blocks(N, 64), blocks(M, 64)
-    grid = (triton.cdiv(N, BM) if query_side else triton.cdiv(M, BN), B)
-    pairwise_jsd_grad_kernel[grid](pT, qT, lpT, lqT, g, g.stride(1), g.stride(2), acc, N, M, C,
+    grid = flat_grid(triton.cdiv(N, BM) if query_side else triton.cdiv(M, BN), 1, B)
+    pairwise_jsd_grad_kernel[grid](pT, qT, w, lpT, lqT, g, g.stride(1), g.stride(2), acc, N, M, C,
                                    QUERY_SIDE=query_side, FAST_LOG=fast_log(), BM=BM, BN=BN, num_warps=NUM_WARPS)
     return acc
 
 
 def pairwise_jsd_backward(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None):
     g = grad.float()
+    w = centring_weights(p, q)
     if q is None:
         # p is on both sides: one query-side pass over G + G^T (the diagonal is constant 0)
         g = g + g.transpose(1, 2)
         g.diagonal(dim1=-2, dim2=-1).zero_()
-        return _finish(_class_grad(p, p, g, True), p), None
+        return _finish(_class_grad(p, p, w, g, True), p), None
     g = g.contiguous()
-    return _finish(_class_grad(p, q, g, True), p), _finish(_class_grad(p, q, g, False), q)
+    return _finish(_class_grad(p, q, w, g, True), p), _finish(_class_grad(p, q, w, g, False), q)
 
 
 def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, tau: float,
@@ -219,27 +244,29 @@ def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor,
     B, N, C = p.shape
     keys = p if q is None else q
     M, D = v.shape[1], v.shape[2]
-    pT, rp, lpT = class_major(p), row_terms(p), _log_terms(p)
-    qT, rq, lqT = (pT, rp, lpT) if q is None else (class_major(q), row_terms(q), _log_terms(q))
+    pT, qT, rp, rq, w = operands(p, q)  # the forward's operands: J is recomputed bit for bit
+    lpT = _log_terms(p, w)
+    lqT = lpT if q is None else _log_terms(q, w)
     g32, v32 = grad.float().contiguous(), v.float().contiguous()  # fp32 products (tf32x3 on GPU)
     delta = (g32 * out.float()).sum(-1).contiguous()  # Delta_i = g_i . out_i
-    scale = -LOG2E / tau
-    flags = dict(SELF=q is None, FAST_LOG=fast_log())
+    scale, neg_inv_tau = _scales(tau)
+    flags = dict(SELF=q is None, FAST_LOG=fast_log(), POLY_LOGS=poly_logs())
     qm, qn, qd = QUERY_TILES
     BM, BN, BD = blocks(N, qm), blocks(M, qn), blocks(D, qd)
     lse = torch.empty(B, N, device=p.device, dtype=torch.float32)
-    jsd_attention_lse_kernel[(triton.cdiv(N, BM), B)](pT, qT, rp, rq, lse, N, M, C, scale, **flags, BM=BM, BN=BN,
-                                                      num_warps=NUM_WARPS)
+    grid = flat_grid(triton.cdiv(N, BM), 1, B)
+    jsd_attention_lse_kernel[grid](pT, qT, rp, rq, w, lse, N, M, C, scale, **flags, BM=BM, BN=BN, num_warps=NUM_WARPS)
     acc_p = torch.zeros(B, C, N, device=p.device, dtype=torch.float32)
     acc_q = torch.zeros(B, C, M, device=p.device, dtype=torch.float32)
     gv = torch.zeros(B, M, D, device=p.device, dtype=torch.float32)
-    args = (pT, qT, rp, rq, lpT, lqT, lse, delta, g32, v32)
-    jsd_attention_grad_query_kernel[(triton.cdiv(N, BM), B)](*args, acc_p, N, M, C, D, scale, -1.0 / tau, **flags,
-                                                             BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
+    args = (pT, qT, rp, rq, w, lpT, lqT, lse, delta, g32, v32)
+    jsd_attention_grad_query_kernel[grid](*args, acc_p, N, M, C, D, scale, neg_inv_tau, **flags,
+                                          BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
     km, kn, kd = KEY_TILES
     BM, BN, BD = blocks(N, km), blocks(M, kn), blocks(D, kd)
-    jsd_attention_grad_key_kernel[(triton.cdiv(M, BN), B)](*args, acc_q, gv, N, M, C, D, scale, -1.0 / tau, **flags,
-                                                           BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
+    jsd_attention_grad_key_kernel[flat_grid(triton.cdiv(M, BN), 1, B)](*args, acc_q, gv, N, M, C, D, scale,
+                                                                       neg_inv_tau, **flags, BM=BM, BN=BN, BD=BD,
+                                                                       num_warps=ATTN_WARPS)
     gp, gk = _finish(acc_p, p), _finish(acc_q, keys)
     if q is None:
         return gp + gk, gv, None
@@ -251,24 +278,25 @@ def offline_cases() -> dict:
     cdam_fast.kernels.offline_compile.inspect_kernel (tests/test_autograd_compile.py)."""
     f32, i32 = "*fp32", "i32"
     tiles = {"FAST_LOG": True, "BM": 64, "BN": 64}
-    attn = {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "lpT": f32, "lqT": f32, "lse": f32, "delta": f32,
+    attn = {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "wc": f32, "lpT": f32, "lqT": f32, "lse": f32, "delta": f32,
             "g": f32, "v": f32, "acc": f32}
     sizes = {"N": i32, "M": i32, "C": i32, "D": i32, "neg_log2e_over_tau": "fp32", "neg_inv_tau": "fp32"}
     cases = {}
     for side in (True, False):
         cases[f"pairwise_jsd_grad[{'query' if side else 'key'}]"] = (
             pairwise_jsd_grad_kernel,
-            {"aT": f32, "bT": f32, "laT": f32, "lbT": f32, "g": f32, "stride_gm": i32, "stride_gn": i32, "acc": f32,
-             "N": i32, "M": i32, "C": i32}, {"QUERY_SIDE": side, **tiles}, NUM_WARPS)
+            {"aT": f32, "bT": f32, "wc": f32, "laT": f32, "lbT": f32, "g": f32, "stride_gm": i32, "stride_gn": i32,
+             "acc": f32, "N": i32, "M": i32, "C": i32}, {"QUERY_SIDE": side, **tiles}, NUM_WARPS)
     for self_ in (True, False):
         tag = "self" if self_ else "q"
         cases[f"jsd_attention_lse[{tag}]"] = (
             jsd_attention_lse_kernel,
-            {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "lse": f32, "N": i32, "M": i32, "C": i32,
-             "neg_log2e_over_tau": "fp32"}, {"SELF": self_, **tiles}, NUM_WARPS)
+            {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "wc": f32, "lse": f32, "N": i32, "M": i32, "C": i32,
+             "neg_log2e_over_tau": "fp32"}, {"SELF": self_, "POLY_LOGS": 0, **tiles}, NUM_WARPS)
         for name, kernel, sig, t in (("query", jsd_attention_grad_query_kernel, {**attn, **sizes}, QUERY_TILES),
                                      ("key", jsd_attention_grad_key_kernel, {**attn, "gv_out": f32, **sizes},
                                       KEY_TILES)):
             cases[f"jsd_attention_grad_{name}[{tag}]"] = (
-                kernel, sig, {"SELF": self_, "FAST_LOG": True, **dict(zip(("BM", "BN", "BD"), t))}, ATTN_WARPS)
+                kernel, sig, {"SELF": self_, "FAST_LOG": True, "POLY_LOGS": 0, **dict(zip(("BM", "BN", "BD"), t))},
+                ATTN_WARPS)
     return cases

@@ -201,6 +201,21 @@ def test_edge_shapes(backend, gen, shape):
             assert (got[0] == 0).all()
 
 
+@pytest.mark.parametrize("alpha", [0.05, 1e30], ids=["small_alpha", "huge_alpha"])
+def test_backend_transform_variants(backend, gen, alpha):
+    """The CDAM transform's small-alpha variant (alpha < constants.SMALL_ALPHA_LIMIT) and a huge
+    alpha (alpha log2 e clamped to float32; the map is one-hot at each row's minimum, so the
+    gradient of p is exactly 0 and no alpha / span sized rounding survives): every backend
+    against the float64 reference."""
+    name, dev = backend
+    p = random_distributions(gen, 2, 19, 5, one_hot=False)
+    v = random_values(gen, 2, 19, 6)
+    expected = _grads(lambda p, v: cf.cdam_attention(p, v, alpha=alpha, backend="reference"), [p.double(), v.double()])
+    got = _grads(lambda p, v: cf.cdam_attention(p, v, alpha=alpha, mode="recompute", backend=name),
+                 [p.to(dev), v.to(dev)])
+    _compare(got, expected, F32, f"{name} cdam_attention alpha={alpha}")
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library and torch.compile.
 

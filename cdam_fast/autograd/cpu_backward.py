@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import constants
 from ..backends import extension_build as eb
-from ..kernels.jsd import row_terms
-
-_HALF_LN2 = 0.34657359027997264
+from ..centring import centring_weights, log_terms, row_terms
 
 
 def _spec() -> eb.ExtensionSpec:
@@ -33,35 +32,34 @@ def _lanes() -> int:
     return 16  # a multiple of every at::vec float width (AVX2 8, AVX-512 16)
 
 
-def _rows(p):
-    p = p.float().contiguous()
-    return p, (torch.log2(p.clamp_min(1e-30)) + 1.0).contiguous()
+def _rows(p, w):
+    return p.float().contiguous(), log_terms(p, w).contiguous()
 
 
-def _keys(k):
+def _keys(k, w):
     """class-major zero-padded keys [B, C, Mp], their log terms and row terms [B, Mp]."""
-    k = k.float()
     pad = -k.shape[1] % _lanes()
-    kT = F.pad(k.transpose(1, 2), (0, pad)).contiguous()
-    lkT = F.pad((torch.log2(k.clamp_min(1e-30)) + 1.0).transpose(1, 2), (0, pad)).contiguous()
-    return kT, lkT, F.pad(row_terms(k), (0, pad)).contiguous()
+    kT = F.pad(k.float().transpose(1, 2), (0, pad)).contiguous()
+    lkT = F.pad(log_terms(k, w).transpose(1, 2), (0, pad)).contiguous()
+    return kT, lkT, F.pad(row_terms(k, w), (0, pad)).contiguous()
 
 
 def _finish(acc, p):
     """[B, n, C] sums -> gradient: (ln 2 / 2) acc, 0 where p = 0."""
-    return torch.where(p > 0, _HALF_LN2 * acc, 0.0)
+    return torch.where(p > 0, constants.HALF_LN2 * acc, 0.0)
 
 
 def pairwise_jsd_backward(grad, p, q):
     mod = extension.module()
-    pp, lp = _rows(p)
+    w = centring_weights(p, q)  # the forward's centring weights
+    pp, lp = _rows(p, w)
     g = grad.float()
     if q is None:
         g = g + g.transpose(1, 2)  # p on both sides: one pass over G + G^T (constant diagonal)
         g.diagonal(dim1=-2, dim2=-1).zero_()
-    kT, lkT, _ = _keys(pp if q is None else q)
+    kT, lkT, _ = _keys(p if q is None else q, w)
     g = F.pad(g, (0, kT.shape[2] - g.shape[2])).contiguous()
-    T, U = mod.jsd_class_grads(pp, lp, kT, lkT, g, q is not None)
+    T, U = mod.jsd_class_grads(pp, lp, kT, lkT, w, g, q is not None)
     if q is None:
         return _finish(T, p), None
     return _finish(T, p), _finish(U[:, :, :q.shape[1]].transpose(1, 2), q)
@@ -69,10 +67,11 @@ def pairwise_jsd_backward(grad, p, q):
 
 def _attention(kind, param, grad, p, v, q):
     mod = extension.module()
-    pp, lp = _rows(p)
+    w = centring_weights(p, q)  # the forward's centring weights and row terms (cdam_fast/centring.py)
+    pp, lp = _rows(p, w)
     keys = p if q is None else q
-    kT, lkT, rk = _keys(keys)
-    T, U, gv = mod.attention_backward(pp, lp, row_terms(pp).contiguous(), kT, lkT, rk, v.float().contiguous(),
+    kT, lkT, rk = _keys(keys, w)
+    T, U, gv = mod.attention_backward(pp, lp, row_terms(p, w), kT, lkT, rk, w, v.float().contiguous(),
                                       grad.float().contiguous(), kind, float(param), q is None)
     gk = _finish(U[:, :, :keys.shape[1]].transpose(1, 2), keys)
     if q is None:
