@@ -27,6 +27,8 @@ def _common(backend: str, mode: str | None = None, memory_budget: int | None = N
     if mode is None:
         return None
     memory.check_mode(mode)
+    if mode == "materialize" and memory_budget is None:
+        return DEFAULT_MEMORY_BUDGET  # unused by materialize: CDAM_FAST_MEMORY_BUDGET is not read
     return memory.resolve_budget(memory_budget)
 
 

@@ -66,9 +66,10 @@ def check_positive(name: str, x: float, lo: float = 0.0, hi: float = math.inf) -
     # a chained comparison rather than math.isfinite: dynamo can evaluate it on a traced float
     if not isinstance(x, (int, float)) or isinstance(x, bool) or not (0.0 < x < math.inf):
         raise CdamInputError(f"{name} must be a positive finite number, got {x!r}")
-    if not (lo <= x <= hi):
-        raise CdamInputError(f"{name} must lie in [{lo:.4g}, {hi:.4g}] (the float32 range the kernels compute "
-                             f"in), got {x!r}")
+    if x < lo:
+        raise CdamInputError(f"{name} must be at least {lo:.4g} (the float32 range the kernels compute in), got {x!r}")
+    if x > hi:
+        raise CdamInputError(f"{name} must be at most {hi:.4g} (the float32 range the kernels compute in), got {x!r}")
     return float(x)
 
 

@@ -211,7 +211,8 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
         # this rank's GPU under torchrun (a plain "cuda" would put every rank on one device)
         device = str(dist.device) if dist.device is not None and args.device in (None, "cuda") else args.device
         seg = make_segmenter(classes, device)
-        _on_rank0(dist, lambda: folder.prepare(args.overwrite))  # the others wait for it before writing
+        # the others wait for it before writing
+        _on_rank0(dist, lambda: (args.overwrite and _discard_other_configuration(folder), folder.prepare(args.overwrite)))
         start = time.perf_counter()
         bar = tqdm(total=len(mine), desc="segment", unit="image", disable=not dist.is_main or len(items) < 2)
 
@@ -320,6 +321,17 @@ def _segment_item(item, paths, image, error, seg, folder: RunFolder, rank: int):
     folder.append({**record, "status": "done", "error": None, "seconds": round(time.perf_counter() - t0, 3)})
     fileio.publish(partial, paths)  # after the record: a file the manifest lists is either complete or absent
     return True, fileio.summary_line(item.path, labels, seg, paths)
+
+
+def _discard_other_configuration(folder: RunFolder) -> None:
+    """--overwrite over another configuration's results discards them, as the refusal says: the
+    outputs its manifests list are deleted (prepare() then deletes the manifests), so the folder
+    never mixes two configurations. Results of this configuration are only ever replaced."""
+    if folder.configured or not (folder.folder / folder.config_file).exists():
+        return
+    for record in folder.records():
+        for name in record.get("outputs") or ():
+            (folder.folder / name).unlink(missing_ok=True)
 
 
 def _on_rank0(dist, fn) -> None:

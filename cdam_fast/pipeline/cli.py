@@ -81,7 +81,10 @@ def _classes(args):
 
 def _run(args) -> int:
     from . import bulk
+    from .model import check_device
+    from .segmenter import resolve_dtype
 
+    resolve_dtype(args.dtype, check_device(args.device))  # before torchrun's process group and the model load
     protocol, cliper = segmenter_options(args), cliper_options.cliper_settings(args)
     # a segmenter method may leave sizes to its class (None): the pre-check uses the general defaults
     sizes = {**segmenter_defaults(), **{k: v for k, v in protocol.items() if v is not None}}

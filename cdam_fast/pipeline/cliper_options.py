@@ -41,7 +41,7 @@ def cliper_settings(args, dataset: str | None = None) -> dict:
              if getattr(args, k, default) != default]
     if args.method != CLIPER:
         if given:
-            raise CdamInputError(f"{', '.join(given)} apply to --method cliper only")
+            raise CdamInputError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --method cliper only")
         return {}
     protocol = args.protocol
     if protocol == CLIPER:

@@ -94,10 +94,13 @@ def expand_inputs(args, exclude=None) -> list[InputImage]:
             found = _list(arg)
         else:  # a missing or unreadable file fails on its own, as any bad image (the others go on)
             found = [InputImage(arg, Path(arg).stem)]
-        for item in found:
+        searched = os.path.isdir(arg) or any(c in arg for c in _GLOB_CHARS)
+        kept = [it for it in found if not (searched and skip is not None and os.path.realpath(it.path).startswith(skip))]
+        if found and not kept:
+            raise CdamInputError(f"every image file of {arg!r} lies inside the output folder {os.fspath(exclude)!r}, "
+                                 "whose files are never inputs; choose another --out")
+        for item in kept:
             key = os.path.realpath(item.path)
-            if skip is not None and key.startswith(skip) and (os.path.isdir(arg) or any(c in arg for c in _GLOB_CHARS)):
-                continue
             if key not in seen:
                 seen.add(key)
                 items.append(item)

@@ -53,7 +53,8 @@ def _check_model_name(open_clip, name: str) -> None:
         raise CdamInputError(f"model: unknown open_clip model name {name!r}.{hint}")
 
 
-def _check_device(device) -> torch.device:
+def check_device(device) -> torch.device:
+    """The torch device to run on (None: CUDA when available), or a CdamInputError naming `device`."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -81,7 +82,7 @@ def load_clip(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETR
     local file it follows the model's "openai" tag (OpenAI CLIP weights), pass False for others.
     share: reuse a backbone already loaded with the same arguments while it is alive.
     """
-    device = _check_device(device)
+    device = check_device(device)
     key = (model, pretrained if pretrained is None else str(pretrained), str(device), seed, quick_gelu, cache_dir)
     if share and key in _SHARED:
         return _SHARED[key]

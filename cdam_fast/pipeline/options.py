@@ -44,10 +44,13 @@ def parse_background(text):
     if text.lower() == "none":
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise CdamInputError(f"--background must be {', '.join(bg.RULES)}, none or a probability, "
-                             f"got {text!r}") from None
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise CdamInputError(f"--background must be {', '.join(bg.RULES)}, none or a probability in [0, 1], "
+                             f"got {text!r}")
+    return value
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -117,7 +120,26 @@ def segmenter_options(args, **fixed) -> dict:
         if value is not None:
             out[key] = parse_background(value) if key == "background" else value
     out.update(fixed)
+    _check_sizes(out)
     return out
+
+
+# protocol sizes and their flags: checked here, before any image is read or model loaded
+_SIZE_FLAGS = {"short_side": "--short-side", "long_side": "--long-side", "crop": "--crop", "stride": "--stride"}
+
+
+def _check_sizes(options: dict) -> None:
+    for key, flag in _SIZE_FLAGS.items():
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CdamInputError(f"{flag} must be a positive number of pixels, got {value!r}")
+    steps = options.get("pamr_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise CdamInputError(f"--pamr must be a number of steps >= 0, got {steps!r}")
+    crop, stride = options.get("crop"), options.get("stride")
+    if crop is not None and stride is not None and stride > crop:
+        raise CdamInputError(f"--stride ({stride}) must not exceed --crop ({crop}): pixels between windows would get "
+                             "no prediction")
 
 
 def model_options(args) -> dict:

@@ -55,7 +55,8 @@ def _check_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The autocast dtype for `device`, or a CdamInputError naming `dtype`."""
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
@@ -184,7 +185,7 @@ class Segmenter:
         else:
             self.backbone = load_clip(model, pretrained, device, seed=seed, quick_gelu=quick_gelu)
         self.device = self.backbone.device
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         ph, pw = self.backbone.patch_size
         if crop < max(ph, pw):
             raise CdamInputError(f"crop ({crop}) is smaller than the model's {ph}x{pw} patches")
