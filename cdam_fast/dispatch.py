@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from .validation import CdamInputError
+
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 ENV_VAR = "CDAM_FAST_BACKEND"
 
@@ -71,7 +73,7 @@ def not_supported_reasons(name: str, call) -> list[str]:
 
 def check_backend_name(backend: str) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise CdamInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _requested(backend: str) -> str:
@@ -80,7 +82,7 @@ def _requested(backend: str) -> str:
         env = os.environ.get(ENV_VAR, "").strip()
         if env:
             if env not in BACKENDS:
-                raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+                raise CdamInputError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {env!r}")
             return env
     return backend
 

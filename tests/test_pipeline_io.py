@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cdam_fast.pipeline import load_clip, text, textcache, visualize, weights
-from cdam_fast.pipeline.images import image_size, open_image, to_tensor
+from cdam_fast.pipeline.images import image_size, open_image, to_pixels, to_tensor
 from cdam_fast.pipeline.model import WeightsUnavailableError
 from cdam_fast.validation import CdamInputError
 from tiny_clip import register_tiny_clip
@@ -140,8 +140,13 @@ def test_sixteen_bit_images_are_scaled(tmp_path):
         assert np.array_equal(got[..., 0], want) and np.array_equal(got[..., 2], want), name
     assert float(to_tensor(tmp_path / "g16.png").max()) == 1.0  # not clipped to white: 65535 -> 1.0 only
     Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "float.tif")
-    with pytest.raises(CdamInputError, match="float.tif.*floating-point pixels"):
+    with pytest.raises(CdamInputError, match="float.tif.*floating-point pixels") as e:
         open_image(tmp_path / "float.tif")
+    assert str(e.value).count("cannot read image file") == 1
+    with pytest.raises(CdamInputError, match="floating-point pixels"):
+        image_size(tmp_path / "float.tif")  # the header check before the model load refuses it too
+    # a uint16 array from Python is scaled as a 16-bit file is
+    assert np.array_equal(to_pixels(grey)[0].numpy(), want)
 
 
 def test_class_file_line_with_commas_warns(tmp_path):

@@ -47,6 +47,8 @@ def open_image(path):
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)  # phone photos are stored sideways with an orientation tag
             return _to_rgb(im, path)
+    except CdamInputError:
+        raise  # already names the file
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise CdamInputError(f"cannot read image file {path!r}: {e}") from e
 
@@ -63,6 +65,8 @@ def image_size(path) -> tuple:
         with Image.open(path) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation
+            if im.mode == "F":  # refused by open_image too: say so before any model loads
+                _to_rgb(im, path)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise CdamInputError(f"cannot read image file {path!r}: {e}") from e
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
@@ -74,7 +78,7 @@ def _from_uint_or_float(t: torch.Tensor, what: str) -> torch.Tensor:
     if t.dtype == torch.bool:
         return t.float()
     if not t.is_floating_point():
-        raise CdamInputError(f"{what} must be uint8 or float, got {t.dtype}")
+        raise CdamInputError(f"{what} must be uint8, uint16 or float, got {str(t.dtype).replace('torch.', '')}")
     t = t.float()
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise CdamInputError(f"{what} contains NaN or infinite values")
@@ -119,6 +123,8 @@ def to_pixels(image, what: str = "image") -> torch.Tensor:
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise CdamInputError(f"{what}: expected [H, W] or [1|3, H, W] (channels first for tensors), "
                              f"got shape {tuple(image.shape)}")
+    if image.dtype == torch.uint16:  # 16-bit data, scaled to 8 bits as 16-bit image files are
+        image = torch.round(image.to(torch.float32) / 257.0).to(torch.uint8)
     if image.dtype != torch.uint8:
         image = _from_uint_or_float(image, what)
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
