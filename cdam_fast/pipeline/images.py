@@ -92,7 +92,7 @@ def to_tensor(image, what: str = "image") -> torch.Tensor:
     """[3, H, W] float32 in [0, 1] on the CPU (tensors keep their device).
 
     Accepted: a path, a PIL image, a numpy array [H, W] or [H, W, 1|3|4] (channels last, alpha
-    dropped), a tensor [H, W] or [1|3, H, W] (channels first); uint8 (0-255) or float (0-1).
+    dropped), a tensor [H, W] or [1|3, H, W] (channels first); uint8 (0-255), uint16 (0-65535, scaled to 8 bits as 16-bit files are) or float (0-1).
     """
     pixels = to_pixels(image, what)
     return pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
