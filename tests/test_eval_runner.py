@@ -139,3 +139,19 @@ def test_sharded_ranks_sum_to_single_process(voc, tmp_path):
     parts = [evaluate(ds, channel_predictor(ds), dist=DistContext(rank=r, world_size=3), progress=False).confusion
              for r in range(3)]
     np.testing.assert_array_equal(sum(parts), expected_confusion("voc21", pairs))
+
+
+def test_a_label_map_of_another_size_than_its_image_names_both_files(tmp_path):
+    from PIL import Image
+
+    from cdam_fast.evaluation.datasets import DatasetError
+
+    build_dataset("voc21", tmp_path / "voc", n=2)
+    ds = open_dataset("voc21", str(tmp_path / "voc"))
+    sample = ds[0]
+    with Image.open(sample.label_path) as im:
+        im.crop((0, 0, im.width, im.height - 4)).save(sample.label_path)
+    with pytest.raises(DatasetError, match=f"{sample.label_path.name}.*{sample.image_path.name}"):
+        ds.load_pair(sample)
+    image, label = ds.load_pair(ds[1])
+    assert label.shape == (image.height, image.width)

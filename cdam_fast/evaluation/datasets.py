@@ -122,6 +122,16 @@ class SegmentationDataset:
         """Class indices [H, W] (int64) in 0..K-1, IGNORE_INDEX where the pixel is not scored."""
         return read_label(sample.label_path, self.num_classes, self.spec.reduce_zero_label)
 
+    def load_pair(self, sample: Sample) -> tuple:
+        """(image, label) of a sample, or a DatasetError naming both files when their sizes differ
+        (a prediction at the image's size could not be scored against that label)."""
+        image, label = self.load_image(sample), self.load_label(sample)
+        if label.shape != (image.height, image.width):
+            raise DatasetError(f"label map {sample.label_path} is {label.shape[1]}x{label.shape[0]} (W x H) but its "
+                               f"image {sample.image_path} is {image.width}x{image.height}; the dataset is corrupt "
+                               "or mismatched")
+        return image, label
+
 
 def read_label(path: Path, num_classes: int, reduce_zero_label: bool) -> np.ndarray:
     with Image.open(path) as im:

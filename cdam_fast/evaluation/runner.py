@@ -6,14 +6,13 @@ and the confusion matrices are summed across ranks.
 """
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..prefetch import prefetched
 from .datasets import SegmentationDataset
 from .distributed import DistContext
 from .metrics import PredictionError, Scores, add_sparse, confusion_matrix, scores
@@ -85,7 +84,7 @@ def evaluate(
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval {dataset.name}", unit="img",
                disable=not (progress and dist.is_main), dynamic_ncols=True)
     try:
-        for sample, (image, label) in zip(todo, _prefetched(dataset, todo)):
+        for sample, (image, label) in zip(todo, prefetched(dataset.load_pair, todo, PREFETCH)):
             conf = _score_one(dataset, predictor, sample, image, label)
             total += conf
             if store is not None:
@@ -102,19 +101,6 @@ def evaluate(
         store.write_result(result.as_dict(store.config))
     dist.barrier()
     return result
-
-
-def _prefetched(dataset: SegmentationDataset, samples, ahead: int = PREFETCH):
-    """(image, label) of each sample in order, decoded in a background thread up to `ahead`
-    samples early so that file decoding overlaps with prediction."""
-    load = lambda s: (dataset.load_image(s), dataset.load_label(s))  # noqa: E731
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = deque(pool.submit(load, s) for s in samples[:ahead])
-        for s in samples[ahead:]:
-            pending.append(pool.submit(load, s))
-            yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _score_one(dataset: SegmentationDataset, predictor: Predictor, sample, image, label) -> np.ndarray:

@@ -32,13 +32,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..prefetch import prefetched
 from ..runstore import RunFolder
 from ..validation import CdamInputError
 from . import fileio
@@ -111,22 +110,14 @@ def check_foreign(files, folder: RunFolder, left: Plan) -> None:
                          "into this folder recorded; pass --overwrite to replace them or choose another --out")
 
 
-def _prefetched(load, items, ahead: int = PREFETCH):
-    """(value, error) of load(item) per item in order, computed in a background thread up to
-    `ahead` items early so that decoding overlaps with the model."""
+def _caught(load):
+    """load, returning (value, None), or (None, the exception) for the caller to report per image."""
     def safe(item):
         try:
             return load(item), None
-        except Exception as e:  # reported per image by the caller
+        except Exception as e:  # noqa: BLE001
             return None, e
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = deque(pool.submit(safe, it) for it in items[:ahead])
-        for it in items[ahead:]:
-            pending.append(pool.submit(safe, it))
-            yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    return safe
 
 
 def error_message(e: Exception) -> str:
@@ -222,7 +213,7 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
             return open_image(items[i].path)
 
         try:
-            for i, (image, error) in zip(mine, _prefetched(load, mine)):
+            for i, (image, error) in zip(mine, prefetched(_caught(load), mine, PREFETCH)):
                 ok, line = _segment_item(items[i], files[i], image, error, seg, folder, dist.rank)
                 counts.done += ok
                 counts.failed += not ok
