@@ -132,7 +132,7 @@ def test_resume_after_crash_and_bad_image(photos, reference, tmp_path, monkeypat
 
     # a third run has nothing left but the bad image; another configuration is refused
     assert main(["segment", str(photos / "a.png"), *ARGS, "--out", str(out)]) == 0
-    assert "1 images: 0 done, 1 skipped" in capsys.readouterr().err
+    assert "1 image: 0 done, 1 skipped" in capsys.readouterr().err
     assert main(["segment", str(photos / "a.png"), *ARGS, "--out", str(out), "--method", "sclip"]) == 2
     assert "method: 'maskclip' there, 'sclip' now" in capsys.readouterr().err
     assert main(["segment", str(photos / "a.png"), *ARGS, "--out", str(out), "--method", "sclip", "--overwrite"]) == 0

@@ -14,7 +14,7 @@ from .predictors import (
     DEFAULT_OUTPUT_ROOT, UsageError, describe_background, load_factory, pipeline_config, run_name,
     segmenter_predictor,
 )
-from .runner import evaluate
+from .runner import check_output, evaluate
 from .store import StoreError
 
 
@@ -80,6 +80,7 @@ def run_eval(args) -> int:
             config.update({k: v for k, v in (("templates", args.templates), ("quick_gelu", args.quick_gelu))
                            if v not in (None, "openai")})
         output = Path(args.output) if args.output else DEFAULT_OUTPUT_ROOT / run_name(dataset.name, config)
+        check_output(dataset, output, config, args.overwrite)  # before the (slow) model load
         use_cuda = None if args.predictor is None else False  # test predictors run on CPU (gloo)
         with distributed_context(use_cuda=use_cuda) as dist:
             if args.predictor is not None:

@@ -113,6 +113,12 @@ def _score_one(dataset: SegmentationDataset, predictor: Predictor, sample, image
         raise PredictionError(f"image {sample.id!r}: {e}") from None
 
 
+def check_output(dataset: SegmentationDataset, output, config: dict | None, overwrite: bool = False) -> None:
+    """Refuse an output folder holding another configuration's results, writing nothing: callers
+    run it before they load a model (evaluate() checks again when it prepares the folder)."""
+    ResultStore(output, _store_config(dataset, config)).check(overwrite)
+
+
 def _store_config(dataset: SegmentationDataset, config: dict | None) -> dict:
     # the image count is left out on purpose: a larger --limit continues a smaller run
     return {"dataset": dataset.name, "split": dataset.split, **(config or {})}

@@ -239,7 +239,7 @@ def _report(prog, dist, n_items: int, total, seconds: float, out, failures) -> i
         rate = f", {done / seconds:.3f} images/s" if done and seconds > 0 else ""
         procs = f" on {dist.world_size} processes" if dist.world_size > 1 else ""
         where = f"; manifest: {out / (MANIFEST_PREFIX + '.rank*.jsonl')}" if out is not None else ""
-        print(f"{prog}: {n_items} images: {done} done, {skipped} skipped (already done), {failed} failed"
+        print(f"{prog}: {n_items} image{'' if n_items == 1 else 's'}: {done} done, {skipped} skipped (already done), {failed} failed"
               f"{rate}{procs}{where}", file=sys.stderr)
         if failed and not done and not skipped:
             print(f"{prog}: error: no image can be segmented", file=sys.stderr)
