@@ -3,7 +3,8 @@
 Each forward op's registered backward (register.py) calls one of these, so torch.compile sees
 the backward as one opaque node too, and the fast kernels dispatch inside, as in the forward.
 Gradients come back in the dtypes of the inputs they belong to (computed in fp32, or fp64 for
-float64 inputs). Backends without a fused backward use the reference formulas (reference.py).
+float64 inputs) and always contiguous, whatever the inputs' strides (the kernels work on
+contiguous copies; the fakes say the same, as torch.compile checks). Backends without a fused backward use the reference formulas (reference.py).
 The backward ops register no autograd formula of their own: double backward raises torch's
 "no autograd formula" error.
 """
@@ -48,8 +49,17 @@ def check_differentiable_distribution(name: str, p: Tensor) -> None:
         raise val.CdamInputError(f"{name} has negative entries: the divergence and its gradient are undefined there")
 
 
+# The one stride rule of every backward op, real and fake: gradients are contiguous.
 def _like(g: Tensor, t: Tensor) -> Tensor:
     return g.to(t.dtype).contiguous()
+
+
+def _zeros(t: Tensor) -> Tensor:
+    return torch.zeros_like(t, memory_format=torch.contiguous_format)
+
+
+def _fake(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def _none_as_empty(g: Optional[Tensor], like: Tensor) -> Tensor:
@@ -62,7 +72,7 @@ def pairwise_jsd_backward(grad: Tensor, p: Tensor, q: Optional[Tensor], backend:
     if q is not None:
         check_differentiable_distribution("q", q)
     if grad.numel() == 0:
-        return torch.zeros_like(p), _none_as_empty(None if q is None else torch.zeros_like(q), p)
+        return _zeros(p), _none_as_empty(None if q is None else _zeros(q), p)
     gp, gq = _impl("pairwise_jsd_backward", backend, p, q, grad)(grad.contiguous(), p.contiguous(),
                                                                   None if q is None else q.contiguous())
     return _like(gp, p), _none_as_empty(None if gq is None else _like(gq, q), p)
@@ -70,20 +80,20 @@ def pairwise_jsd_backward(grad: Tensor, p: Tensor, q: Optional[Tensor], backend:
 
 @pairwise_jsd_backward.register_fake
 def _(grad, p, q, backend):
-    return torch.empty_like(p), p.new_empty(0) if q is None else torch.empty_like(q)
+    return _fake(p), p.new_empty(0) if q is None else _fake(q)
 
 
 @torch.library.custom_op("cdam_fast::cdam_map_backward", mutates_args=())
 def cdam_map_backward(grad: Tensor, p: Tensor, alpha: float, backend: str) -> Tensor:
     check_differentiable_distribution("p", p)
     if grad.numel() == 0:
-        return torch.zeros_like(p)
+        return _zeros(p)
     return _like(_impl("cdam_map_backward", backend, p, grad)(grad.contiguous(), p.contiguous(), alpha), p)
 
 
 @cdam_map_backward.register_fake
 def _(grad, p, alpha, backend):
-    return torch.empty_like(p)
+    return _fake(p)
 
 
 @torch.library.custom_op("cdam_fast::cdam_attention_backward", mutates_args=())
@@ -91,7 +101,7 @@ def cdam_attention_backward(grad: Tensor, p: Tensor, v: Tensor, alpha: float, mo
                             backend: str) -> tuple[Tensor, Tensor]:
     check_differentiable_distribution("p", p)
     if grad.numel() == 0:
-        return torch.zeros_like(p), torch.zeros_like(v)
+        return _zeros(p), _zeros(v)
     fn = _impl("cdam_attention_backward", backend, p, v, grad)
     gp, gv = fn(grad.contiguous(), p.contiguous(), v.contiguous(), alpha, mode, memory_budget)
     return _like(gp, p), _like(gv, v)
@@ -99,7 +109,7 @@ def cdam_attention_backward(grad: Tensor, p: Tensor, v: Tensor, alpha: float, mo
 
 @cdam_attention_backward.register_fake
 def _(grad, p, v, alpha, mode, memory_budget, backend):
-    return torch.empty_like(p), torch.empty_like(v)
+    return _fake(p), _fake(v)
 
 
 @torch.library.custom_op("cdam_fast::multiscale_cdam_map_backward", mutates_args=())
@@ -107,14 +117,14 @@ def multiscale_cdam_map_backward(grad: Tensor, sim: Tensor, scales: Sequence[flo
                                  backend: str) -> Tensor:
     val.check_finite("sim", sim)
     if grad.numel() == 0:
-        return torch.zeros_like(sim)
+        return _zeros(sim)
     fn = _impl("multiscale_cdam_map_backward", backend, sim, grad)
     return _like(fn(grad.contiguous(), sim.contiguous(), tuple(scales), tau, alpha), sim)
 
 
 @multiscale_cdam_map_backward.register_fake
 def _(grad, sim, scales, tau, alpha, backend):
-    return torch.empty_like(sim)
+    return _fake(sim)
 
 
 @torch.library.custom_op("cdam_fast::multiscale_cdam_attention_backward", mutates_args=())
@@ -122,7 +132,7 @@ def multiscale_cdam_attention_backward(grad: Tensor, sim: Tensor, v: Tensor, sca
                                        alpha: float, backend: str) -> tuple[Tensor, Tensor]:
     val.check_finite("sim", sim)
     if grad.numel() == 0:
-        return torch.zeros_like(sim), torch.zeros_like(v)
+        return _zeros(sim), _zeros(v)
     fn = _impl("multiscale_cdam_attention_backward", backend, sim, v, grad)
     gs, gv = fn(grad.contiguous(), sim.contiguous(), v.contiguous(), tuple(scales), tau, alpha)
     return _like(gs, sim), _like(gv, v)
@@ -130,7 +140,7 @@ def multiscale_cdam_attention_backward(grad: Tensor, sim: Tensor, v: Tensor, sca
 
 @multiscale_cdam_attention_backward.register_fake
 def _(grad, sim, v, scales, tau, alpha, backend):
-    return torch.empty_like(sim), torch.empty_like(v)
+    return _fake(sim), _fake(v)
 
 
 @torch.library.custom_op("cdam_fast::jsd_attention_backward", mutates_args=())
@@ -141,7 +151,7 @@ def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tenso
     if q is not None:
         check_differentiable_distribution("q", q)
     if grad.numel() == 0 or p.shape[1] == 0:
-        return torch.zeros_like(p), torch.zeros_like(v), _none_as_empty(None if q is None else torch.zeros_like(q), p)
+        return _zeros(p), _zeros(v), _none_as_empty(None if q is None else _zeros(q), p)
     fn = _impl("jsd_attention_backward", backend, p, q, v, grad)
     gp, gv, gq = fn(grad.contiguous(), p.contiguous(), v.contiguous(), None if q is None else q.contiguous(), tau,
                     out=out.contiguous())
@@ -150,4 +160,4 @@ def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tenso
 
 @jsd_attention_backward.register_fake
 def _(grad, p, v, q, out, tau, backend):
-    return torch.empty_like(p), torch.empty_like(v), p.new_empty(0) if q is None else torch.empty_like(q)
+    return _fake(p), _fake(v), p.new_empty(0) if q is None else _fake(q)
