@@ -9,8 +9,8 @@ inputs. ``_library.py`` registers every op from it; ``dispatch.py`` asks backend
 
 Adding an op: write its reference in ``reference.py``, add an OpSpec below, a public wrapper in
 ``ops.py`` and one function of the same name and argument order (``params``) per backend. A
-backend that lacks the op says so from ``not_supported_reasons``. A later autograd layer can hang
-``torch.library.register_autograd`` off the registered ops (``_library.OPS``) without touching this.
+backend that lacks the op says so from ``not_supported_reasons``. Gradients are registered on
+the generated ops by name (``cdam_fast/autograd/register.py``).
 
 The dtype rule, once: the divergences are computed in float64 if any tensor input is float64
 (only the reference backend does that; float64 distributions are promoted to it), else in

@@ -13,10 +13,6 @@ from . import ops as bwd  # noqa: F401  (defines the cdam_fast::*_backward ops)
 _ops = torch.ops.cdam_fast
 
 
-def _first(t):
-    return None if t is None or t.numel() == 0 else t
-
-
 # pairwise_jsd(p, q, backend, validate)
 def _setup_pairwise(ctx, inputs, output):
     p, q, backend, _ = inputs

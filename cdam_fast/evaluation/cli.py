@@ -33,7 +33,7 @@ def register(subparsers) -> None:
                    help="results folder (default: cdam_eval/DATASET-METHOD-cdam|nocdam-MODEL-PRETRAINED[-global])")
     p.add_argument("--overwrite", action="store_true", help="discard the results already in --output and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from ..pipeline import cliper_options  # issue #14 hook: CLIPer's options
+    from ..pipeline import cliper_options  # --method cliper's own options
 
     cliper_options.add_arguments(p, dataset_known=True)
     # for tests: MODULE:CALLABLE, called with the dataset, returning an `image -> label map` predictor

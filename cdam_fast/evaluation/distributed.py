@@ -51,6 +51,21 @@ class DistContext:
             else:
                 torch.distributed.barrier()
 
+    def run_on_main(self, fn, what: str, error_type=RuntimeError) -> None:
+        """fn() on rank 0 while the others wait; every rank raises if it failed (rank 0 its own
+        error, the others an error_type naming `what`)."""
+        error = None
+        if self.is_main:
+            try:
+                fn()
+            except Exception as e:  # re-raised below, after the other ranks were told
+                error = e
+        ok = self.broadcast_flag(error is None)
+        if error is not None:
+            raise error
+        if not ok:
+            raise error_type(f"rank 0 could not {what} (its error is in rank 0's log)")
+
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's flag on every rank (so that every rank takes the same branch)."""
         if not self.active:

@@ -75,7 +75,7 @@ def run_name(dataset_name: str, config: dict) -> str:
         parts.append(config["mode"])
     if config.get("preset"):
         parts.append(config["preset"])
-    if config.get("protocol", "mmseg") != "mmseg":  # issue #14: CLIPer's protocol and compensation
+    if config.get("protocol", "mmseg") != "mmseg":  # CLIPer's protocol and compensation
         parts.append(config["protocol"])
     if config.get("compensation"):
         parts.append(config["compensation"])

@@ -61,18 +61,7 @@ def evaluate(
     store = None
     if output is not None:
         store = ResultStore(output, _store_config(dataset, config), rank=dist.rank)
-        # rank 0 checks and prepares the folder; the others wait, then learn whether that worked
-        error = None
-        if dist.is_main:
-            try:
-                store.prepare(overwrite=overwrite)
-            except Exception as e:  # re-raised below, after the other ranks were told
-                error = e
-        ok = dist.broadcast_flag(error is None)
-        if error is not None:
-            raise error
-        if not ok:
-            raise RuntimeError("rank 0 could not prepare the output folder (its error is in rank 0's log)")
+        dist.run_on_main(lambda: store.prepare(overwrite=overwrite), "prepare the output folder")
     done = store.load() if store is not None else {}
 
     mine = [dataset[i] for i in dist.shard(len(dataset))]

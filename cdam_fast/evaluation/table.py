@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset (a smoke run)")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT_ROOT), help="folder for the per-run result folders")
     p.add_argument("--no-progress", action="store_true")
-    # issue #14: CLIPer rows (its own protocol) beside CLIPer's published numbers
+    # CLIPer rows (its own protocol) beside CLIPer's published numbers
     p.add_argument("--cliper", action="store_true", help="add CLIPer rows (CLIPer's protocol): CLIPer, CLIPer + CDAM, "
                                                          "and CLIPer + SD compensation with --sd-weights")
     p.add_argument("--sd-weights", metavar="PATH", default=None,
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             results = run_table(roots, make_predictor, config_for, methods=args.methods, limit=args.limit,
                                 output=args.output, dist=dist, progress=not args.no_progress)
             cliper_results = {}
-            if args.cliper:  # issue #14 hook
+            if args.cliper:
                 from .cliper_table import format_cliper_rows, run_cliper_rows
 
                 cliper_results = run_cliper_rows(roots, make_predictor, lambda d, c, s: config_for(d, "cliper", c, s),

@@ -49,7 +49,7 @@ PREFETCH = 2  # images decoded ahead of the model
 # segment options that do not change what is written (left out of segment.json; every other
 # option is in it, so options added later count by default). The classes are stored resolved.
 _NOT_CONFIG = frozenset({"images", "out", "overwrite", "func", "command", "backend", "device", "window_batch",
-                         "classes", "classes_file", "cache_dir", "threads", "no_progress", "progress"})
+                         "classes", "classes_file", "cache_dir"})
 
 
 def check_not_inputs(images, files) -> None:
@@ -183,7 +183,7 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
             if not args.overwrite:
                 check_foreign(files, folder, plan(items, files, folder, False))
 
-        _on_rank0(dist, check)
+        dist.run_on_main(check, "use the output folder", CdamInputError)
         left = plan(items, files, folder, args.overwrite)
         mine = left.todo[dist.rank::dist.world_size]
         early = precheck(args, items, mine, sizes)
@@ -202,8 +202,13 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
         # this rank's GPU under torchrun (a plain "cuda" would put every rank on one device)
         device = str(dist.device) if dist.device is not None and args.device in (None, "cuda") else args.device
         seg = make_segmenter(classes, device)
-        # the others wait for it before writing
-        _on_rank0(dist, lambda: (args.overwrite and _discard_other_configuration(folder), folder.prepare(args.overwrite)))
+
+        def prepare():
+            if args.overwrite:
+                _discard_other_configuration(folder)
+            folder.prepare(args.overwrite)
+
+        dist.run_on_main(prepare, "use the output folder", CdamInputError)  # the others wait before writing
         start = time.perf_counter()
         bar = tqdm(total=len(mine), desc="segment", unit="image", disable=not dist.is_main or len(items) < 2)
 
@@ -323,21 +328,6 @@ def _discard_other_configuration(folder: RunFolder) -> None:
     for record in folder.records():
         for name in record.get("outputs") or ():
             (folder.folder / name).unlink(missing_ok=True)
-
-
-def _on_rank0(dist, fn) -> None:
-    """Run fn on rank 0; every rank raises if it failed (the error itself on rank 0)."""
-    error = None
-    if dist.is_main:
-        try:
-            fn()
-        except Exception as e:  # re-raised below, after the other ranks were told
-            error = e
-    ok = dist.broadcast_flag(error is None)
-    if error is not None:
-        raise error
-    if not ok:
-        raise CdamInputError("rank 0 could not use the output folder (its error is in rank 0's log)")
 
 
 def read_manifest(out) -> list[dict]:

@@ -21,7 +21,7 @@ from ..dispatch import BACKENDS
 from ..grids import CDAM_SCALES
 from ..ops import MODES as CDAM_MODES
 from ..ops import multiscale_cdam_attention
-from ..validation import CdamInputError, check_positive, check_scales
+from ..validation import CdamInputError, check_alpha, check_positive, check_scales, check_tau
 from . import background as bg
 from .images import require_opencv
 from .images import resize as resize_pixels
@@ -163,7 +163,7 @@ class Segmenter:
         self.short_side, self.long_side = _check_int("short_side", short_side), _check_int("long_side", long_side)
         self.window_batch = _check_int("window_batch", window_batch)
         self.logit_scale = check_positive("logit_scale", logit_scale)
-        self.scales, self.tau, self.alpha = check_scales(scales), check_positive("tau", tau), check_positive("alpha", alpha)
+        self.scales, self.tau, self.alpha = check_scales(scales), check_tau(tau), check_alpha(alpha)
         self.cdam_mode, self.memory_budget = cdam_mode, memory_budget
         self.resize = check_choice("resize", resize, RESIZES)
         self.pos_interp = check_choice("pos_interp", pos_interp, POS_INTERPOLATIONS)
@@ -200,6 +200,7 @@ class Segmenter:
         else:
             self.text = text.classes(self.classes).to(self.device)  # [C, E]
         self._atp_text = None  # the ATP embeddings, encoded when CDAM first needs them
+        self._distribution_text = None  # (the text it was made from, [text; ATP])
         self._mean = torch.tensor(self.backbone.mean, device=self.device).reshape(3, 1, 1)
         self._std = torch.tensor(self.backbone.std, device=self.device).reshape(3, 1, 1)
 
@@ -219,7 +220,9 @@ class Segmenter:
         if self._atp_text is None:
             self._atp_text = (self._text_embedder.prompts(list(self.atp)).to(self.device) if self.atp
                               else self.text[:0])
-        return torch.cat([self.text, self._atp_text])
+        if self._distribution_text is None or self._distribution_text[0] is not self.text:
+            self._distribution_text = (self.text, torch.cat([self.text, self._atp_text]))  # once per text
+        return self._distribution_text[1]
 
     def use_class_embeddings(self, embeddings: torch.Tensor) -> None:
         """Replace the class text embeddings [C, E] (e.g. precomputed or image prototypes);
