@@ -83,3 +83,18 @@ def test_table_background_override_and_presets(tmp_path, capsys):
                "--no-progress", "--background", "entropy", "--predictor", "test_eval_support:table_predictor"])
     assert rc == 0
     assert "VOC21: background rule: entropy threshold, one per image" in capsys.readouterr().out
+
+
+def test_table_and_eval_store_the_same_configuration_for_the_same_options():
+    """--templates / --quick-gelu change results, so both CLIs record them the same way (a table
+    cell must never resume an eval folder made with other templates)."""
+    from types import SimpleNamespace
+
+    from cdam_fast.evaluation.datasets import DATASETS
+    from cdam_fast.evaluation.predictors import pipeline_config
+
+    dataset = SimpleNamespace(spec=DATASETS["voc21"], name="voc21")
+    base = dict(method="maskclip", cdam=True, model="ViT-B-16", pretrained="openai")
+    assert "templates" not in pipeline_config(dataset, **base)  # defaults left out: older runs match
+    single = pipeline_config(dataset, **base, templates="single", quick_gelu=False)
+    assert single["templates"] == "single" and single["quick_gelu"] is False

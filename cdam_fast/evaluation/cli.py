@@ -75,10 +75,8 @@ def run_eval(args) -> int:
             except CdamInputError as e:
                 raise UsageError(str(e)) from None
             config = pipeline_config(dataset, model=args.model, pretrained=args.pretrained, dtype=args.dtype,
-                                     preset=args.preset, cliper=cliper, **protocol)
-            # what changes the results goes into the stored configuration (defaults left out: older runs match)
-            config.update({k: v for k, v in (("templates", args.templates), ("quick_gelu", args.quick_gelu))
-                           if v not in (None, "openai")})
+                                     preset=args.preset, cliper=cliper, templates=args.templates,
+                                     quick_gelu=args.quick_gelu, **protocol)
         output = Path(args.output) if args.output else DEFAULT_OUTPUT_ROOT / run_name(dataset.name, config)
         check_output(dataset, output, config, args.overwrite)  # before the (slow) model load
         use_cuda = None if args.predictor is None else False  # test predictors run on CPU (gloo)

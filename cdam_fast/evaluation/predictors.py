@@ -31,7 +31,7 @@ def background_setting(value, dataset_has_background: bool):
 
 def pipeline_config(dataset, *, method: str, cdam: bool, model: str, pretrained: str, mode: str = "window",
                     dtype: str | None = None, background=None, preset: str | None = None, cliper: dict | None = None,
-                    **protocol) -> dict:
+                    templates: str = "openai", quick_gelu: bool | None = None, **protocol) -> dict:
     """What a stored result depends on (the kernel backend and device are left out: they change
     rounding, not the method). `protocol`: the other Segmenter protocol settings (resize,
     pos_interp, synonyms, PAMR, sizes, logit scale), stored as given. cliper: CLIPer's options
@@ -49,6 +49,8 @@ def pipeline_config(dataset, *, method: str, cdam: bool, model: str, pretrained:
     config.update(protocol)
     if preset is not None:
         config["preset"] = preset
+    # the text side changes results too; stored only when not the default, so older runs match
+    config.update({k: v for k, v in (("templates", templates), ("quick_gelu", quick_gelu)) if v not in (None, "openai")})
     if method == "cliper":  # CLIPer's protocol / combination / compensation are part of a result
         config.update(cliper or {})
         if config.get("protocol", "mmseg") != "mmseg":
@@ -108,13 +110,13 @@ def segmenter_predictor(dataset, config: dict, *, backend: str = "auto", device=
     return segmenter.predict
 
 
-def load_backbone(model: str, pretrained: str, device=None, seed: int = 0):
+def load_backbone(model: str, pretrained: str, device=None, seed: int = 0, quick_gelu: bool | None = None):
     """The CLIP image/text towers, loaded once for several runs."""
     from cdam_fast.pipeline import WeightsUnavailableError, load_clip
     from cdam_fast.validation import CdamInputError
 
     try:
-        return load_clip(model, pretrained, device, seed=seed)
+        return load_clip(model, pretrained, device, seed=seed, quick_gelu=quick_gelu)
     except (CdamInputError, WeightsUnavailableError) as e:
         raise UsageError(str(e)) from None
 

@@ -199,15 +199,17 @@ def _cell_builders(args, dist):
     def config_for(dataset, method, cdam, cliper=None):
         preset, protocol = _cell_protocol(args, dataset, method, cdam, cliper)
         return pipeline_config(dataset, model=args.model, pretrained=args.pretrained, dtype=args.dtype, preset=preset,
-                               cliper=cliper, **protocol)
+                               cliper=cliper, templates=args.templates, quick_gelu=args.quick_gelu, **protocol)
 
     backbone = None  # loaded at the first cell, then shared: one model load and text-embedding cache
 
     def make_predictor(dataset, config):
         nonlocal backbone
-        backbone = backbone or load_backbone(args.model, args.pretrained, device, seed=args.seed)
+        backbone = backbone or load_backbone(args.model, args.pretrained, device, seed=args.seed,
+                                             quick_gelu=args.quick_gelu)
         return segmenter_predictor(dataset, config, backend=args.backend, backbone=backbone,
-                                   progress=dist.is_main and not args.no_progress, templates=args.templates)
+                                   progress=dist.is_main and not args.no_progress, templates=args.templates,
+                                   cache_dir=args.cache_dir)
 
     return config_for, make_predictor
 
