@@ -36,12 +36,10 @@ def main(argv=None) -> int:
     src.add_argument("--classes-file", help="one class per line, or a packaged list (voc21, ...)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--model", default="ViT-B-16")
-    p.add_argument("--pretrained", default="openai", help="open_clip tag, checkpoint path, or none")
-    p.add_argument("--method", default="maskclip")
-    p.add_argument("--no-cdam", action="store_true")
-    p.add_argument("--mode", default="window", choices=("window", "global"))
-    p.add_argument("--templates", default="openai")
+    from cdam_fast.pipeline.options import add_model_options, add_protocol_options
+
+    add_model_options(p)  # the same model and protocol options as `cdam-fast segment`
+    add_protocol_options(p)
     p.add_argument("--num-actors", type=int, default=1, help="model replicas (Ray actors)")
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default 1 if the cluster has GPUs)")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch handed to an actor")
@@ -53,6 +51,7 @@ def main(argv=None) -> int:
 
     from cdam_fast.pipeline.fileio import output_paths
     from cdam_fast.pipeline.inputs import expand_inputs
+    from cdam_fast.pipeline.options import model_options, segmenter_options
     from cdam_fast.pipeline.ray_data import RaySegmenter
     from cdam_fast.pipeline.text import read_class_file
 
@@ -74,9 +73,9 @@ def main(argv=None) -> int:
     names = {}
     for it in items:
         names[it.path] = names[os.path.abspath(it.path)] = names[os.path.abspath(it.path).lstrip(os.sep)] = it.name
-    options = dict(classes=classes, model=args.model, pretrained=None if args.pretrained == "none" else args.pretrained,
-                   method=args.method, cdam=not args.no_cdam, mode=args.mode, templates=args.templates,
-                   shares=args.shares, device="cuda" if gpus else "cpu", out=str(out), names=names)
+    options = dict(classes=classes, **model_options(args), **segmenter_options(args), shares=args.shares,
+                   out=str(out), names=names)
+    options["device"] = args.device or ("cuda" if gpus else "cpu")
     ds = ds.map_batches(RaySegmenter, fn_constructor_kwargs=options, batch_size=args.batch_size,
                         concurrency=args.num_actors, num_gpus=gpus)
     columns = ["path", "error", "files"] + (["shares"] if args.shares else [])
