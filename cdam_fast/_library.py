@@ -23,6 +23,7 @@ def _contiguous(call):
 def _make_impl(spec: OpSpec):
     def impl(*args):
         call, backend, validate = spec.bind(args)
+        spec.check_structure(call)
         spec.check_options(call)
         if validate:
             spec.check_values(call)

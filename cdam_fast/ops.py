@@ -22,9 +22,12 @@ from .grids import CDAM_SCALES
 from .memory import DEFAULT_MEMORY_BUDGET, MODES  # noqa: F401  (public names)
 
 
-def _common(backend: str, mode: str | None = None, memory_budget: int | None = None):
+_NO_MODE = object()  # the op takes no mode
+
+
+def _common(backend: str, mode=_NO_MODE, memory_budget: int | None = None):
     check_backend_name(backend)
-    if mode is None:
+    if mode is _NO_MODE:
         return None
     memory.check_mode(mode)
     if mode == "materialize" and memory_budget is None:

@@ -94,6 +94,9 @@ class Call:
         return tuple(self.tensors[k] if k in self.tensors else self.options[k] for k in self.spec.params)
 
 
+_RANKS = {"p": 3, "q": 3, "v": 3, "sim": 4}  # batch-flattened tensor ranks of the registered ops
+
+
 @dataclass(frozen=True)
 class OpSpec:
     name: str
@@ -128,6 +131,27 @@ class OpSpec:
 
     def out_dtype(self, call: Call) -> torch.dtype:
         return call.compute_dtype if self.returns_map else call.tensors["v"].dtype
+
+    def check_structure(self, call: Call) -> None:
+        """Ranks, dtypes, devices and matching sizes of the batch-flattened tensors. The public
+        wrappers check these on the caller's shapes; a direct call of the registered op gets them
+        here, before any kernel reads the data."""
+        tensors = {k: t for k, t in call.tensors.items() if t is not None}
+        for k, t in tensors.items():
+            validation.check_tensor(k, t, _RANKS[k])
+            if t.dim() != _RANKS[k]:
+                raise validation.CdamInputError(f"{k} must have {_RANKS[k]} dimensions (batch-flattened) in a direct "
+                                                f"call of cdam_fast::{self.name}, got shape {tuple(t.shape)}")
+        validation.check_same_device(**tensors)
+        first = self.tensor_names[0]
+        for k, t in tensors.items():
+            validation.check_dim(k, t.shape[0], "batch size (dim 0)", call.batch, first)
+        if "q" in tensors:
+            validation.check_dim("q", tensors["q"].shape[2], "class count (last dim)", call.classes(), first)
+        if "v" in tensors:
+            rows, source = (call.keys(), "q" if "q" in tensors else first) if self.name == "jsd_attention" \
+                else (call.tokens(), first)
+            validation.check_dim("v", tensors["v"].shape[1], "token count (dim 1)", rows, source)
 
     def check_options(self, call: Call) -> None:
         for k, value in call.options.items():

@@ -89,7 +89,7 @@ def check_budget(x, name: str = "memory_budget") -> int:
 
 
 def check_scales(scales) -> tuple:
-    if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
+    if isinstance(scales, (str, bytes, torch.Tensor)) or not hasattr(scales, "__iter__"):
         raise CdamInputError(f"scales must be a sequence of numbers, got {scales!r}")
     items = list(scales)
     try:

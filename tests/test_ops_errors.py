@@ -579,3 +579,31 @@ def test_registered_ops_check_their_parameters_too(data):
         ops.cdam_attention(data["p"], data["v"], 10.0, "auto", -5, "reference", True)
     with raises_naming("scales"):
         ops.multiscale_cdam_map(data["sim"], [2.0], 0.1, 10.0, "reference", True)
+
+
+# ------------------------------------------------------------------ direct calls of the registered ops
+
+@pytest.mark.parametrize("call, names", [
+    (lambda p: torch.ops.cdam_fast.cdam_attention(p, torch.ones(1, 4096, 3), 10.0, "recompute", 0, "auto", True), "v"),
+    (lambda p: torch.ops.cdam_fast.pairwise_jsd(p, torch.softmax(torch.randn(1, 6, 7), -1), "auto", True), "q"),
+    (lambda p: torch.ops.cdam_fast.jsd_attention(p, torch.ones(1, 9, 3), 0.1, None, "auto", True), "v"),
+    (lambda p: torch.ops.cdam_fast.multiscale_cdam_attention(torch.randn(1, 5, 2, 2), torch.ones(1, 9, 3), [1.0], 0.1,
+                                                           10.0, "recompute", 0, "auto", True), "v"),
+    (lambda p: torch.ops.cdam_fast.pairwise_jsd(p[0], None, "auto", True), "p"),
+    (lambda p: torch.ops.cdam_fast.pairwise_jsd(p[None], None, "auto", True), "p"),
+    (lambda p: torch.ops.cdam_fast.pairwise_jsd(torch.ones(1, 2, 2, dtype=torch.int32), None, "auto", True), "p"),
+    (lambda p: torch.ops.cdam_fast.cdam_attention(p, torch.ones(2, 4, 3), 10.0, "auto", 0, "auto", False), "v"),
+])
+def test_direct_calls_get_the_shape_checks_before_any_kernel(call, names):
+    """The public wrappers check shapes; the registered ops must too (a mismatched v made the CPU
+    kernel read past the end of p)."""
+    p = torch.softmax(torch.randn(1, 4, 5), -1)
+    with raises_naming(names):
+        call(p)
+
+
+def test_a_tensor_of_scales_and_a_missing_mode_are_argument_errors(data):
+    with raises_naming("scales"):
+        cf.multiscale_cdam_map(data["sim"], scales=torch.tensor([1.0, 0.5]))
+    with raises_naming("mode"):
+        cf.cdam_attention(data["p"], data["v"], mode=None)
