@@ -3,8 +3,8 @@
 Rule: ``mode="auto"`` materialises exactly when what materialize mode keeps between the two
 passes fits in the budget. What it keeps is the float32 divergences of every scale, summed over
 the batch: ``4 * B * sum_s n_s^2`` bytes (one scale with n_s = N for ``cdam_attention``). Every
-backend asks :func:`materialize` with that count, so a given call makes the same choice on all of
-them.
+fused backend asks :func:`materialize` with that count, so a given call makes the same choice on
+all of them; the reference backend sizes its row blocks to the budget instead.
 
 The budget defaults to :data:`DEFAULT_MEMORY_BUDGET`, or to the environment variable
 ``CDAM_FAST_MEMORY_BUDGET`` (bytes), read at each call so that a bad value never breaks

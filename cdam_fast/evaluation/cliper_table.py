@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..pipeline.cliper_options import settings
 from .datasets import open_dataset
 from .runner import evaluate
+from .table import TABLE_DATASETS
 
-TABLE_DATASETS = ("voc21", "context60", "coco_object")
 # mIoU (%) from CLIPer's public README (ViT-B/16, its protocol), by compensation
 CLIPER_PUBLISHED = {None: (60.7, 34.7, 36.3), "sd": (66.4, 37.5, 39.2)}
 
@@ -27,11 +28,6 @@ def cliper_rows(sd_weights=None) -> list:
     return rows
 
 
-def cliper_settings(dataset: str, compensation, sd_weights) -> dict:
-    return {"protocol": f"cliper-{dataset}", "cdam_combine": "replace", "compensation": compensation,
-            "sd_weights": sd_weights if compensation else None, "sd_seed": 0, "normalisation": "once"}
-
-
 def run_cliper_rows(roots: dict, make_predictor, config_for, *, sd_weights=None, limit=None, output=".",
                     dist=None, progress=True) -> dict:
     """mIoU (%) per (row label, dataset). config_for(dataset, cdam, settings) -> stored config."""
@@ -43,7 +39,7 @@ def run_cliper_rows(roots: dict, make_predictor, config_for, *, sd_weights=None,
             continue
         dataset = open_dataset(name, roots[name], limit=limit)
         for label, cdam, compensation, _ in cliper_rows(sd_weights):
-            config = config_for(dataset, cdam, cliper_settings(name, compensation, sd_weights))
+            config = config_for(dataset, cdam, settings(f"cliper-{name}", compensation=compensation, sd_weights=sd_weights))
             result = evaluate(dataset, make_predictor(dataset, config), output=Path(output) / run_name(name, config),
                               config=config, dist=dist, progress=progress)
             results[(label, name)] = 100 * result.scores.miou

@@ -55,5 +55,11 @@ def cliper_settings(args, dataset: str | None = None) -> dict:
     compensation = None if args.compensation == "none" else args.compensation
     if compensation is None and args.sd_weights is not None:
         raise CdamInputError("--sd-weights is given without --compensation sd")
-    return {"protocol": protocol, "cdam_combine": args.cdam_combine, "compensation": compensation,
-            "sd_weights": args.sd_weights, "sd_seed": args.sd_seed, "normalisation": args.normalisation}
+    return settings(protocol, args.cdam_combine, compensation, args.sd_weights, args.sd_seed, args.normalisation)
+
+
+def settings(protocol: str, cdam_combine: str = "replace", compensation=None, sd_weights=None, sd_seed: int = 0,
+             normalisation: str = "once") -> dict:
+    """The Segmenter keyword options of a CLIPer run (CONFIG_KEYS; defaults as the CLI's)."""
+    return {"protocol": protocol, "cdam_combine": cdam_combine, "compensation": compensation,
+            "sd_weights": sd_weights if compensation else None, "sd_seed": sd_seed, "normalisation": normalisation}
