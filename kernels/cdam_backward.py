@@ -16,7 +16,8 @@ import triton.language as tl
 from .. import constants
 from .common import CONSTANT_ROW_EPS, blocks, cdam_transform, fast_log, flat_grid, jsd_tile, poly_logs, tile_ids
 from .jsd import operands
-from .jsd_backward import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, _accumulate_class_terms, _finish, _log_terms
+from .jsd_backward import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, _accumulate_class_terms, _finish, _log_terms, \
+    _row_dots
 
 
 @triton.jit
@@ -65,15 +66,7 @@ def _tile(pT, rp, wc, hi, lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D, FAS
     # X = 1 - t, not (hi - J) / span: X is then exactly 1 where t = 0, so at a single row minimum
     # the direct term and the one through lo cancel exactly (for huge alpha both are ~alpha / span)
     x = 1.0 - t
-    gv = tl.zeros((BM, BN), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        mask_d = offs_d < D
-        gt = tl.load(g + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
-                     other=0.0)
-        vt = tl.load(v + offs_n[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                     other=0.0)
-        gv = tl.dot(gt, tl.trans(vt), gv, input_precision="tf32x3")
+    gv = _row_dots(g, v, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
     return j, t, x, inv, gv
 
 

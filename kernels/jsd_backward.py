@@ -113,6 +113,22 @@ def jsd_attention_lse_kernel(pT, qT, rp, rq, wc, lse, N, M, C, neg_log2e_over_ta
 
 
 @triton.jit
+def _row_dots(g, v, offs_m, offs_n, mask_m, mask_n, D, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """[BM, BN] tile of g_i . v_j (rows of g [*, D] and v [*, D]; zero outside the masks), the
+    incoming gradient against the values, summed over D in BD chunks (3xTF32)."""
+    gv = tl.zeros((BM, BN), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        mask_d = offs_d < D
+        gt = tl.load(g + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
+                     other=0.0)
+        vt = tl.load(v + offs_n[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                     other=0.0)
+        gv = tl.dot(gt, tl.trans(vt), gv, input_precision="tf32x3")
+    return gv
+
+
+@triton.jit
 def _score_grad_tile(pT, qT, rp, rq, wc, lse, delta, g, v, offs_m, offs_n, mask_m, mask_n, N, M, C, D,
                      neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
                      POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
@@ -123,15 +139,7 @@ def _score_grad_tile(pT, qT, rp, rq, wc, lse, delta, g, v, offs_m, offs_n, mask_
     l2 = tl.load(lse + offs_m, mask=mask_m, other=0.0)
     valid = mask_m[:, None] & mask_n[None, :]
     w = tl.where(valid, tl.exp2(j * neg_log2e_over_tau - l2[:, None]), 0.0)
-    gv = tl.zeros((BM, BN), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        mask_d = offs_d < D
-        gt = tl.load(g + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
-                     other=0.0)
-        vt = tl.load(v + offs_n[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                     other=0.0)
-        gv = tl.dot(gt, tl.trans(vt), gv, input_precision="tf32x3")
+    gv = _row_dots(g, v, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
     dl = tl.load(delta + offs_m, mask=mask_m, other=0.0)
     return w, w * (gv - dl[:, None]) * neg_inv_tau
 
