@@ -155,24 +155,31 @@ void gradient_row(int kind, double param, const float* jr, float* wr, const floa
     std::fill(wr, wr + M, 0.f);
     return;
   }
-  const double alpha = param, scale = alpha / -std::expm1(-alpha), inv = 1.0 / st.span;
-  double to_hi = 0.0, to_lo = 0.0;
+  // dA/dX = scale exp(-alpha t), scale = alpha / (1 - exp(-alpha)), times 2^-e with
+  // e = max(0, ilogb(alpha)) (the caller multiplies the gradient back by 2^e: reference.py
+  // gradient_exponent): G then stays in the float32 range for every alpha, so huge alpha gives
+  // +-inf gradients where they are genuinely beyond it, never inf - inf = NaN in the class sums.
+  const double alpha = param, inv = 1.0 / st.span;
+  const double scale = std::ldexp(alpha / -std::expm1(-alpha), -std::max(0, std::ilogb(alpha)));
+  // t = 1 - X = (J - lo) / span, exactly 0 / 1 at the row min / max
+  auto t_of = [&](float jv) { return jv == st.lo ? 0.0 : jv == st.hi ? 1.0 : std::min(1.0, std::max(0.0, double(jv - st.lo) * inv)); };
+  // At a min / max position the direct term -gX and the position's own share of the sum through
+  // lo / hi (both ~ alpha / span) cancel analytically for a single extremum: the sums are split
+  // into the extremum positions' gX (their mean taken first, minus gX) and the rest.
+  double ext_hi = 0.0, ext_lo = 0.0, rest_hi = 0.0, rest_lo = 0.0;
   int64_t n_hi = 0, n_lo = 0;
-  for (int64_t j = 0; j < M; ++j) {  // wr becomes gX = (g.v) dA/dX
-    // X = 1 - t: exactly 1 where t = 0, so at a single row minimum the direct term and the one
-    // through lo cancel exactly (for huge alpha both are ~alpha / span)
-    const double t = std::max(0.0, double(jr[j] - st.lo) * inv), x = 1.0 - t;
-    // rounded to float first: the sums then hold exactly the values the direct term reads back
-    const double gx = float(double(gr[j]) * scale * std::exp(-alpha * t));
-    to_hi += gx * t;
-    to_lo += gx * x;
-    n_hi += jr[j] == st.hi;
-    n_lo += jr[j] == st.lo;
-    wr[j] = float(gx);
+  for (int64_t j = 0; j < M; ++j) {
+    const double t = t_of(jr[j]), gx = double(gr[j]) * scale * std::exp(-alpha * t);
+    if (jr[j] == st.hi) { ext_hi += gx; ++n_hi; } else rest_hi += gx * t;
+    if (jr[j] == st.lo) { ext_lo += gx; ++n_lo; } else rest_lo += gx * (1.0 - t);
   }
-  const double add_hi = to_hi * inv / double(n_hi), add_lo = to_lo * inv / double(n_lo);
-  for (int64_t j = 0; j < M; ++j)
-    wr[j] = float(-double(wr[j]) * inv + (jr[j] == st.hi ? add_hi : 0.0) + (jr[j] == st.lo ? add_lo : 0.0));
+  const double mean_hi = ext_hi / double(n_hi), mean_lo = ext_lo / double(n_lo);
+  const double add_hi = rest_hi / double(n_hi), add_lo = rest_lo / double(n_lo);
+  for (int64_t j = 0; j < M; ++j) {
+    const double gx = double(gr[j]) * scale * std::exp(-alpha * t_of(jr[j]));
+    const double G = jr[j] == st.lo ? (mean_lo - gx) + add_lo : jr[j] == st.hi ? (mean_hi - gx) + add_hi : -gx;
+    wr[j] = float(G * inv);
+  }
 }
 
 // The attention backward (kind as above, param = tau or alpha) in bounded row chunks; returns
@@ -241,6 +248,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
           forward_row(int(kind), param, jrow.data(), wr, M);
           std::copy(wr, wr + M, grow.begin());
           gradient_row(int(kind), param, jrow.data(), grow.data(), GV.data_ptr<float>() + r * M, M);
+          if (kind == 1)  // J = 0 (the diagonal, identical rows) passes no gradient (reference.py: divergence_grad)
+            for (int64_t j = 0; j < M; ++j) grow[j] = jrow[j] == 0.f ? 0.f : grow[j];
           std::fill(grow.begin() + M, grow.end(), 0.f);  // padded keys: no gradient
           const float* lprow = lpb + i * C;
           for (int64_t c = 0; c < C; ++c) {

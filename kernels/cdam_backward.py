@@ -9,11 +9,14 @@ each recomputing J from p (O(N (C + D)) extra memory, nothing N x N):
   3. query side: G = dL/dJ per tile, class sums over keys (jsd_backward's accumulator);
   4. key side: the same G, class sums over queries, and gv_j = sum_i A_ij g_i.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import constants
+from ..autograd.reference import gradient_exponent, unscale
 from .common import CONSTANT_ROW_EPS, blocks, cdam_transform, fast_log, flat_grid, jsd_tile, poly_logs, tile_ids
 from .jsd import operands
 from .jsd_backward import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, _accumulate_class_terms, _finish, _log_terms, \
@@ -112,7 +115,8 @@ def _grad_tile(pT, rp, wc, hi, lo, nhi, nlo, add_hi, add_lo, g, v, offs_m, offs_
     gx = gv * dadx_scale * tl.exp2(-alpha_log2e * t)
     G = -gx * inv[:, None] + tl.where(j == h[:, None], a_hi[:, None], 0.0) + tl.where(j == lw[:, None], a_lo[:, None],
                                                                                     0.0)
-    G = tl.where(valid & (inv[:, None] > 0.0), G, 0.0)
+    # constant rows and J = 0 (the diagonal, identical rows: autograd/reference.divergence_grad) get no gradient
+    G = tl.where(valid & (inv[:, None] > 0.0) & (offs_m[:, None] != offs_n[None, :]) & (j != 0.0), G, 0.0)
     A = tl.where(valid, cdam_transform(j, h, lw, alpha_log2e, exp_neg_alpha, factor, SMALL_ALPHA), 0.0)
     return A, G
 
@@ -163,11 +167,12 @@ def cdam_grad_key_kernel(pT, rp, wc, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g, v
 
 
 def transform_derivative_scale(alpha: float) -> float:
-    """dA/dX = -dA/dt = exp(-alpha t) times this, for the transform of constants.transform_factors:
+    """dA/dX = -dA/dt = exp(-alpha t) 2^e times this, for the transform of constants.transform_factors:
     alpha * factor (factor = 1 / (1 - exp(-alpha))), or factor itself in the small-alpha variant
-    (factor = alpha / (1 - exp(-alpha)) there); clamped to the float32 range."""
+    (factor = alpha / (1 - exp(-alpha)) there), scaled by 2^-e (e = gradient_exponent(alpha)) so
+    that the score gradients stay in the float32 range for every alpha; the caller unscales."""
     _, _, factor, small = constants.transform_factors(alpha)
-    return min(factor if small else alpha * factor, constants.FLOAT32_MAX)
+    return math.ldexp(factor if small else alpha * factor, -gradient_exponent(alpha))
 
 
 def cdam_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, alpha: float, mode=None,
@@ -203,7 +208,7 @@ def cdam_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor
     gv = torch.zeros(B, N, D, **f32)
     cdam_grad_key_kernel[flat_grid(triton.cdiv(N, BN), 1, B)](*stats, acc_k, gv, N, C, D, *scalars, SMALL_ALPHA=small,
                                                               **logs, BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
-    return _finish(acc_q, p) + _finish(acc_k, p), gv
+    return unscale(_finish(acc_q, p) + _finish(acc_k, p), gradient_exponent(alpha)), gv
 
 
 def offline_cases() -> dict:

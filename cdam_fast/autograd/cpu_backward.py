@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .. import constants
 from ..backends import extension_build as eb
 from ..centring import centring_weights, log_terms, row_terms
+from . import reference
 
 
 def _spec() -> eb.ExtensionSpec:
@@ -88,4 +89,4 @@ def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None):
     """Always in bounded row chunks (mode and memory_budget do not matter: the chunked recompute
     is as fast as keeping N x N here, the row statistics being local to each row)."""
     gp, gv, _ = _attention(1, alpha, grad, p, v, None)
-    return gp, gv
+    return reference.unscale(gp, reference.gradient_exponent(alpha)), gv  # the kernel's G is scaled by 2^-e

@@ -4,7 +4,9 @@ Derivations are in docs/autograd.md. Like the forward reference, nothing here bu
 [N, N, C] tensor: the divergence's gradient is evaluated in row chunks of bounded size, so the
 extra memory is a few N x N maps (what the reference forward holds anyway) plus O(N C).
 Inputs are batch-flattened (p [B, N, C], v [B, N, D], sim [B, C, h, w]); results are in the
-compute dtype (float64 for float64 inputs, else float32); callers cast to the input dtypes.
+compute dtype (float64 for float64 inputs, else float32), except those of the CDAM ops, which
+come back in float64 (their min-max gradient is formed in float64: docs/autograd.md, "Large
+alpha"); callers cast to the input dtypes.
 """
 from __future__ import annotations
 
@@ -59,27 +61,77 @@ def jsd_vjp(p: torch.Tensor, q: torch.Tensor | None, g: torch.Tensor):
 
 
 def minmax_expm1_vjp(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Gradient with respect to J of sum_ij ga_ij A_ij, A = ref.minmax_expm1(J, alpha).
+    """Gradient with respect to J of sum_ij ga_ij A_ij, A = ref.minmax_expm1(J, alpha), in float64.
 
     The row max and min pass their gradient to their positions, split evenly between ties (as
     torch.amax / amin do); rows that are constant (span < CONSTANT_ROW_EPS, X := 1) get zero.
+    Evaluated in float64 whatever j's dtype (an N x N map, cheap next to the divergence): for
+    huge alpha its entries can lie beyond the float32 range. Pass it on through scaled_vjp.
     """
+    j = j.double()
+    ga = ga.double()
     hi = j.amax(-1, keepdim=True)
     lo = j.amin(-1, keepdim=True)
     span = hi - lo
     flat = span < ref.CONSTANT_ROW_EPS
     inv = torch.where(flat, torch.zeros_like(span), 1.0 / torch.where(flat, torch.ones_like(span), span))
-    x = torch.where(flat, torch.ones_like(j), (hi - j) * inv)
-    # dA/dX = alpha exp(alpha X) / expm1(alpha) = alpha exp(alpha (X - 1)) / (1 - exp(-alpha)), no overflow
-    gx = ga * (alpha / -math.expm1(-alpha)) * torch.exp(alpha * (x - 1.0))
-    gx = torch.where(flat, torch.zeros_like(gx), gx)
-    # X_ij = (hi - J_ij) / (hi - lo): dX/dJ_ij = -1/span, dX/dhi = (1 - X)/span, dX/dlo = X/span
-    to_hi = (gx * (1.0 - x)).sum(-1, keepdim=True) * inv
-    to_lo = (gx * x).sum(-1, keepdim=True) * inv
-    at_hi = (j == hi).to(j.dtype)
-    at_lo = (j == lo).to(j.dtype)
-    return (-gx * inv + at_hi * (to_hi / at_hi.sum(-1, keepdim=True))
-            + at_lo * (to_lo / at_lo.sum(-1, keepdim=True)))
+    at_hi = (j == hi) & ~flat
+    at_lo = (j == lo) & ~flat
+    # t = 1 - X = (J - lo) / span, taken exactly 0 / 1 at the row min / max, X = 1 - t
+    t = torch.where(at_lo, 0.0, torch.where(at_hi, 1.0, ((j - lo) * inv).clamp(0.0, 1.0)))
+    x = 1.0 - t
+    # dA/dX = alpha exp(alpha X) / expm1(alpha) = alpha exp(-alpha t) / (1 - exp(-alpha)): no overflow
+    gx = torch.where(flat, 0.0, ga * (alpha / -math.expm1(-alpha)) * torch.exp(-alpha * t))
+    # X_ij = (hi - J_ij) / span: dX/dJ_ij = -1/span, dX/dhi = t/span, dX/dlo = X/span. At a min /
+    # max position the direct term -gX and the position's own share of the sum through lo / hi
+    # are of size alpha / span and cancel analytically for a single extremum: summing them as
+    # separate terms loses everything else (and gives inf - inf = NaN once they overflow), so
+    # the sum is split into the extremum positions' mean gX, taken first, and the rest.
+    n_hi = at_hi.sum(-1, keepdim=True).clamp_min(1)
+    n_lo = at_lo.sum(-1, keepdim=True).clamp_min(1)
+    zero = torch.zeros_like(gx)
+    at_lo_g = (torch.where(at_lo, gx, zero).sum(-1, keepdim=True) / n_lo - gx
+               + torch.where(at_lo, zero, gx * x).sum(-1, keepdim=True) / n_lo)
+    at_hi_g = (torch.where(at_hi, gx, zero).sum(-1, keepdim=True) / n_hi - gx
+               + torch.where(at_hi, zero, gx * t).sum(-1, keepdim=True) / n_hi)
+    return torch.where(at_lo, at_lo_g, torch.where(at_hi, at_hi_g, -gx)) * inv
+
+
+def divergence_grad(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
+    """G = dL/dJ of the min-max / expm1 map (minmax_expm1_vjp, float64), zero where J = 0: the
+    diagonal, identical rows, or rows so close that J rounds to 0. There the divergence is at its
+    minimum, its exact gradient in p is 0, and G may be of size alpha / span (a tie with the row
+    minimum): the fused kernels' approximate logs would turn G times a rounding error into
+    gradients of size alpha * eps. The same rule everywhere keeps the backends comparable."""
+    return minmax_expm1_vjp(j, ga, alpha).masked_fill(j == 0, 0.0)
+
+
+def scaled_vjp(vjp, g: torch.Tensor, dtype: torch.dtype):
+    """vjp(g) for a map `vjp` that is linear in g and acts on each batch element (dim 0) alone,
+    evaluated in `dtype` on g scaled per batch element by a power of two (max |g| in [1/2, 1)),
+    and scaled back in float64 (exact). g may come from minmax_expm1_vjp in float64 with entries
+    beyond the float32 range: gradients beyond it then come out +-inf, not NaN (inf - inf), and
+    one batch element's scale never flushes another's. Returns vjp's tensor(s) in float64."""
+    if dtype == torch.float64:
+        return vjp(g.double())
+    m = g.abs().flatten(1).amax(1).double()
+    e = torch.where(torch.isfinite(m) & (m > 0), torch.frexp(m)[1], 0).double()
+    out = vjp((g * torch.exp2(-e).view(-1, *[1] * (g.dim() - 1))).to(dtype))
+    scale = lambda t: t.double() * torch.exp2(e).view(-1, *[1] * (t.dim() - 1))  # noqa: E731
+    return tuple(None if t is None else scale(t) for t in out) if isinstance(out, tuple) else scale(out)
+
+
+def gradient_exponent(alpha: float) -> int:
+    """e = max(0, floor(log2 alpha)): the fused cdam_attention backward kernels scale dA/dX, and
+    so the score gradient G, by 2^-e (G is then at most a few |g.v| / span whatever alpha) and
+    their callers multiply the p gradient back by 2^e with unscale (csrc/cdam_cpu_backward.cpp
+    computes the same e as max(0, ilogb(alpha)))."""
+    return max(0, math.frexp(alpha)[1] - 1)
+
+
+def unscale(g: torch.Tensor, e: int) -> torch.Tensor:
+    """g 2^e in float64 (exact; +-inf once the caller casts a value beyond float32 back)."""
+    return g.double() * 2.0 ** e
 
 
 def pairwise_jsd_backward(grad, p, q):
@@ -88,7 +140,7 @@ def pairwise_jsd_backward(grad, p, q):
 
 def cdam_map_backward(grad, p, alpha):
     j = ref.pairwise_jsd(p.to(compute_dtype(p, grad)))
-    return jsd_vjp(p, None, minmax_expm1_vjp(j, grad.to(j.dtype), alpha))[0]
+    return scaled_vjp(lambda g: jsd_vjp(p, None, g)[0], divergence_grad(j, grad, alpha), j.dtype)
 
 
 def _product_vjp(a: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
@@ -101,7 +153,7 @@ def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None):
     """(mode and memory_budget do not apply: the reference holds the N x N maps, as its forward does.)"""
     j = ref.pairwise_jsd(p.to(compute_dtype(p, v, grad)))
     ga, gv = _product_vjp(ref.minmax_expm1(j, alpha), v, grad)
-    return jsd_vjp(p, None, minmax_expm1_vjp(j, ga, alpha))[0], gv
+    return scaled_vjp(lambda g: jsd_vjp(p, None, g)[0], divergence_grad(j, ga, alpha), j.dtype), gv
 
 
 def jsd_attention_backward(grad, p, v, q, tau, out=None):
@@ -124,32 +176,40 @@ def _resize_vjp(g: torch.Tensor, in_hw: tuple[int, int]) -> torch.Tensor:
 
 
 def _multiscale_map_vjp(sim: torch.Tensor, ga: torch.Tensor, scales, tau: float, alpha: float) -> torch.Tensor:
-    """Gradient wrt sim of sum ga * multiscale_cdam_map(sim). Per scale, in reverse: min-max /
-    expm1 and the divergence by the formulas above, then the adjoints of the pair upsampling
-    (separable bilinear, transposed), of softmax(. / tau) over classes and of the grid resize."""
+    """Gradient wrt sim of sum ga * multiscale_cdam_map(sim) (float64). Per scale, in reverse:
+    min-max / expm1 and the divergence by the formulas above, then the adjoints of the pair
+    upsampling (separable bilinear, transposed), of softmax(. / tau) over classes and of the grid
+    resize. Everything after min-max / expm1 is linear in its gradient and runs in the compute
+    dtype under one power-of-two scale per scale and batch element (scaled_vjp)."""
     B, C, h, w = sim.shape
     n_full = h * w
-    gsim = torch.zeros(sim.shape, dtype=ga.dtype, device=sim.device)
+    dt = ga.dtype
+    gsim = torch.zeros(sim.shape, dtype=torch.float64, device=sim.device)
     ga = ga / len(scales)
-    x = sim.to(ga.dtype)
+    x = sim.to(dt)
     for s in scales:
         hs, ws = scale_grid(h, w, s)
+        n = hs * ws
         ps = class_distributions(x, hs, ws, tau)  # [B, n, C]
         js = ref.pairwise_jsd(ps)
-        if (hs, ws) == (h, w):
-            gjs = minmax_expm1_vjp(js, ga, alpha)
-        else:
-            n = hs * ws
-            gju = minmax_expm1_vjp(ref._upsample_pairs(js, hs, ws, h, w), ga, alpha)  # [B, N(query), N(key)]
-            # forward: keys = up(js rows) [B, n, N]; both = up(keys^T rows) [B, N(key), N(query)]; out = both^T
-            g_both = gju.transpose(1, 2).reshape(B * n_full, 1, h, w)
-            g_keys = _resize_vjp(g_both, (hs, ws)).reshape(B, n_full, n).transpose(1, 2)  # [B, n, N]
-            gjs = _resize_vjp(g_keys.reshape(B * n, 1, h, w), (hs, ws)).reshape(B, n, n)
-        gps = jsd_vjp(ps, None, gjs)[0]
-        # softmax over classes of the resized grid / tau
-        gz = ps * (gps - (ps * gps).sum(-1, keepdim=True)) / tau  # [B, n, C]
-        gz = gz.transpose(1, 2).reshape(B, C, hs, ws)
-        gsim += gz if (hs, ws) == (h, w) else _resize_vjp(gz, (h, w))
+        same = (hs, ws) == (h, w)
+        gju = divergence_grad(js if same else ref._upsample_pairs(js, hs, ws, h, w), ga, alpha)  # [B, N, N]
+
+        def chain(gju, ps=ps, hs=hs, ws=ws, n=n, same=same):
+            if same:
+                gjs = gju
+            else:
+                # forward: keys = up(js rows) [B, n, N]; both = up(keys^T rows) [B, N(key), N(query)]; out = both^T
+                g_both = gju.transpose(1, 2).reshape(B * n_full, 1, h, w)
+                g_keys = _resize_vjp(g_both, (hs, ws)).reshape(B, n_full, n).transpose(1, 2)  # [B, n, N]
+                gjs = _resize_vjp(g_keys.reshape(B * n, 1, h, w), (hs, ws)).reshape(B, n, n)
+            gps = jsd_vjp(ps, None, gjs)[0]
+            # softmax over classes of the resized grid / tau
+            gz = ps * (gps - (ps * gps).sum(-1, keepdim=True)) / tau  # [B, n, C]
+            gz = gz.transpose(1, 2).reshape(B, C, hs, ws)
+            return gz if same else _resize_vjp(gz, (h, w))
+
+        gsim += scaled_vjp(chain, gju, dt)
     return gsim
 
 

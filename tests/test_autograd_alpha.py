@@ -1,0 +1,155 @@
+"""Gradients of the CDAM ops over the whole alpha range (docs/autograd.md, section 2, "Large
+alpha"): finite for every alpha the ops accept, and equal to the float64 reference's where the
+gradient is well-conditioned in float32, on every backend. Tiny shapes: the interpreter is slow."""
+import math
+
+import pytest
+import torch
+
+import cdam_fast as cf
+from cdam_fast import reference as ref
+from cdam_fast.autograd import reference as bref
+from cdam_fast.grids import class_distributions, scale_grid
+from conftest import UNIT_ROUNDOFF, random_distributions, random_similarities, random_values
+from test_autograd import GRAD_TOL
+
+F32, F64 = torch.float32, torch.float64
+ALPHAS = (1.0, 10.0, 1e3, 1e6, 1e15, 1e30, 1e37, 3e38)
+SCALES = (1.0, 0.5)  # 4 x 4 -> 2 x 2: no query pixel midway between two source pixels, so no tied row minima
+# Where the gradient through exp(-alpha t) is resolved in float32 (t rounded by ~u32 / span):
+# ~4x the relative error measured here at alpha = 1e3 (1.2e-4, multi-scale).
+RESOLVED_ALPHA = 1e3
+# Above it, the comparison holds once every key other than a row's extremes has alpha t >= this:
+# then exp(-alpha t) underflows in both precisions and only the extremes (handled exactly) remain.
+UNDERFLOW_EXPONENT = 100.0
+
+
+def _tol(alpha):
+    return GRAD_TOL[F32] + 16 * UNIT_ROUNDOFF[F32] * min(alpha, RESOLVED_ALPHA)
+
+
+def _inputs(gen):
+    p = random_distributions(gen, 2, 7, 4, dtype=F64, sharpness=1.5, zeros=False, one_hot=False)
+    v = random_values(gen, 2, 7, 3, dtype=F64)
+    sim = random_similarities(gen, 2, 3, 4, 4, dtype=F64)
+    vs = random_values(gen, 2, 16, 3, dtype=F64)
+    return p, v, sim, vs
+
+
+OPS = {  # op -> (forward(backend, alpha) on the leaves, which inputs, the divergence maps the min-max sees)
+    "cdam_map": (lambda b, a: lambda p: cf.cdam_map(p, a, backend=b, validate=False), (0,),
+                 lambda p, v, s, vs: [ref.pairwise_jsd(p)]),
+    "cdam_attention": (lambda b, a: lambda p, v: cf.cdam_attention(p, v, a, backend=b, validate=False), (0, 1),
+                       lambda p, v, s, vs: [ref.pairwise_jsd(p)]),
+    "multiscale_cdam_map": (lambda b, a: lambda s: cf.multiscale_cdam_map(s, SCALES, alpha=a, backend=b), (2,),
+                            lambda p, v, s, vs: _scale_maps(s)),
+    "multiscale_cdam_attention": (lambda b, a: lambda s, v: cf.multiscale_cdam_attention(s, v, SCALES, alpha=a,
+                                                                                          backend=b), (2, 3),
+                                  lambda p, v, s, vs: _scale_maps(s)),
+}
+
+
+def _scale_maps(sim):
+    B, C, h, w = sim.shape
+    maps = []
+    for s in SCALES:
+        hs, ws = scale_grid(h, w, s)
+        js = ref.pairwise_jsd(class_distributions(sim, hs, ws, 0.1))
+        maps.append(js if (hs, ws) == (h, w) else ref._upsample_pairs(js, hs, ws, h, w))
+    return maps
+
+
+def _extremes_and_gap(maps):
+    """(largest number of keys at a row's min or max, smallest t = (J - lo) / span of the others)."""
+    ties, gap = 0, math.inf
+    for j in maps:
+        lo, hi = j.amin(-1, keepdim=True), j.amax(-1, keepdim=True)
+        ext = (j == lo) | (j == hi)
+        ties = max(ties, int((j == lo).sum(-1).max()), int((j == hi).sum(-1).max()))
+        gap = min(gap, torch.where(ext, math.inf, (j - lo) / (hi - lo)).min().item())
+    return ties, gap
+
+
+def _grads(fn, inputs):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=F64).to(out.dtype).to(out.device)
+    return torch.autograd.grad(out, leaves, g)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_gradients_finite_and_right_over_the_alpha_range(backend, gen, op):
+    name, dev = backend
+    make, which, maps = OPS[op]
+    inputs = _inputs(gen)
+    ties, gap = _extremes_and_gap(maps(*inputs))
+    assert ties == 1, "test inputs must have a single row min and max (ties are tested below)"
+    for alpha in ALPHAS:
+        ins = [inputs[k] for k in which]
+        expected = _grads(make("reference", alpha), ins)
+        got = _grads(make(name, alpha), [t.to(F32).to(dev) for t in ins])
+        resolved = alpha <= RESOLVED_ALPHA or alpha * gap >= UNDERFLOW_EXPONENT
+        assert resolved or alpha == 1e6, f"alpha={alpha:g}: inputs too close to ties (gap {gap:.3g})"
+        for i, (g, e) in enumerate(zip(got, expected)):
+            what = f"{name} {op} alpha={alpha:g} gradient {i}"
+            assert torch.isfinite(e).all(), f"float64 reference: {what} not finite"
+            assert torch.isfinite(g).all(), f"{what} not finite"
+            if resolved:  # alpha = 1e6 can sit between the two regimes: finiteness only
+                err = (g.double().cpu() - e).abs().max().item()
+                scale = e.abs().max().item()
+                assert err <= _tol(alpha) * max(scale, 1e-3), f"{what} off by {err:.3g} (scale {scale:.3g})"
+
+
+def test_huge_alpha_gradients_vanish_off_ties(gen):
+    """alpha = 3e38, single row extremes: the map is one-hot at each row's minimum (exactly 1
+    there, exactly 0 elsewhere) and its gradient is exactly 0 in both precisions (the direct and
+    the through-min terms, each ~ alpha / span, cancel analytically)."""
+    p = random_distributions(gen, 1, 6, 4, sharpness=1.5, zeros=False, one_hot=False)
+    for dt in (F32, F64):
+        (gp,) = _grads(lambda p: cf.cdam_map(p, 3e38, backend="reference"), [p.to(dt)])
+        assert (gp == 0).all()
+
+
+def test_minmax_vjp_ties_at_huge_alpha_are_exact():
+    """Tied row minima at alpha = 3e38: each tied position gets (mean of the tied gX - its own
+    gX) / span (the even split), a value far beyond float32, exact in float64; a single minimum
+    gets exactly the rest of the row's sum, here 0."""
+    alpha = 3e38
+    j = torch.tensor([[[0.2, 0.5, 0.2, 0.9], [0.1, 0.4, 0.6, 0.9]]], dtype=F64)
+    ga = torch.tensor([[[1.0, 2.0, -3.0, 0.5], [1.5, 0.0, 2.0, 1.0]]], dtype=F64)
+    got = bref.minmax_expm1_vjp(j.to(F32), ga.to(F32), alpha)
+    assert got.dtype == F64 and not got.isnan().any()
+    d = alpha / -math.expm1(-alpha)
+    span = j.to(F32).double()[0, 0, 3] - j.to(F32).double()[0, 0, 0]
+    gx0, gx2 = 1.0 * d, -3.0 * d
+    expected0 = torch.tensor([((gx0 + gx2) / 2 - gx0) / span, 0.0, ((gx0 + gx2) / 2 - gx2) / span, 0.0], dtype=F64)
+    assert torch.allclose(got[0, 0], expected0, rtol=1e-12, atol=0)
+    assert (got[0, 1] == 0).all()
+
+
+def test_scaled_vjp_gives_inf_not_nan_and_keeps_batch_elements_apart(gen):
+    """G beyond the float32 range through the float32 divergence vjp: +-inf where the float64
+    result is beyond float32, the float64 result elsewhere; a huge batch element leaves the
+    other's small gradients intact."""
+    p = random_distributions(gen, 2, 5, 3, dtype=F64, zeros=False, one_hot=False)
+    g = torch.randn(2, 5, 5, generator=gen, dtype=F64)
+    g[0] *= 1e42
+    g[0, 1, 2] = 0.0
+    expected = bref.jsd_vjp(p, None, g)[0]
+    got = bref.scaled_vjp(lambda x: bref.jsd_vjp(p.to(F32), None, x)[0], g, F32).to(F32)
+    assert not got.isnan().any()
+    assert torch.isinf(got[0]).all() and (got[0].sign() == expected[0].sign()).all()
+    assert torch.allclose(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_tied_multiscale_minima_never_give_nan(backend, gen):
+    """A 3 x 4 grid at scale 0.5 (1 x 2) replicates rows of the pair upsampling: exact ties at
+    the row minima whose +-alpha / span shares cancel only in exact arithmetic (docs/autograd.md:
+    noise of size eps * alpha there, in any precision). Whatever their size, never NaN."""
+    name, dev = backend
+    sim = random_similarities(gen, 1, 3, 3, 4)
+    v = random_values(gen, 1, 12, 2)
+    for alpha in (1e15, 1e30, 3e38):
+        gs, gv = _grads(lambda s, v: cf.multiscale_cdam_attention(s, v, (1.0, 0.5), alpha=alpha, backend=name),
+                        [sim.to(dev), v.to(dev)])
+        assert not gs.isnan().any() and torch.isfinite(gv).all(), f"{name} alpha={alpha:g}"
