@@ -162,7 +162,9 @@ void gradient_row(int kind, double param, const float* jr, float* wr, const floa
   const double alpha = param, inv = 1.0 / st.span;
   const double scale = std::ldexp(alpha / -std::expm1(-alpha), -std::max(0, std::ilogb(alpha)));
   // t = 1 - X = (J - lo) / span, exactly 0 / 1 at the row min / max
-  auto t_of = [&](float jv) { return jv == st.lo ? 0.0 : jv == st.hi ? 1.0 : std::min(1.0, std::max(0.0, double(jv - st.lo) * inv)); };
+  auto t_of = [&](float jv) {
+    return jv == st.lo ? 0.0 : jv == st.hi ? 1.0 : std::min(1.0, std::max(0.0, double(jv - st.lo) * inv));
+  };
   // At a min / max position the direct term -gX and the position's own share of the sum through
   // lo / hi (both ~ alpha / span) cancel analytically for a single extremum: the sums are split
   // into the extremum positions' gX (their mean taken first, minus gX) and the rest.

@@ -110,13 +110,13 @@ def _grad_tile(pT, rp, wc, hi, lo, nhi, nlo, add_hi, add_lo, g, v, offs_m, offs_
     h = tl.load(hi + offs_m, mask=mask_m, other=0.0)
     lw = tl.load(lo + offs_m, mask=mask_m, other=0.0)
     a_hi = tl.load(add_hi + offs_m, mask=mask_m, other=0.0) / tl.load(nhi + offs_m, mask=mask_m, other=1.0)
-    a_lo = tl.load(add_lo + offs_m, mask=mask_m, other=0.0) / tl.load(nlo + offs_m, mask=mask_m, other=1.0)
     valid = mask_m[:, None] & mask_n[None, :]
     gx = gv * dadx_scale * tl.exp2(-alpha_log2e * t)
-    G = -gx * inv[:, None] + tl.where(j == h[:, None], a_hi[:, None], 0.0) + tl.where(j == lw[:, None], a_lo[:, None],
-                                                                                    0.0)
-    # constant rows and J = 0 (the diagonal, identical rows: autograd/reference.divergence_grad) get no gradient
-    G = tl.where(valid & (inv[:, None] > 0.0) & (offs_m[:, None] != offs_n[None, :]) & (j != 0.0), G, 0.0)
+    # J = 0 (the diagonal, which jsd_tile sets to 0, and identical rows) passes no gradient
+    # (autograd/reference.divergence_grad). With J >= 0 those are exactly the row-minimum
+    # positions, so the share through lo (add_lo, nlo) is never needed; constant rows get none.
+    G = -gx * inv[:, None] + tl.where(j == h[:, None], a_hi[:, None], 0.0)
+    G = tl.where(valid & (inv[:, None] > 0.0) & (j != lw[:, None]), G, 0.0)
     A = tl.where(valid, cdam_transform(j, h, lw, alpha_log2e, exp_neg_alpha, factor, SMALL_ALPHA), 0.0)
     return A, G
 

@@ -153,3 +153,24 @@ def test_tied_multiscale_minima_never_give_nan(backend, gen):
         gs, gv = _grads(lambda s, v: cf.multiscale_cdam_attention(s, v, (1.0, 0.5), alpha=alpha, backend=name),
                         [sim.to(dev), v.to(dev)])
         assert not gs.isnan().any() and torch.isfinite(gv).all(), f"{name} alpha={alpha:g}"
+
+
+def test_identical_rows_at_huge_alpha(backend, gen):
+    """Two identical rows of p: J = 0 between them ties with the diagonal at each row's minimum,
+    with G ~ alpha / span there, while the divergence's exact gradient at J = 0 is 0. Every
+    backend's p gradient is the float64 reference's (0: the map is constant near p), not G times
+    its own log rounding (~alpha * 1e-7 on the CPU kernel before J = 0 passed no gradient). The
+    v gradient (A^T g) is only finite here: the forward's A at the tie is 1 or ~0 depending on
+    whether J rounds to exactly 0 (docs/autograd.md, "Near ties")."""
+    name, dev = backend
+    p = random_distributions(gen, 1, 6, 4, dtype=F64, sharpness=1.5, zeros=False, one_hot=False)
+    p[0, 3] = p[0, 1]
+    v = random_values(gen, 1, 6, 3, dtype=F64)
+    for alpha in (1e15, 1e30, 3e38):
+        (expected, _) = _grads(lambda p, v: cf.cdam_attention(p, v, alpha, backend="reference"), [p, v])
+        gp, gv = _grads(lambda p, v: cf.cdam_attention(p, v, alpha, backend=name),
+                        [p.to(F32).to(dev), v.to(F32).to(dev)])
+        assert torch.isfinite(gv).all()
+        err = (gp.double().cpu() - expected).abs().max().item()
+        assert err <= GRAD_TOL[F32] * max(expected.abs().max().item(), 1e-3), \
+            f"{name} alpha={alpha:g}: p gradient off by {err:.3g}"
