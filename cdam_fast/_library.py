@@ -20,7 +20,9 @@ def _contiguous(call):
     return call
 
 
-def _make_impl(spec: OpSpec):
+def _make_impl(spec: OpSpec, train: bool = False):
+    """The eager implementation; train: the private training variant (spec.saves_lse), which
+    returns (out, lse) from the backend's `<name>_train` where it has one, else (out, NaN lse)."""
     def impl(*args):
         call, backend, validate = spec.bind(args)
         spec.check_structure(call)
@@ -28,35 +30,53 @@ def _make_impl(spec: OpSpec):
         if validate:
             spec.check_values(call)
         if spec.is_empty(call):
-            return spec.new_output(call, fill_zero=True)
+            out = spec.new_output(call, fill_zero=True)
+            return (out, spec.new_lse(call)) if train else out
         call = _contiguous(spec.promote(call))
         module = dispatch.select(backend, call)
-        out = getattr(module, spec.name)(*call.args())
-        shape, dtype = spec.shape(call), spec.out_dtype(call)
-        if tuple(out.shape) != shape or out.dtype != dtype:  # a backend bug, never the caller's
-            raise AssertionError(f"backend {module.__name__} returned {out.dtype} {tuple(out.shape)} for "
-                                 f"{spec.name}; the spec says {dtype} {shape}")
-        return out.contiguous()
+        saving = getattr(module, spec.name + "_train", None) if train else None
+        if saving is not None:
+            out, lse = saving(*call.args())
+            _check_output(module, spec.train_name, lse, (call.batch, call.tokens()), torch.float32)
+            lse = lse.contiguous()
+        else:
+            out = getattr(module, spec.name)(*call.args())
+            lse = spec.new_lse(call)
+        _check_output(module, spec.name, out, spec.shape(call), spec.out_dtype(call))
+        return (out.contiguous(), lse) if train else out.contiguous()
 
-    impl.__name__ = spec.name
+    impl.__name__ = spec.train_name if train else spec.name
     return impl
 
 
-def _make_fake(spec: OpSpec):
+def _check_output(module, name, out, shape, dtype):
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:  # a backend bug, never the caller's
+        raise AssertionError(f"backend {module.__name__} returned {out.dtype} {tuple(out.shape)} for "
+                             f"{name}; the spec says {dtype} {tuple(shape)}")
+
+
+def _make_fake(spec: OpSpec, train: bool = False):
     def fake(*args):
-        return spec.new_output(spec.bind(args)[0])
+        call = spec.bind(args)[0]
+        out = spec.new_output(call)
+        return (out, torch.empty(call.batch, call.tokens(), dtype=torch.float32, device=call.device)) if train else out
 
     return fake
 
 
-def _register(spec: OpSpec):
-    op = torch.library.custom_op(f"cdam_fast::{spec.name}", _make_impl(spec), mutates_args=(), schema=spec.schema)
-    op.register_fake(_make_fake(spec))
+def _register(spec: OpSpec, train: bool = False):
+    name, schema = (spec.train_name, spec.train_schema) if train else (spec.name, spec.schema)
+    op = torch.library.custom_op(f"cdam_fast::{name}", _make_impl(spec, train), mutates_args=(), schema=schema)
+    op.register_fake(_make_fake(spec, train))
     return op
 
 
 #: name -> the registered custom op (callable with the schema's positional arguments)
 REGISTERED = {name: _register(spec) for name, spec in OPS.items()}
+#: name -> its private training variant (ops whose spec saves_lse): (out, row log-sum-exp [B, N]
+#: float32, base 2), called by the public wrappers when a gradient is needed; its autograd formula
+#: hands the saved statistics to the backward (cdam_fast/autograd/register.py)
+TRAINING = {name: _register(spec, train=True) for name, spec in OPS.items() if spec.saves_lse}
 
 pairwise_jsd = REGISTERED["pairwise_jsd"]
 cdam_map = REGISTERED["cdam_map"]
@@ -64,3 +84,4 @@ cdam_attention = REGISTERED["cdam_attention"]
 multiscale_cdam_map = REGISTERED["multiscale_cdam_map"]
 multiscale_cdam_attention = REGISTERED["multiscale_cdam_attention"]
 jsd_attention = REGISTERED["jsd_attention"]
+jsd_attention_train = TRAINING["jsd_attention"]

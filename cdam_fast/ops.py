@@ -154,6 +154,9 @@ def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float = 0.1, *, q: torc
     val.check_same_device(p=p, v=v)
     val.check_batch("v", v, "p", p.shape[:-2], 2)
     val.check_dim("v", v.shape[-2], "token count (dim -2)", keys.shape[-2], "q" if q is not None else "p")
-    out = lib.jsd_attention(_rows(p), _rows(v), tau, None if q is None else _rows(q), backend,
-                            validate)
+    args = (_rows(p), _rows(v), tau, None if q is None else _rows(q), backend, validate)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (p, v, q)):
+        out, _ = lib.jsd_attention_train(*args)  # also saves the row log-sum-exp for the backward
+    else:
+        out = lib.jsd_attention(*args)
     return out.reshape(*p.shape[:-1], v.shape[-1])

@@ -121,6 +121,23 @@ class OpSpec:
     #: q is an optional second set of distributions
     has_q: bool = False
     tensor_names: tuple = field(default=())
+    #: a private training variant cdam_fast::_<name>_train (same arguments and checks) also
+    #: returns the row log-sum-exp of the softmax, which the backward reuses (see train_outputs)
+    saves_lse: bool = False
+
+    @property
+    def train_name(self) -> str:
+        return f"_{self.name}_train"
+
+    @property
+    def train_schema(self) -> str:
+        return self.schema.replace(") -> Tensor", ") -> (Tensor, Tensor)")
+
+    def new_lse(self, call: Call) -> torch.Tensor:
+        """The training op's second output when the backend's forward does not compute it: lse
+        [B, N] float32 filled with NaN, which tells the backward to compute the statistics itself.
+        A computed lse is finite wherever p is (the backward refuses non-finite p)."""
+        return torch.full((call.batch, call.tokens()), math.nan, dtype=torch.float32, device=call.device)
 
     def bind(self, args: tuple) -> tuple[Call, str, bool]:
         """(Call, backend, validate) from the registered op's positional arguments."""
@@ -233,7 +250,7 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
            has_mode=True, multiscale=True, tensor_names=("sim", "v")),
     OpSpec("jsd_attention", ("p", "v", "tau", "q"), "(Tensor p, Tensor v, float tau, Tensor? q, " + _SCHEMA_TAIL,
            ("p", "q"), ("v",), _value_shape, False, reference.jsd_attention, has_q=True,
-           tensor_names=("p", "v", "q")),
+           tensor_names=("p", "v", "q"), saves_lse=True),
 )}
 
 OP_NAMES = tuple(OPS)

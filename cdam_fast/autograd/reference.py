@@ -104,10 +104,10 @@ def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None):
     return jsd_vjp(p, None, minmax_expm1_vjp(j, ga, alpha))[0], gv
 
 
-def jsd_attention_backward(grad, p, v, q, tau, out=None):
+def jsd_attention_backward(grad, p, v, q, tau, out=None, lse=None):
     """FlashAttention's backward with the divergence as the score: w = softmax(-J / tau),
     dS_ij = w_ij (g_i . v_j - sum_k w_ik g_i . v_k), dJ = -dS / tau (the forward output `out`
-    is not needed: the full rows of w are at hand)."""
+    and row log-sum-exp `lse` are not needed: the full rows of w are at hand)."""
     dt = compute_dtype(p, q, v, grad)
     j = ref.pairwise_jsd(p.to(dt), None if q is None else q.to(dt))
     w = torch.softmax(-j / tau, dim=-1)

@@ -1,8 +1,8 @@
 """register_autograd(): attach the backward ops (ops.py) to the forward custom ops.
 
 setup_context saves the differentiable inputs (and, for jsd_attention, the output, whose row
-dot products with the incoming gradient the fused backward needs); nothing of size N x N is
-saved. Gradients for non-tensor arguments (alpha, tau, scales, mode, backend, ...) are None.
+dot products with the incoming gradient the fused backward needs, and for its training variant
+also the forward's row log-sum-exp); nothing of size N x N is saved. Gradients for non-tensor arguments (alpha, tau, scales, mode, backend, ...) are None.
 """
 from __future__ import annotations
 
@@ -89,6 +89,23 @@ def _bwd_jsd_attention(ctx, grad):
     return gp, gv, None, (None if q is None else gq), None, None
 
 
+# _jsd_attention_train(p, v, tau, q, backend, validate) -> (out, lse): the public wrapper's op when
+# a gradient is needed. The backward reuses the forward's row log-sum-exp (FlashAttention-2: the
+# output and lse are all it saves besides the inputs); lse itself is not differentiable.
+def _setup_jsd_attention_train(ctx, inputs, output):
+    p, v, tau, q, backend, _ = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(p, v, q, out, lse)
+    ctx.tau, ctx.backend = tau, backend
+
+
+def _bwd_jsd_attention_train(ctx, grad, _grad_lse):
+    p, v, q, out, lse = ctx.saved_tensors
+    gp, gv, gq = _ops.jsd_attention_backward(grad, p, v, q, out, ctx.tau, ctx.backend, lse)
+    return gp, gv, None, (None if q is None else gq), None, None
+
+
 _FORMULAS = {
     "pairwise_jsd": (_bwd_pairwise, _setup_pairwise),
     "cdam_map": (_bwd_map, _setup_map),
@@ -96,6 +113,7 @@ _FORMULAS = {
     "multiscale_cdam_map": (_bwd_ms_map, _setup_ms_map),
     "multiscale_cdam_attention": (_bwd_ms_attention, _setup_ms_attention),
     "jsd_attention": (_bwd_jsd_attention, _setup_jsd_attention),
+    "_jsd_attention_train": (_bwd_jsd_attention_train, _setup_jsd_attention_train),
 }
 
 

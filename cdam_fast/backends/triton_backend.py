@@ -1,7 +1,8 @@
 """Triton backend: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests only).
 
 The CDAM ops describe their scales as a ScaleSet for the two-pass kernels; pairwise_jsd and
-jsd_attention call their launchers. The launchers (cdam_fast.kernels.*) assume contiguous
+jsd_attention call their launchers (jsd_attention_train: the training forward, which also
+returns the row log-sum-exp, see cdam_fast.opspec.OpSpec.saves_lse). The launchers (cdam_fast.kernels.*) assume contiguous
 tensors and are not part of this backend's interface: the functions below make their inputs
 contiguous first.
 
@@ -60,6 +61,12 @@ def pairwise_jsd(p, q):
 
 def jsd_attention(p, v, tau, q):
     return _jsd_attention.jsd_attention(p.contiguous(), v.contiguous(), tau, None if q is None else q.contiguous())
+
+
+def jsd_attention_train(p, v, tau, q):
+    """(out, lse): the forward kernel also writes the row log-sum-exp the backward needs."""
+    return _jsd_attention.jsd_attention(p.contiguous(), v.contiguous(), tau, None if q is None else q.contiguous(),
+                                        with_lse=True)
 
 
 def cdam_map(p, alpha):
