@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .opspec import OPS, OpSpec
+from .opspec import OPS, STATS_NOT_SAVED, OpSpec
 
 
 def _contiguous(call):
@@ -21,8 +21,9 @@ def _contiguous(call):
 
 
 def _make_impl(spec: OpSpec, train: bool = False):
-    """The eager implementation; train: the private training variant (spec.saves_lse), which
-    returns (out, lse) from the backend's `<name>_train` where it has one, else (out, NaN lse)."""
+    """The eager implementation; train: the private training variant (spec.saved_stats), which
+    returns (out, stats) from the backend's `<name>_train` where it has one, else
+    (out, STATS_NOT_SAVED everywhere)."""
     def impl(*args):
         call, backend, validate = spec.bind(args)
         spec.check_structure(call)
@@ -31,19 +32,19 @@ def _make_impl(spec: OpSpec, train: bool = False):
             spec.check_values(call)
         if spec.is_empty(call):
             out = spec.new_output(call, fill_zero=True)
-            return (out, spec.new_lse(call)) if train else out
+            return (out, spec.new_stats(call, STATS_NOT_SAVED)) if train else out
         call = _contiguous(spec.promote(call))
         module = dispatch.select(backend, call)
         saving = getattr(module, spec.name + "_train", None) if train else None
-        if saving is not None:
-            out, lse = saving(*call.args())
-            _check_output(module, spec.train_name, lse, (call.batch, call.tokens()), torch.float32)
-            lse = lse.contiguous()
-        else:
+        if saving is None:
             out = getattr(module, spec.name)(*call.args())
-            lse = spec.new_lse(call)
+            stats = spec.new_stats(call, STATS_NOT_SAVED) if train else None
+        else:
+            out, stats = saving(*call.args())
+            _check_output(module, spec.train_name, stats, spec.saved_stats(call), torch.float32)
+            stats = stats.contiguous()
         _check_output(module, spec.name, out, spec.shape(call), spec.out_dtype(call))
-        return (out.contiguous(), lse) if train else out.contiguous()
+        return (out.contiguous(), stats) if train else out.contiguous()
 
     impl.__name__ = spec.train_name if train else spec.name
     return impl
@@ -59,7 +60,7 @@ def _make_fake(spec: OpSpec, train: bool = False):
     def fake(*args):
         call = spec.bind(args)[0]
         out = spec.new_output(call)
-        return (out, torch.empty(call.batch, call.tokens(), dtype=torch.float32, device=call.device)) if train else out
+        return (out, spec.new_stats(call)) if train else out
 
     return fake
 
@@ -73,10 +74,10 @@ def _register(spec: OpSpec, train: bool = False):
 
 #: name -> the registered custom op (callable with the schema's positional arguments)
 REGISTERED = {name: _register(spec) for name, spec in OPS.items()}
-#: name -> its private training variant (ops whose spec saves_lse): (out, row log-sum-exp [B, N]
-#: float32, base 2), called by the public wrappers when a gradient is needed; its autograd formula
-#: hands the saved statistics to the backward (cdam_fast/autograd/register.py)
-TRAINING = {name: _register(spec, train=True) for name, spec in OPS.items() if spec.saves_lse}
+#: name -> its private training variant (ops with spec.saved_stats): (out, per-row statistics,
+#: float32), called by the public wrappers when a gradient is needed; its autograd formula hands
+#: the statistics to the backward (cdam_fast/autograd/register.py)
+TRAINING = {name: _register(spec, train=True) for name, spec in OPS.items() if spec.saved_stats}
 
 pairwise_jsd = REGISTERED["pairwise_jsd"]
 cdam_map = REGISTERED["cdam_map"]
@@ -84,4 +85,5 @@ cdam_attention = REGISTERED["cdam_attention"]
 multiscale_cdam_map = REGISTERED["multiscale_cdam_map"]
 multiscale_cdam_attention = REGISTERED["multiscale_cdam_attention"]
 jsd_attention = REGISTERED["jsd_attention"]
+cdam_attention_train = TRAINING["cdam_attention"]
 jsd_attention_train = TRAINING["jsd_attention"]

@@ -1,9 +1,8 @@
-"""The training forward of jsd_attention saves the row log-sum-exp for the backward
-(FlashAttention-2 style, docs/autograd.md section 4): the private op cdam_fast::_jsd_attention_train,
-what it returns per backend, that the Triton backward then skips its LSE pass, that inference
-calls never compute it, and the op under opcheck and torch.compile."""
-import math
-
+"""The training forwards save per-row statistics for the backward (docs/autograd.md, sections 2
+and 4): jsd_attention its row log-sum-exp (FlashAttention-2 style), cdam_attention the row max /
+min of J and their tie counts. The private ops cdam_fast::_<op>_train, what they return per
+backend, that the Triton backward then skips a pass, that inference calls never compute the
+statistics, and the ops under opcheck and torch.compile."""
 import pytest
 import torch
 
@@ -12,6 +11,7 @@ from cdam_fast import _library as lib
 from cdam_fast import reference as ref
 from cdam_fast.autograd import reference as bref
 from cdam_fast.backends import reference_backend, triton_backend
+from cdam_fast.opspec import STATS_NOT_SAVED
 from conftest import random_distributions, random_values
 
 ops = torch.ops.cdam_fast
@@ -60,7 +60,7 @@ def _count(monkeypatch, module, name):
 @pytest.mark.parametrize("with_q", [False, True], ids=["self", "q"])
 def test_saved_lse_against_float64(backend, gen, with_q):
     """Every backend's training op returns the forward's output and either the row log-sum-exp
-    (base 2, float32 [B, N]; Triton and the reference compute it) or NaN (not saved: the CPU and
+    (base 2, float32 [B, N]; Triton and the reference compute it) or STATS_NOT_SAVED (the CPU and
     CUDA C++ forwards do not, and their backwards do not need it)."""
     name, dev = backend
     p, q = random_distributions(gen, 2, 19, 5), random_distributions(gen, 2, 23, 5)
@@ -73,7 +73,7 @@ def test_saved_lse_against_float64(backend, gen, with_q):
         expected = _lse64(p, 0.2, q if with_q else None)
         assert (lse.double().cpu() - expected).abs().max().item() <= 4e-6 * expected.abs().max().item()
     else:
-        assert torch.isnan(lse).all()
+        assert (lse == STATS_NOT_SAVED).all()
 
 
 def test_reference_saves_float64_lse_as_float32(gen):
@@ -117,7 +117,7 @@ def test_triton_backward_reuses_the_saved_lse(backend, gen, monkeypatch, with_q)
 
 
 def test_triton_backward_recomputes_an_lse_that_was_not_saved(backend, gen, monkeypatch):
-    """NaN lse (a forward that does not compute it) or None: the backward runs its own LSE pass
+    """An lse that was not saved (STATS_NOT_SAVED) or None: the backward runs its own LSE pass
     and the gradients are those of a saved lse."""
     from cdam_fast.kernels import jsd_backward
 
@@ -127,7 +127,7 @@ def test_triton_backward_recomputes_an_lse_that_was_not_saved(backend, gen, monk
     p, v, g = p.to(dev), v.to(dev), g.to(dev)
     out, lse = lib.jsd_attention_train(p, v, 0.1, None, "triton", True)
     results = [ops.jsd_attention_backward(g, p, v, None, out, 0.1, "triton", x)
-               for x in (lse, torch.full_like(lse, math.nan), None)]
+               for x in (lse, torch.full_like(lse, STATS_NOT_SAVED), None)]
     assert len(lse_pass.calls) == 2
     for other in results[1:]:
         for a, b in zip(results[0][:2], other[:2]):
@@ -167,17 +167,136 @@ def test_empty_inputs(gen):
     assert pl.grad.shape == pl.shape and (pl.grad == 0).all()
 
 
-def test_train_op_opcheck(gen):
+# ---------------------------------------------------------------------------------------------
+# cdam_attention: the row max / min of J and how many keys attain them.
+
+def _extremes64(p):
+    """[4, B, N] hi, lo, nhi, nlo of J(p, p) in float64, written out here."""
+    j = ref.pairwise_jsd(p.double())
+    hi, lo = j.amax(-1), j.amin(-1)
+    return torch.stack([hi, lo, (j == hi[..., None]).sum(-1).double(), (j == lo[..., None]).sum(-1).double()])
+
+
+def _tied_rows(gen):
+    """Rows 3, 8, 11 duplicate a peaked row: bitwise-equal divergences in every precision, so
+    they tie at the row maximum of most rows (as in test_autograd's tie test)."""
+    p = random_distributions(gen, 2, 13, 4, dtype=F64, sharpness=1.0, zeros=False, one_hot=False)
+    p[:, 3] = p[:, 8] = p[:, 11] = torch.tensor([0.94, 0.02, 0.02, 0.02], dtype=F64)
+    return p.float()
+
+
+@pytest.mark.parametrize("mode", ["materialize", "recompute"])
+def test_saved_row_extremes(backend, gen, mode):
+    """Triton's training forward returns hi / lo near float64's and exactly its tie counts (the
+    duplicated rows tie at most rows' maxima in every precision; their own minima are not compared:
+    J between two identical rows is 0 in float64 but may be a rounding residue ~4e-8 in float32,
+    leaving the diagonal alone at the minimum); the other backends return STATS_NOT_SAVED."""
+    name, dev = backend
+    p = _tied_rows(gen)
+    v = random_values(gen, 2, 13, 5)
+    out, stats = lib.cdam_attention_train(p.to(dev), v.to(dev), 10.0, mode, cf.DEFAULT_MEMORY_BUDGET, name, True)
+    assert stats.shape == (4, 2, 13) and stats.dtype == torch.float32 and stats.is_contiguous()
+    assert torch.equal(out, lib.cdam_attention(p.to(dev), v.to(dev), 10.0, mode, cf.DEFAULT_MEMORY_BUDGET, name, True))
+    if name != "triton":
+        assert (stats == STATS_NOT_SAVED).all()
+        return
+    expected = _extremes64(p)
+    assert (expected[2] >= 2).sum() >= 5  # the case really has ties
+    assert (stats[:2].double().cpu() - expected[:2]).abs().max().item() <= 2e-6
+    assert torch.equal(stats[2].double().cpu(), expected[2])
+    others = [i for i in range(13) if i not in (3, 8, 11)]
+    assert torch.equal(stats[3, :, others].double().cpu(), expected[3, :, others])
+    dup = stats[3, :, [3, 8, 11]]
+    assert ((dup == 1) | (dup == 3)).all()  # the diagonal alone, or with the two duplicates
+
+
+@pytest.mark.parametrize("mode", ["materialize", "recompute"])
+def test_saved_row_extremes_are_bitwise_the_backward_pass(backend, gen, mode):
+    """The backward finds its tie positions by comparing its recomputed J with hi / lo, so the
+    saved statistics must be bit for bit those of its own first pass, in both forward modes."""
+    from cdam_fast.kernels import cdam_backward
+
+    dev = _triton_device(backend)
+    for p in (_tied_rows(gen), random_distributions(gen, 2, 21, 5), random_distributions(gen, 1, 18, 3, dtype=torch.float16)):
+        v = random_values(gen, *p.shape[:2], 3)
+        _, stats = lib.cdam_attention_train(p.to(dev), v.to(dev), 10.0, mode, cf.DEFAULT_MEMORY_BUDGET, "triton", True)
+        assert torch.equal(stats, cdam_backward.row_statistics(p.to(dev)))
+
+
+def test_triton_cdam_backward_reuses_the_saved_statistics(backend, gen, monkeypatch):
+    """Through the public wrapper the Triton backward skips its row-statistics pass (three passes
+    over the tiles instead of four); the public op called directly runs it. Both give the
+    float64 reference's gradients, ties included."""
+    from cdam_fast.kernels import cdam_backward
+
+    dev = _triton_device(backend)
+    first = _count(monkeypatch, cdam_backward, "cdam_row_stats_kernel")
+    sums = _count(monkeypatch, cdam_backward, "cdam_grad_sums_kernel")
+    p = _tied_rows(gen)
+    v, g = random_values(gen, 2, 13, 5), random_values(gen, 2, 13, 5)
+    expected = bref.cdam_attention_backward(g.double(), p.double(), v.double(), 10.0)
+    leaves = [p.to(dev).requires_grad_(True), v.to(dev).requires_grad_(True)]
+    budget = cf.DEFAULT_MEMORY_BUDGET
+    got = []
+    for mode in ("materialize", "recompute"):
+        got.append(torch.autograd.grad(cf.cdam_attention(*leaves, mode=mode, backend="triton"), leaves, g.to(dev)))
+    assert len(first.calls) == 0 and len(sums.calls) == 2
+    got.append(torch.autograd.grad(ops.cdam_attention(*leaves, 10.0, "auto", budget, "triton", True), leaves, g.to(dev)))
+    assert len(first.calls) == 1 and len(sums.calls) == 3
+    for grads in got:
+        for i, (a, e) in enumerate(zip(grads, expected)):
+            err = (a.double().cpu() - e).abs().max().item()
+            assert err <= 2e-5 * e.abs().max().item(), f"gradient {i} off by {err:.3g}"
+
+
+def test_inference_cdam_forward_does_not_count_ties(backend, gen, monkeypatch):
+    from cdam_fast.kernels import cdam
+
+    dev = _triton_device(backend)
+    first = _count(monkeypatch, cdam, "row_stats_kernel")
+    p, v = random_distributions(gen, 1, 9, 3).to(dev), random_values(gen, 1, 9, 4).to(dev)
+    out = cf.cdam_attention(p, v, backend="triton")
+    with torch.no_grad():
+        cf.cdam_attention(p.requires_grad_(True), v, backend="triton")
+    cf.multiscale_cdam_attention(random_values(gen, 1, 3, 3, 3).to(dev), v, (1.0, 0.5), backend="triton")
+    assert [c["COUNT_TIES"] for c in first.calls] == [False, False, False]
+    out_g = cf.cdam_attention(p, v, backend="triton")
+    assert first.calls[-1]["COUNT_TIES"] is True and torch.equal(out_g.detach(), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library and torch.compile.
+
+@pytest.mark.parametrize("name", ["reference", "cpu"])
+def test_train_ops_opcheck(gen, name):
+    """Both training ops, on a backend that saves the statistics (reference: jsd_attention) and
+    on ones that do not (STATS_NOT_SAVED compares equal, so the checks hold there too)."""
+    from conftest import usable_backend
+
+    usable_backend(name)
     p, q = random_distributions(gen, 2, 6, 4), random_distributions(gen, 2, 5, 4)
     v, vq = random_values(gen, 2, 6, 3), random_values(gen, 2, 5, 3)
-    for args in ((p, vq, 0.1, q, "reference", True), (p, v, 0.1, None, "reference", True)):
+    budget = cf.DEFAULT_MEMORY_BUDGET
+    for op, args in ((ops._jsd_attention_train.default, (p, vq, 0.1, q, name, True)),
+                     (ops._jsd_attention_train.default, (p, v, 0.1, None, name, True)),
+                     (ops._cdam_attention_train.default, (p, v, 10.0, "auto", budget, name, True))):
         args = tuple(a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(ops._jsd_attention_train.default, args)
+        torch.library.opcheck(op, args)
 
 
-def test_train_op_under_compile(gen, monkeypatch):
-    """torch.compile(fullgraph=True) of a loss through the public wrapper takes the training op
-    (the saved lse reaches the backward) and gives eager's gradients."""
+def test_train_op_opcheck_triton(backend, gen):
+    """The Triton training ops (which compute the statistics) under opcheck."""
+    dev = _triton_device(backend)
+    p, v = random_distributions(gen, 1, 7, 3).to(dev), random_values(gen, 1, 7, 2).to(dev)
+    for op, args in ((ops._jsd_attention_train.default, (p, v, 0.1, None, "triton", True)),
+                     (ops._cdam_attention_train.default, (p, v, 10.0, "recompute", 0, "triton", True))):
+        args = tuple(a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, args)
+
+
+def test_train_ops_under_compile(gen, monkeypatch):
+    """torch.compile(fullgraph=True) of a loss through the public wrappers takes the training ops
+    (the saved statistics reach the backward) and gives eager's gradients."""
     calls = []
     real = reference_backend.jsd_attention_train
     monkeypatch.setattr(reference_backend, "jsd_attention_train", lambda *a: calls.append(1) or real(*a))
@@ -188,13 +307,24 @@ def test_train_op_under_compile(gen, monkeypatch):
 
     def loss(p, v, q, vq):
         return (cf.jsd_attention(p, v, backend="reference").square().sum()
-                + cf.jsd_attention(p, vq, 0.3, q=q, backend="reference").sum())
+                + cf.jsd_attention(p, vq, 0.3, q=q, backend="reference").sum()
+                + cf.cdam_attention(p, v, backend="reference").sum())
 
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     leaves = (p, v, q, vq)
+    graph_ops = []
+
+    def record(gm, example_inputs):
+        graph_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch.compile(loss, fullgraph=True, backend=record)(*leaves)
+    calls.clear()
     got = torch.autograd.grad(compiled(*leaves), leaves)
     assert len(calls) == 2
+    assert sum("_jsd_attention_train" in t for t in graph_ops) == 2
+    assert sum("_cdam_attention_train" in t for t in graph_ops) == 1
     want = torch.autograd.grad(loss(*leaves), leaves)
     for a, b in zip(got, want):
         assert torch.allclose(a, b)

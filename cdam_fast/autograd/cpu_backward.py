@@ -85,8 +85,9 @@ def jsd_attention_backward(grad, p, v, q, tau, out=None, lse=None):
     return _attention(0, tau, grad, p, v, q)
 
 
-def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None):
+def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, stats=None):
     """Always in bounded row chunks (mode and memory_budget do not matter: the chunked recompute
-    is as fast as keeping N x N here, the row statistics being local to each row)."""
+    is as fast as keeping N x N here, the row statistics being local to each row, so the
+    forward's `stats` are not needed either)."""
     gp, gv, _ = _attention(1, alpha, grad, p, v, None)
     return gp, gv

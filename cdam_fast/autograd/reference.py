@@ -97,8 +97,9 @@ def _product_vjp(a: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
     return g @ v.to(a.dtype).transpose(-1, -2), a.transpose(-1, -2) @ g
 
 
-def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None):
-    """(mode and memory_budget do not apply: the reference holds the N x N maps, as its forward does.)"""
+def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, stats=None):
+    """(mode, memory_budget and the forward's row statistics do not apply: the reference holds the
+    N x N maps, as its forward does.)"""
     j = ref.pairwise_jsd(p.to(compute_dtype(p, v, grad)))
     ga, gv = _product_vjp(ref.minmax_expm1(j, alpha), v, grad)
     return jsd_vjp(p, None, minmax_expm1_vjp(j, ga, alpha))[0], gv

@@ -1,8 +1,8 @@
 """register_autograd(): attach the backward ops (ops.py) to the forward custom ops.
 
 setup_context saves the differentiable inputs (and, for jsd_attention, the output, whose row
-dot products with the incoming gradient the fused backward needs, and for its training variant
-also the forward's row log-sum-exp); nothing of size N x N is saved. Gradients for non-tensor arguments (alpha, tau, scales, mode, backend, ...) are None.
+dot products with the incoming gradient the fused backward needs) and, for the training
+variants, the forward's per-row statistics; nothing of size N x N is saved. Gradients for non-tensor arguments (alpha, tau, scales, mode, backend, ...) are None.
 """
 from __future__ import annotations
 
@@ -51,6 +51,26 @@ def _bwd_attention(ctx, grad):
     return gp, gv, None, None, None, None, None
 
 
+# The training variants (_<op>_train, cdam_fast._library.TRAINING) return (out, stats): per-row
+# statistics of the forward (jsd_attention: the row log-sum-exp, as FlashAttention-2 saves;
+# cdam_attention: the row max / min of J and their tie counts) that the backward reuses instead
+# of a pass of its own. The public wrappers call them when a gradient is needed; the statistics
+# are not differentiable.
+
+# _cdam_attention_train(p, v, alpha, mode, memory_budget, backend, validate) -> (out, stats)
+def _setup_attention_train(ctx, inputs, output):
+    p, v, alpha, mode, budget, backend, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(p, v, output[1])
+    ctx.args = (alpha, mode, budget, backend)
+
+
+def _bwd_attention_train(ctx, grad, _grad_stats):
+    p, v, stats = ctx.saved_tensors
+    gp, gv = _ops.cdam_attention_backward(grad, p, v, *ctx.args, stats)
+    return gp, gv, None, None, None, None, None
+
+
 # multiscale_cdam_map(sim, scales, tau, alpha, backend, validate)
 def _setup_ms_map(ctx, inputs, output):
     sim, scales, tau, alpha, backend, _ = inputs
@@ -89,9 +109,7 @@ def _bwd_jsd_attention(ctx, grad):
     return gp, gv, None, (None if q is None else gq), None, None
 
 
-# _jsd_attention_train(p, v, tau, q, backend, validate) -> (out, lse): the public wrapper's op when
-# a gradient is needed. The backward reuses the forward's row log-sum-exp (FlashAttention-2: the
-# output and lse are all it saves besides the inputs); lse itself is not differentiable.
+# _jsd_attention_train(p, v, tau, q, backend, validate) -> (out, lse)
 def _setup_jsd_attention_train(ctx, inputs, output):
     p, v, tau, q, backend, _ = inputs
     out, lse = output
@@ -110,6 +128,7 @@ _FORMULAS = {
     "pairwise_jsd": (_bwd_pairwise, _setup_pairwise),
     "cdam_map": (_bwd_map, _setup_map),
     "cdam_attention": (_bwd_attention, _setup_attention),
+    "_cdam_attention_train": (_bwd_attention_train, _setup_attention_train),
     "multiscale_cdam_map": (_bwd_ms_map, _setup_ms_map),
     "multiscale_cdam_attention": (_bwd_ms_attention, _setup_ms_attention),
     "jsd_attention": (_bwd_jsd_attention, _setup_jsd_attention),

@@ -1,8 +1,8 @@
 """Triton backend: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests only).
 
 The CDAM ops describe their scales as a ScaleSet for the two-pass kernels; pairwise_jsd and
-jsd_attention call their launchers (jsd_attention_train: the training forward, which also
-returns the row log-sum-exp, see cdam_fast.opspec.OpSpec.saves_lse). The launchers (cdam_fast.kernels.*) assume contiguous
+jsd_attention call their launchers. The *_train functions are the training forwards, which also
+return the per-row statistics the backward reuses (cdam_fast.opspec.OpSpec.saved_stats). The launchers (cdam_fast.kernels.*) assume contiguous
 tensors and are not part of this backend's interface: the functions below make their inputs
 contiguous first.
 
@@ -75,11 +75,16 @@ def cdam_map(p, alpha):
     return _cdam.cdam_apply(sc, alpha, None)
 
 
-def cdam_attention(p, v, alpha, mode, memory_budget):
+def cdam_attention(p, v, alpha, mode, memory_budget, save_stats=False):
     B, N, C = p.shape
     keep = memory.materialize(mode, memory.materialized_bytes(B, [N]), memory_budget)
     sc = _cdam.ScaleSet(B, N, C, p.device, _full_scale(p.contiguous(), keep), [], [1.0])
-    return _cdam.cdam_apply(sc, alpha, v.contiguous())
+    return _cdam.cdam_apply(sc, alpha, v.contiguous(), save_stats=save_stats)
+
+
+def cdam_attention_train(p, v, alpha, mode, memory_budget):
+    """(out, [4, B, N] row max, min and their tie counts of J) for the backward."""
+    return cdam_attention(p, v, alpha, mode, memory_budget, save_stats=True)
 
 
 def _multiscale(sim, scales, tau, mode, memory_budget):
