@@ -71,7 +71,8 @@ def test_saved_lse_against_float64(backend, gen, with_q):
     assert torch.equal(out, lib.jsd_attention(p.to(dev), v.to(dev), 0.2, kq, name, True))
     if name in ("triton", "reference"):
         expected = _lse64(p, 0.2, q if with_q else None)
-        assert (lse.double().cpu() - expected).abs().max().item() <= 4e-6 * expected.abs().max().item()
+        # ~4x the largest relative error measured over 12 seeds (Triton 3.0e-7, reference 3.8e-7)
+        assert (lse.double().cpu() - expected).abs().max().item() <= 1.5e-6 * expected.abs().max().item()
     else:
         assert (lse == STATS_NOT_SAVED).all()
 
@@ -81,7 +82,7 @@ def test_reference_saves_float64_lse_as_float32(gen):
     v = random_values(gen, 2, 7, 3, dtype=F64)
     out, lse = lib.jsd_attention_train(p, v, 0.3, None, "reference", True)
     assert out.dtype == F64 and lse.dtype == torch.float32
-    assert torch.allclose(lse.double(), _lse64(p, 0.3), rtol=1e-6, atol=0)
+    assert torch.allclose(lse.double(), _lse64(p, 0.3), rtol=2.5e-7, atol=0)  # float32 rounding: 6e-8
 
 
 @pytest.mark.parametrize("with_q", [False, True], ids=["self", "q"])
@@ -202,7 +203,7 @@ def test_saved_row_extremes(backend, gen, mode):
         return
     expected = _extremes64(p)
     assert (expected[2] >= 2).sum() >= 5  # the case really has ties
-    assert (stats[:2].double().cpu() - expected[:2]).abs().max().item() <= 2e-6
+    assert (stats[:2].double().cpu() - expected[:2]).abs().max().item() <= 5e-7  # measured: 1.1e-7 nats
     assert torch.equal(stats[2].double().cpu(), expected[2])
     others = [i for i in range(13) if i not in (3, 8, 11)]
     assert torch.equal(stats[3, :, others].double().cpu(), expected[3, :, others])
