@@ -157,6 +157,22 @@ def test_inference_forward_does_not_compute_the_lse(backend, gen, monkeypatch):
     assert out_g.requires_grad and torch.equal(out_g.detach(), out)
 
 
+def test_train_ops_check_their_inputs_like_the_public_ops(gen):
+    """Generated from the same OpSpec: a direct call with mismatched sizes or a bad option is
+    refused by name before any kernel runs."""
+    p, v = random_distributions(gen, 2, 6, 4), random_values(gen, 2, 5, 3)
+    with pytest.raises(cf.CdamInputError, match="v has token count"):
+        ops._jsd_attention_train(p, v, 0.1, None, "reference", True)
+    with pytest.raises(cf.CdamInputError, match="tau must be"):
+        ops._jsd_attention_train(p, random_values(gen, 2, 6, 3), -1.0, None, "reference", True)
+    with pytest.raises(cf.CdamInputError, match="mode must be"):
+        ops._cdam_attention_train(p, random_values(gen, 2, 6, 3), 10.0, "fast", 0, "reference", True)
+    bad = p.clone()
+    bad[0, 0, 0] = -0.5
+    with pytest.raises(cf.CdamInputError, match="p has negative entries"):
+        ops._cdam_attention_train(bad, random_values(gen, 2, 6, 3), 10.0, "auto", 0, "reference", True)
+
+
 def test_empty_inputs(gen):
     p = random_distributions(gen, 2, 0, 3)
     v = random_values(gen, 2, 0, 4)
@@ -218,7 +234,8 @@ def test_saved_row_extremes_are_bitwise_the_backward_pass(backend, gen, mode):
     from cdam_fast.kernels import cdam_backward
 
     dev = _triton_device(backend)
-    for p in (_tied_rows(gen), random_distributions(gen, 2, 21, 5), random_distributions(gen, 1, 18, 3, dtype=torch.float16)):
+    for p in (_tied_rows(gen), random_distributions(gen, 2, 21, 5),
+              random_distributions(gen, 1, 18, 3, dtype=torch.float16)):
         v = random_values(gen, *p.shape[:2], 3)
         _, stats = lib.cdam_attention_train(p.to(dev), v.to(dev), 10.0, mode, cf.DEFAULT_MEMORY_BUDGET, "triton", True)
         assert torch.equal(stats, cdam_backward.row_statistics(p.to(dev)))
@@ -242,7 +259,8 @@ def test_triton_cdam_backward_reuses_the_saved_statistics(backend, gen, monkeypa
     for mode in ("materialize", "recompute"):
         got.append(torch.autograd.grad(cf.cdam_attention(*leaves, mode=mode, backend="triton"), leaves, g.to(dev)))
     assert len(first.calls) == 0 and len(sums.calls) == 2
-    got.append(torch.autograd.grad(ops.cdam_attention(*leaves, 10.0, "auto", budget, "triton", True), leaves, g.to(dev)))
+    direct = ops.cdam_attention(*leaves, 10.0, "auto", budget, "triton", True)
+    got.append(torch.autograd.grad(direct, leaves, g.to(dev)))
     assert len(first.calls) == 1 and len(sums.calls) == 3
     for grads in got:
         for i, (a, e) in enumerate(zip(grads, expected)):

@@ -2,9 +2,9 @@
 
 The CDAM ops describe their scales as a ScaleSet for the two-pass kernels; pairwise_jsd and
 jsd_attention call their launchers. The *_train functions are the training forwards, which also
-return the per-row statistics the backward reuses (cdam_fast.opspec.OpSpec.saved_stats). The launchers (cdam_fast.kernels.*) assume contiguous
-tensors and are not part of this backend's interface: the functions below make their inputs
-contiguous first.
+return the per-row statistics the backward reuses (cdam_fast.opspec.OpSpec.saved_stats). The
+launchers (cdam_fast.kernels.*) assume contiguous tensors and are not part of this backend's
+interface: the functions below make their inputs contiguous first.
 
 Host-side work here is O(N (C + D)) preparation: class-major copies, row entropy terms,
 bilinear tap tables and the small-grid divergences of the multi-scale op.
