@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .opspec import OPS, OpSpec
+from .opspec import OPS, STATS_NOT_SAVED, OpSpec
 
 
 def _contiguous(call):
@@ -20,7 +20,10 @@ def _contiguous(call):
     return call
 
 
-def _make_impl(spec: OpSpec):
+def _make_impl(spec: OpSpec, train: bool = False):
+    """The eager implementation; train: the private training variant (spec.saved_stats), which
+    returns (out, stats) from the backend's `<name>_train` where it has one, else
+    (out, STATS_NOT_SAVED everywhere)."""
     def impl(*args):
         call, backend, validate = spec.bind(args)
         spec.check_structure(call)
@@ -28,35 +31,53 @@ def _make_impl(spec: OpSpec):
         if validate:
             spec.check_values(call)
         if spec.is_empty(call):
-            return spec.new_output(call, fill_zero=True)
+            out = spec.new_output(call, fill_zero=True)
+            return (out, spec.new_stats(call, STATS_NOT_SAVED)) if train else out
         call = _contiguous(spec.promote(call))
         module = dispatch.select(backend, call)
-        out = getattr(module, spec.name)(*call.args())
-        shape, dtype = spec.shape(call), spec.out_dtype(call)
-        if tuple(out.shape) != shape or out.dtype != dtype:  # a backend bug, never the caller's
-            raise AssertionError(f"backend {module.__name__} returned {out.dtype} {tuple(out.shape)} for "
-                                 f"{spec.name}; the spec says {dtype} {shape}")
-        return out.contiguous()
+        saving = getattr(module, spec.name + "_train", None) if train else None
+        if saving is None:
+            out = getattr(module, spec.name)(*call.args())
+            stats = spec.new_stats(call, STATS_NOT_SAVED) if train else None
+        else:
+            out, stats = saving(*call.args())
+            _check_output(module, spec.train_name, stats, spec.saved_stats(call), torch.float32)
+            stats = stats.contiguous()
+        _check_output(module, spec.name, out, spec.shape(call), spec.out_dtype(call))
+        return (out.contiguous(), stats) if train else out.contiguous()
 
-    impl.__name__ = spec.name
+    impl.__name__ = spec.train_name if train else spec.name
     return impl
 
 
-def _make_fake(spec: OpSpec):
+def _check_output(module, name, out, shape, dtype):
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:  # a backend bug, never the caller's
+        raise AssertionError(f"backend {module.__name__} returned {out.dtype} {tuple(out.shape)} for "
+                             f"{name}; the spec says {dtype} {tuple(shape)}")
+
+
+def _make_fake(spec: OpSpec, train: bool = False):
     def fake(*args):
-        return spec.new_output(spec.bind(args)[0])
+        call = spec.bind(args)[0]
+        out = spec.new_output(call)
+        return (out, spec.new_stats(call)) if train else out
 
     return fake
 
 
-def _register(spec: OpSpec):
-    op = torch.library.custom_op(f"cdam_fast::{spec.name}", _make_impl(spec), mutates_args=(), schema=spec.schema)
-    op.register_fake(_make_fake(spec))
+def _register(spec: OpSpec, train: bool = False):
+    name, schema = (spec.train_name, spec.train_schema) if train else (spec.name, spec.schema)
+    op = torch.library.custom_op(f"cdam_fast::{name}", _make_impl(spec, train), mutates_args=(), schema=schema)
+    op.register_fake(_make_fake(spec, train))
     return op
 
 
 #: name -> the registered custom op (callable with the schema's positional arguments)
 REGISTERED = {name: _register(spec) for name, spec in OPS.items()}
+#: name -> its private training variant (ops with spec.saved_stats): (out, per-row statistics,
+#: float32), called by the public wrappers when a gradient is needed; its autograd formula hands
+#: the statistics to the backward (cdam_fast/autograd/register.py)
+TRAINING = {name: _register(spec, train=True) for name, spec in OPS.items() if spec.saved_stats}
 
 pairwise_jsd = REGISTERED["pairwise_jsd"]
 cdam_map = REGISTERED["cdam_map"]
@@ -64,3 +85,5 @@ cdam_attention = REGISTERED["cdam_attention"]
 multiscale_cdam_map = REGISTERED["multiscale_cdam_map"]
 multiscale_cdam_attention = REGISTERED["multiscale_cdam_attention"]
 jsd_attention = REGISTERED["jsd_attention"]
+cdam_attention_train = TRAINING["cdam_attention"]
+jsd_attention_train = TRAINING["jsd_attention"]

@@ -35,6 +35,12 @@ def _common(backend: str, mode=_NO_MODE, memory_budget: int | None = None):
     return memory.resolve_budget(memory_budget)
 
 
+def _needs_grad(*ts) -> bool:
+    """A gradient will be asked of this call: the wrappers then take the op's training variant
+    (cdam_fast._library.TRAINING), whose forward also saves statistics for the backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., N, K] -> [B, N, K] (a view where possible)."""
     return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1])
@@ -101,7 +107,11 @@ def cdam_attention(p: torch.Tensor, v: torch.Tensor, alpha: float = 10.0, *, mod
     _check_classes("p", p)
     _check_values("p", p, v, p.shape[-2])
     alpha = val.check_alpha(alpha)
-    out = lib.cdam_attention(_rows(p), _rows(v), alpha, mode, budget, backend, validate)
+    args = (_rows(p), _rows(v), alpha, mode, budget, backend, validate)
+    if _needs_grad(p, v):
+        out, _ = lib.cdam_attention_train(*args)  # also saves the row statistics for the backward
+    else:
+        out = lib.cdam_attention(*args)
     return out.reshape(v.shape)
 
 
@@ -154,6 +164,9 @@ def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float = 0.1, *, q: torc
     val.check_same_device(p=p, v=v)
     val.check_batch("v", v, "p", p.shape[:-2], 2)
     val.check_dim("v", v.shape[-2], "token count (dim -2)", keys.shape[-2], "q" if q is not None else "p")
-    out = lib.jsd_attention(_rows(p), _rows(v), tau, None if q is None else _rows(q), backend,
-                            validate)
+    args = (_rows(p), _rows(v), tau, None if q is None else _rows(q), backend, validate)
+    if _needs_grad(p, v, q):
+        out, _ = lib.jsd_attention_train(*args)  # also saves the row log-sum-exp for the backward
+    else:
+        out = lib.jsd_attention(*args)
     return out.reshape(*p.shape[:-1], v.shape[-1])

@@ -94,6 +94,19 @@ class Call:
         return tuple(self.tensors[k] if k in self.tensors else self.options[k] for k in self.spec.params)
 
 
+# The training ops' statistics are -inf ("nothing accumulated") where the backend's forward does
+# not compute them (its backward does not need them: CPU, CUDA C++); a backward that does need
+# them computes its own then. Computed statistics are finite for the finite p the backward accepts
+# (-inf, unlike NaN, compares equal, so torch.library.opcheck passes on every backend).
+STATS_NOT_SAVED = -math.inf
+
+
+def stats_saved(stats: torch.Tensor | None) -> bool:
+    """Whether a backward received statistics computed by the forward (a host sync, like the
+    backward's input checks)."""
+    return stats is not None and stats.numel() > 0 and not bool(torch.isneginf(stats).any())
+
+
 _RANKS = {"p": 3, "q": 3, "v": 3, "sim": 4}  # batch-flattened tensor ranks of the registered ops
 
 
@@ -121,6 +134,26 @@ class OpSpec:
     #: q is an optional second set of distributions
     has_q: bool = False
     tensor_names: tuple = field(default=())
+    #: shape [.., B, N] of the per-row statistics that the private training variant
+    #: cdam_fast::_<name>_train (same arguments and checks) returns besides the output, for the
+    #: backward to reuse; None: the op has no training variant (see STATS_NOT_SAVED).
+    saved_stats: Callable[[Call], tuple] | None = None
+
+    @property
+    def train_name(self) -> str:
+        return f"_{self.name}_train"
+
+    @property
+    def train_schema(self) -> str:
+        return self.schema.replace(") -> Tensor", ") -> (Tensor, Tensor)")
+
+    def new_stats(self, call: Call, fill: float | None = None) -> torch.Tensor:
+        """The training op's statistics output (float32, contiguous); fill=STATS_NOT_SAVED when the
+        backend's forward does not compute them."""
+        shape = self.saved_stats(call)
+        if fill is None:
+            return torch.empty(shape, dtype=torch.float32, device=call.device)
+        return torch.full(shape, fill, dtype=torch.float32, device=call.device)
 
     def bind(self, args: tuple) -> tuple[Call, str, bool]:
         """(Call, backend, validate) from the registered op's positional arguments."""
@@ -214,6 +247,17 @@ def _value_shape(call):
     return (call.batch, call.tokens(), call.width())
 
 
+def _row_shape(call):
+    """jsd_attention: the row log-sum-exp lse_i = log2 sum_j 2^(-J_ij log2(e) / tau) [B, N]."""
+    return (call.batch, call.tokens())
+
+
+def _row_extremes_shape(call):
+    """cdam_attention: per row the max and min of J and how many keys attain each (ties share the
+    gradient), [4, B, N] in that order (the counts as floats)."""
+    return (4, call.batch, call.tokens())
+
+
 _SCHEMA_TAIL = "str backend, bool validate) -> Tensor"
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
@@ -223,7 +267,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
            reference.cdam_map, tensor_names=("p",)),
     OpSpec("cdam_attention", ("p", "v", "alpha", "mode", "memory_budget"),
            "(Tensor p, Tensor v, float alpha, str mode, int memory_budget, " + _SCHEMA_TAIL, ("p",), ("v",),
-           _value_shape, False, reference.cdam_attention, has_mode=True, tensor_names=("p", "v")),
+           _value_shape, False, reference.cdam_attention, has_mode=True, tensor_names=("p", "v"),
+           saved_stats=_row_extremes_shape),
     OpSpec("multiscale_cdam_map", ("sim", "scales", "tau", "alpha"),
            "(Tensor sim, float[] scales, float tau, float alpha, " + _SCHEMA_TAIL, (), ("sim",), _pair_shape, True,
            reference.multiscale_cdam_map, multiscale=True, tensor_names=("sim",)),
@@ -233,7 +278,7 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
            has_mode=True, multiscale=True, tensor_names=("sim", "v")),
     OpSpec("jsd_attention", ("p", "v", "tau", "q"), "(Tensor p, Tensor v, float tau, Tensor? q, " + _SCHEMA_TAIL,
            ("p", "q"), ("v",), _value_shape, False, reference.jsd_attention, has_q=True,
-           tensor_names=("p", "v", "q")),
+           tensor_names=("p", "v", "q"), saved_stats=_row_shape),
 )}
 
 OP_NAMES = tuple(OPS)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .centring import class_reference
-from .constants import CONSTANT_ROW_EPS
+from .constants import CONSTANT_ROW_EPS, LOG2E
 from .grids import class_distributions, scale_grid
 
 # Largest [rows, M, C] block the chunked divergence materialises at once.
@@ -124,5 +124,13 @@ def multiscale_cdam_attention(sim, v, scales=None, tau: float = 0.1, alpha: floa
 
 def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float = 0.1, q: torch.Tensor | None = None) -> torch.Tensor:
     """softmax_j(-J_ij / tau) @ v, the keys' distributions being q (default p)."""
+    return jsd_attention_train(p, v, tau, q)[0]
+
+
+def jsd_attention_train(p: torch.Tensor, v: torch.Tensor, tau: float = 0.1, q: torch.Tensor | None = None):
+    """(jsd_attention(p, v, tau, q), lse): lse_i = log2 sum_j exp(-J_ij / tau), the softmax's row
+    normaliser in base 2 as float32 [B, N] (what the training forward saves for the backward)."""
     j = pairwise_jsd(p, q)
-    return (torch.softmax(-j / tau, dim=-1) @ v.to(j.dtype)).to(v.dtype)
+    logits = -j / tau
+    out = (torch.softmax(logits, dim=-1) @ v.to(j.dtype)).to(v.dtype)
+    return out, (torch.logsumexp(logits, dim=-1) * LOG2E).to(torch.float32)

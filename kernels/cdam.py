@@ -5,7 +5,8 @@ Each scale contributes a divergence surface U_s over the full N x N grid:
     (FULL_SRC = 1, O(N (C + D)) memory) or read from a materialised J buffer (FULL_SRC = 2);
   * every smaller scale: its [n_s, n_s] divergences (computed once, tiny) gathered through
     the 4 x 4 bilinear taps of query and key, so the upsampled N x N maps never exist.
-Pass 1 (`row_stats_kernel`) finds each row's max/min of U_s per scale; pass 2
+Pass 1 (`row_stats_kernel`) finds each row's max/min of U_s per scale (the training forward
+also counts the keys attaining them and returns all four for the backward); pass 2
 (`cdam_product_kernel`) rebuilds each tile, applies the expm1 transform, averages the scales
 and multiplies with V on tensor cores (or writes the map when WRITE_MAP).
 """
@@ -14,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .. import constants
-from .common import blocks, cdam_transform, fast_log, flat_grid, jsd_tile, poly_logs, product, tile_ids, value_tiles
+from .common import blocks, cdam_transform, fast_log, flat_grid, jsd_tile, merge_row_extremes, poly_logs, product, \
+    tile_ids, value_tiles
 
 
 @triton.jit
@@ -77,27 +79,37 @@ def _full_tile(b, pT, rp, wc, jfull, m0, n0, offs_m, offs_n, N, C, FULL_SRC: tl.
 
 
 @triton.jit
-def row_stats_kernel(pT, rp, wc, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_out, lo_out, N, C, S,
-                     FULL_SRC: tl.constexpr, MULTI: tl.constexpr, FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr):
+def row_stats_kernel(pT, rp, wc, jfull, js_flat, js_off, js_n, taps_idx, taps_w, hi_out, lo_out, nhi_out, nlo_out,
+                     N, C, S, FULL_SRC: tl.constexpr, MULTI: tl.constexpr, FAST_LOG: tl.constexpr,
+                     POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, COUNT_TIES: tl.constexpr):
+    """hi / lo [B, S, N]: each row's max / min of U_s; COUNT_TIES (the training forward) also
+    writes how many keys attain them (nhi / nlo), for the backward's tie rule."""
     pid_m, slot, b = tile_ids(tl.cdiv(N, BM), S)
     offs_m = pid_m * BM + tl.arange(0, BM)
     hi = tl.full((BM,), float("-inf"), tl.float32)
     lo = tl.full((BM,), float("inf"), tl.float32)
+    nhi = tl.zeros((BM,), dtype=tl.float32)
+    nlo = tl.zeros((BM,), dtype=tl.float32)
     total = tl.zeros((BM,), dtype=tl.float32)
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         u = _scale_tile(slot, b, pT, rp, wc, jfull, js_flat, js_off, js_n, taps_idx, taps_w, pid_m * BM, n0, offs_m,
                         offs_n, N, C, FULL_SRC, MULTI, FAST_LOG, POLY_LOGS, BM, BN)
         valid = offs_n[None, :] < N
-        hi = tl.maximum(hi, tl.max(tl.where(valid, u, float("-inf")), axis=1))
-        lo = tl.minimum(lo, tl.min(tl.where(valid, u, float("inf")), axis=1))
+        if COUNT_TIES:
+            hi, lo, nhi, nlo = merge_row_extremes(u, valid, hi, lo, nhi, nlo)
+        else:
+            hi = tl.maximum(hi, tl.max(tl.where(valid, u, float("-inf")), axis=1))
+            lo = tl.minimum(lo, tl.min(tl.where(valid, u, float("inf")), axis=1))
         # the GPU's max / min drop NaN, a sum keeps it (u <= ln 2 cannot overflow it)
         total += tl.sum(tl.where(valid, u, 0.0), axis=1)
     hi = tl.where(total != total, float("nan"), hi)  # a NaN row maps to NaN, not to ones
     dst = (b * S + slot) * N + offs_m
     tl.store(hi_out + dst, hi, mask=offs_m < N)
     tl.store(lo_out + dst, lo, mask=offs_m < N)
+    if COUNT_TIES:
+        tl.store(nhi_out + dst, nhi, mask=offs_m < N)
+        tl.store(nlo_out + dst, nlo, mask=offs_m < N)
 
 
 @triton.jit
@@ -174,19 +186,23 @@ class ScaleSet:
         return (self.pT, self.rp, self.w, self.jfull, self.js_flat, self.js_off, self.js_n, self.taps_idx, self.taps_w)
 
 
-def row_stats(sc: ScaleSet):
-    hi = torch.empty(sc.B, sc.S, sc.N, device=sc.weights.device, dtype=torch.float32)
-    lo = torch.empty_like(hi)
+def row_stats(sc: ScaleSet, count_ties: bool = False) -> torch.Tensor:
+    """[2, B, S, N] float32: hi, lo per scale; count_ties: [4, B, S, N] with nhi, nlo appended."""
+    stats = torch.empty(4 if count_ties else 2, sc.B, sc.S, sc.N, device=sc.weights.device, dtype=torch.float32)
+    counts = (stats[2], stats[3]) if count_ties else (stats[0], stats[1])  # placeholders without COUNT_TIES
     BM, BN = blocks(sc.N, 64), blocks(sc.N, ROW_STATS_BN_MULTI if sc.multi else 64)
     grid = flat_grid(triton.cdiv(sc.N, BM), sc.S, sc.B)
-    row_stats_kernel[grid](*sc.args(), hi, lo, sc.N, sc.C, sc.S, FULL_SRC=sc.full_src, MULTI=sc.multi,
-                           FAST_LOG=fast_log(), POLY_LOGS=poly_logs(), BM=BM, BN=BN, num_warps=NUM_WARPS)
-    return hi, lo
+    row_stats_kernel[grid](*sc.args(), stats[0], stats[1], *counts, sc.N, sc.C, sc.S, FULL_SRC=sc.full_src,
+                           MULTI=sc.multi, FAST_LOG=fast_log(), POLY_LOGS=poly_logs(), BM=BM, BN=BN,
+                           COUNT_TIES=count_ties, num_warps=NUM_WARPS)
+    return stats
 
 
-def cdam_apply(sc: ScaleSet, alpha: float, v: torch.Tensor | None) -> torch.Tensor:
-    """The averaged CDAM map (v None) or its product with v [B, N, D]."""
-    hi, lo = row_stats(sc)
+def cdam_apply(sc: ScaleSet, alpha: float, v: torch.Tensor | None, save_stats: bool = False):
+    """The averaged CDAM map (v None) or its product with v [B, N, D]. save_stats (one scale, the
+    training forward): (out, [4, B, N] = hi, lo, nhi, nlo of J) for the backward to reuse."""
+    stats = row_stats(sc, count_ties=save_stats)
+    hi, lo = stats[0], stats[1]
     B, N = sc.B, sc.N
     if v is None:
         out = torch.empty(B, N, N, device=hi.device, dtype=torch.float32)
@@ -205,4 +221,7 @@ def cdam_apply(sc: ScaleSet, alpha: float, v: torch.Tensor | None) -> torch.Tens
                               FULL_SRC=sc.full_src, MULTI=sc.multi, WRITE_MAP=v is None,
                               V_IS_FP32=v_is_fp32, FAST_LOG=fast_log(), POLY_LOGS=poly_logs(), BM=BM, BN=BN,
                               BD=BD, SMALL_ALPHA=small, num_warps=NUM_WARPS)
+    if save_stats:
+        assert sc.S == 1, "saved statistics are those of a single-scale map"
+        return out, stats.reshape(4, B, N)
     return out

@@ -2,7 +2,8 @@
 
 J is recomputed exactly as the forward computes it (the centred form of kernels/jsd.operands,
 jsd_tile), and A by the forward's cdam_transform. The row statistics play the part of attention's LSE. Four passes over the divergence tiles,
-each recomputing J from p (O(N (C + D)) extra memory, nothing N x N):
+each recomputing J from p (O(N (C + D)) extra memory, nothing N x N); three when the training
+forward saved the statistics of pass 1 (kernels/cdam.row_stats with count_ties):
   1. per row: hi / lo (max / min of J) and how many keys attain them (ties share the gradient);
   2. per row: s_hi = sum_j gX_ij t_ij, s_lo = sum_j gX_ij X_ij with gX = (g_i . v_j) dA/dX,
      t = 1 - X = (J - lo) / span as the forward's transform takes it (kernels/common.cdam_transform);
@@ -17,7 +18,9 @@ import triton.language as tl
 
 from .. import constants
 from ..autograd.reference import gradient_exponent, unscale
-from .common import CONSTANT_ROW_EPS, blocks, cdam_transform, fast_log, flat_grid, jsd_tile, poly_logs, tile_ids
+from ..opspec import stats_saved
+from .common import CONSTANT_ROW_EPS, blocks, cdam_transform, fast_log, flat_grid, jsd_tile, merge_row_extremes, \
+    poly_logs, tile_ids
 from .jsd import operands
 from .jsd_backward import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, _accumulate_class_terms, _finish, _log_terms, \
     _row_dots
@@ -37,14 +40,7 @@ def cdam_row_stats_kernel(pT, rp, wc, hi_out, lo_out, nhi_out, nlo_out, N, C, FA
         valid = (offs_n < N)[None, :]
         j = jsd_tile(pT + b * C * N, pT + b * C * N, rp + b * N, rp + b * N, wc + b * C, offs_m, offs_n, N, N, C, True,
                      FAST_LOG, BM, BN, POLY_LOGS)
-        t_hi = tl.max(tl.where(valid, j, float("-inf")), axis=1)
-        t_lo = tl.min(tl.where(valid, j, float("inf")), axis=1)
-        c_hi = tl.sum(tl.where(valid & (j == t_hi[:, None]), 1.0, 0.0), axis=1)
-        c_lo = tl.sum(tl.where(valid & (j == t_lo[:, None]), 1.0, 0.0), axis=1)
-        nhi = tl.where(t_hi > hi, c_hi, tl.where(t_hi == hi, nhi + c_hi, nhi))
-        nlo = tl.where(t_lo < lo, c_lo, tl.where(t_lo == lo, nlo + c_lo, nlo))
-        hi = tl.maximum(hi, t_hi)
-        lo = tl.minimum(lo, t_lo)
+        hi, lo, nhi, nlo = merge_row_extremes(j, valid, hi, lo, nhi, nlo)
     mask = offs_m < N
     tl.store(hi_out + b * N + offs_m, hi, mask=mask)
     tl.store(lo_out + b * N + offs_m, lo, mask=mask)
@@ -175,20 +171,38 @@ def transform_derivative_scale(alpha: float) -> float:
     return math.ldexp(factor if small else alpha * factor, -gradient_exponent(alpha))
 
 
+def _row_statistics(pT, rp, w, B, N, C) -> torch.Tensor:
+    """Pass 1: [4, B, N] = hi, lo, nhi, nlo from the forward's operands (kernels/jsd.operands)."""
+    stats = torch.empty(4, B, N, device=pT.device, dtype=torch.float32)
+    BM, BN = blocks(N, 64), blocks(N, 64)
+    cdam_row_stats_kernel[flat_grid(triton.cdiv(N, BM), 1, B)](pT, rp, w, *stats.unbind(0), N, C, FAST_LOG=fast_log(),
+                                                               POLY_LOGS=poly_logs(), BM=BM, BN=BN,
+                                                               num_warps=NUM_WARPS)
+    return stats
+
+
+def row_statistics(p: torch.Tensor) -> torch.Tensor:
+    """The backward's own pass 1 for p [B, N, C] (what a training forward's saved stats must equal)."""
+    pT, _, rp, _, w = operands(p.contiguous(), None)
+    return _row_statistics(pT, rp, w, *p.shape)
+
+
 def cdam_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, alpha: float, mode=None,
-                            memory_budget=None):
-    """Always recomputes J (mode and memory_budget do not change the backward)."""
+                            memory_budget=None, stats=None):
+    """Always recomputes J (mode and memory_budget do not change the backward). stats: the
+    training forward's [4, B, N] hi, lo, nhi, nlo (pass 1 is skipped), else None or not saved
+    (cdam_fast.opspec.STATS_NOT_SAVED). The forward's J is bitwise the one recomputed here in
+    both of its modes: the same jsd_tile on the same operands (kernels/jsd.operands), whether
+    recomputed or materialised by pairwise_jsd_kernel (symmetric bit for bit)."""
     B, N, C = p.shape
     D = v.shape[2]
     pT, _, rp, _, w = operands(p, None)  # the forward's operands: J is recomputed bit for bit
     lpT = _log_terms(p, w)
     g32, v32 = grad.float().contiguous(), v.float().contiguous()
     f32 = dict(device=p.device, dtype=torch.float32)
-    hi, lo, nhi, nlo = (torch.empty(B, N, **f32) for _ in range(4))
     logs = dict(FAST_LOG=fast_log(), POLY_LOGS=poly_logs())
-    BM, BN = blocks(N, 64), blocks(N, 64)
-    cdam_row_stats_kernel[flat_grid(triton.cdiv(N, BM), 1, B)](pT, rp, w, hi, lo, nhi, nlo, N, C, **logs, BM=BM, BN=BN,
-                                                               num_warps=NUM_WARPS)
+    extremes = stats.to(torch.float32).contiguous() if stats_saved(stats) else _row_statistics(pT, rp, w, B, N, C)
+    hi, lo, nhi, nlo = extremes.unbind(0)
     alpha_log2e, exp_neg_alpha, factor, small = constants.transform_factors(alpha)
     dadx_scale = transform_derivative_scale(alpha)
     add_hi, add_lo = torch.empty(B, N, **f32), torch.empty(B, N, **f32)

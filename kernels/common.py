@@ -126,6 +126,21 @@ def jsd_tile(pT, qT, rp, rq, wc, offs_m, offs_n, n_p, n_q, C, SELF: tl.constexpr
 
 
 @triton.jit
+def merge_row_extremes(u, valid, hi, lo, nhi, nlo):
+    """The running row max / min (hi, lo [BM]) after one more [BM, BN] tile u (entries outside
+    `valid` ignored), and how many entries attain each (nhi, nlo, as floats). Exact comparisons:
+    the backward finds the tie positions where its recomputed J equals hi / lo, so whoever
+    computes these statistics must see J bit for bit as the backward does."""
+    t_hi = tl.max(tl.where(valid, u, float("-inf")), axis=1)
+    t_lo = tl.min(tl.where(valid, u, float("inf")), axis=1)
+    c_hi = tl.sum(tl.where(valid & (u == t_hi[:, None]), 1.0, 0.0), axis=1)
+    c_lo = tl.sum(tl.where(valid & (u == t_lo[:, None]), 1.0, 0.0), axis=1)
+    nhi = tl.where(t_hi > hi, c_hi, tl.where(t_hi == hi, nhi + c_hi, nhi))
+    nlo = tl.where(t_lo < lo, c_lo, tl.where(t_lo == lo, nlo + c_lo, nlo))
+    return tl.maximum(hi, t_hi), tl.minimum(lo, t_lo), nhi, nlo
+
+
+@triton.jit
 def cdam_transform(u, hi, lo, alpha_log2e, exp_neg_alpha, factor, SMALL_ALPHA: tl.constexpr):
     """Spec 2.5-2.6 on a tile: A = expm1(alpha X) / expm1(alpha), X = (hi - u) / (hi - lo) per row
     (1 on constant rows), hi/lo [BM] the row statistics of u.

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .. import constants
 from ..centring import centring_weights, log_terms
+from ..opspec import stats_saved
 from .common import TINY, blocks, fast_log, flat_grid, jsd_tile, log2, poly_logs, tile_ids
 from .jsd import class_major, operands
 
@@ -248,7 +249,10 @@ def pairwise_jsd_backward(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor |
 
 
 def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, tau: float,
-                           out: torch.Tensor):
+                           out: torch.Tensor, lse: torch.Tensor | None = None):
+    """Two passes over the key tiles (query side, key side) when lse holds the training
+    forward's row log-sum-exp [B, N] (base 2); three when it is None or was not saved
+    (cdam_fast.opspec.STATS_NOT_SAVED), the first computing it (jsd_attention_lse_kernel)."""
     B, N, C = p.shape
     keys = p if q is None else q
     M, D = v.shape[1], v.shape[2]
@@ -261,9 +265,13 @@ def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor,
     flags = dict(SELF=q is None, FAST_LOG=fast_log(), POLY_LOGS=poly_logs())
     qm, qn, qd = QUERY_TILES
     BM, BN, BD = blocks(N, qm), blocks(M, qn), blocks(D, qd)
-    lse = torch.empty(B, N, device=p.device, dtype=torch.float32)
     grid = flat_grid(triton.cdiv(N, BM), 1, B)
-    jsd_attention_lse_kernel[grid](pT, qT, rp, rq, w, lse, N, M, C, scale, **flags, BM=BM, BN=BN, num_warps=NUM_WARPS)
+    if not stats_saved(lse):
+        lse = torch.empty(B, N, device=p.device, dtype=torch.float32)
+        jsd_attention_lse_kernel[grid](pT, qT, rp, rq, w, lse, N, M, C, scale, **flags, BM=BM, BN=BN,
+                                       num_warps=NUM_WARPS)
+    else:
+        lse = lse.to(torch.float32).contiguous()
     acc_p = torch.zeros(B, C, N, device=p.device, dtype=torch.float32)
     acc_q = torch.zeros(B, C, M, device=p.device, dtype=torch.float32)
     gv = torch.zeros(B, M, D, device=p.device, dtype=torch.float32)

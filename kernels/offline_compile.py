@@ -47,9 +47,9 @@ def _cases():
                               (2, True, "multiscale,materialized")):
         cases[f"row_stats[{label}]"] = (
             cdam.row_stats_kernel,
-            {**scale_sig, "hi_out": _P, "lo_out": _P, "N": "i32", "C": "i32", "S": "i32"},
-            {"FULL_SRC": src, "MULTI": multi, **base_c, **({"BN": cdam.ROW_STATS_BN_MULTI} if multi else {})},
-            cdam.NUM_WARPS)
+            {**scale_sig, "hi_out": _P, "lo_out": _P, "nhi_out": _P, "nlo_out": _P, "N": "i32", "C": "i32", "S": "i32"},
+            {"FULL_SRC": src, "MULTI": multi, "COUNT_TIES": False, **base_c,
+             **({"BN": cdam.ROW_STATS_BN_MULTI} if multi else {})}, cdam.NUM_WARPS)
         for vdt in ("fp16", "fp32"):  # bf16 compiles like fp16
             cases[f"cdam_product[{label},{vdt}]"] = (
                 cdam.cdam_product_kernel,
@@ -62,9 +62,10 @@ def _cases():
     for vdt in ("fp16", "fp32"):
         cases[f"jsd_attention[{vdt}]"] = (
             jsd_attention.jsd_attention_kernel,
-            {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "wc": _P, "v": f"*{vdt}", "out": f"*{vdt}", "N": "i32", "M": "i32",
-             "C": "i32", "D": "i32", "neg_log2e_over_tau": "fp32"},
-            {"SELF": True, "V_IS_FP32": vdt == "fp32", **base_c, **_tiles(128, vdt, False)}, jsd_attention.NUM_WARPS)
+            {"pT": _P, "qT": _P, "rp": _P, "rq": _P, "wc": _P, "v": f"*{vdt}", "out": f"*{vdt}", "lse": _P, "N": "i32",
+             "M": "i32", "C": "i32", "D": "i32", "neg_log2e_over_tau": "fp32"},
+            {"SELF": True, "V_IS_FP32": vdt == "fp32", "WRITE_LSE": False, **base_c, **_tiles(128, vdt, False)},
+            jsd_attention.NUM_WARPS)
     # wide 16-bit values (D > 128) take BD = 256 in the kernels that recompute J
     for name, multi in (("cdam_product[recompute,fp16]", False), ("cdam_product[multiscale,recompute,fp16]", True),
                         ("jsd_attention[fp16]", False)):
@@ -80,6 +81,15 @@ def _cases():
         vdt = "fp32" if consts["V_IS_FP32"] else "fp16"
         cases[name.replace("]", ",poly1]")] = (kernel, sig, {**consts, "POLY_LOGS": 1,
                                                              **_tiles(128, vdt, False, poly=True)}, warps)
+    # the training forward also writes the row log-sum-exp (jsd_attention) or the row statistics'
+    # tie counts (single-scale cdam_attention) for the backward
+    for name in ("row_stats[recompute]", "row_stats[materialized]"):
+        kernel, sig, consts, warps = cases[name]
+        cases[name.replace("]", ",ties]")] = (kernel, sig, {**consts, "COUNT_TIES": True}, warps)
+    for name in ("jsd_attention[fp16]", "jsd_attention[fp32]", "jsd_attention[fp16,wide]", "jsd_attention[fp16,poly1]",
+                 "jsd_attention[fp32,poly1]"):
+        kernel, sig, consts, warps = cases[name]
+        cases[name.replace("]", ",lse]")] = (kernel, sig, {**consts, "WRITE_LSE": True}, warps)
     # alpha < SMALL_ALPHA_LIMIT adds a Taylor g(alpha X) = (1 - exp(-alpha X)) / (alpha X) to the transform
     for name in ("cdam_product[recompute,fp32]", "cdam_product[multiscale,recompute,fp32]",
                  "cdam_product[materialized,fp32]"):

@@ -28,6 +28,9 @@ def test_every_kernel_variant_was_compiled(report):
     families = {name.split("[")[0] for name in report}
     assert families == {"pairwise_jsd", "row_stats", "cdam_product", "jsd_attention"}
     assert len(report) >= 15
+    # the training forwards' variants (row log-sum-exp, tie counts of the row statistics)
+    assert {"jsd_attention[fp32,lse]", "jsd_attention[fp16,wide,lse]", "row_stats[recompute,ties]",
+            "row_stats[materialized,ties]"} <= set(report)
 
 
 def test_no_register_spills(report):

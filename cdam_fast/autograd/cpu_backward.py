@@ -80,13 +80,15 @@ def _attention(kind, param, grad, p, v, q):
     return _finish(T, p), gv, gk
 
 
-def jsd_attention_backward(grad, p, v, q, tau, out=None):
-    """out is not needed: a CPU row of weights fits in cache, so Delta_i is summed exactly."""
+def jsd_attention_backward(grad, p, v, q, tau, out=None, lse=None):
+    """out and lse are not needed: a CPU row of weights fits in cache, so the softmax and
+    Delta_i are summed exactly per row."""
     return _attention(0, tau, grad, p, v, q)
 
 
-def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None):
+def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, stats=None):
     """Always in bounded row chunks (mode and memory_budget do not matter: the chunked recompute
-    is as fast as keeping N x N here, the row statistics being local to each row)."""
+    is as fast as keeping N x N here, the row statistics being local to each row, so the
+    forward's `stats` are not needed either)."""
     gp, gv, _ = _attention(1, alpha, grad, p, v, None)
     return reference.unscale(gp, reference.gradient_exponent(alpha)), gv  # the kernel's G is scaled by 2^-e

@@ -98,17 +98,20 @@ def _(grad, p, alpha, backend):
 
 @torch.library.custom_op("cdam_fast::cdam_attention_backward", mutates_args=())
 def cdam_attention_backward(grad: Tensor, p: Tensor, v: Tensor, alpha: float, mode: str, memory_budget: int,
-                            backend: str) -> tuple[Tensor, Tensor]:
+                            backend: str, stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """stats: the training forward's [4, B, N] row max, min and tie counts of J
+    (opspec.STATS_NOT_SAVED where that forward did not compute them), which spare the Triton
+    backward its first pass; None (the public op): recomputed."""
     check_differentiable_distribution("p", p)
     if grad.numel() == 0:
         return _zeros(p), _zeros(v)
     fn = _impl("cdam_attention_backward", backend, p, v, grad)
-    gp, gv = fn(grad.contiguous(), p.contiguous(), v.contiguous(), alpha, mode, memory_budget)
+    gp, gv = fn(grad.contiguous(), p.contiguous(), v.contiguous(), alpha, mode, memory_budget, stats=stats)
     return _like(gp, p), _like(gv, v)
 
 
 @cdam_attention_backward.register_fake
-def _(grad, p, v, alpha, mode, memory_budget, backend):
+def _(grad, p, v, alpha, mode, memory_budget, backend, stats=None):
     return _fake(p), _fake(v)
 
 
@@ -145,8 +148,10 @@ def _(grad, sim, v, scales, tau, alpha, backend):
 
 @torch.library.custom_op("cdam_fast::jsd_attention_backward", mutates_args=())
 def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tensor], out: Tensor, tau: float,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """out: the forward's output (the fused kernels take D_i = grad_i . out_i from it)."""
+                           backend: str, lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """out: the forward's output (the fused kernels take D_i = grad_i . out_i from it); lse: the
+    training forward's row log-sum-exp [B, N] (base 2; opspec.STATS_NOT_SAVED where that forward
+    did not compute it), which spares the Triton backward a pass; None (the public op): recomputed."""
     check_differentiable_distribution("p", p)
     if q is not None:
         check_differentiable_distribution("q", q)
@@ -154,10 +159,10 @@ def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tenso
         return _zeros(p), _zeros(v), _none_as_empty(None if q is None else _zeros(q), p)
     fn = _impl("jsd_attention_backward", backend, p, q, v, grad)
     gp, gv, gq = fn(grad.contiguous(), p.contiguous(), v.contiguous(), None if q is None else q.contiguous(), tau,
-                    out=out.contiguous())
+                    out=out.contiguous(), lse=lse)
     return _like(gp, p), _like(gv, v), _none_as_empty(None if gq is None else _like(gq, q), p)
 
 
 @jsd_attention_backward.register_fake
-def _(grad, p, v, q, out, tau, backend):
+def _(grad, p, v, q, out, tau, backend, lse=None):
     return _fake(p), _fake(v), p.new_empty(0) if q is None else _fake(q)

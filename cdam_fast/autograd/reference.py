@@ -149,17 +149,18 @@ def _product_vjp(a: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
     return g @ v.to(a.dtype).transpose(-1, -2), a.transpose(-1, -2) @ g
 
 
-def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None):
-    """(mode and memory_budget do not apply: the reference holds the N x N maps, as its forward does.)"""
+def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, stats=None):
+    """(mode, memory_budget and the forward's row statistics do not apply: the reference holds the
+    N x N maps, as its forward does.)"""
     j = ref.pairwise_jsd(p.to(compute_dtype(p, v, grad)))
     ga, gv = _product_vjp(ref.minmax_expm1(j, alpha), v, grad)
     return scaled_vjp(lambda g: jsd_vjp(p, None, g)[0], divergence_grad(j, ga, alpha), j.dtype), gv
 
 
-def jsd_attention_backward(grad, p, v, q, tau, out=None):
+def jsd_attention_backward(grad, p, v, q, tau, out=None, lse=None):
     """FlashAttention's backward with the divergence as the score: w = softmax(-J / tau),
     dS_ij = w_ij (g_i . v_j - sum_k w_ik g_i . v_k), dJ = -dS / tau (the forward output `out`
-    is not needed: the full rows of w are at hand)."""
+    and row log-sum-exp `lse` are not needed: the full rows of w are at hand)."""
     dt = compute_dtype(p, q, v, grad)
     j = ref.pairwise_jsd(p.to(dt), None if q is None else q.to(dt))
     w = torch.softmax(-j / tau, dim=-1)

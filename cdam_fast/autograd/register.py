@@ -1,8 +1,9 @@
 """register_autograd(): attach the backward ops (ops.py) to the forward custom ops.
 
 setup_context saves the differentiable inputs (and, for jsd_attention, the output, whose row
-dot products with the incoming gradient the fused backward needs); nothing of size N x N is
-saved. Gradients for non-tensor arguments (alpha, tau, scales, mode, backend, ...) are None.
+dot products with the incoming gradient the fused backward needs) and, for the training
+variants, the forward's per-row statistics; nothing of size N x N is saved. Gradients for
+non-tensor arguments (alpha, tau, scales, mode, backend, ...) are None.
 """
 from __future__ import annotations
 
@@ -38,16 +39,28 @@ def _bwd_map(ctx, grad):
     return _ops.cdam_map_backward(grad, p, ctx.alpha, ctx.backend), None, None, None
 
 
-# cdam_attention(p, v, alpha, mode, memory_budget, backend, validate)
+# The training variants (_<op>_train, cdam_fast._library.TRAINING; same inputs) return
+# (out, stats): per-row statistics of the forward (jsd_attention: the row log-sum-exp, as
+# FlashAttention-2 saves; cdam_attention: the row max / min of J and their tie counts) that the
+# backward reuses instead of a pass of its own. The public wrappers call them when a gradient is
+# needed; the statistics are not differentiable. The public ops save none (stats None).
+def _split(ctx, output):
+    if isinstance(output, (tuple, list)):
+        ctx.mark_non_differentiable(output[1])
+        return output
+    return output, None
+
+
+# cdam_attention(p, v, alpha, mode, memory_budget, backend, validate) -> out (or (out, stats))
 def _setup_attention(ctx, inputs, output):
     p, v, alpha, mode, budget, backend, _ = inputs
-    ctx.save_for_backward(p, v)
+    ctx.save_for_backward(p, v, _split(ctx, output)[1])
     ctx.args = (alpha, mode, budget, backend)
 
 
-def _bwd_attention(ctx, grad):
-    p, v = ctx.saved_tensors
-    gp, gv = _ops.cdam_attention_backward(grad, p, v, *ctx.args)
+def _bwd_attention(ctx, grad, *_grad_stats):
+    p, v, stats = ctx.saved_tensors
+    gp, gv = _ops.cdam_attention_backward(grad, p, v, *ctx.args, stats)
     return gp, gv, None, None, None, None, None
 
 
@@ -76,16 +89,17 @@ def _bwd_ms_attention(ctx, grad):
     return gs, gv, None, None, None, None, None, None, None
 
 
-# jsd_attention(p, v, tau, q, backend, validate)
+# jsd_attention(p, v, tau, q, backend, validate) -> out (or (out, lse))
 def _setup_jsd_attention(ctx, inputs, output):
     p, v, tau, q, backend, _ = inputs
-    ctx.save_for_backward(p, v, q, output)
+    out, lse = _split(ctx, output)
+    ctx.save_for_backward(p, v, q, out, lse)
     ctx.tau, ctx.backend = tau, backend
 
 
-def _bwd_jsd_attention(ctx, grad):
-    p, v, q, out = ctx.saved_tensors
-    gp, gv, gq = _ops.jsd_attention_backward(grad, p, v, q, out, ctx.tau, ctx.backend)
+def _bwd_jsd_attention(ctx, grad, *_grad_lse):
+    p, v, q, out, lse = ctx.saved_tensors
+    gp, gv, gq = _ops.jsd_attention_backward(grad, p, v, q, out, ctx.tau, ctx.backend, lse)
     return gp, gv, None, (None if q is None else gq), None, None
 
 
@@ -93,9 +107,11 @@ _FORMULAS = {
     "pairwise_jsd": (_bwd_pairwise, _setup_pairwise),
     "cdam_map": (_bwd_map, _setup_map),
     "cdam_attention": (_bwd_attention, _setup_attention),
+    "_cdam_attention_train": (_bwd_attention, _setup_attention),
     "multiscale_cdam_map": (_bwd_ms_map, _setup_ms_map),
     "multiscale_cdam_attention": (_bwd_ms_attention, _setup_ms_attention),
     "jsd_attention": (_bwd_jsd_attention, _setup_jsd_attention),
+    "_jsd_attention_train": (_bwd_jsd_attention, _setup_jsd_attention),
 }
 
 

@@ -29,6 +29,7 @@ pairwise_jsd = ref.pairwise_jsd
 cdam_map = ref.cdam_map
 multiscale_cdam_map = ref.multiscale_cdam_map
 jsd_attention = ref.jsd_attention
+jsd_attention_train = ref.jsd_attention_train
 
 # Values of (query row, key) size a block holds at once: J, X, the map and the transform's
 # temporaries, plus the four gathered tap rows of a small grid.

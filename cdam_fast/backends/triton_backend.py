@@ -1,9 +1,10 @@
 """Triton backend: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests only).
 
 The CDAM ops describe their scales as a ScaleSet for the two-pass kernels; pairwise_jsd and
-jsd_attention call their launchers. The launchers (cdam_fast.kernels.*) assume contiguous
-tensors and are not part of this backend's interface: the functions below make their inputs
-contiguous first.
+jsd_attention call their launchers. The *_train functions are the training forwards, which also
+return the per-row statistics the backward reuses (cdam_fast.opspec.OpSpec.saved_stats). The
+launchers (cdam_fast.kernels.*) assume contiguous tensors and are not part of this backend's
+interface: the functions below make their inputs contiguous first.
 
 Host-side work here is O(N (C + D)) preparation: class-major copies, row entropy terms,
 bilinear tap tables and the small-grid divergences of the multi-scale op.
@@ -62,17 +63,28 @@ def jsd_attention(p, v, tau, q):
     return _jsd_attention.jsd_attention(p.contiguous(), v.contiguous(), tau, None if q is None else q.contiguous())
 
 
+def jsd_attention_train(p, v, tau, q):
+    """(out, lse): the forward kernel also writes the row log-sum-exp the backward needs."""
+    return _jsd_attention.jsd_attention(p.contiguous(), v.contiguous(), tau, None if q is None else q.contiguous(),
+                                        with_lse=True)
+
+
 def cdam_map(p, alpha):
     B, N, C = p.shape
     sc = _cdam.ScaleSet(B, N, C, p.device, _full_scale(p.contiguous(), True), [], [1.0])
     return _cdam.cdam_apply(sc, alpha, None)
 
 
-def cdam_attention(p, v, alpha, mode, memory_budget):
+def cdam_attention(p, v, alpha, mode, memory_budget, save_stats=False):
     B, N, C = p.shape
     keep = memory.materialize(mode, memory.materialized_bytes(B, [N]), memory_budget)
     sc = _cdam.ScaleSet(B, N, C, p.device, _full_scale(p.contiguous(), keep), [], [1.0])
-    return _cdam.cdam_apply(sc, alpha, v.contiguous())
+    return _cdam.cdam_apply(sc, alpha, v.contiguous(), save_stats=save_stats)
+
+
+def cdam_attention_train(p, v, alpha, mode, memory_budget):
+    """(out, [4, B, N] row max, min and their tie counts of J) for the backward."""
+    return cdam_attention(p, v, alpha, mode, memory_budget, save_stats=True)
 
 
 def _multiscale(sim, scales, tau, mode, memory_budget):
