@@ -507,3 +507,18 @@ def test_triton_backward_declares_its_launch_limit(monkeypatch, gen):
     (why,) = triton_backward.not_supported_reasons("cdam_map", call)
     assert "programs per backward launch = 18" in why
     assert triton_backward.not_supported_reasons("jsd_attention", call) == []  # 2 * 3 programs
+
+
+def test_composite_backward_benchmark_runs(capsys):
+    """benchmarks/composite_backward.py at a toy size: both columns timed, the registry restored."""
+    from cdam_fast.autograd import ops as bwd_ops
+    from cdam_fast.benchmarks import composite_backward
+
+    if not _runs_cpu_tensors("cpu"):
+        pytest.skip("the cpu backend is unavailable here")
+    before = dict(bwd_ops.FUSED_BACKWARD)
+    composite_backward.main(["--grid", "3", "--C", "3", "--D", "2", "--repeats", "1", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["cdam_map", "multiscale_cdam_attention"]
+    assert all("composite:" in line and "reference formulas:" in line for line in lines)
+    assert bwd_ops.FUSED_BACKWARD == before
