@@ -27,5 +27,6 @@ def not_supported_reasons(op: str, call) -> list[str]:
     return limit_reason("programs per backward launch", programs, _common.MAX_GRID_X, "one-dimensional launch grid")
 
 
-__all__ = ["cdam_attention_backward", "cdam_map_backward", "jsd_attention_backward", "multiscale_cdam_attention_backward",
-           "multiscale_cdam_map_backward", "not_supported_reasons", "pairwise_jsd_backward"]
+__all__ = ["cdam_attention_backward", "cdam_map_backward", "jsd_attention_backward",
+           "multiscale_cdam_attention_backward", "multiscale_cdam_map_backward", "not_supported_reasons",
+           "pairwise_jsd_backward"]
