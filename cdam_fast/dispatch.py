@@ -87,21 +87,21 @@ def _requested(backend: str) -> str:
     return backend
 
 
-def _pick(backend: str, device: torch.device, dtype: torch.dtype, reasons_of, what: str):
-    """The module to run with; reasons_of(name) -> list of reasons it cannot."""
+def _pick(backend: str, device: torch.device, dtype: torch.dtype, reasons_of, what: str) -> str:
+    """The name of the backend to run with; reasons_of(name) -> list of reasons it cannot."""
     backend = _requested(backend)
     if backend != "auto":
         why = reasons_of(backend)
         if why:
             raise BackendUnavailableError(f"backend {backend!r} cannot run {what}: {'; '.join(why)}")
-        return _load(backend)
+        return backend
     order = _AUTO_ORDER.get(device.type, _AUTO_DEFAULT)
     skipped = []
     for name in order:
         why = reasons_of(name)
         if not why:
             _warn_fallback(skipped, name, device, dtype)
-            return _load(name)
+            return name
         skipped.append((name, why))
     raise AssertionError("the reference backend runs every call")
 
@@ -122,16 +122,22 @@ def _warn_fallback(skipped, used: str, device: torch.device, dtype: torch.dtype)
                   f"falling back to {used!r}", RuntimeWarning, stacklevel=4)
 
 
-def select(backend: str, call):
-    """The backend module to run `call` (a cdam_fast.opspec.Call) with."""
+def select_name(backend: str, call) -> str:
+    """The name of the backend that runs `call` (a cdam_fast.opspec.Call): the forward's rule,
+    which the backward reuses (cdam_fast/autograd/ops.py)."""
     return _pick(backend, call.device, call.compute_dtype, lambda n: not_supported_reasons(n, call),
                  f"{call.op} on these inputs")
 
 
+def select(backend: str, call):
+    """The backend module to run `call` (a cdam_fast.opspec.Call) with."""
+    return _load(select_name(backend, call))
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype):
     """The backend module for tensors of this device and dtype, regardless of sizes."""
-    return _pick(backend, device, dtype, lambda n: [r for r in [unavailable_reason(n, device, dtype)] if r],
-                 f"{dtype} tensors on {device}")
+    return _load(_pick(backend, device, dtype, lambda n: [r for r in [unavailable_reason(n, device, dtype)] if r],
+                       f"{dtype} tensors on {device}"))
 
 
 def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict:

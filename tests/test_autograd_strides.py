@@ -85,7 +85,7 @@ def test_opcheck_backward_ops_on_noncontiguous_inputs(name, gen):
         (ops.cdam_attention_backward.default, (g(B, N, v.shape[2]), pc, v, 10.0, "auto", budget, name)),
         (ops.multiscale_cdam_map_backward.default, (g(B, 12, 12), sim, [1.0, 0.5], 0.1, 10.0, name)),
         (ops.multiscale_cdam_attention_backward.default, (g(B, 12, vs.shape[2]), sim, vs, [1.0, 0.5], 0.1, 10.0,
-                                                          name)),
+                                                          "auto", budget, name)),
         (ops.jsd_attention_backward.default, (g(B, N, vq.shape[2]), p, vq, q, _strided(out), 0.1, name)),
     ]
     for op, args in cases:

@@ -1,4 +1,6 @@
-"""Fused CPU backward of pairwise_jsd and jsd_attention (csrc/cdam_cpu_backward.cpp).
+"""Fused CPU backward of pairwise_jsd, jsd_attention and cdam_attention (csrc/cdam_cpu_backward.cpp),
+and the composite backward passes of cdam_map and the multi-scale ops (autograd/reference.py)
+on the CPU divergence and its fused backward.
 
 Built just in time like the forward CPU extension (same flags, cache and failure handling,
 cdam_fast.backends.extension_build), as its own small module so the forward's sources stay as
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 
 from .. import constants
 from ..backends import extension_build as eb
+from ..backends import cpu_backend
 from ..centring import centring_weights, log_terms, row_terms
 from . import reference
 
@@ -25,8 +28,11 @@ def _spec() -> eb.ExtensionSpec:
 extension = eb._Cached(_spec)
 
 
-def available() -> bool:
-    return extension.failure() is None
+def not_supported_reasons(op: str, call) -> list[str]:
+    """Why the fused CPU backward cannot take this forward call: only a failed build (the
+    kernels index with int64 and loop over the batch, like the forward's)."""
+    why = extension.failure()
+    return [f"the CPU backward extension could not be built ({why})"] if why else []
 
 
 def _lanes() -> int:
@@ -92,3 +98,7 @@ def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, st
     forward's `stats` are not needed either)."""
     gp, gv, _ = _attention(1, alpha, grad, p, v, None)
     return reference.unscale(gp, reference.gradient_exponent(alpha)), gv  # the kernel's G is scaled by 2^-e
+
+
+cdam_map_backward, multiscale_cdam_map_backward, multiscale_cdam_attention_backward = reference.bind_composites(
+    cpu_backend, pairwise_jsd_backward)

@@ -4,39 +4,70 @@ Each forward op's registered backward (register.py) calls one of these, so torch
 the backward as one opaque node too, and the fast kernels dispatch inside, as in the forward.
 Gradients come back in the dtypes of the inputs they belong to (computed in fp32, or fp64 for
 float64 inputs) and always contiguous, whatever the inputs' strides (the kernels work on
-contiguous copies; the fakes say the same, as torch.compile checks). Backends without a fused backward use the reference formulas (reference.py).
-The backward ops register no autograd formula of their own: double backward raises torch's
-"no autograd formula" error.
+contiguous copies; the fakes say the same, as torch.compile checks).
+
+The backward runs on the backend the forward ran on, chosen by the forward's own rule
+(dispatch.select_name on the forward op's Call, built by its OpSpec from the saved inputs), so
+a call the forward sent away for a size limit never reaches a backend that cannot take it.
+That backend's fused backward (FUSED_BACKWARD) runs unless it declares it cannot take the call
+(then one RuntimeWarning, and the reference formulas); backends without one by design use the
+reference formulas quietly. The backward ops register no autograd formula of their own: double
+backward raises torch's "no autograd formula" error.
 """
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .. import dispatch
 from .. import validation as val
-from ..dispatch import resolve
+from ..opspec import OPS
 from . import reference as ref_bwd
 
-# backend name -> module holding fused backward functions (same names and signatures as the
-# reference.py functions); ops a module lacks, or a module whose available() is False, fall
-# back to the reference formulas.
-FUSED_BACKWARD = {"triton": "cdam_fast.autograd.triton_backward", "cpu": "cdam_fast.autograd.cpu_backward"}
+# backend name -> module of its fused backward: functions named `<op>_backward` with the
+# reference.py signatures, and not_supported_reasons(op, call) -> list of reasons it cannot take
+# a call. None: no fused backward by design (cuda: the reference formulas on its device, as
+# README's backward table says; reference: they are its formulas).
+FUSED_BACKWARD = {"triton": "cdam_fast.autograd.triton_backward", "cpu": "cdam_fast.autograd.cpu_backward",
+                  "cuda": None, "reference": None}
+
+_warned: set = set()
 
 
-def _impl(op: str, backend: str, *ts):
-    """The backward function for `op` on the backend the forward would pick for these tensors."""
-    dtype = ref_bwd.compute_dtype(*ts)
-    mod = resolve(backend, ts[0].device, dtype if dtype == torch.float64 else ts[0].dtype)
-    name = mod.__name__.rsplit(".", 1)[-1].removesuffix("_backend")
-    if name in FUSED_BACKWARD:
-        fused = importlib.import_module(FUSED_BACKWARD[name])
-        fn = getattr(fused, op, None)
-        if fn is not None and getattr(fused, "available", lambda: True)():
-            return fn
-    return getattr(ref_bwd, op)
+def backward_backend(op: str, backend: str, *forward_args):
+    """(name of the backend the forward op `op` ran `forward_args` on, the forward's Call):
+    forward_args are the op's arguments in OpSpec.params order; the forward's Call and selection
+    rule, nothing else."""
+    spec = OPS[op]
+    call, backend, _ = spec.bind((*forward_args, backend, False))
+    return dispatch.select_name(backend, spec.promote(call)), call
+
+
+def _impl(op: str, backend: str, *forward_args):
+    """The backward function of forward op `op` for this call (see the module docstring)."""
+    name, call = backward_backend(op, backend, *forward_args)
+    reference = getattr(ref_bwd, f"{op}_backward")
+    if FUSED_BACKWARD[name] is None:
+        return reference
+    fused = importlib.import_module(FUSED_BACKWARD[name])
+    why = fused.not_supported_reasons(op, call)
+    if why:
+        _warn_reference(name, op, why)
+        return reference
+    return getattr(fused, f"{op}_backward")
+
+
+def _warn_reference(name: str, op: str, why: list) -> None:
+    key = (name, op, tuple(why))
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"cdam_fast: the fused {name!r} backward cannot take this {op} call ({'; '.join(why)}); "
+                  f"using the reference formulas", RuntimeWarning, stacklevel=3)
 
 
 def check_differentiable_distribution(name: str, p: Tensor) -> None:
@@ -73,8 +104,8 @@ def pairwise_jsd_backward(grad: Tensor, p: Tensor, q: Optional[Tensor], backend:
         check_differentiable_distribution("q", q)
     if grad.numel() == 0:
         return _zeros(p), _none_as_empty(None if q is None else _zeros(q), p)
-    gp, gq = _impl("pairwise_jsd_backward", backend, p, q, grad)(grad.contiguous(), p.contiguous(),
-                                                                  None if q is None else q.contiguous())
+    gp, gq = _impl("pairwise_jsd", backend, p, q)(grad.contiguous(), p.contiguous(),
+                                                  None if q is None else q.contiguous())
     return _like(gp, p), _none_as_empty(None if gq is None else _like(gq, q), p)
 
 
@@ -88,7 +119,7 @@ def cdam_map_backward(grad: Tensor, p: Tensor, alpha: float, backend: str) -> Te
     check_differentiable_distribution("p", p)
     if grad.numel() == 0:
         return _zeros(p)
-    return _like(_impl("cdam_map_backward", backend, p, grad)(grad.contiguous(), p.contiguous(), alpha), p)
+    return _like(_impl("cdam_map", backend, p, alpha)(grad.contiguous(), p.contiguous(), alpha), p)
 
 
 @cdam_map_backward.register_fake
@@ -105,7 +136,7 @@ def cdam_attention_backward(grad: Tensor, p: Tensor, v: Tensor, alpha: float, mo
     check_differentiable_distribution("p", p)
     if grad.numel() == 0:
         return _zeros(p), _zeros(v)
-    fn = _impl("cdam_attention_backward", backend, p, v, grad)
+    fn = _impl("cdam_attention", backend, p, v, alpha, mode, memory_budget)
     gp, gv = fn(grad.contiguous(), p.contiguous(), v.contiguous(), alpha, mode, memory_budget, stats=stats)
     return _like(gp, p), _like(gv, v)
 
@@ -121,7 +152,7 @@ def multiscale_cdam_map_backward(grad: Tensor, sim: Tensor, scales: Sequence[flo
     val.check_finite("sim", sim)
     if grad.numel() == 0:
         return _zeros(sim)
-    fn = _impl("multiscale_cdam_map_backward", backend, sim, grad)
+    fn = _impl("multiscale_cdam_map", backend, sim, list(scales), tau, alpha)
     return _like(fn(grad.contiguous(), sim.contiguous(), tuple(scales), tau, alpha), sim)
 
 
@@ -132,17 +163,18 @@ def _(grad, sim, scales, tau, alpha, backend):
 
 @torch.library.custom_op("cdam_fast::multiscale_cdam_attention_backward", mutates_args=())
 def multiscale_cdam_attention_backward(grad: Tensor, sim: Tensor, v: Tensor, scales: Sequence[float], tau: float,
-                                       alpha: float, backend: str) -> tuple[Tensor, Tensor]:
+                                       alpha: float, mode: str, memory_budget: int,
+                                       backend: str) -> tuple[Tensor, Tensor]:
     val.check_finite("sim", sim)
     if grad.numel() == 0:
         return _zeros(sim), _zeros(v)
-    fn = _impl("multiscale_cdam_attention_backward", backend, sim, v, grad)
+    fn = _impl("multiscale_cdam_attention", backend, sim, v, list(scales), tau, alpha, mode, memory_budget)
     gs, gv = fn(grad.contiguous(), sim.contiguous(), v.contiguous(), tuple(scales), tau, alpha)
     return _like(gs, sim), _like(gv, v)
 
 
 @multiscale_cdam_attention_backward.register_fake
-def _(grad, sim, v, scales, tau, alpha, backend):
+def _(grad, sim, v, scales, tau, alpha, mode, memory_budget, backend):
     return _fake(sim), _fake(v)
 
 
@@ -157,7 +189,7 @@ def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tenso
         check_differentiable_distribution("q", q)
     if grad.numel() == 0 or p.shape[1] == 0:
         return _zeros(p), _zeros(v), _none_as_empty(None if q is None else _zeros(q), p)
-    fn = _impl("jsd_attention_backward", backend, p, q, v, grad)
+    fn = _impl("jsd_attention", backend, p, v, tau, q)
     gp, gv, gq = fn(grad.contiguous(), p.contiguous(), v.contiguous(), None if q is None else q.contiguous(), tau,
                     out=out.contiguous(), lse=lse)
     return _like(gp, p), _like(gv, v), _none_as_empty(None if gq is None else _like(gq, q), p)

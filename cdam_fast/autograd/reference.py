@@ -7,9 +7,17 @@ Inputs are batch-flattened (p [B, N, C], v [B, N, D], sim [B, C, h, w]); results
 compute dtype (float64 for float64 inputs, else float32), except those of the CDAM ops, which
 come back in float64 (their min-max gradient is formed in float64: docs/autograd.md, "Large
 alpha"); callers cast to the input dtypes.
+
+The composite backward passes (cdam_map and the multi-scale ops) are written once here and
+take the backend's divergence as two callables: ``divergence(p) -> J`` (the backend's own
+pairwise_jsd forward, so the row max / min positions are the forward's) and
+``divergence_vjp(G, p, q) -> (gp, gq)`` (the backend's pairwise_jsd backward; the N^2 C logs
+are all there). The remaining glue is O(N^2) elementwise work on output-sized maps. These
+defaults are the pure-torch versions; cpu_backward.py and triton_backward.py bind their own.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -138,9 +146,10 @@ def pairwise_jsd_backward(grad, p, q):
     return jsd_vjp(p, q, grad)
 
 
-def cdam_map_backward(grad, p, alpha):
-    j = ref.pairwise_jsd(p.to(compute_dtype(p, grad)))
-    return scaled_vjp(lambda g: jsd_vjp(p, None, g)[0], divergence_grad(j, grad, alpha), j.dtype)
+def cdam_map_backward(grad, p, alpha, divergence=ref.pairwise_jsd, divergence_vjp=pairwise_jsd_backward):
+    dt = compute_dtype(p, grad)
+    j = divergence(p.to(dt)).to(dt)
+    return scaled_vjp(lambda g: divergence_vjp(g, p, None)[0], divergence_grad(j, grad, alpha), dt)
 
 
 def _product_vjp(a: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
@@ -176,12 +185,14 @@ def _resize_vjp(g: torch.Tensor, in_hw: tuple[int, int]) -> torch.Tensor:
     return torch.ops.aten.upsample_bilinear2d_backward(g.contiguous(), [h, w], [n, c, *in_hw], False, None, None)
 
 
-def _multiscale_map_vjp(sim: torch.Tensor, ga: torch.Tensor, scales, tau: float, alpha: float) -> torch.Tensor:
+def _multiscale_map_vjp(sim: torch.Tensor, ga: torch.Tensor, scales, tau: float, alpha: float, divergence,
+                        divergence_vjp) -> torch.Tensor:
     """Gradient wrt sim of sum ga * multiscale_cdam_map(sim) (float64). Per scale, in reverse:
-    min-max / expm1 and the divergence by the formulas above, then the adjoints of the pair
+    min-max / expm1 (in float64), then the divergence (divergence_vjp), the adjoints of the pair
     upsampling (separable bilinear, transposed), of softmax(. / tau) over classes and of the grid
     resize. Everything after min-max / expm1 is linear in its gradient and runs in the compute
-    dtype under one power-of-two scale per scale and batch element (scaled_vjp)."""
+    dtype under one power-of-two scale per scale and batch element (scaled_vjp).
+    Memory: a few [B, N, N] maps at a time (J upsampled, its gradient, the adjoint's transposes)."""
     B, C, h, w = sim.shape
     n_full = h * w
     dt = ga.dtype
@@ -192,7 +203,7 @@ def _multiscale_map_vjp(sim: torch.Tensor, ga: torch.Tensor, scales, tau: float,
         hs, ws = scale_grid(h, w, s)
         n = hs * ws
         ps = class_distributions(x, hs, ws, tau)  # [B, n, C]
-        js = ref.pairwise_jsd(ps)
+        js = divergence(ps).to(dt)
         same = (hs, ws) == (h, w)
         gju = divergence_grad(js if same else ref._upsample_pairs(js, hs, ws, h, w), ga, alpha)  # [B, N, N]
 
@@ -204,7 +215,7 @@ def _multiscale_map_vjp(sim: torch.Tensor, ga: torch.Tensor, scales, tau: float,
                 g_both = gju.transpose(1, 2).reshape(B * n_full, 1, h, w)
                 g_keys = _resize_vjp(g_both, (hs, ws)).reshape(B, n_full, n).transpose(1, 2)  # [B, n, N]
                 gjs = _resize_vjp(g_keys.reshape(B * n, 1, h, w), (hs, ws)).reshape(B, n, n)
-            gps = jsd_vjp(ps, None, gjs)[0]
+            gps = divergence_vjp(gjs, ps, None)[0].to(gjs.dtype)
             # softmax over classes of the resized grid / tau
             gz = ps * (gps - (ps * gps).sum(-1, keepdim=True)) / tau  # [B, n, C]
             gz = gz.transpose(1, 2).reshape(B, C, hs, ws)
@@ -214,12 +225,30 @@ def _multiscale_map_vjp(sim: torch.Tensor, ga: torch.Tensor, scales, tau: float,
     return gsim
 
 
-def multiscale_cdam_map_backward(grad, sim, scales, tau, alpha):
-    return _multiscale_map_vjp(sim, grad.to(compute_dtype(sim, grad)), scales, tau, alpha)
+def multiscale_cdam_map_backward(grad, sim, scales, tau, alpha, divergence=ref.pairwise_jsd,
+                                 divergence_vjp=pairwise_jsd_backward):
+    return _multiscale_map_vjp(sim, grad.to(compute_dtype(sim, grad)), scales, tau, alpha, divergence, divergence_vjp)
 
 
-def multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha):
+def multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha, divergence=ref.pairwise_jsd,
+                                       divergence_vjp=pairwise_jsd_backward, cdam_map=ref.multiscale_cdam_map):
+    """cdam_map(sim, scales, tau, alpha) -> A: the backend's multi-scale map forward, for gv = A^T g."""
     dt = compute_dtype(sim, v, grad)
-    a = ref.multiscale_cdam_map(sim.to(dt), scales, tau, alpha)
+    a = cdam_map(sim.to(dt), scales, tau, alpha).to(dt)
     ga, gv = _product_vjp(a, v, grad)
-    return _multiscale_map_vjp(sim, ga, scales, tau, alpha), gv
+    del a  # one N x N map fewer during the map's backward
+    return _multiscale_map_vjp(sim, ga, scales, tau, alpha, divergence, divergence_vjp), gv
+
+
+# The ops whose backward is the composite above (the fast backends bind their divergence to it).
+COMPOSITE_OPS = ("cdam_map", "multiscale_cdam_map", "multiscale_cdam_attention")
+
+
+def bind_composites(forward, pairwise_jsd_vjp) -> tuple:
+    """(cdam_map_backward, multiscale_cdam_map_backward, multiscale_cdam_attention_backward) on a
+    fast backend: `forward` is its backend module (pairwise_jsd recomputes J as its forward does,
+    multiscale_cdam_map gives A for gv), `pairwise_jsd_vjp` its fused pairwise_jsd backward."""
+    divergence = functools.partial(forward.pairwise_jsd, q=None)
+    bound = dict(divergence=divergence, divergence_vjp=pairwise_jsd_vjp)
+    return (functools.partial(cdam_map_backward, **bound), functools.partial(multiscale_cdam_map_backward, **bound),
+            functools.partial(multiscale_cdam_attention_backward, **bound, cdam_map=forward.multiscale_cdam_map))

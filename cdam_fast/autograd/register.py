@@ -78,9 +78,9 @@ def _bwd_ms_map(ctx, grad):
 
 # multiscale_cdam_attention(sim, v, scales, tau, alpha, mode, memory_budget, backend, validate)
 def _setup_ms_attention(ctx, inputs, output):
-    sim, v, scales, tau, alpha, _mode, _budget, backend, _ = inputs
+    sim, v, scales, tau, alpha, mode, budget, backend, _ = inputs
     ctx.save_for_backward(sim, v)
-    ctx.args = (list(scales), tau, alpha, backend)
+    ctx.args = (list(scales), tau, alpha, mode, budget, backend)  # mode, budget: the forward's Call
 
 
 def _bwd_ms_attention(ctx, grad):

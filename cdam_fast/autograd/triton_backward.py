@@ -1,6 +1,32 @@
-"""The Triton backward functions (kernels/jsd_backward.py, kernels/cdam_backward.py) under the
-names ops.py dispatches to."""
+"""The Triton backward functions under the names ops.py dispatches to: the fused kernels of
+kernels/jsd_backward.py and kernels/cdam_backward.py, and the composite backward passes of
+cdam_map and the multi-scale ops (autograd/reference.py) on the Triton divergence."""
+from ..backends import triton_backend
+from ..backends.shared import cdiv, limit_reason
+from ..kernels import common as _common
 from ..kernels.cdam_backward import cdam_attention_backward
 from ..kernels.jsd_backward import jsd_attention_backward, pairwise_jsd_backward
+from .reference import COMPOSITE_OPS, bind_composites
 
-__all__ = ["cdam_attention_backward", "jsd_attention_backward", "pairwise_jsd_backward"]
+cdam_map_backward, multiscale_cdam_map_backward, multiscale_cdam_attention_backward = bind_composites(
+    triton_backend, pairwise_jsd_backward)
+
+# The backward kernels' smallest tile edge (kernels/common.blocks never goes below it).
+_MIN_TILE = 16
+
+
+def not_supported_reasons(op: str, call) -> list[str]:
+    """Why the fused backward cannot take this forward call (a cdam_fast.opspec.Call): every
+    backward kernel launches one program per row block of one side (flat one-dimensional grids,
+    kernels/common.flat_grid); the composite ops also recompute J with pairwise_jsd (one program
+    per tile pair). Offsets are 64-bit."""
+    B, N, M = call.batch, call.tokens(), call.keys()
+    programs = B * cdiv(max(N, M), _MIN_TILE)
+    if op in COMPOSITE_OPS:
+        programs = max(programs, B * cdiv(N, _MIN_TILE) ** 2)
+    return limit_reason("programs per backward launch", programs, _common.MAX_GRID_X, "one-dimensional launch grid")
+
+
+__all__ = ["cdam_attention_backward", "cdam_map_backward", "jsd_attention_backward",
+           "multiscale_cdam_attention_backward", "multiscale_cdam_map_backward", "not_supported_reasons",
+           "pairwise_jsd_backward"]
