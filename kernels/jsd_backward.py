@@ -143,59 +143,71 @@ def _weight_tile(pT, qT, rp, rq, wc, lse, g, v, offs_m, offs_n, mask_m, mask_n, 
 
 
 @triton.jit
-def _accumulate_query_moments(pT, qT, wc, w, wgv, offs_m, offs_n, mask_m, mask_n, n_p, n_q, C, acc_x, acc_y,
-                              FAST_LOG: tl.constexpr):
-    """acc_x[c, i] += sum_j wgv_ij log2(s_ijc w_c) and acc_y[c, i] += sum_j w_ij log2(s_ijc w_c) over
-    the tile's keys (w, wgv = w * (g . v): [BM, BN], zero outside the masks)."""
+def _accumulate_query_moments(pT, qT, wc, lpT, w, wgk, shift, offs_m, offs_n, mask_m, mask_n, n_p, n_q, C, acc_x,
+                              acc_y, FAST_LOG: tl.constexpr):
+    """For every class c, with l_ijc = lp_ic - log2(s_ijc w_c) = log2(p_ic / m_ijc):
+    acc_y[c, i] += sum_j w_ij l_ijc and acc_x[c, i] = acc_x - shift_i acc_y (old) + sum_j wgk_ij l_ijc
+    over the tile's keys (w, wgk = w * (g . v - K): [BM, BN], zero outside the masks; shift: the
+    change of the row's K since the previous tile)."""
     for c in range(C):
         c64 = tl.cast(c, tl.int64)  # c * n can pass 2^31
         a = tl.load(pT + c64 * n_p + offs_m, mask=mask_m, other=0.0).to(tl.float32)
         b = tl.load(qT + c64 * n_q + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        la = tl.load(lpT + c64 * n_p + offs_m, mask=mask_m, other=0.0)
         lg = log2(tl.maximum((a[:, None] + b[None, :]) * tl.load(wc + c64), TINY), FAST_LOG)
+        lt = la[:, None] - lg
         px = acc_x + c64 * n_p + offs_m
-        tl.store(px, tl.load(px, mask=mask_m, other=0.0) + tl.sum(wgv * lg, axis=1), mask=mask_m)
         py = acc_y + c64 * n_p + offs_m
-        tl.store(py, tl.load(py, mask=mask_m, other=0.0) + tl.sum(w * lg, axis=1), mask=mask_m)
+        y = tl.load(py, mask=mask_m, other=0.0)
+        tl.store(px, tl.load(px, mask=mask_m, other=0.0) - shift * y + tl.sum(wgk * lt, axis=1), mask=mask_m)
+        tl.store(py, y + tl.sum(w * lt, axis=1), mask=mask_m)
 
 
 @triton.jit
-def jsd_attention_grad_query_kernel(pT, qT, rp, rq, wc, lse, delta, g, v, acc, acc_y, N, M, C, D, neg_log2e_over_tau,
-                                    inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr,
-                                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Query side, one program per query block, one pass over the key tiles:
-    acc[c, i] = sum_j G_ij (lp_ic - log2(s_ijc w_c)) = (X_ic - Delta_i Y_ic) / tau, where
-    Delta_i = sum_j w_ij g_i . v_j and X, Y are _accumulate_query_moments' sums (Y in acc_y).
+def jsd_attention_grad_query_kernel(pT, qT, rp, rq, wc, lpT, lse, delta, g, v, acc, acc_y, N, M, C, D,
+                                    neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
+                                    POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Query side, one program per query block, one pass over the key tiles, computing Delta_i =
+    sum_j w_ij g_i . v_j along the way (stored for the key side) and
+    acc[c, i] = sum_j G_ij l_ijc = -(1/tau) sum_j w_ij (g_i . v_j - Delta_i) l_ijc.
 
-    The rows of G sum to 0 exactly, so the lp_ic term is dropped; Delta is summed from this
-    pass's own weights and products rather than taken as g_i . out_i (out is rounded to the
-    values' dtype, 2^-11 relative in fp16): an inconsistent Delta leaves sum_j G_ij =
-    -(error of Delta) / tau, which the lp term multiplies by log2 p_ic, unbounded for small p.
-    Delta is stored for the key side."""
+    Delta is not taken as g_i . out_i: out is rounded to the values' dtype (2^-11 relative in
+    fp16), and an inconsistent Delta leaves sum_j G_ij = -(its error) / tau, which the lp_ic part
+    of l multiplies by log2 p_ic, unbounded for small p. Since Delta is known only at the end,
+    the pass keeps X = sum_j w (g . v - K) l and Y = sum_j w l, with K_i the running estimate of
+    Delta (rebased like the running max of an online softmax), and finishes with
+    sum_j w (g . v - Delta) l = X - (Delta - K) Y: both terms stay of the size of the result, so
+    nothing cancels as it would with K = 0 when g . v hardly varies over the keys."""
     pid, _unused, b = tile_ids(tl.cdiv(N, BM), 1)
     pT += b * C * N
     qT += b * C * M
     wc += b * C
+    lpT += b * C * N
     acc += b * C * N
     acc_y += b * C * N
     offs_m = pid * BM + tl.arange(0, BM)
     mask_m = offs_m < N
-    dl = tl.zeros((BM,), dtype=tl.float32)
+    dl = tl.zeros((BM,), dtype=tl.float32)  # sum_j w g . v so far
+    sw = tl.zeros((BM,), dtype=tl.float32)  # sum_j w so far
+    k = tl.zeros((BM,), dtype=tl.float32)
     for n0 in range(0, M, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < M
         w, gv = _weight_tile(pT, qT, rp + b * N, rq + b * M, wc, lse + b * N, g + b * N * D, v + b * M * D, offs_m,
                              offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau, SELF, FAST_LOG, POLY_LOGS,
                              BM, BN, BD)
-        wgv = w * gv
-        dl += tl.sum(wgv, axis=1)
-        _accumulate_query_moments(pT, qT, wc, w, wgv, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, acc_y,
-                                  FAST_LOG)
+        dl += tl.sum(w * gv, axis=1)
+        sw += tl.sum(w, axis=1)
+        k_new = tl.where(sw > 0.0, dl / tl.where(sw > 0.0, sw, 1.0), 0.0)
+        _accumulate_query_moments(pT, qT, wc, lpT, w, w * (gv - k_new[:, None]), k_new - k, offs_m, offs_n, mask_m,
+                                  mask_n, N, M, C, acc, acc_y, FAST_LOG)
+        k = k_new
     tl.store(delta + b * N + offs_m, dl, mask=mask_m)
-    for c in range(C):  # G = -w (gv - Delta) / tau, so -sum_j G_ij log2(s w) = (X - Delta Y) / tau
+    for c in range(C):
         c64 = tl.cast(c, tl.int64)
         px = acc + c64 * N + offs_m
         y = tl.load(acc_y + c64 * N + offs_m, mask=mask_m, other=0.0)
-        tl.store(px, (tl.load(px, mask=mask_m, other=0.0) - dl * y) * inv_tau, mask=mask_m)
+        tl.store(px, (tl.load(px, mask=mask_m, other=0.0) - (dl - k) * y) * neg_inv_tau, mask=mask_m)
 
 
 @triton.jit
@@ -290,7 +302,8 @@ def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor,
     keys = p if q is None else q
     M, D = v.shape[1], v.shape[2]
     pT, qT, rp, rq, w = operands(p, q)  # the forward's operands: J is recomputed bit for bit
-    lkT = _log_terms(keys, w)  # the key side's lq; the query side needs no lp (its rows of G sum to 0)
+    lpT = _log_terms(p, w)
+    lkT = lpT if q is None else _log_terms(q, w)
     g32, v32 = grad.float().contiguous(), v.float().contiguous()  # fp32 products (tf32x3 on GPU)
     scale, neg_inv_tau = _scales(tau)
     flags = dict(SELF=q is None, FAST_LOG=fast_log(), POLY_LOGS=poly_logs())
@@ -302,8 +315,8 @@ def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor,
     jsd_attention_lse_kernel[grid](pT, qT, rp, rq, w, lse, N, M, C, scale, **flags, BM=BM, BN=BN, num_warps=NUM_WARPS)
     delta = torch.empty(B, N, **f32)  # Delta_i, written by the query pass, read by the key pass
     acc_p, acc_y = torch.zeros(B, C, N, **f32), torch.zeros(B, C, N, **f32)
-    jsd_attention_grad_query_kernel[grid](pT, qT, rp, rq, w, lse, delta, g32, v32, acc_p, acc_y, N, M, C, D, scale,
-                                          -neg_inv_tau, **flags, BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
+    jsd_attention_grad_query_kernel[grid](pT, qT, rp, rq, w, lpT, lse, delta, g32, v32, acc_p, acc_y, N, M, C, D,
+                                          scale, neg_inv_tau, **flags, BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
     del acc_y
     acc_q = torch.zeros(B, C, M, **f32)
     gv = torch.zeros(B, M, D, **f32)
@@ -326,8 +339,8 @@ def offline_cases() -> dict:
     tiles = {"FAST_LOG": True, "BM": 64, "BN": 64}
     common = {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "wc": f32}
     tail = {"N": i32, "M": i32, "C": i32, "D": i32, "neg_log2e_over_tau": "fp32"}
-    query_sig = {**common, "lse": f32, "delta": f32, "g": f32, "v": f32, "acc": f32, "acc_y": f32, **tail,
-                 "inv_tau": "fp32"}
+    query_sig = {**common, "lpT": f32, "lse": f32, "delta": f32, "g": f32, "v": f32, "acc": f32, "acc_y": f32, **tail,
+                 "neg_inv_tau": "fp32"}
     key_sig = {**common, "lqT": f32, "lse": f32, "delta": f32, "g": f32, "v": f32, "acc": f32, "gv_out": f32, **tail,
                "neg_inv_tau": "fp32"}
     cases = {}
