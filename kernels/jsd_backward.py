@@ -5,7 +5,8 @@ N M C logarithms as the forward. With s = p_i + q_j, the forward's centring weig
 (cdam_fast/centring.py) and lp_ic = log2(2 p_ic w_c), log(p_ic / m_ijc) = ln 2 (lp_ic - log2(s_ijc w_c)):
 the logarithm is the forward's own (of s w, small for flat distributions), and a tile adds
 G_ij (lp_ic - log2(s_ijc w_c)) per class to a class-major accumulator T [C, n] of the side being differentiated (query side: sum over the
-tile's keys; key side: sum over its queries). Each program owns its rows of T, so the
+tile's keys; key side: sum over its queries; the attention query side keeps two such sums,
+see jsd_attention_grad_query_kernel). Each program owns its rows of T, so the
 read-modify-write needs no atomics and the result is deterministic. Nothing of size N x M
 (attention) or N x M x C is stored: the attention backward recomputes J tiles from the row
 log-sum-exp, FlashAttention-2 style, in O(N (C + D)) extra memory.

@@ -146,7 +146,8 @@ def _(grad, sim, v, scales, tau, alpha, backend):
 @torch.library.custom_op("cdam_fast::jsd_attention_backward", mutates_args=())
 def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tensor], out: Tensor, tau: float,
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """out: the forward's output (the fused kernels take D_i = grad_i . out_i from it)."""
+    """out: the forward's output (no fused kernel reads it: rounded to v's dtype it is too coarse
+    for Delta_i = grad_i . out_i, which they sum from their own weights; docs/autograd.md, section 5)."""
     check_differentiable_distribution("p", p)
     if q is not None:
         check_differentiable_distribution("q", q)
