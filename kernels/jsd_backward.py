@@ -165,20 +165,22 @@ def _accumulate_query_moments(pT, qT, wc, lpT, w, wgk, shift, offs_m, offs_n, ma
 
 
 @triton.jit
-def jsd_attention_grad_query_kernel(pT, qT, rp, rq, wc, lpT, lse, delta, g, v, acc, acc_y, N, M, C, D,
+def jsd_attention_grad_query_kernel(pT, qT, rp, rq, wc, lpT, lse, delta, rnorm, g, v, acc, acc_y, N, M, C, D,
                                     neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
                                     POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Query side, one program per query block, one pass over the key tiles, computing Delta_i =
-    sum_j w_ij g_i . v_j along the way (stored for the key side) and
-    acc[c, i] = sum_j G_ij l_ijc = -(1/tau) sum_j w_ij (g_i . v_j - Delta_i) l_ijc.
+    """Query side, one program per query block, one pass over the key tiles:
+    acc[c, i] = sum_j G_ij l_ijc = -(1/tau) sum_j w_ij (g_i . v_j - Delta_i) l_ijc, and, for the
+    key side, Delta_i and rnorm_i = 1 / sum_j w_ij.
 
-    Delta is not taken as g_i . out_i: out is rounded to the values' dtype (2^-11 relative in
-    fp16), and an inconsistent Delta leaves sum_j G_ij = -(its error) / tau, which the lp_ic part
-    of l multiplies by log2 p_ic, unbounded for small p. Since Delta is known only at the end,
-    the pass keeps X = sum_j w (g . v - K) l and Y = sum_j w l, with K_i the running estimate of
-    Delta (rebased like the running max of an online softmax), and finishes with
-    sum_j w (g . v - Delta) l = X - (Delta - K) Y: both terms stay of the size of the result, so
-    nothing cancels as it would with K = 0 when g . v hardly varies over the keys."""
+    The weights are renormalised by their own sum (w = 2^(logit - LSE) carries a per-row factor
+    error of about |LSE| 2^-24, LSE being up to ~1.44 / tau), and Delta_i = sum_j w_ij g_i . v_j
+    is summed from those weights, not taken as g_i . out_i (out is rounded to the values' dtype,
+    2^-11 relative in fp16): either inconsistency leaves sum_j G_ij != 0, which the lp_ic part of
+    l multiplies by log2 p_ic, unbounded for small p. Delta is complete only after the last tile,
+    so the pass keeps X = sum_j w (g . v - K) l and Y = sum_j w l with K_i the running estimate
+    of Delta (when K moves, X is rebased by -(K_new - K_old) Y, as an online softmax rebases its
+    running max); at the end K = Delta and the sum is X: no term of size |Delta| |l| / tau
+    cancels when g . v hardly varies over the keys."""
     pid, _unused, b = tile_ids(tl.cdiv(N, BM), 1)
     pT += b * C * N
     qT += b * C * M
@@ -203,21 +205,22 @@ def jsd_attention_grad_query_kernel(pT, qT, rp, rq, wc, lpT, lse, delta, g, v, a
         _accumulate_query_moments(pT, qT, wc, lpT, w, w * (gv - k_new[:, None]), k_new - k, offs_m, offs_n, mask_m,
                                   mask_n, N, M, C, acc, acc_y, FAST_LOG)
         k = k_new
-    tl.store(delta + b * N + offs_m, dl, mask=mask_m)
+    rn = tl.where(sw > 0.0, 1.0 / tl.where(sw > 0.0, sw, 1.0), 0.0)
+    tl.store(delta + b * N + offs_m, k, mask=mask_m)
+    tl.store(rnorm + b * N + offs_m, rn, mask=mask_m)
+    scale = rn * neg_inv_tau
     for c in range(C):
-        c64 = tl.cast(c, tl.int64)
-        px = acc + c64 * N + offs_m
-        y = tl.load(acc_y + c64 * N + offs_m, mask=mask_m, other=0.0)
-        tl.store(px, (tl.load(px, mask=mask_m, other=0.0) - (dl - k) * y) * neg_inv_tau, mask=mask_m)
+        px = acc + tl.cast(c, tl.int64) * N + offs_m
+        tl.store(px, tl.load(px, mask=mask_m, other=0.0) * scale, mask=mask_m)
 
 
 @triton.jit
-def jsd_attention_grad_key_kernel(pT, qT, rp, rq, wc, lqT, lse, delta, g, v, acc, gv_out, N, M, C, D,
+def jsd_attention_grad_key_kernel(pT, qT, rp, rq, wc, lqT, lse, delta, rnorm, g, v, acc, gv_out, N, M, C, D,
                                   neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
                                   POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Key side, one program per key block, after the query side (which stores Delta):
-    acc[c, j] = sum_i G_ij (lq_jc - log2(s_ijc w_c)) and the value gradient gv_j = sum_i w_ij g_i
-    (fp32, read-modify-write per D chunk)."""
+    """Key side, one program per key block, after the query side (which stores Delta and the
+    weights' renormalisation): acc[c, j] = sum_i G_ij (lq_jc - log2(s_ijc w_c)) and the value
+    gradient gv_j = sum_i w_ij g_i (fp32, read-modify-write per D chunk)."""
     pid, _unused, b = tile_ids(tl.cdiv(M, BN), 1)
     pT += b * C * N
     qT += b * C * M
@@ -233,6 +236,7 @@ def jsd_attention_grad_key_kernel(pT, qT, rp, rq, wc, lqT, lse, delta, g, v, acc
         w, gv = _weight_tile(pT, qT, rp + b * N, rq + b * M, wc, lse + b * N, g + b * N * D, v + b * M * D, offs_m,
                              offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau, SELF, FAST_LOG, POLY_LOGS,
                              BM, BN, BD)
+        w = w * tl.load(rnorm + b * N + offs_m, mask=mask_m, other=0.0)[:, None]
         dl = tl.load(delta + b * N + offs_m, mask=mask_m, other=0.0)
         G = w * (gv - dl[:, None]) * neg_inv_tau  # dL/dJ = -dS / tau
         wT = tl.trans(w)
@@ -314,17 +318,18 @@ def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor,
     lse = torch.empty(B, N, **f32)
     grid = flat_grid(triton.cdiv(N, BM), 1, B)
     jsd_attention_lse_kernel[grid](pT, qT, rp, rq, w, lse, N, M, C, scale, **flags, BM=BM, BN=BN, num_warps=NUM_WARPS)
-    delta = torch.empty(B, N, **f32)  # Delta_i, written by the query pass, read by the key pass
+    # Delta_i and 1 / sum_j w_ij, written by the query pass, read by the key pass
+    delta, rnorm = torch.empty(B, N, **f32), torch.empty(B, N, **f32)
     acc_p, acc_y = torch.zeros(B, C, N, **f32), torch.zeros(B, C, N, **f32)
-    jsd_attention_grad_query_kernel[grid](pT, qT, rp, rq, w, lpT, lse, delta, g32, v32, acc_p, acc_y, N, M, C, D,
-                                          scale, neg_inv_tau, **flags, BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
+    jsd_attention_grad_query_kernel[grid](pT, qT, rp, rq, w, lpT, lse, delta, rnorm, g32, v32, acc_p, acc_y, N, M, C,
+                                          D, scale, neg_inv_tau, **flags, BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
     del acc_y
     acc_q = torch.zeros(B, C, M, **f32)
     gv = torch.zeros(B, M, D, **f32)
     km, kn, kd = KEY_TILES
     BM, BN, BD = blocks(N, km), blocks(M, kn), blocks(D, kd)
-    jsd_attention_grad_key_kernel[flat_grid(triton.cdiv(M, BN), 1, B)](pT, qT, rp, rq, w, lkT, lse, delta, g32, v32,
-                                                                       acc_q, gv, N, M, C, D, scale, neg_inv_tau,
+    jsd_attention_grad_key_kernel[flat_grid(triton.cdiv(M, BN), 1, B)](pT, qT, rp, rq, w, lkT, lse, delta, rnorm, g32,
+                                                                       v32, acc_q, gv, N, M, C, D, scale, neg_inv_tau,
                                                                        **flags, BM=BM, BN=BN, BD=BD,
                                                                        num_warps=ATTN_WARPS)
     gp, gk = _finish(acc_p, p), _finish(acc_q, keys)
@@ -340,10 +345,9 @@ def offline_cases() -> dict:
     tiles = {"FAST_LOG": True, "BM": 64, "BN": 64}
     common = {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "wc": f32}
     tail = {"N": i32, "M": i32, "C": i32, "D": i32, "neg_log2e_over_tau": "fp32"}
-    query_sig = {**common, "lpT": f32, "lse": f32, "delta": f32, "g": f32, "v": f32, "acc": f32, "acc_y": f32, **tail,
-                 "neg_inv_tau": "fp32"}
-    key_sig = {**common, "lqT": f32, "lse": f32, "delta": f32, "g": f32, "v": f32, "acc": f32, "gv_out": f32, **tail,
-               "neg_inv_tau": "fp32"}
+    rows = {"lse": f32, "delta": f32, "rnorm": f32, "g": f32, "v": f32, "acc": f32}
+    query_sig = {**common, "lpT": f32, **rows, "acc_y": f32, **tail, "neg_inv_tau": "fp32"}
+    key_sig = {**common, "lqT": f32, **rows, "gv_out": f32, **tail, "neg_inv_tau": "fp32"}
     cases = {}
     for side in (True, False):
         cases[f"pairwise_jsd_grad[{'query' if side else 'key'}]"] = (

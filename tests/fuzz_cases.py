@@ -34,7 +34,9 @@ def draw(seed: int, op: str, dtype: torch.dtype) -> dict:
     # CDAM: no one-hot rows (their ties at J = ln 2 are broken differently per precision)
     p = random_distributions(gen, B, N, C, dtype=dtype, sharpness=sharp, zeros=zeros,
                              one_hot=one_hot and op != "cdam_attention")
-    q = random_distributions(gen, B, M, C, dtype=dtype, sharpness=sharp, zeros=zeros, one_hot=one_hot) if use_q else None
+    q = None
+    if use_q:
+        q = random_distributions(gen, B, M, C, dtype=dtype, sharpness=sharp, zeros=zeros, one_hot=one_hot)
     v = (random_values(gen, B, M, D, dtype=torch.float64) * case["vscale"]).to(dtype)
     out_shape = (B, N, M) if op == "pairwise_jsd" else (B, N, D)
     g = (random_values(gen, *out_shape, dtype=torch.float64) * case["gscale"]).to(dtype)
