@@ -5,7 +5,8 @@ N M C logarithms as the forward. With s = p_i + q_j, the forward's centring weig
 (cdam_fast/centring.py) and lp_ic = log2(2 p_ic w_c), log(p_ic / m_ijc) = ln 2 (lp_ic - log2(s_ijc w_c)):
 the logarithm is the forward's own (of s w, small for flat distributions), and a tile adds
 G_ij (lp_ic - log2(s_ijc w_c)) per class to a class-major accumulator T [C, n] of the side being differentiated (query side: sum over the
-tile's keys; key side: sum over its queries). Each program owns its rows of T, so the
+tile's keys; key side: sum over its queries; the attention query side keeps two such sums,
+see jsd_attention_grad_query_kernel). Each program owns its rows of T, so the
 read-modify-write needs no atomics and the result is deterministic. Nothing of size N x M
 (attention) or N x M x C is stored: the attention backward recomputes J tiles from the row
 log-sum-exp, FlashAttention-2 style, in O(N (C + D)) extra memory.
@@ -130,50 +131,97 @@ def _row_dots(g, v, offs_m, offs_n, mask_m, mask_n, D, BM: tl.constexpr, BN: tl.
 
 
 @triton.jit
-def _score_grad_tile(pT, qT, rp, rq, wc, lse, delta, g, v, offs_m, offs_n, mask_m, mask_n, N, M, C, D,
-                     neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
-                     POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """(w, G) on a [BM, BN] tile: w = softmax weights from the saved normaliser,
-    G = dL/dJ = -w (g_i . v_j - delta_i) / tau; both zero outside the masks. J is recomputed
-    exactly as the forward (jsd_tile, same centring weights and row terms)."""
+def _weight_tile(pT, qT, rp, rq, wc, lse, g, v, offs_m, offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau,
+                 SELF: tl.constexpr, FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BD: tl.constexpr):
+    """(w, g_i . v_j) on a [BM, BN] tile: w = softmax weights from the saved normaliser, zero
+    outside the masks. J is recomputed exactly as the forward (jsd_tile, same centring weights
+    and row terms)."""
     j = jsd_tile(pT, qT, rp, rq, wc, offs_m, offs_n, N, M, C, SELF, FAST_LOG, BM, BN, POLY_LOGS)
     l2 = tl.load(lse + offs_m, mask=mask_m, other=0.0)
     valid = mask_m[:, None] & mask_n[None, :]
     w = tl.where(valid, tl.exp2(j * neg_log2e_over_tau - l2[:, None]), 0.0)
-    gv = _row_dots(g, v, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
-    dl = tl.load(delta + offs_m, mask=mask_m, other=0.0)
-    return w, w * (gv - dl[:, None]) * neg_inv_tau
+    return w, _row_dots(g, v, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
 
 
 @triton.jit
-def jsd_attention_grad_query_kernel(pT, qT, rp, rq, wc, lpT, lqT, lse, delta, g, v, acc, N, M, C, D,
+def _accumulate_query_moments(pT, qT, wc, lpT, w, wgk, shift, offs_m, offs_n, mask_m, mask_n, n_p, n_q, C, acc_x,
+                              acc_y, FAST_LOG: tl.constexpr):
+    """For every class c, with l_ijc = lp_ic - log2(s_ijc w_c) = log2(p_ic / m_ijc):
+    acc_y[c, i] += sum_j w_ij l_ijc and acc_x[c, i] = acc_x - shift_i acc_y (old) + sum_j wgk_ij l_ijc
+    over the tile's keys (w, wgk = w * (g . v - K): [BM, BN], zero outside the masks; shift: the
+    change of the row's K since the previous tile)."""
+    for c in range(C):
+        c64 = tl.cast(c, tl.int64)  # c * n can pass 2^31
+        a = tl.load(pT + c64 * n_p + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        b = tl.load(qT + c64 * n_q + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        la = tl.load(lpT + c64 * n_p + offs_m, mask=mask_m, other=0.0)
+        lg = log2(tl.maximum((a[:, None] + b[None, :]) * tl.load(wc + c64), TINY), FAST_LOG)
+        lt = la[:, None] - lg
+        px = acc_x + c64 * n_p + offs_m
+        py = acc_y + c64 * n_p + offs_m
+        y = tl.load(py, mask=mask_m, other=0.0)
+        tl.store(px, tl.load(px, mask=mask_m, other=0.0) - shift * y + tl.sum(wgk * lt, axis=1), mask=mask_m)
+        tl.store(py, y + tl.sum(w * lt, axis=1), mask=mask_m)
+
+
+@triton.jit
+def jsd_attention_grad_query_kernel(pT, qT, rp, rq, wc, lpT, lse, delta, rnorm, g, v, acc, acc_y, N, M, C, D,
                                     neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
                                     POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Query side: acc[c, i] = sum_j G_ij (lp_ic - log2(s_ijc w_c)), one program per query block."""
+    """Query side, one program per query block, one pass over the key tiles:
+    acc[c, i] = sum_j G_ij l_ijc = -(1/tau) sum_j w_ij (g_i . v_j - Delta_i) l_ijc, and, for the
+    key side, Delta_i and rnorm_i = 1 / sum_j w_ij.
+
+    The weights are renormalised by their own sum (w = 2^(logit - LSE) carries a per-row factor
+    error of about |LSE| 2^-24, LSE being up to ~1.44 / tau), and Delta_i = sum_j w_ij g_i . v_j
+    is summed from those weights, not taken as g_i . out_i (out is rounded to the values' dtype,
+    2^-11 relative in fp16): either inconsistency leaves sum_j G_ij != 0, which the lp_ic part of
+    l multiplies by log2 p_ic, unbounded for small p. Delta is complete only after the last tile,
+    so the pass keeps X = sum_j w (g . v - K) l and Y = sum_j w l with K_i the running estimate
+    of Delta (when K moves, X is rebased by -(K_new - K_old) Y, as an online softmax rebases its
+    running max); at the end K = Delta and the sum is X: no term of size |Delta| |l| / tau
+    cancels when g . v hardly varies over the keys."""
     pid, _unused, b = tile_ids(tl.cdiv(N, BM), 1)
     pT += b * C * N
     qT += b * C * M
     wc += b * C
     lpT += b * C * N
     acc += b * C * N
+    acc_y += b * C * N
     offs_m = pid * BM + tl.arange(0, BM)
     mask_m = offs_m < N
+    dl = tl.zeros((BM,), dtype=tl.float32)  # sum_j w g . v so far
+    sw = tl.zeros((BM,), dtype=tl.float32)  # sum_j w so far
+    k = tl.zeros((BM,), dtype=tl.float32)
     for n0 in range(0, M, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < M
-        _, G = _score_grad_tile(pT, qT, rp + b * N, rq + b * M, wc, lse + b * N, delta + b * N, g + b * N * D,
-                                v + b * M * D, offs_m, offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau,
-                                neg_inv_tau, SELF, FAST_LOG, POLY_LOGS, BM, BN, BD)
-        _accumulate_class_terms(pT, qT, wc, lpT, lqT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, True,
-                                FAST_LOG)
+        w, gv = _weight_tile(pT, qT, rp + b * N, rq + b * M, wc, lse + b * N, g + b * N * D, v + b * M * D, offs_m,
+                             offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau, SELF, FAST_LOG, POLY_LOGS,
+                             BM, BN, BD)
+        dl += tl.sum(w * gv, axis=1)
+        sw += tl.sum(w, axis=1)
+        k_new = tl.where(sw > 0.0, dl / tl.where(sw > 0.0, sw, 1.0), 0.0)
+        _accumulate_query_moments(pT, qT, wc, lpT, w, w * (gv - k_new[:, None]), k_new - k, offs_m, offs_n, mask_m,
+                                  mask_n, N, M, C, acc, acc_y, FAST_LOG)
+        k = k_new
+    rn = tl.where(sw > 0.0, 1.0 / tl.where(sw > 0.0, sw, 1.0), 0.0)
+    tl.store(delta + b * N + offs_m, k, mask=mask_m)
+    tl.store(rnorm + b * N + offs_m, rn, mask=mask_m)
+    scale = rn * neg_inv_tau
+    for c in range(C):
+        px = acc + tl.cast(c, tl.int64) * N + offs_m
+        tl.store(px, tl.load(px, mask=mask_m, other=0.0) * scale, mask=mask_m)
 
 
 @triton.jit
-def jsd_attention_grad_key_kernel(pT, qT, rp, rq, wc, lpT, lqT, lse, delta, g, v, acc, gv_out, N, M, C, D,
+def jsd_attention_grad_key_kernel(pT, qT, rp, rq, wc, lqT, lse, delta, rnorm, g, v, acc, gv_out, N, M, C, D,
                                   neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
                                   POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Key side, one program per key block: acc[c, j] = sum_i G_ij (lq_jc - log2(s_ijc w_c)) and the
-    value gradient gv_j = sum_i w_ij g_i (fp32, read-modify-write per D chunk)."""
+    """Key side, one program per key block, after the query side (which stores Delta and the
+    weights' renormalisation): acc[c, j] = sum_i G_ij (lq_jc - log2(s_ijc w_c)) and the value
+    gradient gv_j = sum_i w_ij g_i (fp32, read-modify-write per D chunk)."""
     pid, _unused, b = tile_ids(tl.cdiv(M, BN), 1)
     pT += b * C * N
     qT += b * C * M
@@ -186,9 +234,12 @@ def jsd_attention_grad_key_kernel(pT, qT, rp, rq, wc, lpT, lqT, lse, delta, g, v
     for m0 in range(0, N, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < N
-        w, G = _score_grad_tile(pT, qT, rp + b * N, rq + b * M, wc, lse + b * N, delta + b * N, g + b * N * D,
-                                v + b * M * D, offs_m, offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau,
-                                neg_inv_tau, SELF, FAST_LOG, POLY_LOGS, BM, BN, BD)
+        w, gv = _weight_tile(pT, qT, rp + b * N, rq + b * M, wc, lse + b * N, g + b * N * D, v + b * M * D, offs_m,
+                             offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau, SELF, FAST_LOG, POLY_LOGS,
+                             BM, BN, BD)
+        w = w * tl.load(rnorm + b * N + offs_m, mask=mask_m, other=0.0)[:, None]
+        dl = tl.load(delta + b * N + offs_m, mask=mask_m, other=0.0)
+        G = w * (gv - dl[:, None]) * neg_inv_tau  # dL/dJ = -dS / tau
         wT = tl.trans(w)
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
@@ -198,7 +249,8 @@ def jsd_attention_grad_key_kernel(pT, qT, rp, rq, wc, lpT, lqT, lse, delta, g, v
             ptr = gv_out + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
             mask = mask_n[:, None] & mask_d[None, :]
             tl.store(ptr, tl.dot(wT, gt, tl.load(ptr, mask=mask, other=0.0), input_precision="tf32x3"), mask=mask)
-        _accumulate_class_terms(pT, qT, wc, lpT, lqT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False,
+        # (the query-side log terms are not read on the key side: lqT stands in for them)
+        _accumulate_class_terms(pT, qT, wc, lqT, lqT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False,
                                 FAST_LOG)
 
 
@@ -249,39 +301,44 @@ def pairwise_jsd_backward(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor |
 
 
 def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, tau: float,
-                           out: torch.Tensor, lse: torch.Tensor | None = None):
+                           out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
     """Two passes over the key tiles (query side, key side) when lse holds the training
     forward's row log-sum-exp [B, N] (base 2); three when it is None or was not saved
-    (cdam_fast.opspec.STATS_NOT_SAVED), the first computing it (jsd_attention_lse_kernel)."""
+    (cdam_fast.opspec.STATS_NOT_SAVED), the first computing it (jsd_attention_lse_kernel).
+    out (the forward's output) is not read: the query pass sums Delta_i from its own weights
+    (see jsd_attention_grad_query_kernel for why g . out is not accurate enough)."""
     B, N, C = p.shape
     keys = p if q is None else q
     M, D = v.shape[1], v.shape[2]
     pT, qT, rp, rq, w = operands(p, q)  # the forward's operands: J is recomputed bit for bit
     lpT = _log_terms(p, w)
-    lqT = lpT if q is None else _log_terms(q, w)
+    lkT = lpT if q is None else _log_terms(q, w)
     g32, v32 = grad.float().contiguous(), v.float().contiguous()  # fp32 products (tf32x3 on GPU)
-    delta = (g32 * out.float()).sum(-1).contiguous()  # Delta_i = g_i . out_i
     scale, neg_inv_tau = _scales(tau)
     flags = dict(SELF=q is None, FAST_LOG=fast_log(), POLY_LOGS=poly_logs())
     qm, qn, qd = QUERY_TILES
     BM, BN, BD = blocks(N, qm), blocks(M, qn), blocks(D, qd)
+    f32 = dict(device=p.device, dtype=torch.float32)
     grid = flat_grid(triton.cdiv(N, BM), 1, B)
     if not stats_saved(lse):
-        lse = torch.empty(B, N, device=p.device, dtype=torch.float32)
+        lse = torch.empty(B, N, **f32)
         jsd_attention_lse_kernel[grid](pT, qT, rp, rq, w, lse, N, M, C, scale, **flags, BM=BM, BN=BN,
                                        num_warps=NUM_WARPS)
     else:
         lse = lse.to(torch.float32).contiguous()
-    acc_p = torch.zeros(B, C, N, device=p.device, dtype=torch.float32)
-    acc_q = torch.zeros(B, C, M, device=p.device, dtype=torch.float32)
-    gv = torch.zeros(B, M, D, device=p.device, dtype=torch.float32)
-    args = (pT, qT, rp, rq, w, lpT, lqT, lse, delta, g32, v32)
-    jsd_attention_grad_query_kernel[grid](*args, acc_p, N, M, C, D, scale, neg_inv_tau, **flags,
-                                          BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
+    # Delta_i and 1 / sum_j w_ij, written by the query pass, read by the key pass
+    delta, rnorm = torch.empty(B, N, **f32), torch.empty(B, N, **f32)
+    acc_p, acc_y = torch.zeros(B, C, N, **f32), torch.zeros(B, C, N, **f32)
+    jsd_attention_grad_query_kernel[grid](pT, qT, rp, rq, w, lpT, lse, delta, rnorm, g32, v32, acc_p, acc_y, N, M, C,
+                                          D, scale, neg_inv_tau, **flags, BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
+    del acc_y
+    acc_q = torch.zeros(B, C, M, **f32)
+    gv = torch.zeros(B, M, D, **f32)
     km, kn, kd = KEY_TILES
     BM, BN, BD = blocks(N, km), blocks(M, kn), blocks(D, kd)
-    jsd_attention_grad_key_kernel[flat_grid(triton.cdiv(M, BN), 1, B)](*args, acc_q, gv, N, M, C, D, scale,
-                                                                       neg_inv_tau, **flags, BM=BM, BN=BN, BD=BD,
+    jsd_attention_grad_key_kernel[flat_grid(triton.cdiv(M, BN), 1, B)](pT, qT, rp, rq, w, lkT, lse, delta, rnorm, g32,
+                                                                       v32, acc_q, gv, N, M, C, D, scale, neg_inv_tau,
+                                                                       **flags, BM=BM, BN=BN, BD=BD,
                                                                        num_warps=ATTN_WARPS)
     gp, gk = _finish(acc_p, p), _finish(acc_q, keys)
     if q is None:
@@ -294,9 +351,11 @@ def offline_cases() -> dict:
     cdam_fast.kernels.offline_compile.inspect_kernel (tests/test_autograd_compile.py)."""
     f32, i32 = "*fp32", "i32"
     tiles = {"FAST_LOG": True, "BM": 64, "BN": 64}
-    attn = {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "wc": f32, "lpT": f32, "lqT": f32, "lse": f32, "delta": f32,
-            "g": f32, "v": f32, "acc": f32}
-    sizes = {"N": i32, "M": i32, "C": i32, "D": i32, "neg_log2e_over_tau": "fp32", "neg_inv_tau": "fp32"}
+    common = {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "wc": f32}
+    tail = {"N": i32, "M": i32, "C": i32, "D": i32, "neg_log2e_over_tau": "fp32"}
+    rows = {"lse": f32, "delta": f32, "rnorm": f32, "g": f32, "v": f32, "acc": f32}
+    query_sig = {**common, "lpT": f32, **rows, "acc_y": f32, **tail, "neg_inv_tau": "fp32"}
+    key_sig = {**common, "lqT": f32, **rows, "gv_out": f32, **tail, "neg_inv_tau": "fp32"}
     cases = {}
     for side in (True, False):
         cases[f"pairwise_jsd_grad[{'query' if side else 'key'}]"] = (
@@ -309,9 +368,8 @@ def offline_cases() -> dict:
             jsd_attention_lse_kernel,
             {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "wc": f32, "lse": f32, "N": i32, "M": i32, "C": i32,
              "neg_log2e_over_tau": "fp32"}, {"SELF": self_, "POLY_LOGS": 0, **tiles}, NUM_WARPS)
-        for name, kernel, sig, t in (("query", jsd_attention_grad_query_kernel, {**attn, **sizes}, QUERY_TILES),
-                                     ("key", jsd_attention_grad_key_kernel, {**attn, "gv_out": f32, **sizes},
-                                      KEY_TILES)):
+        for name, kernel, sig, t in (("query", jsd_attention_grad_query_kernel, query_sig, QUERY_TILES),
+                                     ("key", jsd_attention_grad_key_kernel, key_sig, KEY_TILES)):
             cases[f"jsd_attention_grad_{name}[{tag}]"] = (
                 kernel, sig, {"SELF": self_, "FAST_LOG": True, "POLY_LOGS": 0, **dict(zip(("BM", "BN", "BD"), t))},
                 ATTN_WARPS)

@@ -181,9 +181,10 @@ def _(grad, sim, v, scales, tau, alpha, mode, memory_budget, backend):
 @torch.library.custom_op("cdam_fast::jsd_attention_backward", mutates_args=())
 def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tensor], out: Tensor, tau: float,
                            backend: str, lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """out: the forward's output (the fused kernels take D_i = grad_i . out_i from it); lse: the
-    training forward's row log-sum-exp [B, N] (base 2; opspec.STATS_NOT_SAVED where that forward
-    did not compute it), which spares the Triton backward a pass; None (the public op): recomputed."""
+    """out: the forward's output (no fused kernel reads it: rounded to v's dtype it is too coarse
+    for Delta_i = grad_i . out_i, which they sum from their own weights; docs/autograd.md, section 5);
+    lse: the training forward's row log-sum-exp [B, N] (base 2; opspec.STATS_NOT_SAVED where that
+    forward did not compute it), which spares the Triton backward a pass; None (the public op): recomputed."""
     check_differentiable_distribution("p", p)
     if q is not None:
         check_differentiable_distribution("q", q)
