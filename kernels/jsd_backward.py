@@ -301,12 +301,12 @@ def pairwise_jsd_backward(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor |
 
 
 def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, tau: float,
-                           out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+                           lse: torch.Tensor | None = None):
     """Two passes over the key tiles (query side, key side) when lse holds the training
     forward's row log-sum-exp [B, N] (base 2); three when it is None or was not saved
     (cdam_fast.opspec.STATS_NOT_SAVED), the first computing it (jsd_attention_lse_kernel).
-    out (the forward's output) is not read: the query pass sums Delta_i from its own weights
-    (see jsd_attention_grad_query_kernel for why g . out is not accurate enough)."""
+    The forward's output is not needed: the query pass sums Delta_i from its own weights (see
+    jsd_attention_grad_query_kernel for why g . out is not accurate enough)."""
     B, N, C = p.shape
     keys = p if q is None else q
     M, D = v.shape[1], v.shape[2]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from conftest import random_distributions, random_values
-from cdam_fast import reference as ref
 
 OPS = ("jsd_attention", "pairwise_jsd", "cdam_attention")
 # tests/test_autograd.py's GRAD_TOL: errors are reported as multiples of it
@@ -61,10 +60,7 @@ def grads(op: str, backend: str, case: dict, dtype: torch.dtype | None = None, d
         gp, gq = ops.pairwise_jsd_backward(g, p, q, backend)
         return {"p": gp, "q": gq if q is not None else None}
     if op == "jsd_attention":
-        # the forward's output as the forward returns it, the exact one rounded to v's dtype
-        exact = ref.jsd_attention(case["p"].double(), case["v"].double(), case["tau"],
-                                  None if case["q"] is None else case["q"].double())
-        gp, gv, gq = ops.jsd_attention_backward(g, p, v, q, exact.to(v.dtype).to(device), case["tau"], backend)
+        gp, gv, gq = ops.jsd_attention_backward(g, p, v, q, case["tau"], backend)
         return {"p": gp, "v": gv, "q": gq if q is not None else None}
     gp, gv = ops.cdam_attention_backward(g, p, v, case["alpha"], "recompute", 1 << 30, backend)
     return {"p": gp, "v": gv}

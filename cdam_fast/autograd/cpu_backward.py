@@ -86,8 +86,8 @@ def _attention(kind, param, grad, p, v, q):
     return _finish(T, p), gv, gk
 
 
-def jsd_attention_backward(grad, p, v, q, tau, out=None, lse=None):
-    """out and lse are not needed: a CPU row of weights fits in cache, so the softmax and
+def jsd_attention_backward(grad, p, v, q, tau, lse=None):
+    """lse is not needed: a CPU row of weights fits in cache, so the softmax and
     Delta_i are summed exactly per row."""
     return _attention(0, tau, grad, p, v, q)
 

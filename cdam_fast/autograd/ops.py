@@ -179,11 +179,11 @@ def _(grad, sim, v, scales, tau, alpha, mode, memory_budget, backend):
 
 
 @torch.library.custom_op("cdam_fast::jsd_attention_backward", mutates_args=())
-def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tensor], out: Tensor, tau: float,
-                           backend: str, lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """out: the forward's output (no fused kernel reads it: rounded to v's dtype it is too coarse
-    for Delta_i = grad_i . out_i, which they sum from their own weights; docs/autograd.md, section 5);
-    lse: the training forward's row log-sum-exp [B, N] (base 2; opspec.STATS_NOT_SAVED where that
+def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tensor], tau: float, backend: str,
+                           lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward's output is not an input (unlike FlashAttention): rounded to v's dtype it is too
+    coarse for Delta_i = grad_i . out_i, which the kernels sum from their own weights
+    (docs/autograd.md, section 5). lse: the training forward's row log-sum-exp [B, N] (base 2; opspec.STATS_NOT_SAVED where that
     forward did not compute it), which spares the Triton backward a pass; None (the public op): recomputed."""
     check_differentiable_distribution("p", p)
     if q is not None:
@@ -192,10 +192,10 @@ def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tenso
         return _zeros(p), _zeros(v), _none_as_empty(None if q is None else _zeros(q), p)
     fn = _impl("jsd_attention", backend, p, v, tau, q)
     gp, gv, gq = fn(grad.contiguous(), p.contiguous(), v.contiguous(), None if q is None else q.contiguous(), tau,
-                    out=out.contiguous(), lse=lse)
+                    lse=lse)
     return _like(gp, p), _like(gv, v), _none_as_empty(None if gq is None else _like(gq, q), p)
 
 
 @jsd_attention_backward.register_fake
-def _(grad, p, v, q, out, tau, backend, lse=None):
+def _(grad, p, v, q, tau, backend, lse=None):
     return _fake(p), _fake(v), p.new_empty(0) if q is None else _fake(q)

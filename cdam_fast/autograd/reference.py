@@ -166,10 +166,10 @@ def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, st
     return scaled_vjp(lambda g: jsd_vjp(p, None, g)[0], divergence_grad(j, ga, alpha), j.dtype), gv
 
 
-def jsd_attention_backward(grad, p, v, q, tau, out=None, lse=None):
+def jsd_attention_backward(grad, p, v, q, tau, lse=None):
     """FlashAttention's backward with the divergence as the score: w = softmax(-J / tau),
-    dS_ij = w_ij (g_i . v_j - sum_k w_ik g_i . v_k), dJ = -dS / tau (the forward output `out`
-    and row log-sum-exp `lse` are not needed: the full rows of w are at hand)."""
+    dS_ij = w_ij (g_i . v_j - sum_k w_ik g_i . v_k), dJ = -dS / tau (the forward's row
+    log-sum-exp `lse` is not needed: the full rows of w are at hand)."""
     dt = compute_dtype(p, q, v, grad)
     j = ref.pairwise_jsd(p.to(dt), None if q is None else q.to(dt))
     w = torch.softmax(-j / tau, dim=-1)

@@ -93,13 +93,13 @@ def _bwd_ms_attention(ctx, grad):
 def _setup_jsd_attention(ctx, inputs, output):
     p, v, tau, q, backend, _ = inputs
     out, lse = _split(ctx, output)
-    ctx.save_for_backward(p, v, q, out, lse)
+    ctx.save_for_backward(p, v, q, lse)  # not out: the backward sums Delta_i from its own weights
     ctx.tau, ctx.backend = tau, backend
 
 
 def _bwd_jsd_attention(ctx, grad, *_grad_lse):
-    p, v, q, out, lse = ctx.saved_tensors
-    gp, gv, gq = _ops.jsd_attention_backward(grad, p, v, q, out, ctx.tau, ctx.backend, lse)
+    p, v, q, lse = ctx.saved_tensors
+    gp, gv, gq = _ops.jsd_attention_backward(grad, p, v, q, ctx.tau, ctx.backend, lse)
     return gp, gv, None, (None if q is None else gq), None, None
 
 
