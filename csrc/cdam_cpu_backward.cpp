@@ -311,6 +311,17 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
   return {T, U, gv};
 }
 
+// The kernels' log2 (log2v) on a float32 tensor, for the tests (tests/test_cpu_log2.py).
+at::Tensor log2_values(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 1, "log2_values: x must be a 1-D float32 tensor");
+  const at::Tensor xc = at::constant_pad_nd(x.contiguous(), {0, (kLanes - x.numel() % kLanes) % kLanes}, 1.0);
+  at::Tensor out = at::empty_like(xc);
+  const float* src = xc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t k = 0; k < xc.numel(); k += kLanes) log2v(Vec::loadu(src + k)).store(dst + k);
+  return out.narrow(0, 0, x.numel());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -322,4 +333,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "backward of softmax(-J / tau) @ v (kind 0) or cdam_map(p, alpha) @ v (kind 1)", py::arg("p"), py::arg("lp"),
         py::arg("rp"), py::arg("kT"), py::arg("lkT"), py::arg("rk"), py::arg("w"), py::arg("v"), py::arg("g"), py::arg("kind"),
         py::arg("param"), py::arg("self"), nogil);
+  m.def("log2_values", &log2_values, "the backward's log2 of max(x, kTinyMass), elementwise (for tests)", py::arg("x"));
 }
