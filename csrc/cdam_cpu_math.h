@@ -37,11 +37,12 @@ inline VecF log2_nonneg(const VecF& xv) {
       _mm256_setr_ps(0.0f, 0.16992498934268951f, 0.32192808389663696f, 0.45943158864974976f, 0.5849624872207642f,
                      0.7004396915435791f, 0.8073548674583435f, 0.9068905115127563f),
       index);
-  const __m256i exponent_bits = _mm256_and_si256(rounded, _mm256_set1_epi32(0x7f800000));
-  const __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(rounded, 23), _mm256_set1_epi32(127)));
-  // m = x / 2^e: the exponent field replaced by 127 (bits - exponent_bits + 127 << 23)
-  const __m256 m = _mm256_castsi256_ps(
-      _mm256_add_epi32(_mm256_sub_epi32(bits, exponent_bits), _mm256_set1_epi32(0x3f800000)));
+  // e << 23 = the exponent field of `rounded` less 127 << 23 (0x3f800000 has no mantissa bits,
+  // so the subtraction leaves them alone and the mask drops them); m = x / 2^e = bits - (e << 23)
+  const __m256i e_shifted =
+      _mm256_and_si256(_mm256_sub_epi32(rounded, _mm256_set1_epi32(0x3f800000)), _mm256_set1_epi32(int(0xff800000u)));
+  const __m256 e = _mm256_cvtepi32_ps(_mm256_srai_epi32(e_shifted, 23));
+  const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, e_shifted));
   const __m256 r = _mm256_fmsub_ps(m, inv_centre, _mm256_set1_ps(1.f));
   __m256 p = _mm256_set1_ps(-0.35750243067741394f);
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.4820980131626129f));
