@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cdam_common.h"
+#include "cdam_cpu_math.h"
 
 namespace {
 
@@ -65,65 +66,9 @@ float min_lanes(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, v);
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
-// log2 for non-negative finite floats in AVX2 registers, inlined (ATen's Vec::log2 is an
-// out-of-line Sleef call with 1-ulp double-float arithmetic, several times slower).
-// x = 2^e m, m in [1, 2). The top three mantissa bits pick one of eight intervals with centre
-// c_k; two in-register table lookups (vpermps) give g_k = float(1 / c_k) and log2(1 / g_k), so
-// log2(m) = log2(1 + r) - log2(g_k) with r = m g_k - 1 (one FMA, |r| < 0.059) and
-// log2(1 + r) = r P(r), P of degree 3 fitted to the relative minimax of log2(1 + r) / r.
-// Max error 8.2e-8 absolute over all mantissas, with 6 FMAs where the former table-free degree-7
-// form needed 10 (and erred by 1.3e-7); see benchmarks/RESULTS.md. x = 0 (all bits 0) comes out
-// as -127 and denormals as finite garbage of that size; both are only ever multiplied by x
-// itself, giving 0 (0 log 0 = 0) or |x log x| < 1e-35.
-inline Vec log2_nonneg(const Vec& xv) {
-  const __m256i bits = _mm256_castps_si256(static_cast<__m256>(xv));
-  // vpermps reads the low three bits of each index: bits >> 20 leaves the top mantissa bits there.
-  const __m256i index = _mm256_srli_epi32(bits, 20);
-  const __m256 inv_centre = _mm256_permutevar8x32_ps(
-      _mm256_setr_ps(0.9411764740943909f, 0.8421052694320679f, 0.761904776096344f, 0.695652186870575f,
-                     0.6399999856948853f, 0.5925925970077515f, 0.5517241358757019f, 0.5161290168762207f),
-      index);
-  const __m256 log_centre = _mm256_permutevar8x32_ps(
-      _mm256_setr_ps(0.08746283501386642f, 0.2479275017976761f, 0.39231738448143005f, 0.523561954498291f,
-                     0.6438562273979187f, 0.7548874616622925f, 0.8579810261726379f, 0.9541963338851929f),
-      index);
-  const __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127)));
-  const __m256 m = _mm256_castsi256_ps(
-      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
-  const __m256 r = _mm256_fmsub_ps(m, inv_centre, _mm256_set1_ps(1.f));
-  __m256 p = _mm256_set1_ps(-0.3619288206100464f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.48190128803253174f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(-0.7213460803031921f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.4426946640014648f));
-  return Vec(_mm256_fmadd_ps(p, r, _mm256_add_ps(e, log_centre)));
-}
-
-// exp(y) for y <= 0, inlined (Sleef's expf is out of line). y is clamped at -86, where exp is
-// 4e-38: callers only add such values to sums of order one or to offsets of that size.
-// y = n ln2 + f, |f| <= ln2 / 2, exp(f) by a degree-6 polynomial (relative minimax fit), 2^n
-// added to the exponent bits: max relative error 1.1e-7 on [-86, 0].
-inline Vec exp_nonpos(const Vec& yv) {
-  // max(-86, y) with y second: MAXPS returns its second operand when one is NaN, so NaN stays NaN
-  const __m256 y = _mm256_max_ps(_mm256_set1_ps(-86.f), static_cast<__m256>(yv));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(1.4426950408889634f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), y);  // ln2 in two parts: n ln2_hi is exact
-  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
-  __m256 p = _mm256_set1_ps(0.0013836828293278813f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.008374814875423908f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.04166822507977486f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.16666419804096222f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.49999991059303284f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-  return Vec(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale)));
-}
-#else
-inline Vec log2_nonneg(const Vec& x) { return at::vec::maximum(x, Vec(cdam::kTinyMass)).log2(); }
-inline Vec exp_nonpos(const Vec& y) { return at::vec::maximum(y, Vec(-86.f)).exp(); }
-#endif
+// Inlined AVX2 log2 and exp (csrc/cdam_cpu_math.h, shared with the backward).
+using cdam::exp_nonpos;
+using cdam::log2_nonneg;
 
 // s log2 s with 0 log 0 = 0.
 inline Vec xlog2x(const Vec& s) { return s * log2_nonneg(s); }

@@ -21,26 +21,28 @@
 #include <vector>
 
 #include "cdam_common.h"
-
-#if defined(CPU_CAPABILITY_AVX2)
-#include <sleef.h>  // shipped with torch; libtorch_cpu exports the SLEEF entry points
-#endif
+#include "cdam_cpu_math.h"
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+using VecD = at::vec::Vectorized<double>;
 constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kLanesD = VecD::size();
 // Largest [rows, Mp] float chunk of weights and of g v^T per step: 8 MiB each.
 constexpr int64_t kChunkFloats = int64_t(1) << 21;
 using cdam::kClassBlock;  // J is accumulated in the forward's blocked order
 
-// log2 of max(s, kTinyMass): SLEEF's 3.5-ulp AVX2 log2 where available (about twice the speed
-// of the 1-ulp one behind Vec::log2, and far below what the fp32 sums resolve), else Vec::log2.
+// log2 of max(s, kTinyMass) with the forward's inlined log2 (csrc/cdam_cpu_math.h): the same
+// logarithm of every s w as the forward, exact at powers of two, so with one class (s w = 1 and
+// lp = 0) every lp - log2(s w) is exactly 0 and so is the gradient.
+// (A plain max: at::vec::maximum's NaN propagation costs two more instructions per log, and the
+// inlined log2 maps NaN to a finite value anyway; a NaN input reaches J through s itself.)
 inline Vec log2v(const Vec& s) {
 #if defined(CPU_CAPABILITY_AVX2)
-  return Vec(Sleef_log2f8_u35avx2(at::vec::maximum(s, Vec(cdam::kTinyMass))));
+  return cdam::log2_nonneg(Vec(_mm256_max_ps(_mm256_set1_ps(cdam::kTinyMass), static_cast<__m256>(s))));
 #else
-  return at::vec::maximum(s, Vec(cdam::kTinyMass)).log2();
+  return cdam::log2_nonneg(at::vec::maximum(s, Vec(cdam::kTinyMass)));
 #endif
 }
 float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
@@ -123,19 +125,42 @@ RowStats row_stats(const float* jr, int64_t M) {
 float neg_inv_tau(double tau) { return float(std::max(-1.0 / tau, -double(cdam::kFloat32Max))); }
 
 void forward_row(int kind, double param, const float* jr, float* wr, int64_t M) {
-  if (kind == 0) {
+  if (kind == 0) {  // vectorised with the forward's inlined exp (the scalar std::exp cost ~5 % here)
     const float scale = neg_inv_tau(param);
-    float lo = std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < M; ++j) lo = std::min(lo, jr[j]);
-    float sum = 0.f;
-    for (int64_t j = 0; j < M; ++j) sum += (wr[j] = std::exp((jr[j] - lo) * scale));
+    const int64_t Mv = M - M % kLanes;
+    Vec vlo(std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < Mv; j += kLanes) vlo = at::vec::minimum(vlo, Vec::loadu(jr + j));
+    float lo = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, vlo);
+    for (int64_t j = Mv; j < M; ++j) lo = std::min(lo, jr[j]);
+    Vec vsum(0.f);
+    for (int64_t j = 0; j < Mv; j += kLanes) {
+      const Vec e = cdam::exp_nonpos((Vec::loadu(jr + j) - Vec(lo)) * Vec(scale));
+      e.store(wr + j);
+      vsum = vsum + e;
+    }
+    float sum = sum_lanes(vsum);
+    for (int64_t j = Mv; j < M; ++j) sum += (wr[j] = std::exp((jr[j] - lo) * scale));
     const float inv = 1.f / sum;
-    for (int64_t j = 0; j < M; ++j) wr[j] *= inv;
+    for (int64_t j = 0; j < Mv; j += kLanes) (Vec::loadu(wr + j) * Vec(inv)).store(wr + j);
+    for (int64_t j = Mv; j < M; ++j) wr[j] *= inv;
     return;
   }
   const RowStats st = row_stats(jr, M);
   const double alpha = param, denom = std::expm1(-alpha), inv = st.flat ? 0.0 : 1.0 / st.span;
-  for (int64_t j = 0; j < M; ++j) {
+  // the same double formula in Vectorized<double> (Sleef's 1-ulp exp / expm1, 4 lanes; the
+  // scalar libm calls cost ~10 % of this backward)
+  const VecD vlo(st.lo), vhi(st.hi), vinv(inv), vneg_alpha(-alpha), vdenom(denom), zero(0.0);
+  int64_t j = 0;
+  for (; j + kLanesD <= M; j += kLanesD) {
+    double buf[kLanesD];
+    for (int64_t k = 0; k < kLanesD; ++k) buf[k] = jr[j + k];
+    const VecD jd = VecD::loadu(buf);
+    const VecD t = at::vec::maximum(zero, (jd - vlo) * vinv);
+    const VecD x = st.flat ? VecD(1.0) : (vhi - jd) * vinv;
+    at::vec::maximum(zero, (vneg_alpha * t).exp() * (vneg_alpha * x).expm1() / vdenom).store(buf);
+    for (int64_t k = 0; k < kLanesD; ++k) wr[j + k] = float(buf[k]);
+  }
+  for (; j < M; ++j) {
     const double t = std::max(0.0, double(jr[j] - st.lo) * inv);
     const double x = st.flat ? 1.0 : double(st.hi - jr[j]) * inv;
     wr[j] = float(std::max(0.0, std::exp(-alpha * t) * std::expm1(-alpha * x) / denom));
@@ -184,6 +209,54 @@ void gradient_row(int kind, double param, const float* jr, float* wr, const floa
   }
 }
 
+// Pass 1 of one row (prow: its C probabilities): logs[c, j] = log2(s_jc w_c) for every (padded)
+// key j and J's class sum jrow[j] = sum_c s log2(s w), blocked as the forward (kClassBlock
+// classes into fresh partial sums `part`, then into the total). Class-major: every stream (keys,
+// logs, the row's sums) is read or written in order; two vectors per step for independent logs.
+void row_logs(const float* prow, const float* __restrict kb, const float* __restrict wb, int64_t C, int64_t Mp,
+              float* __restrict logs, float* __restrict jrow, float* __restrict part) {
+  std::fill(jrow, jrow + Mp, 0.f);
+  for (int64_t c0 = 0; c0 < C; c0 += kClassBlock) {
+    std::fill(part, part + Mp, 0.f);
+    for (int64_t c = c0; c < std::min<int64_t>(C, c0 + kClassBlock); ++c) {
+      const Vec pc(prow[c]), wc(wb[c]);
+      const float* __restrict kc = kb + c * Mp;
+      float* __restrict lc = logs + c * Mp;
+      for (int64_t j = 0; j < Mp; j += 2 * kLanes) {
+        const Vec s0 = pc + Vec::loadu(kc + j), s1 = pc + Vec::loadu(kc + j + kLanes);
+        const Vec l0 = log2v(s0 * wc), l1 = log2v(s1 * wc);
+        l0.store(lc + j);
+        l1.store(lc + j + kLanes);
+        at::vec::fmadd(s0, l0, Vec::loadu(part + j)).store(part + j);
+        at::vec::fmadd(s1, l1, Vec::loadu(part + j + kLanes)).store(part + j + kLanes);
+      }
+    }
+    for (int64_t j = 0; j < Mp; j += kLanes) (Vec::loadu(jrow + j) + Vec::loadu(part + j)).store(jrow + j);
+  }
+}
+
+// Pass 2 of one row, given its score gradients grow [Mp] (zero on padded keys) and the logs of
+// pass 1: trow[c] = sum_j G_j (lp_c - logs[c, j]) and ut[c, j] += G_j (lk_cj - logs[c, j]).
+void row_class_sums(const float* __restrict grow, const float* __restrict logs, const float* __restrict lprow,
+                    const float* __restrict lkb, int64_t C, int64_t Mp, float* __restrict trow, float* __restrict ut) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float* __restrict lc = logs + c * Mp;
+    const float* __restrict lkc = lkb + c * Mp;
+    float* __restrict uc = ut + c * Mp;
+    const Vec lpc(lprow[c]);
+    Vec t0(0.f), t1(0.f);
+    for (int64_t j = 0; j < Mp; j += 2 * kLanes) {
+      const Vec g0 = Vec::loadu(grow + j), g1 = Vec::loadu(grow + j + kLanes);
+      const Vec l0 = Vec::loadu(lc + j), l1 = Vec::loadu(lc + j + kLanes);
+      t0 = at::vec::fmadd(g0, lpc - l0, t0);
+      t1 = at::vec::fmadd(g1, lpc - l1, t1);
+      at::vec::fmadd(g0, Vec::loadu(lkc + j) - l0, Vec::loadu(uc + j)).store(uc + j);
+      at::vec::fmadd(g1, Vec::loadu(lkc + j + kLanes) - l1, Vec::loadu(uc + j + kLanes)).store(uc + j + kLanes);
+    }
+    trow[c] = sum_lanes(t0 + t1);
+  }
+}
+
 // The attention backward (kind as above, param = tau or alpha) in bounded row chunks; returns
 // T [B, N, C], U [B, C, Mp], gv [B, M, D] (float32). Each row's C x Mp logarithms are taken once
 // into a per-thread buffer (C Mp floats, cache-resident at paper sizes) that serves both its J
@@ -193,6 +266,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
                                            const at::Tensor& cw, const at::Tensor& v, const at::Tensor& g, int64_t kind,
                                            double param, bool self) {
   const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2), M = v.size(1);
+  TORCH_CHECK(Mp % (2 * kLanes) == 0, "attention_backward: keys must be padded to a multiple of ", 2 * kLanes);
   at::Tensor T = at::zeros({B, N, C}, p.options());
   at::Tensor U = at::zeros({B, C, Mp}, p.options());
   at::Tensor gv = at::zeros({B, M, v.size(2)}, p.options());
@@ -220,26 +294,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
         std::vector<float> logs(C * Mp), jrow(Mp), part(Mp), grow(Mp);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = i0 + r;
-          const float* prow = pb + i * C;
-          // class-major sweep: every stream (keys, logs, the row's sums) is read or written in order
-          // blocked as the forward: kClassBlock classes into fresh partial sums, then into the totals
-          std::fill(jrow.begin(), jrow.end(), 0.f);
-          for (int64_t c0 = 0; c0 < C; c0 += kClassBlock) {
-            std::fill(part.begin(), part.end(), 0.f);
-            for (int64_t c = c0; c < std::min<int64_t>(C, c0 + kClassBlock); ++c) {
-              const Vec pc(prow[c]), wc(wb[c]);
-              const float* kc = kb + c * Mp;
-              float* lc = logs.data() + c * Mp;
-              for (int64_t j = 0; j < Mp; j += kLanes) {
-                const Vec s = pc + Vec::loadu(kc + j);
-                const Vec lg = log2v(s * wc);
-                lg.store(lc + j);
-                at::vec::fmadd(s, lg, Vec::loadu(part.data() + j)).store(part.data() + j);
-              }
-            }
-            for (int64_t j = 0; j < Mp; j += kLanes)
-              (Vec::loadu(jrow.data() + j) + Vec::loadu(part.data() + j)).store(jrow.data() + j);
-          }
+          row_logs(pb + i * C, kb, wb, C, Mp, logs.data(), jrow.data(), part.data());
           const Vec ri(rp.data_ptr<float>()[b * N + i]);
           for (int64_t j = 0; j < Mp; j += kLanes) {
             const Vec jv = (ri + Vec::loadu(rkb + j) - Vec::loadu(jrow.data() + j)) * Vec(cdam::kHalfLn2);
@@ -253,20 +308,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
           if (kind == 1)  // J = 0 (the diagonal, identical rows) passes no gradient (reference.py: divergence_grad)
             for (int64_t j = 0; j < M; ++j) grow[j] = jrow[j] == 0.f ? 0.f : grow[j];
           std::fill(grow.begin() + M, grow.end(), 0.f);  // padded keys: no gradient
-          const float* lprow = lpb + i * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const float* lc = logs.data() + c * Mp;
-            const float* lkc = lkb + c * Mp;
-            float* uc = ut + c * Mp;
-            Vec tacc(0.f);
-            const Vec lpc(lprow[c]);
-            for (int64_t j = 0; j < Mp; j += kLanes) {
-              const Vec gj = Vec::loadu(grow.data() + j), lg = Vec::loadu(lc + j);
-              tacc = at::vec::fmadd(gj, lpc - lg, tacc);
-              at::vec::fmadd(gj, Vec::loadu(lkc + j) - lg, Vec::loadu(uc + j)).store(uc + j);
-            }
-            Tb[i * C + c] = sum_lanes(tacc);
-          }
+          row_class_sums(grow.data(), logs.data(), lpb + i * C, lkb, C, Mp, Tb + i * C, ut);
         }
       });
       gv[b].addmm_(W.narrow(0, 0, nr).narrow(1, 0, M).t(), g_rows);
@@ -280,6 +322,17 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
   return {T, U, gv};
 }
 
+// The kernels' log2 (log2v) on a float32 tensor, for the tests (tests/test_cpu_log2.py).
+at::Tensor log2_values(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 1, "log2_values: x must be a 1-D float32 tensor");
+  const at::Tensor xc = at::constant_pad_nd(x.contiguous(), {0, (kLanes - x.numel() % kLanes) % kLanes}, 1.0);
+  at::Tensor out = at::empty_like(xc);
+  const float* src = xc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t k = 0; k < xc.numel(); k += kLanes) log2v(Vec::loadu(src + k)).store(dst + k);
+  return out.narrow(0, 0, x.numel());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -291,4 +344,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "backward of softmax(-J / tau) @ v (kind 0) or cdam_map(p, alpha) @ v (kind 1)", py::arg("p"), py::arg("lp"),
         py::arg("rp"), py::arg("kT"), py::arg("lkT"), py::arg("rk"), py::arg("w"), py::arg("v"), py::arg("g"), py::arg("kind"),
         py::arg("param"), py::arg("self"), nogil);
+  m.def("log2_values", &log2_values, "the backward's log2 of max(x, kTinyMass), elementwise (for tests)", py::arg("x"));
 }
