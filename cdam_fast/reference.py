@@ -28,7 +28,8 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
     """J[b, i, j] = H((p_i + q_j) / 2) - (H(p_i) + H(q_j)) / 2 in nats, clamped at 0.
 
-    With q None the divergence is of p against itself and the diagonal is exactly 0.
+    With q None the divergence is of p against itself and the diagonal is exactly 0, as is J
+    between any two identical rows.
     Evaluated in the centred form J = (KL(p_i || u) + KL(q_j || u)) / 2 - KL(m || u),
     m = (p_i + q_j) / 2, with u = class_reference(p, q) shared by the batch element: the same
     value as the entropy form, but for the flat distributions of CLIP (where H is close to
@@ -48,8 +49,11 @@ def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor
     rows = max(1, _CHUNK_ELEMENTS // max(1, M * C))
     for b in range(B):
         for i in range(0, N, rows):
-            m = 0.5 * (pp[b, i:i + rows, None, :] + qq[b, None, :, :])
+            pi, qj = pp[b, i:i + rows, None, :], qq[b, None, :, :]
+            m = 0.5 * (pi + qj)
             out[b, i:i + rows] = 0.5 * (kp[b, i:i + rows, None] + kq[b, None, :]) - torch.xlogy(m, m * inv_u[b]).sum(-1)
+            # identical rows: exactly 0 (the row terms and the pair sum round differently otherwise)
+            out[b, i:i + rows].masked_fill_((pi == qj).all(-1), 0.0)
     out.clamp_(min=0.0)
     if q is None:
         out.diagonal(dim1=-2, dim2=-1).zero_()

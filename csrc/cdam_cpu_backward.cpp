@@ -266,7 +266,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
                                            const at::Tensor& cw, const at::Tensor& v, const at::Tensor& g, int64_t kind,
                                            double param, bool self) {
   const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2), M = v.size(1);
-  TORCH_CHECK(Mp % (2 * kLanes) == 0, "attention_backward: keys must be padded to a multiple of ", 2 * kLanes);
+  TORCH_CHECK(Mp > 0 && Mp % (2 * kLanes) == 0, "attention_backward: keys must be padded to a positive multiple of ",
+              2 * kLanes);
   at::Tensor T = at::zeros({B, N, C}, p.options());
   at::Tensor U = at::zeros({B, C, Mp}, p.options());
   at::Tensor gv = at::zeros({B, M, v.size(2)}, p.options());

@@ -5,8 +5,10 @@ jsd_tile), and A by the forward's cdam_transform. The row statistics play the pa
 each recomputing J from p (O(N (C + D)) extra memory, nothing N x N); three when the training
 forward saved the statistics of pass 1 (kernels/cdam.row_stats with count_ties):
   1. per row: hi / lo (max / min of J) and how many keys attain them (ties share the gradient);
-  2. per row: s_hi = sum_j gX_ij t_ij, s_lo = sum_j gX_ij X_ij with gX = (g_i . v_j) dA/dX,
-     t = 1 - X = (J - lo) / span as the forward's transform takes it (kernels/common.cdam_transform);
+  2. per row: s_hi = sum_j gX_ij t_ij with gX = (g_i . v_j) dA/dX, t = 1 - X = (J - lo) / span
+     as the forward's transform takes it (kernels/common.cdam_transform); the share through the
+     row minimum is never needed (J = 0 there passes no gradient: see _grad_tile), so neither
+     is its sum or tie count;
   3. query side: G = dL/dJ per tile, class sums over keys (jsd_backward's accumulator);
   4. key side: the same G, class sums over queries, and gv_j = sum_i A_ij g_i.
 """
@@ -70,33 +72,29 @@ def _tile(pT, rp, wc, hi, lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D, FAS
 
 
 @triton.jit
-def cdam_grad_sums_kernel(pT, rp, wc, hi, lo, g, v, add_hi, add_lo, N, C, D, alpha_log2e, dadx_scale,
+def cdam_grad_sums_kernel(pT, rp, wc, hi, lo, g, v, add_hi, N, C, D, alpha_log2e, dadx_scale,
                           FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                           BD: tl.constexpr):
-    """add_hi_i = s_hi / span and add_lo_i = s_lo / span (before the tie split), with
-    s_hi = sum_j gX_ij t_ij, s_lo = sum_j gX_ij X_ij, gX = (g_i . v_j) dA/dX."""
+    """add_hi_i = s_hi / span (before the tie split), s_hi = sum_j gX_ij t_ij, gX = (g_i . v_j) dA/dX."""
     pid, _unused, b = tile_ids(tl.cdiv(N, BM), 1)
     offs_m = pid * BM + tl.arange(0, BM)
     mask_m = offs_m < N
     s_hi = tl.zeros((BM,), dtype=tl.float32)
-    s_lo = tl.zeros((BM,), dtype=tl.float32)
     inv = tl.zeros((BM,), dtype=tl.float32)
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < N
-        _, t, x, inv, gv = _tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, g + b * N * D,
+        _, t, _x, inv, gv = _tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, g + b * N * D,
                                  v + b * N * D, offs_m, offs_n, mask_m, mask_n, N, C, D, FAST_LOG, POLY_LOGS, BM, BN,
                                  BD)
         # dA/dX = -dA/dt = alpha exp(-alpha t) factor (small alpha: exp(-alpha t) factor)
         gx = tl.where(mask_n[None, :], gv * dadx_scale * tl.exp2(-alpha_log2e * t), 0.0)
         s_hi += tl.sum(gx * t, axis=1)
-        s_lo += tl.sum(gx * x, axis=1)
     tl.store(add_hi + b * N + offs_m, s_hi * inv, mask=mask_m)
-    tl.store(add_lo + b * N + offs_m, s_lo * inv, mask=mask_m)
 
 
 @triton.jit
-def _grad_tile(pT, rp, wc, hi, lo, nhi, nlo, add_hi, add_lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D,
+def _grad_tile(pT, rp, wc, hi, lo, nhi, add_hi, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D,
                alpha_log2e, dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
                POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """(A, G) on a tile, both zero outside the masks: A by the forward's cdam_transform,
@@ -110,7 +108,7 @@ def _grad_tile(pT, rp, wc, hi, lo, nhi, nlo, add_hi, add_lo, g, v, offs_m, offs_
     gx = gv * dadx_scale * tl.exp2(-alpha_log2e * t)
     # J = 0 (the diagonal, which jsd_tile sets to 0, and identical rows) passes no gradient
     # (autograd/reference.divergence_grad). With J >= 0 those are exactly the row-minimum
-    # positions, so the share through lo (add_lo, nlo) is never needed; constant rows get none.
+    # positions, so the share through lo is never needed; constant rows get none.
     G = -gx * inv[:, None] + tl.where(j == h[:, None], a_hi[:, None], 0.0)
     G = tl.where(valid & (inv[:, None] > 0.0) & (j != lw[:, None]), G, 0.0)
     A = tl.where(valid, cdam_transform(j, h, lw, alpha_log2e, exp_neg_alpha, factor, SMALL_ALPHA), 0.0)
@@ -118,7 +116,7 @@ def _grad_tile(pT, rp, wc, hi, lo, nhi, nlo, add_hi, add_lo, g, v, offs_m, offs_
 
 
 @triton.jit
-def cdam_grad_query_kernel(pT, rp, wc, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g, v, acc, N, C, D, alpha_log2e,
+def cdam_grad_query_kernel(pT, rp, wc, lpT, hi, lo, nhi, add_hi, g, v, acc, N, C, D, alpha_log2e,
                            dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
                            POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid, _unused, b = tile_ids(tl.cdiv(N, BM), 1)
@@ -127,8 +125,8 @@ def cdam_grad_query_kernel(pT, rp, wc, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g,
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < N
-        _, G = _grad_tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, nhi + b * N, nlo + b * N,
-                          add_hi + b * N, add_lo + b * N, g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n,
+        _, G = _grad_tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, nhi + b * N,
+                          add_hi + b * N, g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n,
                           N, C, D, alpha_log2e, dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA, FAST_LOG, POLY_LOGS,
                           BM, BN, BD)
         _accumulate_class_terms(pT + b * C * N, pT + b * C * N, wc + b * C, lpT + b * C * N, lpT + b * C * N, G,
@@ -136,7 +134,7 @@ def cdam_grad_query_kernel(pT, rp, wc, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g,
 
 
 @triton.jit
-def cdam_grad_key_kernel(pT, rp, wc, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g, v, acc, gv_out, N, C, D, alpha_log2e,
+def cdam_grad_key_kernel(pT, rp, wc, lpT, hi, lo, nhi, add_hi, g, v, acc, gv_out, N, C, D, alpha_log2e,
                          dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
                          POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid, _unused, b = tile_ids(tl.cdiv(N, BN), 1)
@@ -145,8 +143,8 @@ def cdam_grad_key_kernel(pT, rp, wc, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g, v
     for m0 in range(0, N, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < N
-        A, G = _grad_tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, nhi + b * N, nlo + b * N,
-                          add_hi + b * N, add_lo + b * N, g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n,
+        A, G = _grad_tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, nhi + b * N,
+                          add_hi + b * N, g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n,
                           N, C, D, alpha_log2e, dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA, FAST_LOG, POLY_LOGS,
                           BM, BN, BD)
         aT = tl.trans(A)
@@ -202,16 +200,16 @@ def cdam_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor
     f32 = dict(device=p.device, dtype=torch.float32)
     logs = dict(FAST_LOG=fast_log(), POLY_LOGS=poly_logs())
     extremes = stats.to(torch.float32).contiguous() if stats_saved(stats) else _row_statistics(pT, rp, w, B, N, C)
-    hi, lo, nhi, nlo = extremes.unbind(0)
+    hi, lo, nhi, _ = extremes.unbind(0)  # (the tie count at lo is not needed)
     alpha_log2e, exp_neg_alpha, factor, small = constants.transform_factors(alpha)
     dadx_scale = transform_derivative_scale(alpha)
-    add_hi, add_lo = torch.empty(B, N, **f32), torch.empty(B, N, **f32)
+    add_hi = torch.empty(B, N, **f32)
     qm, qn, qd = QUERY_TILES
     BM, BN, BD = blocks(N, qm), blocks(N, qn), blocks(D, qd)
     grid = flat_grid(triton.cdiv(N, BM), 1, B)
-    cdam_grad_sums_kernel[grid](pT, rp, w, hi, lo, g32, v32, add_hi, add_lo, N, C, D, alpha_log2e, dadx_scale, **logs,
+    cdam_grad_sums_kernel[grid](pT, rp, w, hi, lo, g32, v32, add_hi, N, C, D, alpha_log2e, dadx_scale, **logs,
                                 BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
-    stats = (pT, rp, w, lpT, hi, lo, nhi, nlo, add_hi, add_lo, g32, v32)
+    stats = (pT, rp, w, lpT, hi, lo, nhi, add_hi, g32, v32)
     scalars = (alpha_log2e, dadx_scale, exp_neg_alpha, factor)
     acc_q = torch.zeros(B, C, N, **f32)
     cdam_grad_query_kernel[grid](*stats, acc_q, N, C, D, *scalars, SMALL_ALPHA=small, **logs, BM=BM, BN=BN, BD=BD,
@@ -228,8 +226,8 @@ def cdam_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor
 def offline_cases() -> dict:
     """name -> (kernel, signature, constexprs, num_warps) at the GPU tile sizes (see jsd_backward)."""
     f32, i32, s = "*fp32", "i32", "fp32"
-    stats = {"pT": f32, "rp": f32, "wc": f32, "lpT": f32, "hi": f32, "lo": f32, "nhi": f32, "nlo": f32, "add_hi": f32,
-             "add_lo": f32, "g": f32, "v": f32, "acc": f32}
+    stats = {"pT": f32, "rp": f32, "wc": f32, "lpT": f32, "hi": f32, "lo": f32, "nhi": f32, "add_hi": f32, "g": f32,
+             "v": f32, "acc": f32}
     scal = {"N": i32, "C": i32, "D": i32, "alpha_log2e": s, "dadx_scale": s, "exp_neg_alpha": s, "factor": s}
     q = dict(zip(("BM", "BN", "BD"), QUERY_TILES))
     k = dict(zip(("BM", "BN", "BD"), KEY_TILES))
@@ -238,7 +236,7 @@ def offline_cases() -> dict:
                                                    "nhi_out": f32, "nlo_out": f32, "N": i32, "C": i32},
                            {"FAST_LOG": True, "POLY_LOGS": 0, "BM": 64, "BN": 64}, NUM_WARPS),
         "cdam_grad_sums": (cdam_grad_sums_kernel, {"pT": f32, "rp": f32, "wc": f32, "hi": f32, "lo": f32, "g": f32,
-                                                   "v": f32, "add_hi": f32, "add_lo": f32, "N": i32, "C": i32, "D": i32,
+                                                   "v": f32, "add_hi": f32, "N": i32, "C": i32, "D": i32,
                                                    "alpha_log2e": s, "dadx_scale": s},
                            {"FAST_LOG": True, "POLY_LOGS": 0, **q}, ATTN_WARPS),
     }

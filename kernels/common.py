@@ -222,6 +222,9 @@ def fast_log() -> bool:
     return not INTERPRETED and torch.version.hip is None
 
 
+MIN_TILE = 16  # the smallest tile edge blocks() returns (tl.dot needs 16)
+
+
 def blocks(n: int, big: int) -> int:
     """A power-of-two tile edge: `big` on GPU; in the interpreter, whose cost is per program and
     per op, CDAM_FAST_INTERPRET_BLOCK (default 32) so small test shapes still span several tiles,
@@ -230,4 +233,4 @@ def blocks(n: int, big: int) -> int:
     if INTERPRETED:
         setting = os.environ.get("CDAM_FAST_INTERPRET_BLOCK", "32")
         edge = big if setting == "production" else int(setting)
-    return max(16, min(edge, triton.next_power_of_2(max(n, 1))))
+    return max(MIN_TILE, min(edge, triton.next_power_of_2(max(n, 1))))

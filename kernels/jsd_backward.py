@@ -20,6 +20,7 @@ from ..centring import centring_weights, log_terms
 from ..opspec import stats_saved
 from .common import TINY, blocks, fast_log, flat_grid, jsd_tile, log2, poly_logs, tile_ids
 from .jsd import class_major, operands
+from .jsd_attention import logit_scale
 
 NUM_WARPS = 4  # the divergence-only kernels (pairwise gradient, LSE)
 # (BM, BN, BD) and warps of the attention gradient kernels on GPU: the largest tiles that compile
@@ -268,10 +269,9 @@ def _finish(acc: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def _scales(tau: float) -> tuple[float, float]:
-    """(-log2(e) / tau, -1 / tau) clamped to the float32 range, as the forward clamps its logit
-    scale (J <= ln 2 keeps every logit finite, and 0 * inf never meets the diagonal)."""
-    top = constants.FLOAT32_MAX
-    return max(-constants.LOG2E / tau, -top), max(-1.0 / tau, -top)
+    """(the forward's base-2 logit scale, -1 / tau clamped the same way): the saved LSE and the
+    recomputed logits must use one scale (J <= ln 2 keeps every logit finite)."""
+    return logit_scale(tau), max(-1.0 / tau, -constants.FLOAT32_MAX)
 
 
 def _class_grad(p, q, w, g, query_side):

@@ -11,8 +11,7 @@ import torch
 from conftest import random_distributions, random_values
 
 OPS = ("jsd_attention", "pairwise_jsd", "cdam_attention")
-# tests/test_autograd.py's GRAD_TOL: errors are reported as multiples of it
-GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2.5e-3, torch.bfloat16: 1.6e-2}
+from test_autograd import GRAD_TOL  # noqa: E402  (errors are reported as multiples of it)
 
 
 def draw(seed: int, op: str, dtype: torch.dtype) -> dict:

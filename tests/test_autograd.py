@@ -212,6 +212,18 @@ def test_edge_shapes(backend, gen, shape):
         assert (got[0] == 0).all()
 
 
+def test_jsd_attention_without_keys(backend, gen):
+    """q with zero rows (the forward's output is all zeros): zero gradients, no kernel runs (the
+    CPU backward once divided by the padded key count here)."""
+    name, dev = backend
+    p = random_distributions(gen, 2, 5, 3).to(dev).requires_grad_(True)
+    q = random_distributions(gen, 2, 0, 3).to(dev).requires_grad_(True)
+    v = random_values(gen, 2, 0, 4).to(dev).requires_grad_(True)
+    cf.jsd_attention(p, v, q=q, backend=name).sum().backward()
+    for t in (p, q, v):
+        assert t.grad.shape == t.shape and (t.grad == 0).all()
+
+
 # sim shape [..., C, h, w] and scales: one query token, one class (every divergence 0: zero
 # gradient for sim), two batch dims with non-integer scales, a scale whose grid is one patch.
 MULTISCALE_EDGES = {"N=1": ((1, 3, 1, 1), (1.0, 0.5)), "C=1": ((2, 1, 3, 4), (1.0, 0.6)),

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from cdam_fast.autograd import cpu_backward
-from cdam_fast.dispatch import unavailable_reason
+from conftest import usable_backend
 
 
 @pytest.fixture(scope="module")
 def mod():
-    # skipped only where no CPU kernels can be built at all; a failed backward build fails
-    if unavailable_reason("cpu", torch.device("cpu"), torch.float32) is not None:
-        pytest.skip("the CPU backend is unavailable here")
+    # skipped only where no compiler exists; a forward build that fails (the header is shared) fails
+    usable_backend("cpu")
     return cpu_backward.extension.module()
 
 

@@ -36,7 +36,7 @@ def not_supported_reasons(op: str, call) -> list[str]:
 
 
 def _lanes() -> int:
-    return 16  # a multiple of every at::vec float width (AVX2 8, AVX-512 16)
+    return 32  # keys are padded to a multiple of two vectors of every at::vec float width (AVX2 8, AVX-512 16)
 
 
 def _rows(p, w):

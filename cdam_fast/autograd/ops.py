@@ -188,7 +188,7 @@ def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tenso
     check_differentiable_distribution("p", p)
     if q is not None:
         check_differentiable_distribution("q", q)
-    if grad.numel() == 0 or p.shape[1] == 0:
+    if grad.numel() == 0 or p.shape[1] == 0 or v.shape[1] == 0:  # no queries, no keys or no value columns
         return _zeros(p), _zeros(v), _none_as_empty(None if q is None else _zeros(q), p)
     fn = _impl("jsd_attention", backend, p, v, tau, q)
     gp, gv, gq = fn(grad.contiguous(), p.contiguous(), v.contiguous(), None if q is None else q.contiguous(), tau,

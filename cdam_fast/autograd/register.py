@@ -1,8 +1,7 @@
 """register_autograd(): attach the backward ops (ops.py) to the forward custom ops.
 
-setup_context saves the differentiable inputs (and, for jsd_attention, the output, whose row
-dot products with the incoming gradient the fused backward needs) and, for the training
-variants, the forward's per-row statistics; nothing of size N x N is saved. Gradients for
+setup_context saves the differentiable inputs and, for the training variants, the forward's
+per-row statistics (never the output: docs/autograd.md, section 5); nothing of size N x N is saved. Gradients for
 non-tensor arguments (alpha, tau, scales, mode, backend, ...) are None.
 """
 from __future__ import annotations

@@ -11,9 +11,6 @@ from .reference import COMPOSITE_OPS, bind_composites
 cdam_map_backward, multiscale_cdam_map_backward, multiscale_cdam_attention_backward = bind_composites(
     triton_backend, pairwise_jsd_backward)
 
-# The backward kernels' smallest tile edge (kernels/common.blocks never goes below it).
-_MIN_TILE = 16
-
 
 def not_supported_reasons(op: str, call) -> list[str]:
     """Why the fused backward cannot take this forward call (a cdam_fast.opspec.Call): every
@@ -21,9 +18,9 @@ def not_supported_reasons(op: str, call) -> list[str]:
     kernels/common.flat_grid); the composite ops also recompute J with pairwise_jsd (one program
     per tile pair). Offsets are 64-bit."""
     B, N, M = call.batch, call.tokens(), call.keys()
-    programs = B * cdiv(max(N, M), _MIN_TILE)
+    programs = B * cdiv(max(N, M), _common.MIN_TILE)
     if op in COMPOSITE_OPS:
-        programs = max(programs, B * cdiv(N, _MIN_TILE) ** 2)
+        programs = max(programs, B * cdiv(N, _common.MIN_TILE) ** 2)
     return limit_reason("programs per backward launch", programs, _common.MAX_GRID_X, "one-dimensional launch grid")
 
 
