@@ -1,13 +1,16 @@
 """Interleaved A/B of two builds of a CPU kernel source, both loaded in one process, one thread.
 
     python benchmarks/cpu_ab.py DIR_A DIR_B [--forward] [--pairs 15]
+    python benchmarks/cpu_ab.py DIR_A DIR_B --accuracy
 
 DIR_A and DIR_B each hold a copy of csrc/ (e.g. `git archive <commit> csrc | tar -x -C DIR_A`).
 Default: the fused CPU backward (cdam_cpu_backward.cpp: attention_backward of cdam_attention and
 jsd_attention, self keys); --forward: the forward (cdam_cpu.cpp: pairwise_jsd, cdam_attention in
 recompute mode, jsd_attention). N = 784, C' = 101, D = 768. Calls alternate A, B, A, B, ...; on a
 shared machine only the paired ratios B / A mean much: their median and IQR are printed with
-each side's median time (IQR).
+each side's median time (IQR). --accuracy: instead of timing, each backward build's gradients
+against the float64 reference formulas (cdam_fast/autograd/reference.py) on a few small cases,
+max error relative to the largest gradient entry, as tests/test_autograd.py measures it.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 from torch.utils import cpp_extension
 
 from cdam_fast.autograd import cpu_backward as cb
+from cdam_fast.autograd import reference as bref
 from cdam_fast.backends import extension_build as eb
 from cdam_fast.centring import centring_weights, row_terms
 
@@ -48,6 +52,35 @@ def _calls(forward: bool, N=784, C=101, D=768):
             for name, kind, param in (("cdam_attention backward", 1, 10.0), ("jsd_attention backward", 0, 0.1))}
 
 
+def _accuracy(mods) -> None:
+    """(N, C, D, logit scale): paper-like classes, peaky rows with one-hot ones, one class, few classes."""
+    for seed, (N, C, D, sharp) in enumerate([(196, 101, 64, 2.0), (150, 21, 16, 6.0), (100, 1, 8, 1.0),
+                                             (120, 7, 8, 4.0)]):
+        gen = torch.Generator().manual_seed(seed)
+        p = torch.softmax(torch.randn(1, N, C, generator=gen) * sharp, -1)
+        if C > 1:  # one-hot rows: zeros in p, and duplicate rows (exact ties of J)
+            p[0, :5] = 0
+            p[0, :5, 0] = 1
+        v, g = torch.randn(1, N, D, generator=gen), torch.randn(1, N, D, generator=gen)
+        w = centring_weights(p, None)
+        pp, lp = cb._rows(p, w)
+        kT, lkT, rk = cb._keys(p, w)
+        rp = row_terms(p, w)
+        for kind, param, name in ((1, 10.0, "cdam_attention"), (0, 0.1, "jsd_attention")):
+            pd, vd, gd = p.double(), v.double(), g.double()
+            expected = (bref.cdam_attention_backward(gd, pd, vd, param) if kind else
+                        bref.jsd_attention_backward(gd, pd, vd, None, param))[:2]
+            line = []
+            for label, m in zip("AB", mods):
+                T, U, gv = m.attention_backward(pp, lp, rp, kT, lkT, rk, w, v, g, kind, param, True)
+                gp = cb._finish(T, p) + cb._finish(U[:, :, :N].transpose(1, 2), p)
+                errs = [((a.double() - e).abs().max() / e.abs().max().clamp_min(1e-3)).item()
+                        for a, e in zip((gp, gv), expected)]
+                line.append(f"{label}: p {errs[0]:.2e}, v {errs[1]:.2e}" + (f", p exactly 0: {bool((gp == 0).all())}"
+                                                                            if C == 1 else ""))
+            print(f"{name} N={N} C={C} D={D} logit scale {sharp}: " + "; ".join(line), flush=True)
+
+
 def _iqr(x):
     q = statistics.quantiles(x, n=4)
     return q[0], q[2]
@@ -59,10 +92,14 @@ def main(argv=None) -> int:
     ap.add_argument("dir_b")
     ap.add_argument("--forward", action="store_true", help="time the forward (cdam_cpu.cpp) instead")
     ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--accuracy", action="store_true", help="backward gradient errors instead of times")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     source = "cdam_cpu.cpp" if args.forward else "cdam_cpu_backward.cpp"
     mods = [_load(args.dir_a, source, "a"), _load(args.dir_b, source, "b")]
+    if args.accuracy:
+        _accuracy(mods)
+        return 0
     for name, call in _calls(args.forward).items():
         outs = [call(m) for m in mods]
         diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(*outs))
