@@ -8,6 +8,7 @@ as opaque; ``validate=False`` skips them.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -63,6 +64,11 @@ def check_dim(name: str, size: int, what: str, expected: int, ref_name: str) -> 
 
 def check_positive(name: str, x: float, lo: float = 0.0, hi: float = math.inf) -> float:
     """A positive finite number; `lo` / `hi` (inclusive) narrow it to the range the kernels support."""
+    if isinstance(x, torch.Tensor):
+        raise CdamInputError(f"{name} must be a Python number, not a tensor (a gradient cannot flow into it; "
+                             f"pass float({name}) or {name}.item()), got {x!r}")
+    if isinstance(x, numbers.Real) and not isinstance(x, (int, float, bool)):
+        x = float(x)  # numpy scalars and other real number types
     # a chained comparison rather than math.isfinite: dynamo can evaluate it on a traced float
     if not isinstance(x, (int, float)) or isinstance(x, bool) or not (0.0 < x < math.inf):
         raise CdamInputError(f"{name} must be a positive finite number, got {x!r}")
@@ -92,6 +98,8 @@ def check_scales(scales) -> tuple:
     if isinstance(scales, (str, bytes, torch.Tensor)) or not hasattr(scales, "__iter__"):
         raise CdamInputError(f"scales must be a sequence of numbers, got {scales!r}")
     items = list(scales)
+    if any(isinstance(s, torch.Tensor) for s in items):
+        raise CdamInputError(f"scales must be Python numbers, not tensors (no gradient flows into them), got {scales!r}")
     try:
         if any(isinstance(s, (bool, str, bytes)) for s in items):
             raise TypeError

@@ -605,5 +605,13 @@ def test_direct_calls_get_the_shape_checks_before_any_kernel(call, names):
 def test_a_tensor_of_scales_and_a_missing_mode_are_argument_errors(data):
     with raises_naming("scales"):
         cf.multiscale_cdam_map(data["sim"], scales=torch.tensor([1.0, 0.5]))
+    with raises_naming("scales", also="not tensors"):  # float() would drop a gradient with only a warning
+        cf.multiscale_cdam_map(data["sim"], scales=[torch.tensor(1.0, requires_grad=True)])
+    with raises_naming("alpha", also="not a tensor"):
+        cf.cdam_map(data["p"], alpha=torch.tensor(10.0))
+    with raises_naming("tau", also="not a tensor"):
+        cf.jsd_attention(data["p"], data["v"], tau=torch.tensor(0.1))
+    import numpy as np  # numpy scalars are real numbers: accepted as floats
+    assert torch.equal(cf.cdam_map(data["p"], alpha=np.float32(10.0)), cf.cdam_map(data["p"], alpha=10.0))
     with raises_naming("mode"):
         cf.cdam_attention(data["p"], data["v"], mode=None)
