@@ -17,6 +17,7 @@ backward raises torch's "no autograd formula" error.
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from typing import Optional, Sequence
 
@@ -24,7 +25,6 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .. import validation as val
 from ..opspec import OPS
 from . import reference as ref_bwd
 
@@ -70,14 +70,42 @@ def _warn_reference(name: str, op: str, why: list) -> None:
                   f"using the reference formulas", RuntimeWarning, stacklevel=3)
 
 
-def check_differentiable_distribution(name: str, p: Tensor) -> None:
-    """The gradient needs log p: negative or non-finite entries (possible with validate=False)
-    have none, so refuse them by name instead of returning NaN."""
-    if p.numel() == 0:
-        return
-    val.check_finite(name, p)
-    if bool((p < 0).any()):
-        raise val.CdamInputError(f"{name} has negative entries: the divergence and its gradient are undefined there")
+def _without_gradient(t: Optional[Tensor], distribution: bool) -> Optional[Tensor]:
+    """[B] bool: batch elements of t with no gradient: non-finite entries, or (distributions)
+    negative ones, possible with validate=False (the gradient needs log p)."""
+    if t is None or t.numel() == 0:
+        return None
+    bad = ~torch.isfinite(t).flatten(1).all(1)
+    return bad | (t < 0).flatten(1).any(1) if distribution else bad
+
+
+def _per_element(compute, **inputs):
+    """compute(**inputs) -> gradients ([B, ...] each, or empty), run so that one bad batch element
+    never costs the others: elements whose p / q (distributions) or sim have no gradient get NaN
+    gradients (NaN in, NaN out, as the forward with validate=False), with one warning naming the
+    argument; the rest are computed on their own values (the bad ones are replaced by a harmless
+    placeholder first: every op treats batch elements independently)."""
+    named = {k: _without_gradient(t, distribution=k != "sim") for k, t in inputs.items()}
+    bad = None
+    for name, b in named.items():
+        if b is not None and bool(b.any()):
+            _warn_nan(name, b)
+            bad = b if bad is None else bad | b
+    if bad is None:
+        return compute(**inputs)
+    fill = {k: (None if t is None else t.masked_fill(bad.view(-1, *[1] * (t.dim() - 1)),
+                                                     0.0 if k == "sim" else 1.0 / max(1, t.shape[-1])))
+            for k, t in inputs.items()}
+    return tuple(g if g.numel() == 0 else g.masked_fill(bad.view(-1, *[1] * (g.dim() - 1)), math.nan)
+                 for g in compute(**fill))
+
+
+def _warn_nan(name: str, bad: Tensor) -> None:
+    which = bad.nonzero().flatten().tolist()
+    what = "non-finite" if name == "sim" else "non-finite or negative"
+    warnings.warn(f"cdam_fast: {name} has {what} entries in batch element(s) {which[:8]}{' ...' if len(which) > 8 else ''} "
+                  f"(accepted by validate=False): their gradients are NaN; the other elements' are computed",
+                  RuntimeWarning, stacklevel=3)
 
 
 # The one stride rule of every backward op, real and fake: gradients are contiguous.
@@ -99,14 +127,14 @@ def _none_as_empty(g: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op("cdam_fast::pairwise_jsd_backward", mutates_args=())
 def pairwise_jsd_backward(grad: Tensor, p: Tensor, q: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    check_differentiable_distribution("p", p)
-    if q is not None:
-        check_differentiable_distribution("q", q)
     if grad.numel() == 0:
         return _zeros(p), _none_as_empty(None if q is None else _zeros(q), p)
-    gp, gq = _impl("pairwise_jsd", backend, p, q)(grad.contiguous(), p.contiguous(),
-                                                  None if q is None else q.contiguous())
-    return _like(gp, p), _none_as_empty(None if gq is None else _like(gq, q), p)
+
+    def compute(p, q):
+        gp, gq = _impl("pairwise_jsd", backend, p, q)(grad.contiguous(), p.contiguous(),
+                                                      None if q is None else q.contiguous())
+        return _like(gp, p), _none_as_empty(None if gq is None else _like(gq, q), p)
+    return _per_element(compute, p=p, q=q)
 
 
 @pairwise_jsd_backward.register_fake
@@ -116,10 +144,12 @@ def _(grad, p, q, backend):
 
 @torch.library.custom_op("cdam_fast::cdam_map_backward", mutates_args=())
 def cdam_map_backward(grad: Tensor, p: Tensor, alpha: float, backend: str) -> Tensor:
-    check_differentiable_distribution("p", p)
     if grad.numel() == 0:
         return _zeros(p)
-    return _like(_impl("cdam_map", backend, p, alpha)(grad.contiguous(), p.contiguous(), alpha), p)
+
+    def compute(p):
+        return (_like(_impl("cdam_map", backend, p, alpha)(grad.contiguous(), p.contiguous(), alpha), p),)
+    return _per_element(compute, p=p)[0]
 
 
 @cdam_map_backward.register_fake
@@ -133,12 +163,14 @@ def cdam_attention_backward(grad: Tensor, p: Tensor, v: Tensor, alpha: float, mo
     """stats: the training forward's [4, B, N] row max, min and tie counts of J
     (opspec.STATS_NOT_SAVED where that forward did not compute them), which spare the Triton
     backward its first pass; None (the public op): recomputed."""
-    check_differentiable_distribution("p", p)
     if grad.numel() == 0:
         return _zeros(p), _zeros(v)
-    fn = _impl("cdam_attention", backend, p, v, alpha, mode, memory_budget)
-    gp, gv = fn(grad.contiguous(), p.contiguous(), v.contiguous(), alpha, mode, memory_budget, stats=stats)
-    return _like(gp, p), _like(gv, v)
+
+    def compute(p):
+        fn = _impl("cdam_attention", backend, p, v, alpha, mode, memory_budget)
+        gp, gv = fn(grad.contiguous(), p.contiguous(), v.contiguous(), alpha, mode, memory_budget, stats=stats)
+        return _like(gp, p), _like(gv, v)
+    return _per_element(compute, p=p)
 
 
 @cdam_attention_backward.register_fake
@@ -149,11 +181,13 @@ def _(grad, p, v, alpha, mode, memory_budget, backend, stats=None):
 @torch.library.custom_op("cdam_fast::multiscale_cdam_map_backward", mutates_args=())
 def multiscale_cdam_map_backward(grad: Tensor, sim: Tensor, scales: Sequence[float], tau: float, alpha: float,
                                  backend: str) -> Tensor:
-    val.check_finite("sim", sim)
     if grad.numel() == 0:
         return _zeros(sim)
-    fn = _impl("multiscale_cdam_map", backend, sim, list(scales), tau, alpha)
-    return _like(fn(grad.contiguous(), sim.contiguous(), tuple(scales), tau, alpha), sim)
+
+    def compute(sim):
+        fn = _impl("multiscale_cdam_map", backend, sim, list(scales), tau, alpha)
+        return (_like(fn(grad.contiguous(), sim.contiguous(), tuple(scales), tau, alpha), sim),)
+    return _per_element(compute, sim=sim)[0]
 
 
 @multiscale_cdam_map_backward.register_fake
@@ -165,12 +199,14 @@ def _(grad, sim, scales, tau, alpha, backend):
 def multiscale_cdam_attention_backward(grad: Tensor, sim: Tensor, v: Tensor, scales: Sequence[float], tau: float,
                                        alpha: float, mode: str, memory_budget: int,
                                        backend: str) -> tuple[Tensor, Tensor]:
-    val.check_finite("sim", sim)
     if grad.numel() == 0:
         return _zeros(sim), _zeros(v)
-    fn = _impl("multiscale_cdam_attention", backend, sim, v, list(scales), tau, alpha, mode, memory_budget)
-    gs, gv = fn(grad.contiguous(), sim.contiguous(), v.contiguous(), tuple(scales), tau, alpha)
-    return _like(gs, sim), _like(gv, v)
+
+    def compute(sim):
+        fn = _impl("multiscale_cdam_attention", backend, sim, v, list(scales), tau, alpha, mode, memory_budget)
+        gs, gv = fn(grad.contiguous(), sim.contiguous(), v.contiguous(), tuple(scales), tau, alpha)
+        return _like(gs, sim), _like(gv, v)
+    return _per_element(compute, sim=sim)
 
 
 @multiscale_cdam_attention_backward.register_fake
@@ -185,15 +221,15 @@ def jsd_attention_backward(grad: Tensor, p: Tensor, v: Tensor, q: Optional[Tenso
     coarse for Delta_i = grad_i . out_i, which the kernels sum from their own weights
     (docs/autograd.md, section 5). lse: the training forward's row log-sum-exp [B, N] (base 2; opspec.STATS_NOT_SAVED where that
     forward did not compute it), which spares the Triton backward a pass; None (the public op): recomputed."""
-    check_differentiable_distribution("p", p)
-    if q is not None:
-        check_differentiable_distribution("q", q)
     if grad.numel() == 0 or p.shape[1] == 0 or v.shape[1] == 0:  # no queries, no keys or no value columns
         return _zeros(p), _zeros(v), _none_as_empty(None if q is None else _zeros(q), p)
-    fn = _impl("jsd_attention", backend, p, v, tau, q)
-    gp, gv, gq = fn(grad.contiguous(), p.contiguous(), v.contiguous(), None if q is None else q.contiguous(), tau,
-                    lse=lse)
-    return _like(gp, p), _like(gv, v), _none_as_empty(None if gq is None else _like(gq, q), p)
+
+    def compute(p, q):
+        fn = _impl("jsd_attention", backend, p, v, tau, q)
+        gp, gv, gq = fn(grad.contiguous(), p.contiguous(), v.contiguous(), None if q is None else q.contiguous(), tau,
+                        lse=lse)
+        return _like(gp, p), _like(gv, v), _none_as_empty(None if gq is None else _like(gq, q), p)
+    return _per_element(compute, p=p, q=q)
 
 
 @jsd_attention_backward.register_fake
