@@ -23,6 +23,7 @@ import math
 import torch
 
 from .. import reference as ref
+from ..backends.reference_backend import TEMPS_PER_PAIR
 from ..grids import class_distributions, scale_grid
 
 
@@ -68,16 +69,14 @@ def jsd_vjp(p: torch.Tensor, q: torch.Tensor | None, g: torch.Tensor):
     return gp, gq
 
 
-def minmax_expm1_vjp(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Gradient with respect to J of sum_ij ga_ij A_ij, A = ref.minmax_expm1(J, alpha), in float64.
+def _glue_rows(M: int) -> int:
+    """Rows of an [rows, M] block of the min-max / expm1 adjoint: its ~TEMPS_PER_PAIR float64
+    temporaries stay within the reference's chunk size (ref._CHUNK_ELEMENTS values each)."""
+    return max(1, ref._CHUNK_ELEMENTS // (TEMPS_PER_PAIR * max(1, M)))
 
-    The row max and min pass their gradient to their positions, split evenly between ties (as
-    torch.amax / amin do); rows that are constant (span < CONSTANT_ROW_EPS, X := 1) get zero.
-    Evaluated in float64 whatever j's dtype (an N x N map, cheap next to the divergence): for
-    huge alpha its entries can lie beyond the float32 range. Pass it on through scaled_vjp.
-    """
-    j = j.double()
-    ga = ga.double()
+
+def _minmax_expm1_vjp_rows(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
+    """minmax_expm1_vjp of a block of whole rows (j, ga [..., M], float64)."""
     hi = j.amax(-1, keepdim=True)
     lo = j.amin(-1, keepdim=True)
     span = hi - lo
@@ -105,13 +104,44 @@ def minmax_expm1_vjp(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.T
     return torch.where(at_lo, at_lo_g, torch.where(at_hi, at_hi_g, -gx)) * inv
 
 
+def _rowwise(j: torch.Tensor, ga: torch.Tensor, alpha: float, zero_at_j0: bool) -> torch.Tensor:
+    """The adjoint block of rows by block of rows (it is row-local: each row's max / min / ties)
+    into one float64 output, so the temporaries are those of one block (_glue_rows), never of the
+    whole [..., N, M] map; each row's result is the whole-map evaluation's, bit for bit."""
+    shape = torch.broadcast_shapes(j.shape, ga.shape)
+    M = shape[-1]
+    j2 = j.expand(shape).reshape(-1, M)
+    ga2 = ga.expand(shape).reshape(-1, M)
+    out = torch.empty(j2.shape, dtype=torch.float64, device=j.device)
+    rows = _glue_rows(M)
+    for i in range(0, j2.shape[0], rows):
+        jb = j2[i:i + rows].double()
+        gb = _minmax_expm1_vjp_rows(jb, ga2[i:i + rows].double(), alpha)
+        if zero_at_j0:
+            gb.masked_fill_(jb == 0, 0.0)
+        out[i:i + rows] = gb
+    return out.reshape(shape)
+
+
+def minmax_expm1_vjp(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Gradient with respect to J of sum_ij ga_ij A_ij, A = ref.minmax_expm1(J, alpha), in float64.
+
+    The row max and min pass their gradient to their positions, split evenly between ties (as
+    torch.amax / amin do); rows that are constant (span < CONSTANT_ROW_EPS, X := 1) get zero.
+    Evaluated in float64 whatever j's dtype (an N x N map, cheap next to the divergence): for
+    huge alpha its entries can lie beyond the float32 range. Pass it on through scaled_vjp.
+    Memory: the float64 output plus one bounded block of rows' temporaries (_rowwise).
+    """
+    return _rowwise(j, ga, alpha, zero_at_j0=False)
+
+
 def divergence_grad(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
     """G = dL/dJ of the min-max / expm1 map (minmax_expm1_vjp, float64), zero where J = 0: the
     diagonal, identical rows, or rows so close that J rounds to 0. There the divergence is at its
     minimum, its exact gradient in p is 0, and G may be of size alpha / span (a tie with the row
     minimum): the fused kernels' approximate logs would turn G times a rounding error into
     gradients of size alpha * eps. The same rule everywhere keeps the backends comparable."""
-    return minmax_expm1_vjp(j, ga, alpha).masked_fill(j == 0, 0.0)
+    return _rowwise(j, ga, alpha, zero_at_j0=True)
 
 
 def scaled_vjp(vjp, g: torch.Tensor, dtype: torch.dtype):
