@@ -23,7 +23,7 @@ import math
 import torch
 
 from .. import reference as ref
-from ..backends.reference_backend import TEMPS_PER_PAIR
+from ..backends import reference_backend as rb
 from ..grids import class_distributions, scale_grid
 
 
@@ -48,7 +48,7 @@ def jsd_vjp(p: torch.Tensor, q: torch.Tensor | None, g: torch.Tensor):
     pp = p.to(dt)
     qq = pp if q is None else q.to(dt)
     g = g.to(dt)
-    if q is None:  # the diagonal is exactly 0 whatever p is
+    if q is None and (g.diagonal(dim1=-2, dim2=-1) != 0).any():  # the diagonal is exactly 0 whatever p is
         g = g.clone()
         g.diagonal(dim1=-2, dim2=-1).zero_()
     B, N, C = pp.shape
@@ -72,7 +72,7 @@ def jsd_vjp(p: torch.Tensor, q: torch.Tensor | None, g: torch.Tensor):
 def _glue_rows(M: int) -> int:
     """Rows of an [rows, M] block of the min-max / expm1 adjoint: its ~TEMPS_PER_PAIR float64
     temporaries stay within the reference's chunk size (ref._CHUNK_ELEMENTS values each)."""
-    return max(1, ref._CHUNK_ELEMENTS // (TEMPS_PER_PAIR * max(1, M)))
+    return max(1, ref._CHUNK_ELEMENTS // (rb.TEMPS_PER_PAIR * max(1, M)))
 
 
 def _minmax_expm1_vjp_rows(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -152,9 +152,13 @@ def scaled_vjp(vjp, g: torch.Tensor, dtype: torch.dtype):
     one batch element's scale never flushes another's. Returns vjp's tensor(s) in float64."""
     if dtype == torch.float64:
         return vjp(g.double())
-    m = g.abs().flatten(1).amax(1).double()
+    flat = g.flatten(1)
+    m = torch.maximum(flat.amax(1), -flat.amin(1)).double()  # max |g| without an |g| map
     e = torch.where(torch.isfinite(m) & (m > 0), torch.frexp(m)[1], 0).double()
-    out = vjp((g * torch.exp2(-e).view(-1, *[1] * (g.dim() - 1))).to(dtype))
+    # rounded to `dtype` as it is stored: no float64 copy of g (the product is exact)
+    scaled = torch.mul(g, torch.exp2(-e).view(-1, *[1] * (g.dim() - 1)), out=torch.empty(g.shape, dtype=dtype,
+                                                                                         device=g.device))
+    out = vjp(scaled)
     scale = lambda t: t.double() * torch.exp2(e).view(-1, *[1] * (t.dim() - 1))  # noqa: E731
     return tuple(None if t is None else scale(t) for t in out) if isinstance(out, tuple) else scale(out)
 
@@ -178,8 +182,8 @@ def pairwise_jsd_backward(grad, p, q):
 
 def cdam_map_backward(grad, p, alpha, divergence=ref.pairwise_jsd, divergence_vjp=pairwise_jsd_backward):
     dt = compute_dtype(p, grad)
-    j = divergence(p.to(dt)).to(dt)
-    return scaled_vjp(lambda g: divergence_vjp(g, p, None)[0], divergence_grad(j, grad, alpha), dt)
+    gj = divergence_grad(divergence(p.to(dt)).to(dt), grad, alpha)  # J is not kept past this
+    return scaled_vjp(lambda g: divergence_vjp(g, p, None)[0], gj, dt)
 
 
 def _product_vjp(a: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
@@ -189,11 +193,41 @@ def _product_vjp(a: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
 
 
 def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, stats=None):
-    """(mode, memory_budget and the forward's row statistics do not apply: the reference holds the
-    N x N maps, as its forward does.)"""
+    """Follows the reference forward's memory policy (reference_backend.block_rows; mode None:
+    the whole map): when the forward evaluated bounded blocks of query rows, so does this, and
+    its extra memory is O(rows N) per block plus O(N (C + D)); else the whole-map formulas. (The
+    forward's row statistics do not apply: J's rows are recomputed.)"""
+    if mode is not None:
+        rows = rb.block_rows(p.shape[1], ref._compute_dtype(p).itemsize, mode, memory_budget)
+        if rows < p.shape[1]:
+            return _cdam_attention_backward_rows(grad, p, v, alpha, rows)
     j = ref.pairwise_jsd(p.to(compute_dtype(p, v, grad)))
     ga, gv = _product_vjp(ref.minmax_expm1(j, alpha), v, grad)
     return scaled_vjp(lambda g: jsd_vjp(p, None, g)[0], divergence_grad(j, ga, alpha), j.dtype), gv
+
+
+def _cdam_attention_backward_rows(grad, p, v, alpha, rows: int):
+    """The backward one block of `rows` query rows at a time, with the forward's blocks: J's rows
+    are reference_backend's (_self_rows in p's dtype, same blocks, so the row max / min and their
+    ties are the forward's bit for bit; diagonal 0). Per block: A's rows, ga = g v^T, gv += A^T g,
+    G = divergence_grad, and the divergence's vector-Jacobian product of those rows against all
+    keys (q given: the row side and the key side both land in gp)."""
+    dt = compute_dtype(p, v, grad)
+    B, N, _ = p.shape
+    gp = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+    gv = torch.zeros(v.shape, dtype=dt, device=v.device)
+    for b in range(B):
+        vb, gb, pb = v[b].to(dt), grad[b].to(dt), p[b:b + 1]
+        for i0 in range(0, N, rows):
+            i1 = min(N, i0 + rows)
+            j = rb._self_rows(p[b], i0, i1)
+            ga, gv_rows = _product_vjp(ref.minmax_expm1(j, alpha).to(dt), vb, gb[i0:i1])
+            gv[b] += gv_rows
+            g_rows, g_keys = scaled_vjp(lambda g: jsd_vjp(pb[:, i0:i1], pb, g),
+                                        divergence_grad(j, ga, alpha)[None], dt)
+            gp[b, i0:i1] += g_rows[0]
+            gp[b] += g_keys[0]
+    return gp, gv
 
 
 def jsd_attention_backward(grad, p, v, q, tau, lse=None):
