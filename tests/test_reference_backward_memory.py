@@ -39,6 +39,8 @@ def test_rowwise_adjoint_is_the_whole_map_one_bit_for_bit(gen, monkeypatch, dtyp
     assert got.dtype == F64 and torch.equal(got, whole)
     assert torch.equal(aref.divergence_grad(j, ga, alpha), want_grad)
     assert torch.isfinite(got).all() and (got[0, 3] == 0).all()  # the constant row passes nothing
+    ones = torch.ones((), dtype=dtype).expand(j.shape)  # the broadcast gradient of .sum()
+    assert torch.equal(aref.minmax_expm1_vjp(j, ones, alpha), real(j.double(), ones.double(), alpha))
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 """Reference backward passes (pure torch): the vector-Jacobian products of every op.
 
 Derivations are in docs/autograd.md. Like the forward reference, nothing here builds an
-[N, N, C] tensor: the divergence's gradient is evaluated in row chunks of bounded size, so the
-extra memory is a few N x N maps (what the reference forward holds anyway) plus O(N C).
+[N, N, C] tensor: the divergence's gradient is evaluated in row chunks of bounded size, and so
+is the min-max / expm1 adjoint (row-local), so the extra memory is a few N x N maps (what the
+reference forward holds anyway) plus O(N C); the cdam_attention backward follows the reference
+forward's mode / memory_budget row blocks, O(rows N) per block, when that forward does.
 Inputs are batch-flattened (p [B, N, C], v [B, N, D], sim [B, C, h, w]); results are in the
 compute dtype (float64 for float64 inputs, else float32), except those of the CDAM ops, which
 come back in float64 (their min-max gradient is formed in float64: docs/autograd.md, "Large
@@ -107,20 +109,21 @@ def _minmax_expm1_vjp_rows(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> t
 def _rowwise(j: torch.Tensor, ga: torch.Tensor, alpha: float, zero_at_j0: bool) -> torch.Tensor:
     """The adjoint block of rows by block of rows (it is row-local: each row's max / min / ties)
     into one float64 output, so the temporaries are those of one block (_glue_rows), never of the
-    whole [..., N, M] map; each row's result is the whole-map evaluation's, bit for bit."""
+    whole [..., N, M] map (nor a copy of a broadcast ga, such as the expanded ones of .sum());
+    each row's result is the whole-map evaluation's, bit for bit."""
     shape = torch.broadcast_shapes(j.shape, ga.shape)
-    M = shape[-1]
-    j2 = j.expand(shape).reshape(-1, M)
-    ga2 = ga.expand(shape).reshape(-1, M)
-    out = torch.empty(j2.shape, dtype=torch.float64, device=j.device)
-    rows = _glue_rows(M)
-    for i in range(0, j2.shape[0], rows):
-        jb = j2[i:i + rows].double()
-        gb = _minmax_expm1_vjp_rows(jb, ga2[i:i + rows].double(), alpha)
-        if zero_at_j0:
-            gb.masked_fill_(jb == 0, 0.0)
-        out[i:i + rows] = gb
-    return out.reshape(shape)
+    out = torch.empty(shape, dtype=torch.float64, device=j.device)
+    rows_by_m = (shape[-2] if len(shape) > 1 else 1, shape[-1])
+    j, ga, o = (t.expand(shape).reshape(-1, *rows_by_m) for t in (j, ga, out))  # views for [B, N, M]
+    rows = _glue_rows(shape[-1])
+    for b in range(o.shape[0]):
+        for i in range(0, o.shape[1], rows):
+            jb = j[b, i:i + rows].double()
+            gb = _minmax_expm1_vjp_rows(jb, ga[b, i:i + rows].double(), alpha)
+            if zero_at_j0:
+                gb.masked_fill_(jb == 0, 0.0)
+            o[b, i:i + rows] = gb
+    return out
 
 
 def minmax_expm1_vjp(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
