@@ -48,7 +48,8 @@ def adjoint_rows(monkeypatch):
     """Row counts of every block the min-max / expm1 adjoint sees, and the whole-map calls."""
     seen = {"rows": [], "whole": 0}
     real_rows, real_jsd = aref._minmax_expm1_vjp_rows, reference.pairwise_jsd
-    monkeypatch.setattr(aref, "_minmax_expm1_vjp_rows", lambda j, g, a: seen["rows"].append(j.shape[0]) or real_rows(j, g, a))
+    monkeypatch.setattr(aref, "_minmax_expm1_vjp_rows",
+                        lambda j, g, a: seen["rows"].append(j.shape[0]) or real_rows(j, g, a))
 
     def jsd(p, q=None):
         seen["whole"] += q is None and p.shape[1] > 1
@@ -73,21 +74,16 @@ def test_cdam_attention_backward_recompute_is_blockwise(gen, adjoint_rows, budge
     torch.testing.assert_close(leaf_v.grad, want_v, rtol=1e-13, atol=1e-13)
 
 
-def test_cdam_attention_backward_blocks_use_the_forwards_rows(gen):
+def test_cdam_attention_backward_blocks_use_the_forwards_rows(gen, monkeypatch):
     """J's rows in the backward are the forward's, bit for bit (so are its row max / min ties):
     with alpha large, a tie broken differently would move G by alpha / span."""
     p, v = random_distributions(gen, 1, 12, 4), random_values(gen, 1, 12, 3)
     seen = []
     real = rb._self_rows
-    rb_rows = lambda pb, i0, i1: seen.append((i0, i1, real(pb, i0, i1))) or seen[-1][2]  # noqa: E731
-    mp = pytest.MonkeyPatch()
-    mp.setattr(rb, "_self_rows", rb_rows)
-    try:
-        leaf = p.clone().requires_grad_(True)
-        cf.cdam_attention(leaf, v, alpha=1e3, mode="recompute", memory_budget=rb.TEMPS_PER_PAIR * 12 * 4 * 5,
-                          backend="reference").sum().backward()
-    finally:
-        mp.undo()
+    monkeypatch.setattr(rb, "_self_rows", lambda pb, i0, i1: seen.append((i0, i1, real(pb, i0, i1))) or seen[-1][2])
+    leaf = p.clone().requires_grad_(True)
+    cf.cdam_attention(leaf, v, alpha=1e3, mode="recompute", memory_budget=rb.TEMPS_PER_PAIR * 12 * 4 * 5,
+                      backend="reference").sum().backward()
     fwd, bwd = seen[:len(seen) // 2], seen[len(seen) // 2:]
     assert [s[:2] for s in fwd] == [s[:2] for s in bwd] == [(0, 5), (5, 10), (10, 12)]
     assert all(torch.equal(a[2], b[2]) for a, b in zip(fwd, bwd))
