@@ -1,8 +1,10 @@
 """Reference backward passes (pure torch): the vector-Jacobian products of every op.
 
 Derivations are in docs/autograd.md. Like the forward reference, nothing here builds an
-[N, N, C] tensor: the divergence's gradient is evaluated in row chunks of bounded size, so the
-extra memory is a few N x N maps (what the reference forward holds anyway) plus O(N C).
+[N, N, C] tensor: the divergence's gradient is evaluated in row chunks of bounded size, and so
+is the min-max / expm1 adjoint (row-local), so the extra memory is a few N x N maps (what the
+reference forward holds anyway) plus O(N C); the cdam_attention backward follows the reference
+forward's mode / memory_budget row blocks, O(rows N) per block, when that forward does.
 Inputs are batch-flattened (p [B, N, C], v [B, N, D], sim [B, C, h, w]); results are in the
 compute dtype (float64 for float64 inputs, else float32), except those of the CDAM ops, which
 come back in float64 (their min-max gradient is formed in float64: docs/autograd.md, "Large
@@ -23,6 +25,7 @@ import math
 import torch
 
 from .. import reference as ref
+from ..backends import reference_backend as rb
 from ..grids import class_distributions, scale_grid
 
 
@@ -47,7 +50,7 @@ def jsd_vjp(p: torch.Tensor, q: torch.Tensor | None, g: torch.Tensor):
     pp = p.to(dt)
     qq = pp if q is None else q.to(dt)
     g = g.to(dt)
-    if q is None:  # the diagonal is exactly 0 whatever p is
+    if q is None and (g.diagonal(dim1=-2, dim2=-1) != 0).any():  # the diagonal is exactly 0 whatever p is
         g = g.clone()
         g.diagonal(dim1=-2, dim2=-1).zero_()
     B, N, C = pp.shape
@@ -68,16 +71,14 @@ def jsd_vjp(p: torch.Tensor, q: torch.Tensor | None, g: torch.Tensor):
     return gp, gq
 
 
-def minmax_expm1_vjp(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Gradient with respect to J of sum_ij ga_ij A_ij, A = ref.minmax_expm1(J, alpha), in float64.
+def _glue_rows(M: int) -> int:
+    """Rows of an [rows, M] block of the min-max / expm1 adjoint: its ~TEMPS_PER_PAIR float64
+    temporaries stay within the reference's chunk size (ref._CHUNK_ELEMENTS values each)."""
+    return max(1, ref._CHUNK_ELEMENTS // (rb.TEMPS_PER_PAIR * max(1, M)))
 
-    The row max and min pass their gradient to their positions, split evenly between ties (as
-    torch.amax / amin do); rows that are constant (span < CONSTANT_ROW_EPS, X := 1) get zero.
-    Evaluated in float64 whatever j's dtype (an N x N map, cheap next to the divergence): for
-    huge alpha its entries can lie beyond the float32 range. Pass it on through scaled_vjp.
-    """
-    j = j.double()
-    ga = ga.double()
+
+def _minmax_expm1_vjp_rows(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
+    """minmax_expm1_vjp of a block of whole rows (j, ga [..., M], float64)."""
     hi = j.amax(-1, keepdim=True)
     lo = j.amin(-1, keepdim=True)
     span = hi - lo
@@ -105,13 +106,45 @@ def minmax_expm1_vjp(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.T
     return torch.where(at_lo, at_lo_g, torch.where(at_hi, at_hi_g, -gx)) * inv
 
 
+def _rowwise(j: torch.Tensor, ga: torch.Tensor, alpha: float, zero_at_j0: bool) -> torch.Tensor:
+    """The adjoint block of rows by block of rows (it is row-local: each row's max / min / ties)
+    into one float64 output, so the temporaries are those of one block (_glue_rows), never of the
+    whole [..., N, M] map (nor a copy of a broadcast ga, such as the expanded ones of .sum());
+    each row's result is the whole-map evaluation's, bit for bit."""
+    shape = torch.broadcast_shapes(j.shape, ga.shape)
+    out = torch.empty(shape, dtype=torch.float64, device=j.device)
+    rows_by_m = (shape[-2] if len(shape) > 1 else 1, shape[-1])
+    j, ga, o = (t.expand(shape).reshape(-1, *rows_by_m) for t in (j, ga, out))  # views for [B, N, M]
+    rows = _glue_rows(shape[-1])
+    for b in range(o.shape[0]):
+        for i in range(0, o.shape[1], rows):
+            jb = j[b, i:i + rows].double()
+            gb = _minmax_expm1_vjp_rows(jb, ga[b, i:i + rows].double(), alpha)
+            if zero_at_j0:
+                gb.masked_fill_(jb == 0, 0.0)
+            o[b, i:i + rows] = gb
+    return out
+
+
+def minmax_expm1_vjp(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Gradient with respect to J of sum_ij ga_ij A_ij, A = ref.minmax_expm1(J, alpha), in float64.
+
+    The row max and min pass their gradient to their positions, split evenly between ties (as
+    torch.amax / amin do); rows that are constant (span < CONSTANT_ROW_EPS, X := 1) get zero.
+    Evaluated in float64 whatever j's dtype (an N x N map, cheap next to the divergence): for
+    huge alpha its entries can lie beyond the float32 range. Pass it on through scaled_vjp.
+    Memory: the float64 output plus one bounded block of rows' temporaries (_rowwise).
+    """
+    return _rowwise(j, ga, alpha, zero_at_j0=False)
+
+
 def divergence_grad(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Tensor:
     """G = dL/dJ of the min-max / expm1 map (minmax_expm1_vjp, float64), zero where J = 0: the
     diagonal, identical rows, or rows so close that J rounds to 0. There the divergence is at its
     minimum, its exact gradient in p is 0, and G may be of size alpha / span (a tie with the row
     minimum): the fused kernels' approximate logs would turn G times a rounding error into
     gradients of size alpha * eps. The same rule everywhere keeps the backends comparable."""
-    return minmax_expm1_vjp(j, ga, alpha).masked_fill(j == 0, 0.0)
+    return _rowwise(j, ga, alpha, zero_at_j0=True)
 
 
 def scaled_vjp(vjp, g: torch.Tensor, dtype: torch.dtype):
@@ -122,9 +155,13 @@ def scaled_vjp(vjp, g: torch.Tensor, dtype: torch.dtype):
     one batch element's scale never flushes another's. Returns vjp's tensor(s) in float64."""
     if dtype == torch.float64:
         return vjp(g.double())
-    m = g.abs().flatten(1).amax(1).double()
+    flat = g.flatten(1)
+    m = torch.maximum(flat.amax(1), -flat.amin(1)).double()  # max |g| without an |g| map
     e = torch.where(torch.isfinite(m) & (m > 0), torch.frexp(m)[1], 0).double()
-    out = vjp((g * torch.exp2(-e).view(-1, *[1] * (g.dim() - 1))).to(dtype))
+    # rounded to `dtype` as it is stored: no float64 copy of g (the product is exact)
+    scaled = torch.mul(g, torch.exp2(-e).view(-1, *[1] * (g.dim() - 1)), out=torch.empty(g.shape, dtype=dtype,
+                                                                                         device=g.device))
+    out = vjp(scaled)
     scale = lambda t: t.double() * torch.exp2(e).view(-1, *[1] * (t.dim() - 1))  # noqa: E731
     return tuple(None if t is None else scale(t) for t in out) if isinstance(out, tuple) else scale(out)
 
@@ -148,8 +185,8 @@ def pairwise_jsd_backward(grad, p, q):
 
 def cdam_map_backward(grad, p, alpha, divergence=ref.pairwise_jsd, divergence_vjp=pairwise_jsd_backward):
     dt = compute_dtype(p, grad)
-    j = divergence(p.to(dt)).to(dt)
-    return scaled_vjp(lambda g: divergence_vjp(g, p, None)[0], divergence_grad(j, grad, alpha), dt)
+    gj = divergence_grad(divergence(p.to(dt)).to(dt), grad, alpha)  # J is not kept past this
+    return scaled_vjp(lambda g: divergence_vjp(g, p, None)[0], gj, dt)
 
 
 def _product_vjp(a: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
@@ -159,11 +196,41 @@ def _product_vjp(a: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
 
 
 def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, stats=None):
-    """(mode, memory_budget and the forward's row statistics do not apply: the reference holds the
-    N x N maps, as its forward does.)"""
+    """Follows the reference forward's memory policy (reference_backend.block_rows; mode None:
+    the whole map): when the forward evaluated bounded blocks of query rows, so does this, and
+    its extra memory is O(rows N) per block plus O(N (C + D)); else the whole-map formulas. (The
+    forward's row statistics do not apply: J's rows are recomputed.)"""
+    if mode is not None:
+        rows = rb.block_rows(p.shape[1], ref._compute_dtype(p).itemsize, mode, memory_budget)
+        if rows < p.shape[1]:
+            return _cdam_attention_backward_rows(grad, p, v, alpha, rows)
     j = ref.pairwise_jsd(p.to(compute_dtype(p, v, grad)))
     ga, gv = _product_vjp(ref.minmax_expm1(j, alpha), v, grad)
     return scaled_vjp(lambda g: jsd_vjp(p, None, g)[0], divergence_grad(j, ga, alpha), j.dtype), gv
+
+
+def _cdam_attention_backward_rows(grad, p, v, alpha, rows: int):
+    """The backward one block of `rows` query rows at a time, with the forward's blocks: J's rows
+    are reference_backend's (_self_rows in p's dtype, same blocks, so the row max / min and their
+    ties are the forward's bit for bit; diagonal 0). Per block: A's rows, ga = g v^T, gv += A^T g,
+    G = divergence_grad, and the divergence's vector-Jacobian product of those rows against all
+    keys (q given: the row side and the key side both land in gp)."""
+    dt = compute_dtype(p, v, grad)
+    B, N, _ = p.shape
+    gp = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+    gv = torch.zeros(v.shape, dtype=dt, device=v.device)
+    for b in range(B):
+        vb, gb, pb = v[b].to(dt), grad[b].to(dt), p[b:b + 1]
+        for i0 in range(0, N, rows):
+            i1 = min(N, i0 + rows)
+            j = rb._self_rows(p[b], i0, i1)
+            ga, gv_rows = _product_vjp(ref.minmax_expm1(j, alpha).to(dt), vb, gb[i0:i1])
+            gv[b] += gv_rows
+            g_rows, g_keys = scaled_vjp(lambda g: jsd_vjp(pb[:, i0:i1], pb, g),
+                                        divergence_grad(j, ga, alpha)[None], dt)
+            gp[b, i0:i1] += g_rows[0]
+            gp[b] += g_keys[0]
+    return gp, gv
 
 
 def jsd_attention_backward(grad, p, v, q, tau, lse=None):
