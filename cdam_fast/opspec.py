@@ -57,7 +57,7 @@ class Call:
 
     @cached_property
     def compute_dtype(self) -> torch.dtype:
-        return torch.float64 if any(t.dtype == torch.float64 for t in self.present()) else torch.float32
+        return reference.compute_dtype(*self.present())
 
     @cached_property
     def batch(self) -> int:

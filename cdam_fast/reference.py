@@ -21,8 +21,10 @@ from .grids import class_distributions, scale_grid
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def compute_dtype(*ts) -> torch.dtype:
+    """The one dtype rule (cdam_fast/opspec.py): float64 if any tensor is float64, else float32
+    whatever the 16/32-bit dtypes (None entries are absent optional tensors)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
 
 def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,7 +38,7 @@ def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor
     ln C and J ~ 1e-3) it sums small terms instead of cancelling numbers near ln C, so float32
     keeps ~100x more of J. The per-row KL terms are computed once in float64.
     """
-    dt = _compute_dtype(p)
+    dt = compute_dtype(p)
     pp = p.to(dt)
     qq = pp if q is None else q.to(dt)
     B, N, C = pp.shape

@@ -29,8 +29,7 @@ from ..backends import reference_backend as rb
 from ..grids import class_distributions, scale_grid
 
 
-def compute_dtype(*ts) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+compute_dtype = ref.compute_dtype  # the one dtype rule
 
 
 def _log_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +200,7 @@ def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, st
     its extra memory is O(rows N) per block plus O(N (C + D)); else the whole-map formulas. (The
     forward's row statistics do not apply: J's rows are recomputed.)"""
     if mode is not None:
-        rows = rb.block_rows(p.shape[1], ref._compute_dtype(p).itemsize, mode, memory_budget)
+        rows = rb.block_rows(p.shape[1], compute_dtype(p).itemsize, mode, memory_budget)
         if rows < p.shape[1]:
             return _cdam_attention_backward_rows(grad, p, v, alpha, rows)
     j = ref.pairwise_jsd(p.to(compute_dtype(p, v, grad)))

@@ -53,7 +53,7 @@ def _self_rows(p: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
 
 def cdam_attention(p, v, alpha, mode, memory_budget):
     B, N, _ = p.shape
-    dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+    dt = ref.compute_dtype(p)
     rows = block_rows(N, dt.itemsize, mode, memory_budget)
     if rows >= N:
         return ref.cdam_attention(p, v, alpha)
@@ -88,7 +88,7 @@ def _taps(h: int, w: int, hs: int, ws: int, device):
 def multiscale_cdam_attention(sim, v, scales, tau, alpha, mode, memory_budget):
     B, C, h, w = sim.shape
     N = h * w
-    dt = torch.float64 if sim.dtype == torch.float64 else torch.float32
+    dt = ref.compute_dtype(sim)
     rows = block_rows(N, dt.itemsize, mode, memory_budget)
     if rows >= N:
         return ref.multiscale_cdam_attention(sim, v, scales, tau, alpha)
