@@ -113,13 +113,20 @@ def _warn_fallback(skipped, used: str, device: torch.device, dtype: torch.dtype)
     if not skipped or dtype == torch.float64:
         return
     name, why = skipped[0]
-    key = (name, used, device.type, tuple(why))
+    also = "".join(f"; {n!r} cannot either ({'; '.join(w)})" for n, w in skipped[1:])
+    warn_once((name, used, device.type, tuple(why)),
+              f"cdam_fast: backend {name!r} unavailable on {device.type} for this call ({'; '.join(why)}){also}; "
+              f"falling back to {used!r}", stacklevel=5)
+
+
+def warn_once(key: tuple, message: str, stacklevel: int) -> None:
+    """One RuntimeWarning per distinct fallback (key) per process: the forward's backend choice
+    and the backward's (cdam_fast/autograd/ops.py) share this record. stacklevel counts from the
+    caller of warn_once."""
     if key in _warned:
         return
     _warned.add(key)
-    also = "".join(f"; {n!r} cannot either ({'; '.join(w)})" for n, w in skipped[1:])
-    warnings.warn(f"cdam_fast: backend {name!r} unavailable on {device.type} for this call ({'; '.join(why)}){also}; "
-                  f"falling back to {used!r}", RuntimeWarning, stacklevel=4)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def select_name(backend: str, call) -> str:

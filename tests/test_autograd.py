@@ -493,11 +493,11 @@ def test_fused_backward_that_cannot_take_a_call_warns_once_and_uses_the_referenc
     """The forward runs on cpu; its backward extension "failed to build": one RuntimeWarning
     naming the backend and the reason, then the reference formulas (correct gradients)."""
     from cdam_fast.autograd import cpu_backward
-    from cdam_fast.autograd import ops as bwd_ops
+    from cdam_fast import dispatch
 
     if not _runs_cpu_tensors("cpu"):
         pytest.skip("the cpu backend is unavailable here")
-    monkeypatch.setattr(bwd_ops, "_warned", set())
+    monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.setattr(cpu_backward.extension, "failure", lambda: "simulated compiler error")
     for op, make in OP_CALLS.items():
         fn, inputs = make(gen)

@@ -35,7 +35,6 @@ from . import reference as ref_bwd
 FUSED_BACKWARD = {"triton": "cdam_fast.autograd.triton_backward", "cpu": "cdam_fast.autograd.cpu_backward",
                   "cuda": None, "reference": None}
 
-_warned: set = set()
 
 
 def backward_backend(op: str, backend: str, *forward_args):
@@ -62,12 +61,9 @@ def _impl(op: str, backend: str, *forward_args):
 
 
 def _warn_reference(name: str, op: str, why: list) -> None:
-    key = (name, op, tuple(why))
-    if key in _warned:
-        return
-    _warned.add(key)
-    warnings.warn(f"cdam_fast: the fused {name!r} backward cannot take this {op} call ({'; '.join(why)}); "
-                  f"using the reference formulas", RuntimeWarning, stacklevel=3)
+    dispatch.warn_once(("backward", name, op, tuple(why)),
+                       f"cdam_fast: the fused {name!r} backward cannot take this {op} call ({'; '.join(why)}); "
+                       f"using the reference formulas", stacklevel=3)
 
 
 def _without_gradient(t: Optional[Tensor], distribution: bool) -> Optional[Tensor]:
