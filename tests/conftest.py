@@ -84,6 +84,16 @@ def gen():
     return torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, (1,)).item() if os.environ.get("CDAM_TEST_RANDOM") else 1234)
 
 
+@pytest.fixture
+def one_thread():
+    """torch at one thread for the test (the CLI runs a result is compared with use one: other
+    thread counts may sum floats in another order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared input generators. Every generator returns data that passes the ops' value checks.
 

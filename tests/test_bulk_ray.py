@@ -38,14 +38,6 @@ def _check_row(path, labels, error, expected):
     np.testing.assert_array_equal(np.asarray(labels), expected[path], path)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_batch_formats_and_bad_rows_in_process(photos, tmp_path, one_thread):
     pd = pytest.importorskip("pandas", reason="pandas (installed with ray[data]) is needed for pandas batches")
     folder, expected, seg = photos

@@ -55,14 +55,6 @@ def reference(photos):
         torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _labels(out: Path) -> dict:
     return {p.relative_to(out).as_posix()[:-len("_labels.png")]: p.read_bytes() for p in out.rglob("*_labels.png")}
 
