@@ -31,7 +31,7 @@ from . import reference as ref_bwd
 # backend name -> module of its fused backward: functions named `<op>_backward` with the
 # reference.py signatures, and not_supported_reasons(op, call) -> list of reasons it cannot take
 # a call. None: no fused backward by design (cuda: the reference formulas on its device, as
-# README's backward table says; reference: they are its formulas).
+# docs/autograd.md's backward table says; reference: they are its formulas).
 FUSED_BACKWARD = {"triton": "cdam_fast.autograd.triton_backward", "cpu": "cdam_fast.autograd.cpu_backward",
                   "cuda": None, "reference": None}
 
