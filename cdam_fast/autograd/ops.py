@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
+from .._library import autocast_off
 from ..opspec import OPS
 from . import reference as ref_bwd
 
@@ -81,6 +82,7 @@ def _per_element(compute, **inputs):
     gradients (NaN in, NaN out, as the forward with validate=False), with one warning naming the
     argument; the rest are computed on their own values (the bad ones are replaced by a harmless
     placeholder first: every op treats batch elements independently)."""
+    compute = autocast_off(compute)  # the forward's precision, inside torch.autocast or not
     named = {k: _without_gradient(t, distribution=k != "sim") for k, t in inputs.items()}
     bad = None
     for name, b in named.items():
