@@ -49,6 +49,8 @@ def _make_impl(spec: OpSpec, train: bool = False):
         spec.check_options(call)
         if validate:
             spec.check_values(call)
+        else:
+            call = spec.unchecked_values(call)
         if spec.is_empty(call):
             out = spec.new_output(call, fill_zero=True)
             return (out, spec.new_stats(call, STATS_NOT_SAVED)) if train else out
