@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
+from .._library import autocast_off
 from ..opspec import OPS
 from . import reference as ref_bwd
 
@@ -67,12 +68,16 @@ def _warn_reference(name: str, op: str, why: list) -> None:
 
 
 def _without_gradient(t: Optional[Tensor], distribution: bool) -> Optional[Tensor]:
-    """[B] bool: batch elements of t with no gradient: non-finite entries, or (distributions)
-    negative ones, possible with validate=False (the gradient needs log p)."""
+    """[B] bool: batch elements of t with no gradient (possible with validate=False):
+    distributions with non-finite or negative entries (the forward's NaN rows; the gradient
+    needs log p); similarities with NaN or +inf. A -inf similarity (a masked class) is a class
+    probability of exactly 0, which the forward and the gradient formulas handle: those elements
+    are computed, so wherever their forward output is finite, so are their gradients."""
     if t is None or t.numel() == 0:
         return None
-    bad = ~torch.isfinite(t).flatten(1).all(1)
-    return bad | (t < 0).flatten(1).any(1) if distribution else bad
+    if not distribution:
+        return (torch.isnan(t) | torch.isposinf(t)).flatten(1).any(1)
+    return ~torch.isfinite(t).flatten(1).all(1) | (t < 0).flatten(1).any(1)
 
 
 def _per_element(compute, **inputs):
@@ -81,6 +86,7 @@ def _per_element(compute, **inputs):
     gradients (NaN in, NaN out, as the forward with validate=False), with one warning naming the
     argument; the rest are computed on their own values (the bad ones are replaced by a harmless
     placeholder first: every op treats batch elements independently)."""
+    compute = autocast_off(compute)  # the forward's precision, inside torch.autocast or not
     named = {k: _without_gradient(t, distribution=k != "sim") for k, t in inputs.items()}
     bad = None
     for name, b in named.items():
@@ -98,7 +104,7 @@ def _per_element(compute, **inputs):
 
 def _warn_nan(name: str, bad: Tensor) -> None:
     which = bad.nonzero().flatten().tolist()
-    what = "non-finite" if name == "sim" else "non-finite or negative"
+    what = "NaN or +inf" if name == "sim" else "non-finite or negative"
     warnings.warn(f"cdam_fast: {name} has {what} entries in batch element(s) {which[:8]}{' ...' if len(which) > 8 else ''} "
                   f"(accepted by validate=False): their gradients are NaN; the other elements' are computed",
                   RuntimeWarning, stacklevel=3)

@@ -146,6 +146,10 @@ def divergence_grad(j: torch.Tensor, ga: torch.Tensor, alpha: float) -> torch.Te
     return _rowwise(j, ga, alpha, zero_at_j0=True)
 
 
+# Exponents of the power-of-two scale in scaled_vjp whose 2^e and 2^-e are both finite doubles.
+_MIN_SCALE_EXPONENT, _MAX_SCALE_EXPONENT = -1022, 1023
+
+
 def scaled_vjp(vjp, g: torch.Tensor, dtype: torch.dtype):
     """vjp(g) for a map `vjp` that is linear in g and acts on each batch element (dim 0) alone,
     evaluated in `dtype` on g scaled per batch element by a power of two (max |g| in [1/2, 1)),
@@ -156,7 +160,11 @@ def scaled_vjp(vjp, g: torch.Tensor, dtype: torch.dtype):
         return vjp(g.double())
     flat = g.flatten(1)
     m = torch.maximum(flat.amax(1), -flat.amin(1)).double()  # max |g| without an |g| map
-    e = torch.where(torch.isfinite(m) & (m > 0), torch.frexp(m)[1], 0).double()
+    e = torch.where(torch.isfinite(m) & (m > 0), torch.frexp(m)[1], 0)
+    # 2^-e and 2^e must both be finite float64 powers of two: an element whose whole gradient is
+    # subnormal (e < -1021) would get 2^-e = inf and inf * 0 = NaN. Clamped, its scaled g keeps
+    # every bit (a subnormal times a power of two is exact) and the result underflows as it must.
+    e = e.clamp(_MIN_SCALE_EXPONENT, _MAX_SCALE_EXPONENT).double()
     # rounded to `dtype` as it is stored: no float64 copy of g (the product is exact)
     scaled = torch.mul(g, torch.exp2(-e).view(-1, *[1] * (g.dim() - 1)), out=torch.empty(g.shape, dtype=dtype,
                                                                                          device=g.device))
@@ -199,8 +207,9 @@ def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, st
     the whole map): when the forward evaluated bounded blocks of query rows, so does this, and
     its extra memory is O(rows N) per block plus O(N (C + D)); else the whole-map formulas. (The
     forward's row statistics do not apply: J's rows are recomputed.)"""
+    p = p.to(compute_dtype(p, v, grad))  # as the forward's Call promoted it: its blocks, its J's dtype
     if mode is not None:
-        rows = rb.block_rows(p.shape[1], compute_dtype(p).itemsize, mode, memory_budget)
+        rows = rb.block_rows(p.shape[1], p.dtype.itemsize, mode, memory_budget)
         if rows < p.shape[1]:
             return _cdam_attention_backward_rows(grad, p, v, alpha, rows)
     j = ref.pairwise_jsd(p.to(compute_dtype(p, v, grad)))
@@ -210,7 +219,7 @@ def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, st
 
 def _cdam_attention_backward_rows(grad, p, v, alpha, rows: int):
     """The backward one block of `rows` query rows at a time, with the forward's blocks: J's rows
-    are reference_backend's (_self_rows in p's dtype, same blocks, so the row max / min and their
+    are reference_backend's (_self_rows of the promoted p, same blocks, so the row max / min and their
     ties are the forward's bit for bit; diagonal 0). Per block: A's rows, ga = g v^T, gv += A^T g,
     G = divergence_grad, and the divergence's vector-Jacobian product of those rows against all
     keys (q given: the row side and the key side both land in gp)."""
