@@ -5,11 +5,15 @@ configuration is refused unless --overwrite) and a run manifest, one JSON-lines 
 (`manifest.rank<R>.jsonl`; cdam_fast.runstore), one record per image as it completes:
 {"image", "name", "rank", "status": "done" | "failed", "outputs", "error", "seconds"}.
 
+* One run at a time: rank 0 holds the folder's run lock (runstore.FolderLock) from before the
+  configuration check to the end; a second run into the folder is refused at once, naming the
+  running one's pid and host.
 * Resume: an image whose outputs a "done" record lists and which all exist is skipped (unless
   --overwrite); failed and missing images are redone. Outputs are written under temporary names
-  and renamed after their record is appended, so a crash leaves no half-written file that looks
-  finished. Output files that exist but no record of this folder lists are someone else's: the
-  run is refused unless --overwrite.
+  unique to the process and renamed after their record is appended, so a crash leaves no
+  half-written file that looks finished; a failed rename is that image's failure (recorded after
+  the "done" one, its outputs removed). Output files that exist but no record of this folder
+  lists are someone else's: the run is refused unless --overwrite.
 * Sharding (torchrun): every rank expands the same inputs, learns the images still to do from
   the folder (every rank before anyone writes), and takes every K-th of them; a rank writes
   only its own images' outputs and its own manifest file. Ranks sum their counts through
@@ -164,10 +168,7 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
 
     make_segmenter(classes, device) -> Segmenter. Returns the exit status: 0, 1 when some
     images failed, 2 when images failed and none was segmented."""
-    from tqdm.auto import tqdm
-
     from ..evaluation.distributed import distributed_context
-    from .images import open_image
 
     out = Path(args.out).expanduser()
     items = expand_inputs(args.images, exclude=out)
@@ -177,64 +178,86 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
     with distributed_context(use_cuda=use_cuda) as dist:
         folder = RunFolder(out, run_config(args, classes, settings), dist.rank, config_file=CONFIG_FILE,
                            prefix=MANIFEST_PREFIX, option="--out")
+        held = []  # rank 0's run lock, held until the run ends
+        created = None  # the outermost folder this run created (rank 0), removed if nothing is segmented
 
         def check():  # before the (slow) model load, so that a refused folder fails at once
+            nonlocal created
+            created = _first_missing(out)
+            held.append(folder.lock())  # creates the folder to hold the lock file in
             folder.check(args.overwrite)
             if not args.overwrite:
                 check_foreign(files, folder, plan(items, files, folder, False))
 
-        dist.run_on_main(check, "use the output folder", CdamInputError)
-        left = plan(items, files, folder, args.overwrite)
-        mine = left.todo[dist.rank::dist.world_size]
-        early = precheck(args, items, mine, sizes)
-        for i in mine:
-            if i in early:
-                print(f"{prog}: error: {_line(items[i].path, early[i])}", file=sys.stderr)
-        # also the point where every rank has its list, before anyone writes
-        good = int(dist.all_reduce_sum(np.array([len(mine) - len(early)], dtype=np.int64))[0])
-        counts = Counts(skipped=left.skipped if dist.is_main else 0)
-        if not good:  # nothing any rank can segment: no model, nothing written
-            counts.failed = len(early)
-            total = dist.all_reduce_sum(np.array([0, counts.skipped, counts.failed], dtype=np.int64))
-            failures = [(items[i].path, early[i]) for i in mine if i in early]
-            return _report(prog, dist, len(items), total, 0.0, out if folder.configured else None, failures)
-        created = _first_missing(out) if dist.is_main else None
-        # this rank's GPU under torchrun (a plain "cuda" would put every rank on one device)
-        device = str(dist.device) if dist.device is not None and args.device in (None, "cuda") else args.device
-        seg = make_segmenter(classes, device)
-
-        def prepare():
-            if args.overwrite:
-                _discard_other_configuration(folder)
-            folder.prepare(args.overwrite)
-
-        dist.run_on_main(prepare, "use the output folder", CdamInputError)  # the others wait before writing
-        start = time.perf_counter()
-        bar = tqdm(total=len(mine), desc="segment", unit="image", disable=not dist.is_main or len(items) < 2)
-
-        def load(i):
-            if i in early:
-                raise CdamInputError(early[i])
-            return open_image(items[i].path)
-
+        total = None
         try:
-            for i, (image, error) in zip(mine, prefetched(_caught(load), mine, PREFETCH)):
-                ok, line = _segment_item(items[i], files[i], image, error, seg, folder, dist.rank)
-                counts.done += ok
-                counts.failed += not ok
-                if ok or i not in early:  # the pre-check already named its failures
-                    tqdm.write(line if ok else f"{prog}: error: {line}", file=sys.stdout if ok else sys.stderr)
-                bar.update(1)
+            dist.run_on_main(check, "use the output folder", CdamInputError)
+            total, seconds, failures = _run_locked(args, items, files, folder, dist, sizes, classes, make_segmenter,
+                                                   prog)
         finally:
-            bar.close()
-            folder.close()
-        total = dist.all_reduce_sum(np.array([counts.done, counts.skipped, counts.failed], dtype=np.int64))
-        seconds = time.perf_counter() - start  # after the reduction: the slowest rank's time
-        failures = _failures(folder, items, left.todo) if dist.is_main and total[2] else []
-        if dist.is_main and created is not None and not total[0] and not total[1]:
-            _remove_run_folder(out, created)  # nothing segmented: leave no folder behind
-            out = None
-        return _report(prog, dist, len(items), total, seconds, out, failures)
+            for lock in held:
+                lock.release()
+            finished = total is not None
+            if created is not None and not (finished and (total[0] or total[1])):
+                # nothing segmented: leave no folder behind (interrupted: only the empty ones)
+                _remove_run_folder(out, created, records=finished)
+        written = dist.is_main and folder.folder.is_dir() and folder.configured
+        return _report(prog, dist, len(items), total, seconds, out if written else None, failures)
+
+
+def _run_locked(args, items, files, folder: RunFolder, dist, sizes, classes, make_segmenter, prog):
+    """The run once the folder is checked and locked: (counts summed over ranks, seconds, failures
+    to list (rank 0))."""
+    from tqdm.auto import tqdm
+
+    from .images import open_image
+
+    left = plan(items, files, folder, args.overwrite)
+    mine = left.todo[dist.rank::dist.world_size]
+    early = precheck(args, items, mine, sizes)
+    for i in mine:
+        if i in early:
+            print(f"{prog}: error: {_line(items[i].path, early[i])}", file=sys.stderr)
+    # also the point where every rank has its list, before anyone writes
+    good = int(dist.all_reduce_sum(np.array([len(mine) - len(early)], dtype=np.int64))[0])
+    counts = Counts(skipped=left.skipped if dist.is_main else 0)
+    if not good:  # nothing any rank can segment: no model, nothing written
+        counts.failed = len(early)
+        total = dist.all_reduce_sum(np.array([0, counts.skipped, counts.failed], dtype=np.int64))
+        return total, 0.0, [(items[i].path, early[i]) for i in mine if i in early]
+    # this rank's GPU under torchrun (a plain "cuda" would put every rank on one device)
+    device = str(dist.device) if dist.device is not None and args.device in (None, "cuda") else args.device
+    seg = make_segmenter(classes, device)
+
+    def prepare():
+        if args.overwrite:
+            _discard_other_configuration(folder)
+        folder.prepare(args.overwrite)
+
+    dist.run_on_main(prepare, "use the output folder", CdamInputError)  # the others wait before writing
+    start = time.perf_counter()
+    bar = tqdm(total=len(mine), desc="segment", unit="image", disable=not dist.is_main or len(items) < 2)
+
+    def load(i):
+        if i in early:
+            raise CdamInputError(early[i])
+        return open_image(items[i].path)
+
+    try:
+        for i, (image, error) in zip(mine, prefetched(_caught(load), mine, PREFETCH)):
+            ok, line = _segment_item(items[i], files[i], image, error, seg, folder, dist.rank)
+            counts.done += ok
+            counts.failed += not ok
+            if ok or i not in early:  # the pre-check already named its failures
+                tqdm.write(line if ok else f"{prog}: error: {line}", file=sys.stdout if ok else sys.stderr)
+            bar.update(1)
+    finally:
+        bar.close()
+        folder.close()
+    total = dist.all_reduce_sum(np.array([counts.done, counts.skipped, counts.failed], dtype=np.int64))
+    seconds = time.perf_counter() - start  # after the reduction: the slowest rank's time
+    failures = _failures(folder, items, left.todo) if dist.is_main and total[2] else []
+    return total, seconds, failures
 
 
 def _report(prog, dist, n_items: int, total, seconds: float, out, failures) -> int:
@@ -279,11 +302,13 @@ def _first_missing(path: Path):
     return missing
 
 
-def _remove_run_folder(out: Path, top: Path) -> None:
-    """Remove what a run that segmented nothing wrote (its configuration and manifest, empty
-    folders) up to `top`, the outermost folder it created; anything else stays."""
-    for p in [out / CONFIG_FILE, *out.glob(f"{MANIFEST_PREFIX}.rank*.jsonl")]:
+def _remove_run_folder(out: Path, top: Path, records: bool = True) -> None:
+    """Remove what a run that segmented nothing wrote (its configuration and manifest if
+    `records`, empty folders) up to `top`, the outermost folder it created; anything else stays."""
+    for p in [out / CONFIG_FILE, *out.glob(f"{MANIFEST_PREFIX}.rank*.jsonl")] if records else ():
         p.unlink(missing_ok=True)
+    if not out.is_dir():
+        return
     for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         _rmdir(d)
     for d in (out, *out.parents):
@@ -303,19 +328,23 @@ def _segment_item(item, paths, image, error, seg, folder: RunFolder, rank: int):
     """Segment and write one image, record it in the manifest: (True, its line) or (False, the error)."""
     t0 = time.perf_counter()
     record = {"image": item.path, "name": item.name, "rank": rank, "outputs": [_rel(p, folder.folder) for p in paths]}
-    partial = fileio.partial_paths(paths, rank)
+    partial = fileio.partial_paths(paths)
     try:
         if error is not None:
             raise error
         labels = seg.predict(image, name=f"image {item.path!r}")
         fileio.write_outputs(seg, item.path, np.asarray(image), labels, partial)
-    except Exception as e:  # one bad image never stops the shard
+        folder.append({**record, "status": "done", "error": None, "seconds": round(time.perf_counter() - t0, 3)})
+        try:  # after the record: a file the manifest lists is either complete or absent
+            fileio.publish(partial, paths)
+        except Exception:
+            fileio.discard(paths)  # listed, so ours: none of a half-published image stays
+            raise
+    except Exception as e:  # one bad image never stops the shard (a newer "failed" record overrides "done")
         fileio.discard(partial)
         message = error_message(e)
         folder.append({**record, "status": "failed", "error": message, "seconds": round(time.perf_counter() - t0, 3)})
         return False, _line(item.path, message)
-    folder.append({**record, "status": "done", "error": None, "seconds": round(time.perf_counter() - t0, 3)})
-    fileio.publish(partial, paths)  # after the record: a file the manifest lists is either complete or absent
     return True, fileio.summary_line(item.path, labels, seg, paths)
 
 

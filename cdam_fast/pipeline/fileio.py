@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -44,13 +45,17 @@ def output_paths(items, out) -> list:
     return [OutputPaths(*(out / f"{it.name}{s}" for s in OUTPUT_SUFFIXES.values())) for it in items]
 
 
-def partial_paths(paths: OutputPaths, tag) -> OutputPaths:
-    """Where `paths` are written before `publish` renames them into place (hidden names that
-    keep the suffix, so writers that pick the format by extension still work)."""
+def partial_paths(paths: OutputPaths) -> OutputPaths:
+    """Where `paths` are written before `publish` renames them into place: hidden names in the
+    same folder (so the rename is atomic) that keep the suffix (writers pick the format by it)
+    and are unique to the call (pid and a random token), so two writers never share one."""
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     return OutputPaths(*(p.with_name(f".{p.stem}.part{tag}{p.suffix}") for p in paths))
 
 
 def publish(partial: OutputPaths, paths: OutputPaths) -> None:
+    """Rename each partial file onto its final name (os.replace: readers see the old file or the
+    new one, never half of one)."""
     for tmp, final in zip(partial, paths):
         tmp.replace(final)
 

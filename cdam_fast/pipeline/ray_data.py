@@ -111,7 +111,7 @@ class RaySegmenter:
         source = str(paths[i])
         name = self.names.get(source) or Path(source).stem
         target = fileio.output_paths([InputImage(source, name)], self.out)[0]
-        partial = fileio.partial_paths(target, f"{os.getpid()}")
+        partial = fileio.partial_paths(target)
         try:
             fileio.write_outputs(self.segmenter, source, _uint8_rgb(image), labels, partial)
             fileio.publish(partial, target)

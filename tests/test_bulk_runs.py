@@ -1,0 +1,150 @@
+"""Runs that share an output folder: one run at a time (a second one, in another process, is
+refused at once; a run killed with kill -9 leaves no lock behind), unique temporary names, a
+failed rename costs only its image."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cdam_fast.cli import main
+from cdam_fast.pipeline import fileio
+from cdam_fast.pipeline.bulk import read_manifest
+from cdam_fast import runstore
+
+from test_bulk_segment import ARGS, _image
+
+# A `cdam-fast segment` run that stops inside its first image until the file named by argv[1]
+# exists, after touching argv[2]: a run in progress, holding its output folder.
+PAUSED_RUN = """
+import sys, time
+from pathlib import Path
+from cdam_fast.pipeline import Segmenter
+from cdam_fast.cli import main
+real, go, ready = Segmenter.predict, Path(sys.argv[1]), Path(sys.argv[2])
+def paused(self, *a, **k):
+    ready.touch()
+    while not go.exists():
+        time.sleep(0.05)
+    return real(self, *a, **k)
+Segmenter.predict = paused
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "in"
+    for seed, name in enumerate(["a.png", "b.png", "c.png"]):
+        _image(root / name, (40, 44), seed)
+    return root
+
+
+def _start_paused(tmp_path, args):
+    go, ready = tmp_path / "go", tmp_path / "ready"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(go), str(ready), "segment", *args],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the first run did not start segmenting: {err[-3000:]}")
+        time.sleep(0.1)
+    return proc, go
+
+
+def test_second_run_refused_while_one_runs_and_kill_9_leaves_no_lock(images, tmp_path, capsys, one_thread):
+    out = tmp_path / "out"
+    run = [str(images / "a.png"), str(images / "b.png"), *ARGS, "--out", str(out)]
+    first, go = _start_paused(tmp_path, run)
+    try:
+        # the same configuration (would segment the same images into the same files) and another
+        # one (would replace segment.json): both refused at once, naming the running process
+        for extra in ([], ["--method", "sclip"]):
+            t0 = time.monotonic()
+            assert main(["segment", *run, *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"output folder {str(out)!r} is in use by another run (pid {first.pid} on " \
+                   f"{socket.gethostname()}" in err, err
+            assert time.monotonic() - t0 < 30  # refused before any model loads
+        assert not list(out.glob("manifest.rank*.jsonl"))  # the refused runs wrote nothing
+        assert json.loads((out / "segment.json").read_text())["method"] == "maskclip"
+    finally:
+        first.send_signal(signal.SIGKILL)  # dies holding the lock, as a crashed run does
+        first.communicate(timeout=60)
+    assert (out / runstore.LOCK_FILE).exists()  # the dead run's file stays, unlocked
+    # the next run is not blocked: it resumes (nothing was finished) and ends cleanly
+    assert main(["segment", *run]) == 0
+    assert "2 images: 2 done, 0 skipped (already done), 0 failed" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_classes.json", "a_labels.png", "a_overlay.png", "b_classes.json", "b_labels.png", "b_overlay.png",
+        "manifest.rank0.jsonl", "segment.json"]  # no lock file, no temporary files
+
+
+def test_two_runs_after_one_another_and_lock_waits(tmp_path):
+    a, b = runstore.FolderLock(tmp_path / "f"), runstore.FolderLock(tmp_path / "f", option="--output")
+    a.acquire()
+    with pytest.raises(runstore.StoreError, match=r"in use by another run \(pid %d on .*; wait for it to finish or choose "
+                                         r"another --output" % os.getpid()):
+        b.acquire()
+    t0 = time.monotonic()
+    with pytest.raises(runstore.StoreError):
+        b.acquire(wait_s=0.5)
+    assert time.monotonic() - t0 >= 0.5
+    a.release()
+    assert not (tmp_path / "f" / runstore.LOCK_FILE).exists()
+    b.acquire()
+    assert b.held and json.loads((tmp_path / "f" / runstore.LOCK_FILE).read_text())["pid"] == os.getpid()
+    b.release()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(runstore.StoreError, match="cannot create output folder"):
+        runstore.FolderLock(tmp_path / "file" / "sub").acquire()
+
+
+def test_partial_names_are_unique_to_each_writer(tmp_path):
+    paths = fileio.output_paths([tmp_path / "x.png"], tmp_path / "out")[0]
+    one, two = fileio.partial_paths(paths), fileio.partial_paths(paths)
+    for p, q, final in zip(one, two, paths):
+        assert p != q and p.parent == q.parent == final.parent and p.suffix == final.suffix
+        assert p.name.startswith(".x_") and f".part{os.getpid()}-" in p.name
+    # and in another process
+    code = ("import sys; from pathlib import Path; from cdam_fast.pipeline import fileio; "
+            f"print(fileio.partial_paths(fileio.output_paths([Path({str(tmp_path / 'x.png')!r})], "
+            f"Path({str(tmp_path / 'out')!r}))[0]).labels)")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
+    assert other and other not in {str(one.labels), str(two.labels)}
+
+
+def test_failed_rename_costs_only_its_image(images, tmp_path, monkeypatch, capsys, one_thread):
+    out = tmp_path / "out"
+    real = fileio.publish
+
+    def disk_full_on_b(partial, paths):
+        if paths.labels.name == "b_labels.png":
+            partial.labels.replace(paths.labels)  # the first rename went through, the next did not
+            raise OSError(28, "No space left on device")
+        real(partial, paths)
+
+    monkeypatch.setattr(fileio, "publish", disk_full_on_b)
+    run = ["segment", str(images), *ARGS, "--out", str(out)]
+    assert main(run) == 1
+    err = capsys.readouterr().err
+    assert "3 images: 2 done, 0 skipped (already done), 1 failed" in err
+    assert "b.png: OSError: [Errno 28] No space left on device" in err
+    assert not list(out.glob("b_*")) and not list(out.glob(".*part*"))  # nothing half published
+    assert [(r["name"], r["status"]) for r in read_manifest(out)] == [
+        ("a", "done"), ("b", "done"), ("b", "failed"), ("c", "done")]
+    monkeypatch.setattr(fileio, "publish", real)
+    assert main(run) == 0  # the resume redoes b only
+    assert "3 images: 1 done, 2 skipped (already done), 0 failed" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("b_*")) == ["b_classes.json", "b_labels.png", "b_overlay.png"]
