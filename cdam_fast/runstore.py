@@ -7,6 +7,11 @@ loses nothing already recorded; a last line cut short by a crash is skipped on r
 writes only its own file and every rank may read all of them, so a run resumed with another
 number of processes still sees everything recorded.
 
+Records are what the caller appends (one per image, band, ...: any JSON object), stamped with
+the number of the run that wrote them (`"run"`: 1 + the largest recorded, see `next_run`), so
+that `latest` can tell which of several records of one item is the newest whatever file (rank)
+each is in.
+
 One run at a time: a run holds `FolderLock` (a file `.run.lock` in the folder, locked with
 flock) from before its configuration check until it ends; a second run into the folder is
 refused at once, naming the holder's pid and host. Under torchrun rank 0 holds it for all ranks
@@ -41,6 +46,7 @@ class RunFolder:
         self.rank = rank
         self.config_file, self.prefix, self.option = config_file, prefix, option
         self._file = None
+        self.run = None  # the run number append() stamps on records (None: not stamped)
 
     def lock(self, wait_s: float = 0.0) -> "FolderLock":
         """Create the folder if needed and take its run lock (see FolderLock.acquire); the caller
@@ -100,7 +106,9 @@ class RunFolder:
                         continue  # a line cut short by an interruption
 
     def append(self, record: dict) -> None:
-        """Append one record (flushed and fsync'ed)."""
+        """Append one record (flushed and fsync'ed), stamped with this run's number if set."""
+        if self.run is not None:
+            record = {**record, "run": self.run}
         if self._file is None:
             path = self.folder / f"{self.prefix}.rank{self.rank}.jsonl"
             self._file = open(path, "a")
@@ -117,6 +125,27 @@ class RunFolder:
 
     def record_files(self) -> list[Path]:
         return sorted(self.folder.glob(f"{self.prefix}.rank*.jsonl"), key=_rank_of)
+
+
+def next_run(records) -> int:
+    """The number of a run that starts now: one more than any in `records` (1 for a new folder)."""
+    return 1 + max((r.get("run") or 0 for r in records if isinstance(r.get("run"), int)), default=0)
+
+
+def latest(records, key: str) -> dict:
+    """{record[key]: the newest record with that key} among `records` (as RunFolder.records
+    yields them): a record of a later run wins over an earlier run's, whichever rank file holds
+    each; within one run a later line wins (a run writes each item from one rank). Records
+    without a run number count as run 0."""
+    newest = {}
+    for r in records:
+        k = r.get(key)
+        if k is None:
+            continue
+        run = r.get("run") if isinstance(r.get("run"), int) else 0
+        if k not in newest or run >= newest[k][0]:
+            newest[k] = (run, r)
+    return {k: r for k, (_, r) in newest.items()}
 
 
 class FolderLock:

@@ -1,6 +1,7 @@
 """Runs that share an output folder: one run at a time (a second one, in another process, is
 refused at once; a run killed with kill -9 leaves no lock behind), unique temporary names, a
-failed rename costs only its image."""
+failed rename costs only its image, and after a resume with another process count each image's
+newest record counts."""
 import json
 import os
 import shutil
@@ -148,3 +149,41 @@ def test_failed_rename_costs_only_its_image(images, tmp_path, monkeypatch, capsy
     assert main(run) == 0  # the resume redoes b only
     assert "3 images: 1 done, 2 skipped (already done), 0 failed" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("b_*")) == ["b_classes.json", "b_labels.png", "b_overlay.png"]
+
+
+def test_resume_with_another_process_count_reports_only_this_runs_failures(images, tmp_path, capsys, one_thread):
+    out = tmp_path / "out"
+    (images / "b.png").write_bytes(b"not an image")
+    assert main(["segment", str(images / "a.png"), str(images / "b.png"), *ARGS, "--out", str(out)]) == 1
+    # as a 2-process run records it: a on rank 0, b (failed) on rank 1
+    a, b = (out / "manifest.rank0.jsonl").read_text().splitlines()
+    (out / "manifest.rank0.jsonl").write_text(a + "\n")
+    (out / "manifest.rank1.jsonl").write_text(b + "\n")
+    assert json.loads(b)["status"] == "failed"
+    # b is repaired, c breaks; one process resumes
+    shutil.copy(images / "c.png", images / "b.png")
+    (images / "c.png").write_bytes(b"not an image either")
+    capsys.readouterr()
+    assert main(["segment", str(images), *ARGS, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "3 images: 1 done, 1 skipped (already done), 1 failed" in err
+    listed = err.split("1 image(s) failed:")[1]
+    assert "c.png" in listed and "b.png" not in listed, err  # b's old failure on rank 1 is not this run's
+    assert (out / "b_labels.png").exists()
+    newest = runstore.latest(read_manifest(out), "name")
+    assert {n: r["status"] for n, r in newest.items()} == {"a": "done", "b": "done", "c": "failed"}
+    assert {n: r["run"] for n, r in newest.items()} == {"a": 1, "b": 2, "c": 2}
+    # and a third run redoes only c
+    assert main(["segment", str(images), *ARGS, "--out", str(out)]) == 1
+    assert "3 images: 0 done, 2 skipped (already done), 1 failed" in capsys.readouterr().err
+
+
+def test_latest_orders_by_run_not_by_file():
+    rank0 = [{"name": "x", "status": "done", "run": 2}, {"name": "y", "status": "failed", "run": 1}]
+    rank1 = [{"name": "x", "status": "failed", "run": 1}, {"name": "y", "status": "done", "run": 1},
+             {"name": "y", "status": "failed", "run": 1}]
+    newest = runstore.latest(rank0 + rank1, "name")
+    assert newest["x"]["status"] == "done" and newest["y"]["status"] == "failed"
+    assert runstore.next_run(rank0 + rank1) == 3 and runstore.next_run([]) == 1
+    # records written before runs were numbered: file order, as before
+    assert runstore.latest([{"name": "x", "status": "failed"}, {"name": "x", "status": "done"}], "name")["x"]["status"] == "done"

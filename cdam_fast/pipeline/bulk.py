@@ -3,12 +3,13 @@
 The output folder holds `segment.json` (the configuration its outputs belong to; another
 configuration is refused unless --overwrite) and a run manifest, one JSON-lines file per rank
 (`manifest.rank<R>.jsonl`; cdam_fast.runstore), one record per image as it completes:
-{"image", "name", "rank", "status": "done" | "failed", "outputs", "error", "seconds"}.
+{"image", "name", "rank", "status": "done" | "failed", "outputs", "error", "seconds", "run"}
+("run": the run's number, so that an image's newest record wins whichever rank file holds it).
 
 * One run at a time: rank 0 holds the folder's run lock (runstore.FolderLock) from before the
   configuration check to the end; a second run into the folder is refused at once, naming the
   running one's pid and host.
-* Resume: an image whose outputs a "done" record lists and which all exist is skipped (unless
+* Resume: an image whose newest record is "done" and whose outputs all exist is skipped (unless
   --overwrite); failed and missing images are redone. Outputs are written under temporary names
   unique to the process and renamed after their record is appended, so a crash leaves no
   half-written file that looks finished; a failed rename is that image's failure (recorded after
@@ -42,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..prefetch import prefetched
-from ..runstore import RunFolder
+from ..runstore import RunFolder, latest, next_run
 from ..validation import CdamInputError
 from . import fileio
 from .inputs import expand_inputs
@@ -85,19 +86,21 @@ class Plan:
     todo: list  # indices into the items still to segment (in input order)
     skipped: int  # finished by an earlier run
     ours: set  # output files (relative to the folder) that this folder's manifest lists
+    run: int = 1  # the number of the run that starts (every rank computes the same before anyone writes)
 
 
 def plan(items, files, folder: RunFolder, overwrite: bool) -> Plan:
-    """Which images are left, from the manifest and the files on disk."""
-    done, ours = set(), set()
+    """Which images are left, from the manifest (each image's newest record) and the files on disk."""
+    done, ours, run = set(), set(), 1
     if folder.configured:
-        for r in folder.records():
+        records = list(folder.records())
+        for r in records:
             ours.update(r.get("outputs") or ())
-            if r.get("status") == "done":
-                done.add(r.get("name"))
+        done = {name for name, r in latest(records, "name").items() if r.get("status") == "done"}
+        run = next_run(records)
     todo = [i for i, (it, group) in enumerate(zip(items, files))
             if overwrite or it.name not in done or not all(p.exists() for p in group)]
-    return Plan(todo, len(items) - len(todo), ours)
+    return Plan(todo, len(items) - len(todo), ours, run)
 
 
 def check_foreign(files, folder: RunFolder, left: Plan) -> None:
@@ -213,6 +216,7 @@ def _run_locked(args, items, files, folder: RunFolder, dist, sizes, classes, mak
     from .images import open_image
 
     left = plan(items, files, folder, args.overwrite)
+    folder.run = left.run
     mine = left.todo[dist.rank::dist.world_size]
     early = precheck(args, items, mine, sizes)
     for i in mine:
@@ -282,12 +286,9 @@ def _report(prog, dist, n_items: int, total, seconds: float, out, failures) -> i
 
 
 def _failures(folder: RunFolder, items, todo) -> list:
-    """(image, error) of this run's failed images, in input order, from every rank's manifest."""
-    names = {items[i].name for i in todo}
-    last = {}
-    for r in folder.records():
-        if r.get("name") in names:
-            last[r["name"]] = r
+    """(image, error) of this run's failed images, in input order, from every rank's manifest
+    (each image's newest record: an earlier run's failure on another rank does not count)."""
+    last = latest(folder.records(), "name")
     return [(last[items[i].name]["image"], last[items[i].name]["error"]) for i in todo
             if last.get(items[i].name, {}).get("status") == "failed"]
 
