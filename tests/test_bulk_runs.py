@@ -187,3 +187,23 @@ def test_latest_orders_by_run_not_by_file():
     assert runstore.next_run(rank0 + rank1) == 3 and runstore.next_run([]) == 1
     # records written before runs were numbered: file order, as before
     assert runstore.latest([{"name": "x", "status": "failed"}, {"name": "x", "status": "done"}], "name")["x"]["status"] == "done"
+
+
+def test_eval_output_folder_is_locked_too(tmp_path, capsys):
+    from test_eval_support import build_dataset
+
+    build_dataset("voc21", tmp_path / "voc", n=2, seed=3)
+    out = tmp_path / "eval"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from cdam_fast.runstore import FolderLock; "
+                               "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()",
+                               str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    run = ["eval", "--dataset", "voc21", "--root", str(tmp_path / "voc"), "--predictor",
+           "test_eval_support:channel_predictor", "--no-progress", "--output", str(out)]
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(run) == 2
+        assert f"is in use by another run (pid {holder.pid} on " in capsys.readouterr().err
+        assert not (out / "run.json").exists()
+    finally:
+        holder.communicate("", timeout=60)  # the holder ends: its lock goes with it
+    assert main(run) == 0 and (out / "result.json").exists() and not (out / runstore.LOCK_FILE).exists()
