@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,97 +172,83 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
 
     make_segmenter(classes, device) -> Segmenter. Returns the exit status: 0, 1 when some
     images failed, 2 when images failed and none was segmented."""
+    from tqdm.auto import tqdm
+
     from ..evaluation.distributed import distributed_context
+    from .images import open_image
 
     out = Path(args.out).expanduser()
     items = expand_inputs(args.images, exclude=out)
     files = fileio.output_paths(items, out)
     check_not_inputs(items, files)
     use_cuda = None if args.device is None else str(args.device).startswith("cuda")
-    with distributed_context(use_cuda=use_cuda) as dist:
+    with distributed_context(use_cuda=use_cuda) as dist, ExitStack() as on_exit:
         folder = RunFolder(out, run_config(args, classes, settings), dist.rank, config_file=CONFIG_FILE,
                            prefix=MANIFEST_PREFIX, option="--out")
-        held = []  # rank 0's run lock, held until the run ends
-        created = None  # the outermost folder this run created (rank 0), removed if nothing is segmented
+        created = None  # rank 0: the outermost folder this run created
 
         def check():  # before the (slow) model load, so that a refused folder fails at once
             nonlocal created
             created = _first_missing(out)
-            held.append(folder.lock())  # creates the folder to hold the lock file in
+            if created is not None:  # however the run ends, no empty folder of its own stays behind
+                on_exit.callback(_remove_empty_folders, out, created)
+            on_exit.callback(folder.lock().release)  # held for the run (rank 0 for every rank)
             folder.check(args.overwrite)
             if not args.overwrite:
                 check_foreign(files, folder, plan(items, files, folder, False))
 
-        total = None
+        dist.run_on_main(check, "use the output folder", CdamInputError)
+        left = plan(items, files, folder, args.overwrite)
+        folder.run = left.run
+        mine = left.todo[dist.rank::dist.world_size]
+        early = precheck(args, items, mine, sizes)
+        for i in mine:
+            if i in early:
+                print(f"{prog}: error: {_line(items[i].path, early[i])}", file=sys.stderr)
+        # also the point where every rank has its list, before anyone writes
+        good = int(dist.all_reduce_sum(np.array([len(mine) - len(early)], dtype=np.int64))[0])
+        counts = Counts(skipped=left.skipped if dist.is_main else 0)
+        if not good:  # nothing any rank can segment: no model, nothing written
+            counts.failed = len(early)
+            total = dist.all_reduce_sum(np.array([0, counts.skipped, counts.failed], dtype=np.int64))
+            failures = [(items[i].path, early[i]) for i in mine if i in early]
+            return _report(prog, dist, len(items), total, 0.0, out if folder.configured else None, failures)
+        # this rank's GPU under torchrun (a plain "cuda" would put every rank on one device)
+        device = str(dist.device) if dist.device is not None and args.device in (None, "cuda") else args.device
+        seg = make_segmenter(classes, device)
+
+        def prepare():
+            if args.overwrite:
+                _discard_other_configuration(folder)
+            folder.prepare(args.overwrite)
+
+        dist.run_on_main(prepare, "use the output folder", CdamInputError)  # the others wait before writing
+        start = time.perf_counter()
+        bar = tqdm(total=len(mine), desc="segment", unit="image", disable=not dist.is_main or len(items) < 2)
+
+        def load(i):
+            if i in early:
+                raise CdamInputError(early[i])
+            return open_image(items[i].path)
+
         try:
-            dist.run_on_main(check, "use the output folder", CdamInputError)
-            total, seconds, failures = _run_locked(args, items, files, folder, dist, sizes, classes, make_segmenter,
-                                                   prog)
+            for i, (image, error) in zip(mine, prefetched(_caught(load), mine, PREFETCH)):
+                ok, line = _segment_item(items[i], files[i], image, error, seg, folder, dist.rank)
+                counts.done += ok
+                counts.failed += not ok
+                if ok or i not in early:  # the pre-check already named its failures
+                    tqdm.write(line if ok else f"{prog}: error: {line}", file=sys.stdout if ok else sys.stderr)
+                bar.update(1)
         finally:
-            for lock in held:
-                lock.release()
-            finished = total is not None
-            if created is not None and not (finished and (total[0] or total[1])):
-                # nothing segmented: leave no folder behind (interrupted: only the empty ones)
-                _remove_run_folder(out, created, records=finished)
-        written = dist.is_main and folder.folder.is_dir() and folder.configured
-        return _report(prog, dist, len(items), total, seconds, out if written else None, failures)
-
-
-def _run_locked(args, items, files, folder: RunFolder, dist, sizes, classes, make_segmenter, prog):
-    """The run once the folder is checked and locked: (counts summed over ranks, seconds, failures
-    to list (rank 0))."""
-    from tqdm.auto import tqdm
-
-    from .images import open_image
-
-    left = plan(items, files, folder, args.overwrite)
-    folder.run = left.run
-    mine = left.todo[dist.rank::dist.world_size]
-    early = precheck(args, items, mine, sizes)
-    for i in mine:
-        if i in early:
-            print(f"{prog}: error: {_line(items[i].path, early[i])}", file=sys.stderr)
-    # also the point where every rank has its list, before anyone writes
-    good = int(dist.all_reduce_sum(np.array([len(mine) - len(early)], dtype=np.int64))[0])
-    counts = Counts(skipped=left.skipped if dist.is_main else 0)
-    if not good:  # nothing any rank can segment: no model, nothing written
-        counts.failed = len(early)
-        total = dist.all_reduce_sum(np.array([0, counts.skipped, counts.failed], dtype=np.int64))
-        return total, 0.0, [(items[i].path, early[i]) for i in mine if i in early]
-    # this rank's GPU under torchrun (a plain "cuda" would put every rank on one device)
-    device = str(dist.device) if dist.device is not None and args.device in (None, "cuda") else args.device
-    seg = make_segmenter(classes, device)
-
-    def prepare():
-        if args.overwrite:
-            _discard_other_configuration(folder)
-        folder.prepare(args.overwrite)
-
-    dist.run_on_main(prepare, "use the output folder", CdamInputError)  # the others wait before writing
-    start = time.perf_counter()
-    bar = tqdm(total=len(mine), desc="segment", unit="image", disable=not dist.is_main or len(items) < 2)
-
-    def load(i):
-        if i in early:
-            raise CdamInputError(early[i])
-        return open_image(items[i].path)
-
-    try:
-        for i, (image, error) in zip(mine, prefetched(_caught(load), mine, PREFETCH)):
-            ok, line = _segment_item(items[i], files[i], image, error, seg, folder, dist.rank)
-            counts.done += ok
-            counts.failed += not ok
-            if ok or i not in early:  # the pre-check already named its failures
-                tqdm.write(line if ok else f"{prog}: error: {line}", file=sys.stdout if ok else sys.stderr)
-            bar.update(1)
-    finally:
-        bar.close()
-        folder.close()
-    total = dist.all_reduce_sum(np.array([counts.done, counts.skipped, counts.failed], dtype=np.int64))
-    seconds = time.perf_counter() - start  # after the reduction: the slowest rank's time
-    failures = _failures(folder, items, left.todo) if dist.is_main and total[2] else []
-    return total, seconds, failures
+            bar.close()
+            folder.close()
+        total = dist.all_reduce_sum(np.array([counts.done, counts.skipped, counts.failed], dtype=np.int64))
+        seconds = time.perf_counter() - start  # after the reduction: the slowest rank's time
+        failures = _failures(folder, items, left.todo) if dist.is_main and total[2] else []
+        if dist.is_main and created is not None and not total[0] and not total[1]:
+            _remove_run_folder(out, created)  # nothing segmented: leave no folder behind
+            out = None
+        return _report(prog, dist, len(items), total, seconds, out, failures)
 
 
 def _report(prog, dist, n_items: int, total, seconds: float, out, failures) -> int:
@@ -303,15 +290,18 @@ def _first_missing(path: Path):
     return missing
 
 
-def _remove_run_folder(out: Path, top: Path, records: bool = True) -> None:
-    """Remove what a run that segmented nothing wrote (its configuration and manifest if
-    `records`, empty folders) up to `top`, the outermost folder it created; anything else stays."""
-    for p in [out / CONFIG_FILE, *out.glob(f"{MANIFEST_PREFIX}.rank*.jsonl")] if records else ():
+def _remove_run_folder(out: Path, top: Path) -> None:
+    """Remove what a run that segmented nothing wrote (its configuration and manifest, empty
+    folders) up to `top`, the outermost folder it created; anything else stays."""
+    for p in [out / CONFIG_FILE, *out.glob(f"{MANIFEST_PREFIX}.rank*.jsonl")]:
         p.unlink(missing_ok=True)
-    if not out.is_dir():
-        return
     for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         _rmdir(d)
+    _remove_empty_folders(out, top)
+
+
+def _remove_empty_folders(out: Path, top: Path) -> None:
+    """Remove `out` and its parents up to `top` while they are empty."""
     for d in (out, *out.parents):
         if not _rmdir(d) or d == top:
             break
