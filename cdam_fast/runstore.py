@@ -32,6 +32,7 @@ except ImportError:  # not POSIX: runs into one folder are not locked against ea
     fcntl = None
 
 LOCK_FILE = ".run.lock"
+_GRACE_S = 0.5  # how long acquire() retries a held lock even when not asked to wait
 
 
 class StoreError(RuntimeError):
@@ -47,6 +48,7 @@ class RunFolder:
         self.config_file, self.prefix, self.option = config_file, prefix, option
         self._file = None
         self.run = None  # the run number append() stamps on records (None: not stamped)
+        self._lock = None  # this run's FolderLock, once taken
 
     def lock(self, wait_s: float = 0.0) -> "FolderLock":
         """Create the folder if needed and take its run lock (see FolderLock.acquire); the caller
@@ -55,14 +57,18 @@ class RunFolder:
             raise StoreError(f"output {str(self.folder)!r} exists and is not a folder")
         lock = FolderLock(self.folder, self.option)
         lock.acquire(wait_s)
+        self._lock = lock
         return lock
 
     # set-up (rank 0 only, before the other ranks read) ------------------------------------
 
     def check(self, overwrite: bool = False) -> None:
-        """Refuse a folder holding another configuration's results (unless `overwrite`); writes nothing."""
+        """Refuse a folder holding another configuration's results (unless `overwrite`), or one
+        that another run holds (unless this one took the lock); writes nothing."""
         if self.folder.exists() and not self.folder.is_dir():
             raise StoreError(f"output {str(self.folder)!r} exists and is not a folder")
+        if self._lock is None or not self._lock.held:
+            FolderLock(self.folder, self.option).check_free()
         config_path = self.folder / self.config_file
         if config_path.exists() and not overwrite:
             try:
@@ -151,9 +157,10 @@ def latest(records, key: str) -> dict:
 class FolderLock:
     """The run lock of a results folder: an exclusive flock on FOLDER/.run.lock, held for one run.
 
-    acquire(wait_s) takes it or, while another process holds it for longer than wait_s, raises
-    StoreError naming the folder and the holder (pid, host, since when: the holder writes them
-    into the file). release() removes the file and drops the lock; a holder that dies without
+    acquire(wait_s) takes it or, while another process holds it for longer than wait_s (at
+    least half a second), raises StoreError naming the folder and the holder (pid, host, since
+    when: the holder writes them into the file); check_free() raises the same without taking it
+    (RunFolder.check uses it, so a check before a model loads already refuses a busy folder). release() removes the file and drops the lock; a holder that dies without
     releasing leaves the file, unlocked, for the next run to take over. Locks on network file
     systems are as good as the file system's flock (NFS maps it to its own locks).
     """
@@ -175,7 +182,8 @@ class FolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create output folder {str(self.folder)!r}: {e.strerror or e}") from None
-        deadline = time.monotonic() + max(0.0, wait_s)
+        # at least a moment: another process may be holding it for check_free's instant
+        deadline = time.monotonic() + max(_GRACE_S, wait_s)
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -198,6 +206,23 @@ class FolderLock:
                   "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(holder) + "\n").encode())
+
+    def check_free(self) -> None:
+        """Raise acquire's StoreError if another process holds the lock now; writes nothing."""
+        if fcntl is None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file, no holder
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                raise StoreError(self._busy_message()) from None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is None:

@@ -189,10 +189,14 @@ def test_latest_orders_by_run_not_by_file():
     assert runstore.latest([{"name": "x", "status": "failed"}, {"name": "x", "status": "done"}], "name")["x"]["status"] == "done"
 
 
-def test_eval_output_folder_is_locked_too(tmp_path, capsys):
+def test_eval_output_folder_is_locked_too(tmp_path, capsys, monkeypatch):
+    import test_eval_support
     from test_eval_support import build_dataset
 
     build_dataset("voc21", tmp_path / "voc", n=2, seed=3)
+    loaded = []
+    real = test_eval_support.channel_predictor
+    monkeypatch.setattr(test_eval_support, "channel_predictor", lambda d: loaded.append(1) or real(d))
     out = tmp_path / "eval"
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from cdam_fast.runstore import FolderLock; "
                                "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()",
@@ -203,7 +207,8 @@ def test_eval_output_folder_is_locked_too(tmp_path, capsys):
         assert holder.stdout.readline().strip() == "held"
         assert main(run) == 2
         assert f"is in use by another run (pid {holder.pid} on " in capsys.readouterr().err
-        assert not (out / "run.json").exists()
+        assert not (out / "run.json").exists() and not loaded  # refused before the model loads
     finally:
         holder.communicate("", timeout=60)  # the holder ends: its lock goes with it
     assert main(run) == 0 and (out / "result.json").exists() and not (out / runstore.LOCK_FILE).exists()
+    assert loaded == [1]
