@@ -138,20 +138,23 @@ def next_run(records) -> int:
     return 1 + max((r.get("run") or 0 for r in records if isinstance(r.get("run"), int)), default=0)
 
 
-def latest(records, key: str) -> dict:
-    """{record[key]: the newest record with that key} among `records` (as RunFolder.records
-    yields them): a record of a later run wins over an earlier run's, whichever rank file holds
-    each; within one run a later line wins (a run writes each item from one rank). Records
-    without a run number count as run 0."""
+def latest(records, key) -> dict:
+    """{item: the newest record of that item} among `records` (as RunFolder.records yields
+    them), where an item is record[key], or the tuple of record[k] for a tuple of keys (e.g.
+    ("name", "band")); records missing a key are left out. A record of a later run wins over an
+    earlier run's, whichever rank file holds each; within one run a later line wins (a run
+    writes each item from one rank). Records without a run number count as run 0."""
+    fields = (key,) if isinstance(key, str) else tuple(key)
     newest = {}
     for r in records:
-        k = r.get(key)
-        if k is None:
+        values = tuple(r.get(k) for k in fields)
+        if any(v is None for v in values):
             continue
+        item = values[0] if isinstance(key, str) else values
         run = r.get("run") if isinstance(r.get("run"), int) else 0
-        if k not in newest or run >= newest[k][0]:
-            newest[k] = (run, r)
-    return {k: r for k, (_, r) in newest.items()}
+        if item not in newest or run >= newest[item][0]:
+            newest[item] = (run, r)
+    return {item: r for item, (_, r) in newest.items()}
 
 
 class FolderLock:

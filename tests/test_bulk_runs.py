@@ -185,6 +185,11 @@ def test_latest_orders_by_run_not_by_file():
     newest = runstore.latest(rank0 + rank1, "name")
     assert newest["x"]["status"] == "done" and newest["y"]["status"] == "failed"
     assert runstore.next_run(rank0 + rank1) == 3 and runstore.next_run([]) == 1
+    # items named by several fields (e.g. one image's bands)
+    bands = [{"name": "x", "band": 0, "status": "done", "run": 1}, {"name": "x", "band": 1, "status": "failed", "run": 1},
+             {"name": "x", "band": 1, "status": "done", "run": 2}, {"name": "x", "status": "done", "run": 3}]
+    assert {k: r["status"] for k, r in runstore.latest(bands, ("name", "band")).items()} == {
+        ("x", 0): "done", ("x", 1): "done"}
     # records written before runs were numbered: file order, as before
     assert runstore.latest([{"name": "x", "status": "failed"}, {"name": "x", "status": "done"}], "name")["x"]["status"] == "done"
 
