@@ -84,12 +84,15 @@ def test_second_run_refused_while_one_runs_and_kill_9_leaves_no_lock(images, tmp
         first.send_signal(signal.SIGKILL)  # dies holding the lock, as a crashed run does
         first.communicate(timeout=60)
     assert (out / runstore.LOCK_FILE).exists()  # the dead run's file stays, unlocked
+    # as a run killed while writing leaves them: a temporary file of ours, and a file of the user's
+    (out / ".a_labels.part4242-0123abcd.png").write_bytes(b"half a png")
+    (out / ".notes.part1-0123abcd.png").write_bytes(b"not ours")
     # the next run is not blocked: it resumes (nothing was finished) and ends cleanly
     assert main(["segment", *run]) == 0
     assert "2 images: 2 done, 0 skipped (already done), 0 failed" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [
-        "a_classes.json", "a_labels.png", "a_overlay.png", "b_classes.json", "b_labels.png", "b_overlay.png",
-        "manifest.rank0.jsonl", "segment.json"]  # no lock file, no temporary files
+        ".notes.part1-0123abcd.png", "a_classes.json", "a_labels.png", "a_overlay.png", "b_classes.json",
+        "b_labels.png", "b_overlay.png", "manifest.rank0.jsonl", "segment.json"]  # no lock file, no temporary files
 
 
 def test_two_runs_after_one_another_and_lock_waits(tmp_path):
@@ -118,6 +121,12 @@ def test_partial_names_are_unique_to_each_writer(tmp_path):
     for p, q, final in zip(one, two, paths):
         assert p != q and p.parent == q.parent == final.parent and p.suffix == final.suffix
         assert p.name.startswith(".x_") and f".part{os.getpid()}-" in p.name
+    # what a writer killed mid-write leaves is found again (and nothing else)
+    (tmp_path / "out").mkdir()
+    for p in one:
+        p.write_bytes(b"")
+    (tmp_path / "out" / ".y_labels.part1-0123abcd.png").write_bytes(b"")
+    assert fileio.stale_partials([paths]) == sorted(one)
     # and in another process
     code = ("import sys; from pathlib import Path; from cdam_fast.pipeline import fileio; "
             f"print(fileio.partial_paths(fileio.output_paths([Path({str(tmp_path / 'x.png')!r})], "

@@ -221,6 +221,7 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
             if args.overwrite:
                 _discard_other_configuration(folder)
             folder.prepare(args.overwrite)
+            fileio.discard(fileio.stale_partials(files))  # left by a killed run; the lock keeps writers out
 
         dist.run_on_main(prepare, "use the output folder", CdamInputError)  # the others wait before writing
         start = time.perf_counter()
