@@ -12,8 +12,9 @@ configuration is refused unless --overwrite) and a run manifest, one JSON-lines 
 * Resume: an image whose newest record is "done" and whose outputs all exist is skipped (unless
   --overwrite); failed and missing images are redone. Outputs are written under temporary names
   unique to the process and renamed after their record is appended, so a crash leaves no
-  half-written file that looks finished; a failed rename is that image's failure (recorded after
-  the "done" one, its outputs removed). Output files that exist but no record of this folder
+  half-written file that looks finished (the temporary files a killed run left are removed when
+  the next one starts); a failed rename is that image's failure (recorded after the "done" one,
+  its outputs removed). Output files that exist but no record of this folder
   lists are someone else's: the run is refused unless --overwrite.
 * Sharding (torchrun): every rank expands the same inputs, learns the images still to do from
   the folder (every rank before anyone writes), and takes every K-th of them; a rank writes
