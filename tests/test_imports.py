@@ -229,3 +229,18 @@ def test_kernels_import_only_kernels_and_leaf_modules(graph):
 def test_the_kernels_leaf_modules_import_nothing_above_them(graph):
     bad = [f"{m} line {line}: {t}" for m in KERNEL_LEAVES for t, line in graph[m].items() if t not in LEAF_MAY_IMPORT]
     assert not bad, "\n".join(bad)
+
+
+def test_scripts_import_the_package_not_the_tests():
+    """scripts/ run against the package: they neither edit sys.path (to reach tests/) nor import
+    the test-suite's modules."""
+    test_modules = {p.stem for p in (ROOT / "tests").glob("*.py")}
+    bad = []
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                bad.append(f"{script.name} line {node.lineno}: sys.path")
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{script.name} line {node.lineno}: imports {n}" for n in names if n.split(".")[0] in test_modules]
+    assert not bad, "\n".join(bad)
