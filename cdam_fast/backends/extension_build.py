@@ -287,9 +287,9 @@ class _Cached:
     def report(self) -> str | None:
         """Why the extension cannot run here, without building it: the remembered outcome once
         built, else None for a complete cached build or for one that can be built (toolchain
-        present, cache writable), else the reason. Cheap: no compiler runs, nothing is written."""
-        with self._lock:
-            result = self._result
+        present, cache writable), else the reason. Cheap: no compiler runs, nothing is written,
+        and it does not wait for a build another thread is running."""
+        result = self._result
         if result is not None:
             return str(result) if isinstance(result, ExtensionBuildError) else None
         spec, root = self._make_spec(), build_root()
