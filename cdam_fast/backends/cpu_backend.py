@@ -17,12 +17,12 @@ from .shared import ExtensionOps, dtype_reason
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cpu":
         return f"it runs CPU tensors only (got a {device.type} tensor)"
-    return dtype_reason(dtype) or cpu_extension.failure()
+    return dtype_reason(dtype) or cpu_extension.report()  # reports, never builds
 
 
 def not_supported_reasons(call) -> list[str]:
     # The kernels index with int64 and loop over the batch: no size limits beyond memory.
-    why = unavailable_reason(call.device, call.compute_dtype)
+    why = unavailable_reason(call.device, call.compute_dtype) or cpu_extension.failure()  # builds on first use
     return [why] if why else []
 
 

@@ -29,14 +29,14 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     cap = torch.cuda.get_device_capability(device)
     if cap < MIN_CAPABILITY:
         return f"it needs compute capability 8.0 or newer (bf16 tensor cores); this GPU is sm_{cap[0]}{cap[1]}"
-    return cuda_extension.failure()
+    return cuda_extension.report()  # reports, never builds
 
 
 def not_supported_reasons(call) -> list[str]:
     """Limits of the current launches: one-dimensional grids of at most 2^31 - 1 blocks (the
     largest is the multi-scale map's, B x N x N/256), int32 row and class counts and tap
     indices, at most MAX_SCALES scales."""
-    why = unavailable_reason(call.device, call.compute_dtype)
+    why = unavailable_reason(call.device, call.compute_dtype) or cuda_extension.failure()  # builds on first use
     if why:
         return [why]
     B, N, M, C = call.batch, call.tokens(), call.keys(), call.classes()

@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..distributed import DistContext
 from ..prefetch import prefetched
 from .datasets import SegmentationDataset
-from .distributed import DistContext
 from .metrics import PredictionError, Scores, add_sparse, confusion_matrix, scores
 from .store import ResultStore
 

@@ -175,7 +175,7 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
     images failed, 2 when images failed and none was segmented."""
     from tqdm.auto import tqdm
 
-    from ..evaluation.distributed import distributed_context
+    from ..distributed import distributed_context
     from .images import open_image
 
     out = Path(args.out).expanduser()
