@@ -45,11 +45,31 @@ inline Vec log2v(const Vec& s) {
   return cdam::log2_nonneg(at::vec::maximum(s, Vec(cdam::kTinyMass)));
 #endif
 }
+// log2(s w) for sums s = p + q >= 0, exact for every s > 0 when kTiny (some entry of the call
+// lies in (0, kTinySum): only then can a sum be that small). Such sums are scaled by
+// 2^kTinySumExponent before the product (exact: a power of two) and the exponent is taken off
+// after, so s w is a normal float far above kTinyMass; other sums give log2v(s w) bit for bit.
+// Without kTiny (the usual case) it is log2v(s w): the check costs nothing in the inner loops.
+template <bool kTiny>
+inline Vec log2_sum(const Vec& s, const Vec& w) {
+  if constexpr (kTiny) {
+    static const float scale = std::ldexp(1.f, int(cdam::kTinySumExponent));
+    const Vec small = s < Vec(cdam::kTinySum);  // all-ones lanes where s is tiny
+    return log2v(Vec::blendv(s, s * Vec(scale), small) * w) - (small & Vec(cdam::kTinySumExponent));
+  } else {
+    return log2v(s * w);
+  }
+}
+
+// Whether some entry of t lies in (0, kTinySum): whether the calls above need their kTiny form.
+bool has_tiny(const at::Tensor& t) { return ((t > 0) & (t < cdam::kTinySum)).any().item<bool>(); }
+
 float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
 
 // For rows [i0, i1) of batch element b with score gradients G (row i at G + (i - i0) * Mp, zero
 // on padded keys) and centring weights w [C]: T[i, c] = sum_j G_ij (lp_ic - log2(s_ijc w_c)) and,
 // if U is given, U[c, j] += sum_i G_ij (lk_cj - log2(s_ijc w_c)), through per-thread buffers summed at the end.
+template <bool kTiny>
 void class_terms(const float* p, const float* lp, const float* kT, const float* lkT, const float* w, const float* G,
                  int64_t i0, int64_t i1, int64_t C, int64_t Mp, float* T, float* U) {
   const int64_t threads = at::get_num_threads();
@@ -65,7 +85,7 @@ void class_terms(const float* p, const float* lp, const float* kT, const float* 
       for (int64_t j = 0; j < Mp; j += kLanes) {
         const Vec g = Vec::loadu(grow + j);
         for (int64_t c = 0; c < C; ++c) {
-          const Vec lg = log2v((Vec(prow[c]) + Vec::loadu(kT + c * Mp + j)) * Vec(w[c]));
+          const Vec lg = log2_sum<kTiny>(Vec(prow[c]) + Vec::loadu(kT + c * Mp + j), Vec(w[c]));
           tacc[c] = at::vec::fmadd(g, Vec(lprow[c]) - lg, tacc[c]);
           if (ut) {
             Vec u = Vec::loadu(ut + c * Mp + j);
@@ -91,8 +111,9 @@ std::vector<at::Tensor> jsd_class_grads(const at::Tensor& p, const at::Tensor& l
   const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2);
   at::Tensor T = at::zeros({B, N, C}, p.options());
   at::Tensor U = keys_too ? at::zeros({B, C, Mp}, p.options()) : at::Tensor();
+  const auto terms = has_tiny(p) || has_tiny(kT) ? class_terms<true> : class_terms<false>;
   for (int64_t b = 0; b < B; ++b)
-    class_terms(p.data_ptr<float>() + b * N * C, lp.data_ptr<float>() + b * N * C,
+    terms(p.data_ptr<float>() + b * N * C, lp.data_ptr<float>() + b * N * C,
                 kT.data_ptr<float>() + b * C * Mp, lkT.data_ptr<float>() + b * C * Mp, w.data_ptr<float>() + b * C,
                 G.data_ptr<float>() + b * N * Mp, 0, N, C, Mp, T.data_ptr<float>() + b * N * C,
                 keys_too ? U.data_ptr<float>() + b * C * Mp : nullptr);
@@ -213,6 +234,7 @@ void gradient_row(int kind, double param, const float* jr, float* wr, const floa
 // key j and J's class sum jrow[j] = sum_c s log2(s w), blocked as the forward (kClassBlock
 // classes into fresh partial sums `part`, then into the total). Class-major: every stream (keys,
 // logs, the row's sums) is read or written in order; two vectors per step for independent logs.
+template <bool kTiny>
 void row_logs(const float* prow, const float* __restrict kb, const float* __restrict wb, int64_t C, int64_t Mp,
               float* __restrict logs, float* __restrict jrow, float* __restrict part) {
   std::fill(jrow, jrow + Mp, 0.f);
@@ -224,7 +246,7 @@ void row_logs(const float* prow, const float* __restrict kb, const float* __rest
       float* __restrict lc = logs + c * Mp;
       for (int64_t j = 0; j < Mp; j += 2 * kLanes) {
         const Vec s0 = pc + Vec::loadu(kc + j), s1 = pc + Vec::loadu(kc + j + kLanes);
-        const Vec l0 = log2v(s0 * wc), l1 = log2v(s1 * wc);
+        const Vec l0 = log2_sum<kTiny>(s0, wc), l1 = log2_sum<kTiny>(s1, wc);
         l0.store(lc + j);
         l1.store(lc + j + kLanes);
         at::vec::fmadd(s0, l0, Vec::loadu(part + j)).store(part + j);
@@ -276,6 +298,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
   const int64_t threads = at::get_num_threads();
   std::vector<float> u_local(threads * C * Mp);
   float* w = W.data_ptr<float>();
+  const auto logs_of_row = has_tiny(p) || has_tiny(kT) ? row_logs<true> : row_logs<false>;
   for (int64_t b = 0; b < B; ++b) {
     const float* pb = p.data_ptr<float>() + b * N * C;
     const float* lpb = lp.data_ptr<float>() + b * N * C;
@@ -295,7 +318,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
         std::vector<float> logs(C * Mp), jrow(Mp), part(Mp), grow(Mp);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = i0 + r;
-          row_logs(pb + i * C, kb, wb, C, Mp, logs.data(), jrow.data(), part.data());
+          logs_of_row(pb + i * C, kb, wb, C, Mp, logs.data(), jrow.data(), part.data());
           const Vec ri(rp.data_ptr<float>()[b * N + i]);
           for (int64_t j = 0; j < Mp; j += kLanes) {
             const Vec jv = (ri + Vec::loadu(rkb + j) - Vec::loadu(jrow.data() + j)) * Vec(cdam::kHalfLn2);
