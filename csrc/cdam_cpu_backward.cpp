@@ -16,6 +16,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -66,16 +67,44 @@ bool has_tiny(const at::Tensor& t) { return ((t > 0) & (t < cdam::kTinySum)).any
 
 float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
 
+// The per-task buffers of the passes below (key-side class sums U, C x Mp floats, and in the
+// attention backward a row's C x Mp logs) are the backward's only memory that grows with the
+// thread count (64 threads at C = 1000, M = 16k: ~4 GB each). They are bounded by the memory
+// policy's budget (cdam_fast/memory.py, passed as buffer_budget bytes; negative: no bound): rows
+// are split into `tasks` contiguous blocks, each with its own buffers, and at most
+// min(threads, budget / per_task_bytes) tasks exist, at least one (one task's buffers are the
+// least these passes need). last_buffer_bytes() reports what the last call allocated.
+std::atomic<int64_t> g_buffer_bytes{0};
+
+int64_t task_count(int64_t buffer_budget, int64_t per_task_bytes, int64_t rows) {
+  int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(rows, 1));
+  if (buffer_budget >= 0) tasks = std::min(tasks, buffer_budget / std::max<int64_t>(per_task_bytes, 1));
+  return std::max<int64_t>(tasks, 1);
+}
+
+int64_t last_buffer_bytes() { return g_buffer_bytes.load(); }
+
+// fn(task, begin, end) for `tasks` contiguous blocks of [i0, i1), the tasks run in parallel.
+template <typename F>
+void for_each_task(int64_t i0, int64_t i1, int64_t tasks, const F& fn) {
+  const int64_t per = (i1 - i0 + tasks - 1) / tasks;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(t, i0 + t * per, std::min(i1, i0 + (t + 1) * per));
+  });
+}
+
 // For rows [i0, i1) of batch element b with score gradients G (row i at G + (i - i0) * Mp, zero
 // on padded keys) and centring weights w [C]: T[i, c] = sum_j G_ij (lp_ic - log2(s_ijc w_c)) and,
 // if U is given, U[c, j] += sum_i G_ij (lk_cj - log2(s_ijc w_c)), through per-thread buffers summed at the end.
 template <bool kTiny>
 void class_terms(const float* p, const float* lp, const float* kT, const float* lkT, const float* w, const float* G,
-                 int64_t i0, int64_t i1, int64_t C, int64_t Mp, float* T, float* U) {
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> u_local(U ? threads * C * Mp : 0, 0.f);
-  at::parallel_for(i0, i1, 1, [&](int64_t begin, int64_t end) {
-    float* ut = U ? u_local.data() + at::get_thread_num() * C * Mp : nullptr;
+                 int64_t i0, int64_t i1, int64_t C, int64_t Mp, float* T, float* U, int64_t buffer_budget) {
+  const int64_t tasks = U ? task_count(buffer_budget, C * Mp * int64_t(sizeof(float)), i1 - i0)
+                          : task_count(-1, 0, i1 - i0);
+  std::vector<float> u_local(U ? tasks * C * Mp : 0, 0.f);
+  g_buffer_bytes = int64_t(u_local.size() * sizeof(float));
+  for_each_task(i0, i1, tasks, [&](int64_t task, int64_t begin, int64_t end) {
+    float* ut = U ? u_local.data() + task * C * Mp : nullptr;
     std::vector<Vec> tacc(C);
     for (int64_t i = begin; i < end; ++i) {
       const float* prow = p + i * C;
@@ -98,7 +127,7 @@ void class_terms(const float* p, const float* lp, const float* kT, const float* 
   });
   if (U) {
     at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < threads; ++t)
+      for (int64_t t = 0; t < tasks; ++t)
         for (int64_t k = begin; k < end; ++k) U[k] += u_local[t * C * Mp + k];
     });
   }
@@ -107,7 +136,7 @@ void class_terms(const float* p, const float* lp, const float* kT, const float* 
 // pairwise_jsd: given G [B, N, Mp] (zero-padded), T [B, N, C] and, if keys_too, U [B, C, Mp].
 std::vector<at::Tensor> jsd_class_grads(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& kT,
                                         const at::Tensor& lkT, const at::Tensor& w, const at::Tensor& G,
-                                        bool keys_too) {
+                                        bool keys_too, int64_t buffer_budget) {
   const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2);
   at::Tensor T = at::zeros({B, N, C}, p.options());
   at::Tensor U = keys_too ? at::zeros({B, C, Mp}, p.options()) : at::Tensor();
@@ -116,7 +145,7 @@ std::vector<at::Tensor> jsd_class_grads(const at::Tensor& p, const at::Tensor& l
     terms(p.data_ptr<float>() + b * N * C, lp.data_ptr<float>() + b * N * C,
                 kT.data_ptr<float>() + b * C * Mp, lkT.data_ptr<float>() + b * C * Mp, w.data_ptr<float>() + b * C,
                 G.data_ptr<float>() + b * N * Mp, 0, N, C, Mp, T.data_ptr<float>() + b * N * C,
-                keys_too ? U.data_ptr<float>() + b * C * Mp : nullptr);
+                keys_too ? U.data_ptr<float>() + b * C * Mp : nullptr, buffer_budget);
   return {T, keys_too ? U : at::zeros({0}, p.options())};
 }
 
@@ -286,7 +315,7 @@ void row_class_sums(const float* __restrict grow, const float* __restrict logs, 
 std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& rp,
                                            const at::Tensor& kT, const at::Tensor& lkT, const at::Tensor& rk,
                                            const at::Tensor& cw, const at::Tensor& v, const at::Tensor& g, int64_t kind,
-                                           double param, bool self) {
+                                           double param, bool self, int64_t buffer_budget) {
   const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2), M = v.size(1);
   TORCH_CHECK(Mp > 0 && Mp % (2 * kLanes) == 0, "attention_backward: keys must be padded to a positive multiple of ",
               2 * kLanes);
@@ -295,8 +324,10 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
   at::Tensor gv = at::zeros({B, M, v.size(2)}, p.options());
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, kChunkFloats / Mp));
   at::Tensor W = at::zeros({R, Mp}, p.options()), GV = at::empty({R, M}, p.options());
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> u_local(threads * C * Mp);
+  // per task: its key-side sums and its row's logs (C x Mp each), and three Mp rows
+  const int64_t tasks = task_count(buffer_budget, (2 * C + 3) * Mp * int64_t(sizeof(float)), std::min(N, R));
+  std::vector<float> u_local(tasks * C * Mp);
+  g_buffer_bytes = tasks * (2 * C + 3) * Mp * int64_t(sizeof(float));
   float* w = W.data_ptr<float>();
   const auto logs_of_row = has_tiny(p) || has_tiny(kT) ? row_logs<true> : row_logs<false>;
   for (int64_t b = 0; b < B; ++b) {
@@ -313,8 +344,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
       const at::Tensor g_rows = g[b].narrow(0, i0, nr);
       at::Tensor gvr = GV.narrow(0, 0, nr);
       at::mm_out(gvr, g_rows, v[b].t());  // g_i . v_j
-      at::parallel_for(0, nr, 1, [&](int64_t begin, int64_t end) {
-        float* ut = u_local.data() + at::get_thread_num() * C * Mp;
+      for_each_task(0, nr, std::min(tasks, nr), [&](int64_t task, int64_t begin, int64_t end) {
+        float* ut = u_local.data() + task * C * Mp;
         std::vector<float> logs(C * Mp), jrow(Mp), part(Mp), grow(Mp);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = i0 + r;
@@ -339,7 +370,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
     }
     float* Ub = U.data_ptr<float>() + b * C * Mp;
     at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < threads; ++t)
+      for (int64_t t = 0; t < tasks; ++t)
         for (int64_t k = begin; k < end; ++k) Ub[k] += u_local[t * C * Mp + k];
     });
   }
@@ -363,10 +394,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cdam_fast CPU backward kernels (see cdam_fast/autograd/cpu_backward.py)";
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("jsd_class_grads", &jsd_class_grads, "per-class gradient sums of sum_ij G_ij J_ij", py::arg("p"),
-        py::arg("lp"), py::arg("kT"), py::arg("lkT"), py::arg("w"), py::arg("G"), py::arg("keys_too"), nogil);
+        py::arg("lp"), py::arg("kT"), py::arg("lkT"), py::arg("w"), py::arg("G"), py::arg("keys_too"),
+        py::arg("buffer_budget") = -1, nogil);
   m.def("attention_backward", &attention_backward,
         "backward of softmax(-J / tau) @ v (kind 0) or cdam_map(p, alpha) @ v (kind 1)", py::arg("p"), py::arg("lp"),
         py::arg("rp"), py::arg("kT"), py::arg("lkT"), py::arg("rk"), py::arg("w"), py::arg("v"), py::arg("g"), py::arg("kind"),
-        py::arg("param"), py::arg("self"), nogil);
+        py::arg("param"), py::arg("self"), py::arg("buffer_budget") = -1, nogil);
+  m.def("last_buffer_bytes", &last_buffer_bytes, "bytes of per-task buffers the last backward call allocated");
   m.def("log2_values", &log2_values, "the backward's log2 of max(x, kTinyMass), elementwise (for tests)", py::arg("x"));
 }
