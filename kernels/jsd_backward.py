@@ -18,7 +18,7 @@ import triton.language as tl
 from .. import constants
 from ..centring import centring_weights, log_terms
 from ..opspec import stats_saved
-from .common import TINY, blocks, fast_log, flat_grid, jsd_tile, log2, poly_logs, tile_ids
+from .common import blocks, fast_log, flat_grid, jsd_tile, log2, log2_sum, poly_logs, tile_ids
 from .jsd import class_major, operands
 from .jsd_attention import logit_scale
 
@@ -43,7 +43,7 @@ def _accumulate_class_terms(aT, bT, wc, laT, lbT, G, offs_m, offs_n, mask_m, mas
         a = tl.load(aT + c64 * n_a + offs_m, mask=mask_m, other=0.0).to(tl.float32)
         b = tl.load(bT + c64 * n_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         w = tl.load(wc + c64)
-        lg = log2(tl.maximum((a[:, None] + b[None, :]) * w, TINY), FAST_LOG)
+        lg = log2_sum(a[:, None] + b[None, :], w, FAST_LOG)
         if QUERY_SIDE:
             la = tl.load(laT + c64 * n_a + offs_m, mask=mask_m, other=0.0)
             t = tl.sum(G * (la[:, None] - lg), axis=1)
@@ -157,7 +157,7 @@ def _accumulate_query_moments(pT, qT, wc, lpT, w, wgk, shift, offs_m, offs_n, ma
         a = tl.load(pT + c64 * n_p + offs_m, mask=mask_m, other=0.0).to(tl.float32)
         b = tl.load(qT + c64 * n_q + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         la = tl.load(lpT + c64 * n_p + offs_m, mask=mask_m, other=0.0)
-        lg = log2(tl.maximum((a[:, None] + b[None, :]) * tl.load(wc + c64), TINY), FAST_LOG)
+        lg = log2_sum(a[:, None] + b[None, :], tl.load(wc + c64), FAST_LOG)
         lt = la[:, None] - lg
         px = acc_x + c64 * n_p + offs_m
         py = acc_y + c64 * n_p + offs_m

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import constants
+from .. import constants, memory
 from ..backends import extension_build as eb
 from ..backends import cpu_backend
 from ..centring import centring_weights, log_terms, row_terms
@@ -66,20 +66,22 @@ def pairwise_jsd_backward(grad, p, q):
         g.diagonal(dim1=-2, dim2=-1).zero_()
     kT, lkT, _ = _keys(p if q is None else q, w)
     g = F.pad(g, (0, kT.shape[2] - g.shape[2])).contiguous()
-    T, U = mod.jsd_class_grads(pp, lp, kT, lkT, w, g, q is not None)
+    T, U = mod.jsd_class_grads(pp, lp, kT, lkT, w, g, q is not None, memory.resolve_budget(None))
     if q is None:
         return _finish(T, p), None
     return _finish(T, p), _finish(U[:, :, :q.shape[1]].transpose(1, 2), q)
 
 
-def _attention(kind, param, grad, p, v, q):
+def _attention(kind, param, grad, p, v, q, memory_budget=None):
+    """memory_budget (bytes; None: the policy's default) bounds the kernel's per-task buffers."""
     mod = extension.module()
     w = centring_weights(p, q)  # the forward's centring weights and row terms (cdam_fast/centring.py)
     pp, lp = _rows(p, w)
     keys = p if q is None else q
     kT, lkT, rk = _keys(keys, w)
     T, U, gv = mod.attention_backward(pp, lp, row_terms(p, w), kT, lkT, rk, w, v.float().contiguous(),
-                                      grad.float().contiguous(), kind, float(param), q is None)
+                                      grad.float().contiguous(), kind, float(param), q is None,
+                                      memory.resolve_budget(memory_budget))
     gk = _finish(U[:, :, :keys.shape[1]].transpose(1, 2), keys)
     if q is None:
         return _finish(T, p) + gk, gv, None
@@ -93,10 +95,10 @@ def jsd_attention_backward(grad, p, v, q, tau, lse=None):
 
 
 def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, stats=None):
-    """Always in bounded row chunks (mode and memory_budget do not matter: the chunked recompute
-    is as fast as keeping N x N here, the row statistics being local to each row, so the
-    forward's `stats` are not needed either)."""
-    gp, gv, _ = _attention(1, alpha, grad, p, v, None)
+    """Always in bounded row chunks (mode does not matter: the chunked recompute is as fast as
+    keeping N x N here, the row statistics being local to each row, so the forward's `stats` are
+    not needed either); memory_budget bounds the per-task buffers (csrc/cdam_cpu_backward.cpp)."""
+    gp, gv, _ = _attention(1, alpha, grad, p, v, None, memory_budget)
     return reference.unscale(gp, reference.gradient_exponent(alpha)), gv  # the kernel's G is scaled by 2^-e
 
 
