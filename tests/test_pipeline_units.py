@@ -214,6 +214,34 @@ def test_label_png_and_overlay(tmp_path):
     assert visualize.class_shares(labels, ["background", "cat", "sofa"]) == [(0, "background", 0.5), (2, "sofa", 0.5)]
 
 
+def test_label_png_depth_follows_the_class_count(tmp_path):
+    """A 300-class run writes 16-bit maps whatever labels one image happens to contain, so all
+    files of a run share one format; up to 256 classes every map is 8-bit."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from cdam_fast.pipeline import fileio
+
+    names = [f"class{i}" for i in range(300)]
+    seg = SimpleNamespace(classes=text.parse_classes(names), class_names=tuple(names), method_name="maskclip",
+                          cdam=True, backbone=SimpleNamespace(name="m", source="random"), mode="window",
+                          background=None)
+    image = np.zeros((6, 9, 3), np.uint8)
+    low, high = np.zeros((6, 9), np.int64), np.zeros((6, 9), np.int64)
+    low[:, 4:], high[:, 4:] = 7, 299
+    for tag, labels in (("low", low), ("high", high)):
+        paths = fileio.output_paths([tmp_path / f"{tag}.png"], tmp_path / "out")[0]
+        fileio.write_outputs(seg, tag, image, labels, paths)
+        back = Image.open(paths.labels)
+        assert back.mode.startswith("I;16"), (tag, back.mode)
+        np.testing.assert_array_equal(np.asarray(back), labels)
+    visualize.save_labels(low.astype(np.uint8), tmp_path / "few.png", n_classes=8)
+    assert Image.open(tmp_path / "few.png").mode == "L"
+    with pytest.raises(ValueError, match="must lie in"):
+        visualize.save_labels(high, tmp_path / "bad.png", n_classes=256)
+
+
 # -- protocol choices: resize, presets, options, synonyms, PAMR ------------------------------
 def test_opencv_resize_is_cv2_inter_linear_on_uint8():
     cv2 = pytest.importorskip("cv2", reason="the 'published' extra (opencv-python-headless) is not installed")

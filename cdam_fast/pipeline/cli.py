@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "segment", help="segment images with CLIP + CDAM (label PNG and overlay per image)",
         description="Open-vocabulary segmentation of image files. For each image writes OUT/<name>_labels.png "
-                    "(class index per pixel, one byte per pixel, input size, a palette PNG coloured like the overlay), "
+                    "(class index per pixel, one byte per pixel (two beyond 256 classes), input size, a palette PNG coloured "
+                    "like the overlay), "
                     "OUT/<name>_overlay.png (colour overlay with a legend) and OUT/<name>_classes.json (label value "
                     "-> class), and prints one line per image. Resumable: the folder keeps a manifest, and a rerun "
                     "skips the images it finished. A bad image is reported and skipped; the exit status is 1 "

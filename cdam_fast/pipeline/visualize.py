@@ -28,14 +28,23 @@ def colorize(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return palette(max(n_classes, int(labels.max()) + 1 if labels.size else 1))[labels]
 
 
-def save_labels(labels: np.ndarray, path, palette_colours: bool = False) -> None:
-    """One byte per pixel (8-bit PNG) for up to 256 classes, 16-bit greyscale beyond.
+def save_labels(labels: np.ndarray, path, n_classes: int | None = None, palette_colours: bool = False) -> None:
+    """One byte per pixel (8-bit PNG) for up to 256 classes, 16-bit greyscale beyond (up to
+    65536). The depth follows n_classes, so every map of one run has the same format whatever
+    labels it happens to contain (None: the largest label present decides, for loose maps).
     palette_colours: store the 8-bit map as a palette PNG whose colours are the overlay's (the
     pixel values stay the class indices; image viewers show the colours, and
     `np.asarray(PIL.Image.open(path))` gives the indices); else greyscale."""
     from PIL import Image
 
-    if labels.size and int(labels.max()) > 255:
+    top = int(labels.max()) if labels.size else 0
+    if n_classes is None:
+        n_classes = top + 1
+    if top >= n_classes or (labels.size and int(labels.min()) < 0):
+        raise ValueError(f"label values must lie in [0, {n_classes}), got [{int(labels.min())}, {top}]")
+    if n_classes > 1 << 16:
+        raise ValueError(f"a label PNG holds at most 65536 classes, got {n_classes}")
+    if n_classes > 256:
         Image.fromarray(labels.astype(np.uint16)).save(path, format="PNG")
     elif palette_colours:
         im = Image.fromarray(labels.astype(np.uint8), mode="L").convert("P")
