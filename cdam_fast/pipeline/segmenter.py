@@ -82,6 +82,8 @@ def plan_image(H: int, W: int, patch: tuple, mode: str, short_side: int, long_si
     if H < ph or W < pw:
         raise CdamInputError(f"{what} is {W}x{H} pixels (W x H), smaller than one {pw}x{ph} patch of {model}")
     if mode == "window":
+        if crop < ph or crop < pw:
+            raise CdamInputError(f"crop ({crop}) is smaller than one {pw}x{ph} patch of {model}")
         size = protocol_size(H, W, short_side, long_side)
         layout = sliding_layout(size, crop, stride)
     else:
