@@ -4,7 +4,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 
-PUBLISHED = ["opencv-python-headless"]  # the published protocol's uint8 INTER_LINEAR resize
+PUBLISHED = ["opencv-python-headless"]  # the published protocol's uint8 INTER_LINEAR resize (the pipeline's default)
 RAY = ["ray[data]>=2.10"]  # the Ray Data adapter (cdam_fast.pipeline.ray_data); never imported by the core
 TEST = ["pytest>=8", "pytest-benchmark>=4", "ninja", "open_clip_torch>=3", "matplotlib", "tqdm", "pillow",
         "scikit-image", *PUBLISHED, *RAY]
@@ -23,8 +23,8 @@ setup(
     package_data={"cdam_fast": ["data/*.txt", "data/classes/*.txt"], "cdam_fast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
     install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "triton>=3.2; platform_system == 'Linux'"],
     extras_require={
-        "clip": ["open_clip_torch>=3", "pillow", "tqdm"],
-        "published": ["open_clip_torch>=3", "pillow", "tqdm", *PUBLISHED],
+        "clip": ["open_clip_torch>=3", "pillow", "tqdm", *PUBLISHED],
+        "published": ["open_clip_torch>=3", "pillow", "tqdm", *PUBLISHED],  # the same as clip (older name)
         "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "nvidia-ml-py"],
         "keops": ["pykeops>=2.2"],
         "build": ["ninja"],

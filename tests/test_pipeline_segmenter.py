@@ -238,7 +238,8 @@ def test_benchmark_helper(vit_b16):
     seg = Segmenter(CLASSES, model=vit_b16, **SMALL)
     fn, crops = prepare_benchmark(seg, size=(48, 48), batch=2)
     out = fn()
-    assert crops.shape == (2, 3, 48, 48) and out.shape == (2, 4, 3, 3) and torch.isfinite(out).all()
+    # one row per synonym ("grass; lawn": 5 rows for 4 classes) under the default synonyms="max"
+    assert crops.shape == (2, 3, 48, 48) and out.shape == (2, 5, 3, 3) and torch.isfinite(out).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast fp16 needs a CUDA GPU")

@@ -130,9 +130,10 @@ class Segmenter:
     tau / alpha, cdam_mode / memory_budget (passed to the fused op), progress (text bars: prompt
     encoding, and the windows of a large image), cache_dir (disk cache of text embeddings, see
     pipeline/textcache.py; None: $CDAM_FAST_CACHE_DIR or ~/.cache/cdam_fast, False: off),
-    and the protocol choices of presets.py: resize ("torch" or "opencv", the published uint8
-    resize), pos_interp ("published" or "size"), synonyms ("mean" or "max", the published
-    rule), pamr_steps / pamr_dilations (PAMR post-processing, off at 0 steps).
+    and the protocol choices of presets.py: resize ("opencv", the published uint8 resize, the
+    default; "torch" resizes the float image on self.device), pos_interp ("published" or
+    "size"), synonyms ("max", the published rule, the default; or "mean"), pamr_steps /
+    pamr_dilations (PAMR post-processing, off at 0 steps).
     `Segmenter(classes, **presets.preset("cdam-voc21"))` reproduces a published configuration.
     """
 
@@ -147,8 +148,8 @@ class Segmenter:
                  short_side: int = SHORT_SIDE, long_side: int = LONG_SIDE_MAX, window_batch: int = 16,
                  logit_scale: float = bg.LOGIT_SCALE, scales=CDAM_SCALES, tau: float = 0.1, alpha: float = 10.0,
                  cdam_mode: str = "auto", memory_budget: int | None = None, seed: int = RANDOM_WEIGHTS_SEED,
-                 quick_gelu: bool | None = None, progress: bool = True, cache_dir=None, resize: str = "torch",
-                 pos_interp: str = "published", synonyms: str = "mean", pamr_steps: int = 0,
+                 quick_gelu: bool | None = None, progress: bool = True, cache_dir=None, resize: str = "opencv",
+                 pos_interp: str = "published", synonyms: str = "max", pamr_steps: int = 0,
                  pamr_dilations=PAMR_DILATIONS):
         self.classes = parse_classes(classes)
         self.method = get_method(method)
