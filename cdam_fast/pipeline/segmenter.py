@@ -126,7 +126,8 @@ class Segmenter:
     None. dtype: autocast dtype on CUDA (default float16); float32 on CPU.
     Keyword-only: templates ("openai" 80, "single", a file or a list), atp (prompts that only
     shape the class distributions; default the 80 packaged ones), crop / stride / short_side /
-    long_side (protocol), window_batch (windows per forward pass), logit_scale, CDAM's scales /
+    long_side (protocol), window_batch (windows of one image per forward pass;
+    like backend and dtype it may change the last bits of GPU results), logit_scale, CDAM's scales /
     tau / alpha, cdam_mode / memory_budget (passed to the fused op), progress (text bars: prompt
     encoding, and the windows of a large image), cache_dir (disk cache of text embeddings, see
     pipeline/textcache.py; None: $CDAM_FAST_CACHE_DIR or ~/.cache/cdam_fast, False: off),
