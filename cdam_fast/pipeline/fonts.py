@@ -112,8 +112,11 @@ class LegendFont:
         from PIL import ImageFont
 
         self.size = size
-        self.main = next((f for f in (_load(p, size) for p in font_files()[:8]) if f is not None), None)
-        if self.main is None:  # no TrueType font at all: Pillow's own
+        # the main font: DejaVu Sans or another preferred family (never an arbitrary file, which
+        # could be a symbol font that maps letters to pictures)
+        candidates = [p for p in font_files() if p.name == "DejaVuSans.ttf" or _rank(p)[0] < len(PREFERRED)]
+        self.main = next((f for f in (_load(p, size) for p in candidates) if f is not None), None)
+        if self.main is None:  # no such font installed: Pillow's own
             try:
                 self.main = ImageFont.load_default(size=size)
             except (TypeError, ValueError, OSError, ImportError):
