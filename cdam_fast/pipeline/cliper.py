@@ -51,7 +51,7 @@ from .cliper_options import CDAM_COMBINES, NORMALISATIONS
 from .methods import merge_heads, split_heads
 from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .segmenter import ImageResult, Segmenter, _assembler
-from .text import TextEmbedder, resolve_templates
+from .text import TextEmbedder, parse_classes, resolve_templates
 from .windows import SHORT_SIDE, whole_layout
 
 COMPENSATIONS = (None, "sd")
@@ -297,7 +297,8 @@ class CliperSegmenter(Segmenter):
                  protocol: str = PROTOCOL_MMSEG, cdam_combine: str = "replace", threshold: float | None = None,
                  set_index: int | None = None, compensation: str | None = None, sd_weights=None, sd_seed: int = 0,
                  sd_options: dict | None = None, normalisation: str = "once",
-                 templates=None, short_side: int | None = None, logit_scale: float | None = None, **options):
+                 templates=None, short_side: int | None = None, logit_scale: float | None = None,
+                 synonyms: str = "mean", **options):
         if not isinstance(method, str) or method.lower() != "cliper":
             raise CdamInputError(f"CliperSegmenter runs method 'cliper', got {method!r}")
         if cdam_combine not in CDAM_COMBINES:
@@ -332,10 +333,14 @@ class CliperSegmenter(Segmenter):
             templates = cliper_templates() if templates is None and preset.templates == "cliper" else templates
             logit_scale = preset.logit_scale if logit_scale is None else logit_scale
         self._templates = resolve_templates(templates)
+        if synonyms != "mean" and any(len(s) > 1 for s in parse_classes(classes).synonyms):
+            raise CdamInputError("method 'cliper' takes one text embedding per class: synonyms must be 'mean' "
+                                 f"when classes have synonyms, got {synonyms!r}")
         super().__init__(classes, model, pretrained, "maskclip",
                          cdam, "window" if mode is None else mode, backend, device, dtype, background,
                          templates=self._templates, short_side=SHORT_SIDE if short_side is None else short_side,
-                         logit_scale=bg.LOGIT_SCALE if logit_scale is None else logit_scale, **options)
+                         logit_scale=bg.LOGIT_SCALE if logit_scale is None else logit_scale, synonyms=synonyms,
+                         **options)
         bb_preset = backbone_preset(self.backbone)
         if short_side is None:
             self.short_side = bb_preset.cliper_short_side if preset is not None else bb_preset.short_side
