@@ -313,8 +313,9 @@ def test_pil_bicubic_written_out_matches_pil_and_the_package(photos):
     assert (bil != torch.from_numpy(numpy_pil_bicubic(img, (120, 181))).permute(2, 0, 1)).float().mean() > 0.3
 
 
-@pytest.mark.parametrize("hw, expect", [((300, 436), (336, 496)), ((300, 451), (336, 512)), ((336, 488), (336, 496)),
-                                        ((512, 512), (336, 336)), ((300, 3000), (336, 3360)), ((1000, 90), (3728, 336))])
+@pytest.mark.parametrize("hw, expect", [((300, 436), (336, 496)), ((300, 451), (336, 512)),
+                                        ((336, 488), (336, 496)), ((512, 512), (336, 336)),
+                                        ((300, 3000), (336, 3360)), ((1000, 90), (3728, 336))])
 def test_size_rule(hw, expect):
     """int(x / 16 + 0.5) patches on the unrounded size, no long-side cap."""
     assert cliper_size(*hw, 336) == expect
@@ -458,3 +459,35 @@ def test_presets_are_clipers_configs():
                p.propagation_threshold, p.short_side, p.select_layer, p.sliding_crop)
         assert got == cfg, key
         assert p.name == f"cliper-{key[1]}"
+
+
+def test_package_pipeline_keeps_the_package_steps(vit_b16, voc_segmenter):
+    """pipeline="package": CLIPer's protocol (thresholds, prompts' templates and background
+    words) around the package's own steps: names as given, its size rule, one normalisation."""
+    clip, tok = vit_b16
+    bb = ClipBackbone(clip, tok, name="ViT-B-16", source="random")
+    seg = Segmenter(read_class_file("voc21"), model=bb, method="cliper", protocol="cliper-voc21", pipeline="package",
+                    templates=[TEMPLATE], progress=False, cache_dir=False)
+    assert (seg.pipeline, seg.normalisation, seg.sliding_crop) == ("package", "once", 0)
+    assert seg.prompted_classes.names == read_class_file("voc21").names
+    img = np.zeros((300, 436, 3), np.uint8)
+    assert seg.preprocess(img).layout.size == (336, 480)
+    assert voc_segmenter.preprocess(img).layout.size == (336, 496)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(protocol="mmseg", pipeline="official"), "needs a CLIPer protocol"),
+    (dict(protocol="cliper-voc21", pipeline="package", sliding_crop=224), "sliding_crop"),
+    (dict(protocol="cliper-voc21", sliding_crop=200), "multiple of"),
+    (dict(protocol="cliper-voc21", sliding_crop=-1), "sliding_crop"),
+    (dict(protocol="cliper-voc21", pipeline="pil"), "pipeline"),
+    (dict(protocol="cliper-voc20", classes="voc20"), "cliper_voc21"),  # CLIPer's class 0 missing
+])
+def test_bad_official_options(vit_b16, kw, match):
+    from cdam_fast import CdamInputError
+
+    clip, tok = vit_b16
+    bb = ClipBackbone(clip, tok, name="ViT-B-16", source="random")
+    classes = read_class_file(kw.pop("classes", "voc21"))
+    with pytest.raises(CdamInputError, match=match):
+        Segmenter(classes, model=bb, method="cliper", templates=[TEMPLATE], progress=False, cache_dir=False, **kw)

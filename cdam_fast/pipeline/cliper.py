@@ -520,7 +520,8 @@ class CliperSegmenter(Segmenter):
         size = official_size(H, W, self.short_side, patch)
         check_official_size(size, patch, what, self.short_side)
         pixels = pil_resize(pixels, size).to(self.device)
-        return _Prepared((pixels - self._mean) / self._std, (H, W), whole_layout(size), (size[0] // patch, size[1] // patch))
+        tokens = (size[0] // patch, size[1] // patch)
+        return _Prepared((pixels - self._mean) / self._std, (H, W), whole_layout(size), tokens)
 
     def _set_logits(self, crops: torch.Tensor):
         """crops [B, 3, h, w] -> (logits [L, B, N, K] of every prompt, head-mean patch fused maps [B, N, N])."""
