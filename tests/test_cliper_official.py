@@ -9,6 +9,7 @@ in-place normalisation loop, the last block, the sliding windows, the thresholde
 are written out as that code does them. The presets must give the same labels on real photos
 with random ViT-B/16 weights (one model, shared by the module).
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -155,8 +156,9 @@ def cliper_encode(visual, x):
 
 
 def cliper_logits(feats, text, logit_scale, gh, gw):
+    """CLIPer's classify (both sides normalised, the mean prompt too), patch tokens only."""
     f = feats / feats.norm(dim=-1, keepdim=True)
-    logits = (logit_scale * f @ text.T)[:, 1:]
+    logits = (logit_scale * f @ (text / text.norm(dim=-1, keepdim=True)).T)[:, 1:]
     return logits.transpose(-1, -2).reshape(feats.shape[0], text.shape[0], gh, gw)
 
 
@@ -190,8 +192,8 @@ def cliper_slide(visual, img, text, logit_scale, crop, stride=112, patch=16):
 
 
 def cliper_pipeline(visual, image, fg_text, bg_text, protocol, crop, whole=None):
-    """CLIPer's main_ovs for one image: (pred_mask at the original size [C, H, W], labels [H,
-    W]). whole: a dict caching the whole-image pass (the same with and without windows)."""
+    """CLIPer's main_ovs for one image: (pred_mask at the original size [C, H, W], class scores
+    [C]). whole: a dict caching the whole-image pass (the same with and without windows)."""
     img = cliper_preprocess(image, protocol.short_side)
     gh, gw = img.shape[2] // 16, img.shape[3] // 16
     text = torch.cat([fg_text, bg_text, fg_text.mean(0, True)], dim=0)
@@ -210,18 +212,23 @@ def cliper_pipeline(visual, image, fg_text, bg_text, protocol, crop, whole=None)
     seg_last = (seg_last.flatten(-2, -1) @ attn.mean(0)[1:, 1:]).unflatten(-1, (gh, gw))
     seg = seg_last + seg.mean(0)
     score = seg.amax(dim=(-1, -2))
-    pred = F.interpolate(seg[None], size=image.shape[:2], mode="bilinear")[0]
+    return F.interpolate(seg[None], size=image.shape[:2], mode="bilinear")[0], score
+
+
+def cliper_labels(pred, score, class_threshold, pixel_threshold, normalize):
+    """main_ovs's scaling and cam_to_label (bkg_thre > 0): labels [H, W], 0 = no class."""
+    C = pred.shape[0]
     cam = pred / (pred.amax((-1, -2), keepdim=True) + 1e-5) * score[..., None, None]
     cam = cam.reshape(C, -1).clone()
-    if protocol.normalize:
+    if normalize:
         cam -= cam.amin(dim=-1, keepdim=True)
         cam /= cam.amax(dim=-1, keepdim=True) + 1e-6
-    valid = (score > protocol.class_threshold)[:, None]
-    cam[cam < protocol.pixel_threshold] = 0
+    valid = (score > class_threshold)[:, None]
+    cam[cam < pixel_threshold] = 0
     value, label = (valid * cam).max(dim=0)
     label += 1
     label[value == 0] = 0
-    return pred, label.reshape(image.shape[:2])
+    return label.reshape(pred.shape[1:])
 
 
 def encode_prompts(clip, tokenizer, names):
@@ -279,20 +286,34 @@ def test_preset_matches_clipers_code_on_photos(vit_b16, photos, voc_segmenter, w
     image = photos[name]
     fg, bg = seg.cls_text[:20], seg.cls_text[20:45]
     with torch.inference_mode():
-        expect_map, expect_labels = cliper_pipeline(clip.visual, image, fg, bg, seg.protocol, crop,
-                                                    whole_passes.setdefault(name, {}))
+        expect_map, expect_score = cliper_pipeline(clip.visual, image, fg, bg, seg.protocol, crop,
+                                                   whole_passes.setdefault(name, {}))
         result = next(iter(seg.results([image])))
         got_map = result.assembler(result.window_logits)[1:]  # channel 0: CLIPer's background, no map
-        got_labels = seg.label_map(result)
     assert got_map.shape == expect_map.shape
     argmax_expect = expect_map.argmax(0)
     agree = (got_map.argmax(0) == argmax_expect).float().mean().item()
     assert agree >= 0.999, (name, crop, agree)
     assert len(torch.unique(argmax_expect)) >= 3  # a map with structure, not one class everywhere
-    label_agree = (torch.from_numpy(got_labels.astype(np.int64)) == expect_labels).float().mean().item()
-    assert label_agree >= 0.999, (name, crop, label_agree)
     # values too (a threshold flipped by rounding moves a few pixels slightly)
     assert float((got_map - expect_map).abs().max()) < 0.01 * float(expect_map.abs().max())
+    # CLIPer's labels: with the preset's thresholds (random weights score low: mostly class 0),
+    # and with thresholds that let several classes through, with and without min-max
+    p = seg.protocol
+    ranked = expect_score.sort().values
+    median = float(ranked[9] + ranked[10]) / 2  # between two scores: rounding cannot flip a class
+    try:
+        for cls_thr, px_thr, norm in [(p.class_threshold, p.pixel_threshold, p.normalize), (median, 0.3, True),
+                                      (median, 0.1, False)]:
+            seg.protocol = dataclasses.replace(p, class_threshold=cls_thr, pixel_threshold=px_thr, normalize=norm)
+            expect = cliper_labels(expect_map, expect_score, cls_thr, px_thr, norm)
+            got = torch.from_numpy(seg.label_map(result).astype(np.int64))
+            label_agree = (got == expect).float().mean().item()
+            assert label_agree >= 0.999, (name, crop, cls_thr, px_thr, norm, label_agree)
+            if cls_thr == median:
+                assert len(torch.unique(expect)) >= 3
+    finally:
+        seg.protocol = p
 
 
 # -- the steps one by one ----------------------------------------------------------------------
