@@ -512,3 +512,25 @@ def test_bad_official_options(vit_b16, kw, match):
     classes = read_class_file(kw.pop("classes", "voc21"))
     with pytest.raises(CdamInputError, match=match):
         Segmenter(classes, model=bb, method="cliper", templates=[TEMPLATE], progress=False, cache_dir=False, **kw)
+
+
+def test_official_pipeline_batches_windows_and_images(gen):
+    """A tiny random ViT: the official pipeline with windows gives the same labels whatever
+    the window batch, one image at a time or several, and runs with CDAM."""
+    from cdam_fast.pipeline.cliper import CliperProtocol
+    from test_cliper import SMALL, _image, tiny_clip
+
+    tiny = tiny_clip()
+    protocol = CliperProtocol("cliper-test", ("sky", "wall"), "openai", 100.0, 0.0, 0.05, False, 0.1, short_side=64,
+                              sliding_crop=48)
+    images = [_image(70, 90, 1), _image(64, 64, 2), _image(100, 60, 3)]
+    kw = dict(model=tiny, method="cliper", protocol=protocol, **SMALL)
+    one = Segmenter("background,cat,sofa,grass", window_batch=1, **kw)
+    many = Segmenter("background,cat,sofa,grass", window_batch=16, **kw)
+    assert one.pipeline == "official" and one.sliding_crop == 48
+    batch = many.predict_batch(images)
+    for img, b in zip(images, batch):
+        a = one.predict(img)
+        assert a.shape == img.shape[:2] and (a == b).mean() > 0.999
+    cdam = Segmenter("background,cat,sofa,grass", cdam=True, backend="reference", **kw)
+    assert cdam.predict(images[0]).shape == (70, 90)
