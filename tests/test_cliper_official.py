@@ -503,6 +503,8 @@ def test_package_pipeline_keeps_the_package_steps(vit_b16, voc_segmenter):
     (dict(protocol="cliper-voc21", sliding_crop=-1), "sliding_crop"),
     (dict(protocol="cliper-voc21", pipeline="pil"), "pipeline"),
     (dict(protocol="cliper-voc20", classes="voc20"), "cliper_voc21"),  # CLIPer's class 0 missing
+    (dict(attention="proxy"), "attention"),  # DINO's similarities: not implemented
+    (dict(fuse_sets="no"), "fuse_sets"),
 ])
 def test_bad_official_options(vit_b16, kw, match):
     from cdam_fast import CdamInputError
@@ -534,3 +536,49 @@ def test_official_pipeline_batches_windows_and_images(gen):
         assert a.shape == img.shape[:2] and (a == b).mean() > 0.999
     cdam = Segmenter("background,cat,sofa,grass", cdam=True, backend="reference", **kw)
     assert cdam.predict(images[0]).shape == (70, 90)
+
+
+@pytest.mark.parametrize("attention, fuse_sets", [("vanilla", True), ("q-q", True), ("k-k", False), ("v-v", True),
+                                                   ("identity", True), ("fused", False)])
+def test_ablation_switches_match_clipers_custom_attn(gen, attention, fuse_sets):
+    """CLIPer's attn_type and fuse_feature switches, as its custom_attn and forward compute
+    them (float64, a tiny random ViT): the last block on every kept input with that attention,
+    the last input's attention propagating the thresholded set, with or without the mean."""
+    from cdam_fast.pipeline.cliper import cliper_maps
+    from test_cliper import literal_fusion, tiny_clip
+
+    bb = tiny_clip(torch.float64)
+    crops = torch.randn(1, 3, 48, 64, generator=gen, dtype=torch.float64)
+    text = F.normalize(torch.randn(6, bb.embed_dim, generator=gen, dtype=torch.float64), dim=-1)
+    with torch.inference_mode():
+        x, grid = bb.embed(crops)
+        kept, _ = literal_fusion(bb, x)
+        maps = literal_fusion.raw.clone()
+        last = bb.visual.transformer.resblocks[-1]
+        H, W = last.attn.num_heads, bb.width
+        d = W // H
+        sets = []
+        for z in kept:
+            q, k, v = (t[0].reshape(-1, H, d).transpose(0, 1)
+                       for t in F.linear(last.ln_1(z), last.attn.in_proj_weight, last.attn.in_proj_bias).chunk(3, -1))
+            if attention == "fused":
+                maps /= maps.sum(dim=-2, keepdim=True)
+                maps /= maps.sum(dim=-1, keepdim=True)
+                att = (maps + maps.transpose(-2, -1)) / 2
+                att = torch.clamp(att - att.mean(-2, keepdim=True), 0)
+                att = (att / att.sum(dim=-1, keepdim=True))[0]
+            elif attention == "identity":
+                att = torch.eye(v.shape[1], dtype=v.dtype).expand(H, -1, -1)
+            else:
+                a, c = {"vanilla": (q, k), "q-q": (q, q), "k-k": (k, k), "v-v": (v, v)}[attention]
+                att = torch.softmax(torch.bmm(a * d ** -0.5, c.transpose(1, 2)), dim=-1)
+            out = last.attn.out_proj(torch.bmm(att, v).transpose(0, 1).reshape(-1, W))
+            f = bb.visual.ln_post(out) @ bb.visual.proj
+            sets.append(torch.softmax(40.0 * F.normalize(f, dim=-1) @ text.T, dim=-1)[1:, :4].T)  # [C, N]
+        seg = torch.stack(sets)
+        seg_last = seg[-1]
+        seg_last[seg_last < seg_last.amax(-1, keepdim=True) * 0.2] = 0
+        expect = seg_last @ att.mean(0)[1:, 1:] + (seg.mean(0) if fuse_sets else 0)
+        got, _ = cliper_maps(bb, crops, text, 4, logit_scale=40.0, set_index=-1, threshold=0.2,
+                             normalisation="official", combination="official", attention=attention, fuse_sets=fuse_sets)
+    torch.testing.assert_close(got[0].reshape(4, -1), expect, rtol=1e-9, atol=1e-10)

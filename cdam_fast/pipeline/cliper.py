@@ -49,7 +49,7 @@ from . import background as bg
 from .backbone_presets import backbone_preset
 from .cliper_official import SLIDE_STRIDE, check_official_size, combine_official, direct_assembler, \
     merge_windows, official_embed, official_size, pil_resize, slide_boxes
-from .cliper_options import CDAM_COMBINES, CLIPER_DATASETS, NORMALISATIONS, PIPELINES
+from .cliper_options import ATTENTIONS, CDAM_COMBINES, CLIPER_DATASETS, NORMALISATIONS, PIPELINES
 from .methods import merge_heads, split_heads
 from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .images import to_pixels
@@ -282,25 +282,53 @@ def class_probabilities(feats: torch.Tensor, text: torch.Tensor, logit_scale: fl
     return torch.softmax(logit_scale * (feats @ text.T), dim=-1)[..., :outputs]
 
 
-def combine(probs: torch.Tensor, fused_mean: torch.Tensor, set_index: int, threshold: float) -> torch.Tensor:
+def combine(probs: torch.Tensor, fused_mean: torch.Tensor, set_index: int, threshold: float,
+            fuse_sets: bool = True) -> torch.Tensor:
     """probs [L, B, N, C]; fused_mean [B, N, N] (head mean, patch block) -> [B, N, C]:
-    thresholded set `set_index` propagated through fused_mean, plus the mean over the sets."""
+    thresholded set `set_index` propagated through fused_mean, plus (fuse_sets) the mean over the sets."""
     s = probs[set_index]
     s = torch.where(s < threshold * s.amax(dim=1, keepdim=True), torch.zeros_like(s), s)
-    return fused_mean.transpose(1, 2) @ s + probs.mean(0)  # (s^T A)^T: map @ A in CLIPer's [C, N] layout
+    out = fused_mean.transpose(1, 2) @ s  # (s^T A)^T: map @ A in CLIPer's [C, N] layout
+    return out + probs.mean(0) if fuse_sets else out
 
 
-def cliper_features(backbone, crops: torch.Tensor, *, cdam=None, normalisation: str = "once", embed=None):
+def ablation_heads_out(backbone, inputs: torch.Tensor, attention: str):
+    """The last block on every kept input with one of CLIPer's ablation attentions instead of
+    the fused map (its code's attn_type): softmax(a a^T / sqrt d) with a = q, k or v of that
+    input ("q-q", "k-k", "v-v"), the block's own softmax(q k^T / sqrt d) ("vanilla"), or the
+    identity. inputs [L, B, T, width] -> (heads_out [L, B, N, width], the last input's
+    attention [B, heads, T, T], which the propagation uses as CLIPer's code does)."""
+    L, B, T, W = inputs.shape
+    H = backbone.heads
+    scale = 1.0 / math.sqrt(W // H)
+    w, b = _in_proj(backbone, -1, slice(None))
+    outs = []
+    for z in inputs:  # one input at a time: one [B, heads, T, T] map at once
+        q, k, v = (split_heads(t, H) for t in F.linear(backbone.ln_1(z, -1), w, b).chunk(3, dim=-1))
+        if attention == "identity":
+            att = torch.eye(T, dtype=v.dtype, device=v.device).expand(B, H, T, T)
+        else:
+            a, c = {"vanilla": (q, k), "q-q": (q, q), "k-k": (k, k), "v-v": (v, v)}[attention]
+            att = torch.softmax((a * scale) @ c.transpose(-1, -2), dim=-1)
+        outs.append(merge_heads(att[:, :, 1:] @ v))
+    return torch.stack(outs), att
+
+
+def cliper_features(backbone, crops: torch.Tensor, *, cdam=None, normalisation: str = "once", embed=None,
+                    attention: str = "fused"):
     """Normalised crops [B, 3, h, w] -> (features [L, B, N, E] (normalised, fp32 or wider),
     fused [B, heads, T, T] (the map the propagation uses), grid). cdam: None, or
     (distribution_text [C', E], combine, kwargs of multiscale_cdam_attention). normalisation:
     "once" (the method as described) or "official" (CLIPer's code: repeated per input, see
-    official_fused_maps). embed: crops -> (tokens, grid); default backbone.embed."""
+    official_fused_maps). embed: crops -> (tokens, grid); default backbone.embed. attention:
+    "fused" (CLIPer) or one of its code's ablations (see ablation_heads_out)."""
     bb = backbone
     x, grid = (embed or bb.embed)(crops)
     inputs, fused = early_fusion(bb, x, normalise=normalisation == "once")
     v = last_values(bb, inputs)  # [L, B, T, width]
-    if normalisation == "once":
+    if attention != "fused":
+        heads_out, fused = ablation_heads_out(bb, inputs, attention)
+    elif normalisation == "once":
         heads_out = fused_heads_out(fused, v, bb.heads)
     else:  # each input its own map; the last one serves the propagation
         outs = []
@@ -324,21 +352,23 @@ def cliper_features(backbone, crops: torch.Tensor, *, cdam=None, normalisation: 
 
 def cliper_maps(backbone, crops: torch.Tensor, text: torch.Tensor, outputs: int, *, logit_scale: float,
                 set_index: int, threshold: float, cdam=None, normalisation: str = "once", embed=None,
-                combination: str = "package") -> tuple:
+                combination: str = "package", attention: str = "fused", fuse_sets: bool = True) -> tuple:
     """Normalised crops [B, 3, h, w] -> (maps [B, outputs, h_tok, w_tok] float32, grid): the
     whole CLIPer pass of each crop (see cliper_features for cdam / normalisation / embed).
     combination: "package" (the mean over the unthresholded sets) or "official" (CLIPer's
-    code: the thresholded set enters the mean, see cliper_official.combine_official)."""
-    feats, fused, grid = cliper_features(backbone, crops, cdam=cdam, normalisation=normalisation, embed=embed)
+    code: the thresholded set enters the mean, see cliper_official.combine_official). fuse_sets:
+    False drops the mean over the sets (its code's fuse_feature=False)."""
+    feats, fused, grid = cliper_features(backbone, crops, cdam=cdam, normalisation=normalisation, embed=embed,
+                                         attention=attention)
     with torch.autocast(crops.device.type, enabled=False):  # small: probabilities and combination in fp32
         acc = torch.promote_types(feats.dtype, torch.float32)
         probs = class_probabilities(feats.to(acc), text.to(acc), logit_scale, outputs)
         A = fused.mean(1)[:, 1:, 1:].to(acc)
         if combination == "official":  # per crop, in CLIPer's [C, N] layout
-            maps = torch.stack([combine_official(probs[:, b].transpose(1, 2).clone(), A[b], set_index, threshold).T
-                                for b in range(probs.shape[1])])
+            maps = torch.stack([combine_official(probs[:, b].transpose(1, 2).clone(), A[b], set_index, threshold,
+                                                 fuse_sets).T for b in range(probs.shape[1])])
         else:
-            maps = combine(probs, A, set_index, threshold)  # [B, N, C]
+            maps = combine(probs, A, set_index, threshold, fuse_sets)  # [B, N, C]
     return maps.transpose(1, 2).reshape(maps.shape[0], outputs, grid.h, grid.w), grid
 
 
@@ -360,7 +390,9 @@ class CliperSegmenter(Segmenter):
     (default the preset's, else from the backbone preset), compensation (None or "sd"),
     sd_weights (local diffusers folder), sd_seed, sd_options (more SdCompensation arguments),
     normalisation ("once", the method as described, or "official", CLIPer's code's repeated
-    in-place normalisation; default "official" with the official pipeline, else "once").
+    in-place normalisation; default "official" with the official pipeline, else "once"),
+    attention ("fused", CLIPer, or an ablation of its code: "vanilla", "q-q", "k-k", "v-v",
+    "identity"), fuse_sets (False: only the propagated set, without the mean over the sets).
     CDAM is off by default for CLIPer (cdam=True refines it).
     """
 
@@ -368,7 +400,7 @@ class CliperSegmenter(Segmenter):
                  cdam: bool = False,
                  mode: str | None = None, backend: str = "auto", device=None, dtype=None, background="auto", *,
                  protocol: str = PROTOCOL_MMSEG, pipeline: str | None = None, sliding_crop: int | None = None,
-                 cdam_combine: str = "replace", threshold: float | None = None,
+                 attention: str = "fused", fuse_sets: bool = True, cdam_combine: str = "replace", threshold: float | None = None,
                  set_index: int | None = None, compensation: str | None = None, sd_weights=None, sd_seed: int = 0,
                  sd_options: dict | None = None, normalisation: str | None = None,
                  templates=None, short_side: int | None = None, logit_scale: float | None = None, **options):
@@ -382,6 +414,11 @@ class CliperSegmenter(Segmenter):
             raise CdamInputError("sd_weights is given but compensation is not 'sd'")
         if normalisation is not None and normalisation not in NORMALISATIONS:
             raise CdamInputError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+        if attention not in ATTENTIONS:
+            raise CdamInputError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if not isinstance(fuse_sets, bool):
+            raise CdamInputError(f"fuse_sets must be True or False, got {fuse_sets!r}")
+        self.attention, self.fuse_sets = attention, fuse_sets
         if pipeline is not None and pipeline not in PIPELINES:
             raise CdamInputError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
         if sliding_crop is not None and (isinstance(sliding_crop, bool) or not isinstance(sliding_crop, int)
@@ -465,6 +502,8 @@ class CliperSegmenter(Segmenter):
         cdam = f" + CDAM ({self.cdam_combine})" if self.cdam else ""
         where = (f"pipeline=official, sliding_crop={self.sliding_crop}" if self.pipeline == "official"
                  else f"mode={self.mode}")
+        if self.attention != "fused" or not self.fuse_sets:
+            where += f", attention={self.attention}, fuse_sets={self.fuse_sets}"
         return (f"Segmenter({len(self.classes)} classes, cliper{cdam}"
                 f"{' + SD compensation' if self.compensation is not None else ''}, {self.backbone.name} "
                 f"({self.backbone.source}), protocol={self.protocol.name if self.protocol else PROTOCOL_MMSEG}, "
@@ -504,7 +543,7 @@ class CliperSegmenter(Segmenter):
             maps, _ = cliper_maps(self.backbone, crops, self.cls_text, self.outputs,
                                   logit_scale=self.logit_scale, set_index=self.set_index, threshold=self.threshold,
                                   cdam=self._cdam_args(), normalisation=self.normalisation, embed=self._embed(),
-                                  combination=self.pipeline)
+                                  combination=self.pipeline, attention=self.attention, fuse_sets=self.fuse_sets)
         return self._pad(maps.float())
 
     def _pad(self, maps: torch.Tensor) -> torch.Tensor:
@@ -527,7 +566,8 @@ class CliperSegmenter(Segmenter):
         """crops [B, 3, h, w] -> (logits [L, B, N, K] of every prompt, head-mean patch fused maps [B, N, N])."""
         with self._autocast():
             feats, fused, _ = cliper_features(self.backbone, crops, cdam=self._cdam_args(),
-                                              normalisation=self.normalisation, embed=self._embed())
+                                              normalisation=self.normalisation, embed=self._embed(),
+                                              attention=self.attention)
         with torch.autocast(crops.device.type, enabled=False):
             acc = torch.promote_types(feats.dtype, torch.float32)
             logits = self.logit_scale * (feats.to(acc) @ self.cls_text.to(acc).T)
@@ -558,7 +598,7 @@ class CliperSegmenter(Segmenter):
             merged = merge_windows(lg, torch.cat(win_attn), [(y // patch, x // patch) for y, x in boxes], (h, w))
             slide = torch.softmax(merged, dim=1)[:, :C].reshape(-1, C, h * w)
             seg = slide * 0.5 + seg * 0.5
-        return combine_official(seg, A[0], self.set_index, self.threshold).reshape(C, h, w)
+        return combine_official(seg, A[0], self.set_index, self.threshold, self.fuse_sets).reshape(C, h, w)
 
     # -- per image -------------------------------------------------------------------------------
     def _threshold(self, window_logits):

@@ -118,13 +118,14 @@ def merge_windows(logits: torch.Tensor, attn: torch.Tensor, boxes: list, grid: t
     return (preds.reshape(L, K, h * w) @ A.to(dt)).reshape(L, K, h, w)
 
 
-def combine_official(probs: torch.Tensor, fused_mean: torch.Tensor, set_index: int, threshold: float) -> torch.Tensor:
+def combine_official(probs: torch.Tensor, fused_mean: torch.Tensor, set_index: int, threshold: float,
+                     fuse_sets: bool = True) -> torch.Tensor:
     """probs [L, C, N] (one image; modified in place, as the public code does), fused_mean
     [N, N] -> [C, N]: set `set_index` thresholded at `threshold` x its per-class maximum,
-    propagated (map @ A), plus the mean over the sets INCLUDING the thresholded one."""
+    propagated (map @ A), plus (fuse_sets) the mean over the sets INCLUDING the thresholded one."""
     s = probs[set_index]
     s[s < s.amax(-1, keepdim=True) * threshold] = 0
-    return s @ fused_mean + probs.mean(0)
+    return s @ fused_mean + probs.mean(0) if fuse_sets else s @ fused_mean
 
 
 def direct_matrices(tokens: tuple, original: tuple):

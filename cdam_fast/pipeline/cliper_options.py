@@ -10,6 +10,9 @@ CDAM_COMBINES = ("replace", "average")
 CLIPER_DATASETS = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff171", "ade20k", "cityscapes")
 # the steps around CLIPer's network under a CLIPer protocol: its public code's, or the package's
 PIPELINES = ("official", "package")
+# the last block's attention: CLIPer's fused map, or one of its code's ablations (attn_type;
+# its "proxy", DINO's similarities, is not implemented)
+ATTENTIONS = ("fused", "vanilla", "q-q", "k-k", "v-v", "identity")
 # Keys a CLIPer run adds to its stored configuration (and passes to the Segmenter).
 CONFIG_KEYS = ("protocol", "pipeline", "sliding_crop", "cdam_combine", "compensation", "sd_weights", "sd_seed",
                "normalisation")
