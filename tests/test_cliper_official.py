@@ -280,20 +280,35 @@ def test_preset_matches_clipers_code_on_photos(vit_b16, photos, voc_segmenter, w
     """cliper-voc21 (ViT-B/16, random weights) against CLIPer's code written out: the plain
     argmax of the map and CLIPer's labels agree on >= 99.9 % of the pixels, without and with
     sliding windows. The prompts are the segmenter's (checked on their own below)."""
-    clip, _ = vit_b16
     seg = voc_segmenter
     seg.sliding_crop = crop
-    image = photos[name]
-    fg, bg = seg.cls_text[:20], seg.cls_text[20:45]
+    check_against_clipers_code(seg, vit_b16[0].visual, photos[name], whole_passes.setdefault(name, {}), (name, crop))
+
+
+def test_context_preset_matches_clipers_code(vit_b16, photos, whole_passes):
+    """cliper-context60 as shipped (its 224 windows, "background" as the only background word,
+    no min-max) on one photo."""
+    clip, tok = vit_b16
+    seg = Segmenter(read_class_file("context60"), model=ClipBackbone(clip, tok, name="ViT-B-16", source="random"),
+                    method="cliper", protocol="cliper-context60", templates=[TEMPLATE], progress=False, cache_dir=False)
+    assert (seg.sliding_crop, seg.outputs, seg.cls_text.shape[0]) == (224, 59, 59 + 1 + 1)
+    assert seg.prompted_classes.names == read_class_file("cliper_context60").names
+    check_against_clipers_code(seg, clip.visual, photos["astronaut"], whole_passes.setdefault("astronaut", {}),
+                               "context60")
+
+
+def check_against_clipers_code(seg, visual, image, whole, what):
+    """The segmenter's map and labels against CLIPer's code written out, on its own prompts."""
+    C = seg.outputs
+    fg, bg = seg.cls_text[:C], seg.cls_text[C:-1]
     with torch.inference_mode():
-        expect_map, expect_score = cliper_pipeline(clip.visual, image, fg, bg, seg.protocol, crop,
-                                                   whole_passes.setdefault(name, {}))
+        expect_map, expect_score = cliper_pipeline(visual, image, fg, bg, seg.protocol, seg.sliding_crop, whole)
         result = next(iter(seg.results([image])))
         got_map = result.assembler(result.window_logits)[1:]  # channel 0: CLIPer's background, no map
     assert got_map.shape == expect_map.shape
     argmax_expect = expect_map.argmax(0)
     agree = (got_map.argmax(0) == argmax_expect).float().mean().item()
-    assert agree >= 0.999, (name, crop, agree)
+    assert agree >= 0.999, (what, agree)
     assert len(torch.unique(argmax_expect)) >= 3  # a map with structure, not one class everywhere
     # values too (a threshold flipped by rounding moves a few pixels slightly)
     assert float((got_map - expect_map).abs().max()) < 0.01 * float(expect_map.abs().max())
@@ -301,7 +316,7 @@ def test_preset_matches_clipers_code_on_photos(vit_b16, photos, voc_segmenter, w
     # and with thresholds that let several classes through, with and without min-max
     p = seg.protocol
     ranked = expect_score.sort().values
-    median = float(ranked[9] + ranked[10]) / 2  # between two scores: rounding cannot flip a class
+    median = float(ranked[C // 2 - 1] + ranked[C // 2]) / 2  # between two scores: rounding cannot flip a class
     try:
         for cls_thr, px_thr, norm in [(p.class_threshold, p.pixel_threshold, p.normalize), (median, 0.3, True),
                                       (median, 0.1, False)]:
@@ -309,7 +324,7 @@ def test_preset_matches_clipers_code_on_photos(vit_b16, photos, voc_segmenter, w
             expect = cliper_labels(expect_map, expect_score, cls_thr, px_thr, norm)
             got = torch.from_numpy(seg.label_map(result).astype(np.int64))
             label_agree = (got == expect).float().mean().item()
-            assert label_agree >= 0.999, (name, crop, cls_thr, px_thr, norm, label_agree)
+            assert label_agree >= 0.999, (what, cls_thr, px_thr, norm, label_agree)
             if cls_thr == median:
                 assert len(torch.unique(expect)) >= 3
     finally:
