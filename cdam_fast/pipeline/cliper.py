@@ -28,10 +28,13 @@ feature axis ([B, N, L * width]), so the divergences are computed once per crop.
 Protocols. "mmseg" (default, the rest of the table's protocol): the classes as given (a
 "background" class is a prompt like any other), labels by argmax, background options as for
 the other methods with prob := the CLIPer map normalised over classes per pixel. "cliper-<dataset>"
-(`CLIPER_PRESETS`): CLIPer's own protocol from its public configs - whole image at short side
-336, its templates, the dataset classes after class 0 against CLIPer's background words and the
-mean foreground prompt, image-level class scores (max of the map), a class-score threshold, a
-pixel threshold and optional per-class min-max normalisation.
+(`CLIPER_PRESETS`): CLIPer's own protocol from its public configs - the whole image at its short
+side (plus its sliding windows where a config enables them), its templates and class names, the
+dataset classes after class 0 against CLIPer's background words and the mean foreground prompt,
+image-level class scores (max of the map), a class-score threshold, a pixel threshold and optional
+per-class min-max normalisation. Under it, pipeline="official" (default) runs every step around
+the network as CLIPer's evaluation code does (cliper_official.py); pipeline="package" keeps the
+package's own resize, positional table, size rule, combination and upsampling (docs/cliper.md).
 """
 from __future__ import annotations
 
