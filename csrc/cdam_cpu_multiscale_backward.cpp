@@ -210,11 +210,12 @@ int64_t chunk_rows(int64_t N, const std::vector<SmallScale>& small) {
 // The map's gradient comes as gmap [B, N, N], or as g [B, N, D] with v [B, N, D] (dM = g v^T;
 // then gv = M^T g is returned). Returns (T [B, N, C], U [B, C, Mp] of the full-grid scale
 // (empty without one), dJ of each smaller scale [B, n_s, n_s], gv (empty without v)), float32.
+// max_rows > 0 caps the rows per chunk (tests: several chunks at small N).
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multiscale_rows_backward(
     const std::vector<at::Tensor>& full, double full_weight, const std::vector<at::Tensor>& Js,
     const std::vector<at::Tensor>& idx, const std::vector<at::Tensor>& wts, double small_weight,
     const c10::optional<at::Tensor>& gmap, const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& v,
-    int64_t B, int64_t N, double alpha) {
+    int64_t B, int64_t N, double alpha, int64_t max_rows) {
   TORCH_CHECK(full.empty() || full.size() == 7, "full: p, lp, rp, kT, lkT, rk, w");
   TORCH_CHECK(Js.size() == idx.size() && Js.size() == wts.size(), "one tap set per smaller scale");
   TORCH_CHECK(gmap.has_value() != (g.has_value() && v.has_value()), "give gmap, or g and v");
@@ -237,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
     small[s].idx = idx[s].data_ptr<int32_t>();
     small[s].wts = wts[s].data_ptr<float>();
   }
-  const int64_t R = chunk_rows(N, small);
+  const int64_t R = max_rows > 0 ? std::min(max_rows, chunk_rows(N, small)) : chunk_rows(N, small);
   at::Tensor GV = attention ? at::empty({R, N}, opts) : at::Tensor();
   at::Tensor W = attention ? at::empty({R, N}, opts) : at::Tensor();
   std::vector<float> u_local(has_full ? threads * C * Mp : 0);
@@ -428,7 +429,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multiscale_rows_backward", &multiscale_rows_backward,
         "one pass over the full-grid rows: the full scale's class sums, the smaller scales' dJ, gv", py::arg("full"),
         py::arg("full_weight"), py::arg("Js"), py::arg("idx"), py::arg("wts"), py::arg("small_weight"),
-        py::arg("gmap"), py::arg("g"), py::arg("v"), py::arg("B"), py::arg("N"), py::arg("alpha"), nogil);
+        py::arg("gmap"), py::arg("g"), py::arg("v"), py::arg("B"), py::arg("N"), py::arg("alpha"),
+        py::arg("max_rows") = 0, nogil);
   m.def("jsd_self_class_grads", &jsd_self_class_grads,
         "per-class gradient sums of sum_{i<j} G_ij J(p_i, p_j), each pair once", py::arg("p"), py::arg("lp"),
         py::arg("kT"), py::arg("lkT"), py::arg("w"), py::arg("G"), nogil);

@@ -137,6 +137,10 @@ def _softmax_vjp(ps, gps, tau):
     return ps * (gps - (ps * gps).sum(-1, keepdim=True)) / tau
 
 
+# Rows per chunk of the kernel's pass, when set (tests: several chunks at small N); None: its own bound.
+MAX_CHUNK_ROWS = None
+
+
 def _multiscale(sim, scales, tau, alpha, gmap=None, g=None, v=None):
     """(gradient of sim in float64, gv or None) of the multi-scale map with incoming map gradient
     gmap, or of the attention op with g and v. One pass over the full grid's rows (the kernel);
@@ -156,7 +160,7 @@ def _multiscale(sim, scales, tau, alpha, gmap=None, g=None, v=None):
         _full_grid(p1) if n_full else [], n_full / len(scales), js, [t[0].contiguous() for t in taps],
         [t[1].contiguous() for t in taps], 1.0 / len(scales), None if gmap is None else gmap.float().contiguous(),
         None if g is None else g.float().contiguous(), None if v is None else v.float().contiguous(), B, N,
-        float(alpha))
+        float(alpha), MAX_CHUNK_ROWS or 0)
     gsim = torch.zeros(x.shape, dtype=torch.float64)
     if n_full:
         gp1 = _finish(T, p1) + _finish(U[:, :, :N].transpose(1, 2), p1)
@@ -170,7 +174,7 @@ def _multiscale(sim, scales, tau, alpha, gmap=None, g=None, v=None):
 def cdam_map_backward(grad, p, alpha):
     T, U, _, _ = multiscale_extension.module().multiscale_rows_backward(
         _full_grid(p), 1.0, [], [], [], 1.0, grad.float().contiguous(), None, None, p.shape[0], p.shape[1],
-        float(alpha))
+        float(alpha), MAX_CHUNK_ROWS or 0)
     gp = _finish(T, p) + _finish(U[:, :, :p.shape[1]].transpose(1, 2), p)
     return reference.unscale(gp, reference.gradient_exponent(alpha))
 
