@@ -371,14 +371,15 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
   return {T, U, dJs, gv};
 }
 
-// pairwise_jsd(p)'s gradient sums for a symmetric score gradient, each unordered pair once: G
-// [B, n, Mp] holds G + G^T on and above... strictly above the diagonal (zero elsewhere and on
-// padded keys); p [B, n, C], lp its log terms, kT / lkT [B, C, Mp] the same rows class-major.
-// Returns T [B, n, C] (row side) and U [B, C, Mp] (key side): the gradient is their sum.
+// pairwise_jsd(p)'s gradient sums for the score gradient G [B, n, n] (the diagonal passes none),
+// each unordered pair once: row i takes G_ij + G_ji for the keys j > i. p [B, n, C], lp its log
+// terms, kT / lkT [B, C, Mp] the same rows class-major and zero-padded. Returns T [B, n, C] (row
+// side) and U [B, C, Mp] (key side): the gradient is their sum.
 std::vector<at::Tensor> jsd_self_class_grads(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& kT,
                                              const at::Tensor& lkT, const at::Tensor& w, const at::Tensor& G) {
   const int64_t B = p.size(0), n = p.size(1), C = p.size(2), Mp = kT.size(2);
   TORCH_CHECK(Mp >= n && Mp % kLanes == 0, "jsd_self_class_grads: keys must be padded to a multiple of ", kLanes);
+  TORCH_CHECK(G.size(1) == n && G.size(2) == n && G.is_contiguous(), "jsd_self_class_grads: G must be [B, n, n]");
   at::Tensor T = at::zeros({B, n, C}, p.options());
   at::Tensor U = at::zeros({B, C, Mp}, p.options());
   const int64_t threads = at::get_num_threads();
@@ -389,18 +390,23 @@ std::vector<at::Tensor> jsd_self_class_grads(const at::Tensor& p, const at::Tens
     const float* kb = kT.data_ptr<float>() + b * C * Mp;
     const float* lkb = lkT.data_ptr<float>() + b * C * Mp;
     const float* wb = w.data_ptr<float>() + b * C;
-    const float* Gb = G.data_ptr<float>() + b * n * Mp;
+    const float* Gb = G.data_ptr<float>() + b * n * n;
     float* Tb = T.data_ptr<float>() + b * n * C;
     std::fill(u_local.begin(), u_local.end(), 0.f);
     parallel_blocks(0, n, 4, [&](int64_t tid, int64_t begin, int64_t end) {
       float* ut = u_local.data() + tid * C * Mp;
       std::vector<Vec> tacc(C);
+      std::vector<float> sym(Mp);
+      const float* grow = sym.data();
       for (int64_t i = begin; i < end; ++i) {
         const float* prow = pb + i * C;
         const float* lprow = lpb + i * C;
-        const float* grow = Gb + i * Mp;
+        const int64_t j0 = (i + 1) / kLanes * kLanes;
         std::fill(tacc.begin(), tacc.end(), Vec(0.f));
-        for (int64_t j = (i + 1) / kLanes * kLanes; j < Mp; j += kLanes) {  // keys above the diagonal
+        // G_ij + G_ji for the keys above the diagonal, 0 elsewhere in the first vector and on padding
+        std::fill(sym.begin() + j0, sym.end(), 0.f);
+        for (int64_t j = i + 1; j < n; ++j) sym[j] = Gb[i * n + j] + Gb[j * n + i];
+        for (int64_t j = j0; j < Mp; j += kLanes) {  // keys above the diagonal
           const Vec gj = Vec::loadu(grow + j);
           for (int64_t c = 0; c < C; ++c) {
             const Vec lg = log2v((Vec(prow[c]) + Vec::loadu(kb + c * Mp + j)) * Vec(wb[c]));

@@ -14,6 +14,7 @@ import torch
 import cdam_fast as cf
 from cdam_fast import reference as ref
 from cdam_fast.autograd import cpu_backward
+from cdam_fast.autograd import reference as bref
 from cdam_fast.grids import CDAM_SCALES
 from conftest import random_distributions, random_similarities, random_values, usable_backend
 from test_autograd import F32, F64, GRAD_TOL, MULTISCALE_F32_TOL, _compare, _grads
@@ -147,3 +148,16 @@ def test_recompute_memory_does_not_grow_with_n_squared(cpu):
     (what grows: the scale-0.5 grid's divergences and their gradient, 4 MiB each, bounded chunks)."""
     small, large = _step_mib(32), _step_mib(64)
     assert large - small < 40, f"fwd+bwd peak grew by {large - small:.1f} MiB from N = 1024 to 4096"
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 33])
+def test_self_divergence_gradient_takes_each_pair_once(cpu, gen, n):
+    """The smaller grids' divergence gradient (G_ij + G_ji above the diagonal, one logarithm per
+    unordered pair) against the float64 formula, with zero probabilities and a non-zero diagonal
+    (which passes nothing); sizes around the vector width."""
+    p = random_distributions(gen, 2, n, 5)
+    G = torch.randn(2, n, n, generator=gen)
+    expected = bref.jsd_vjp(p.double(), None, G.double())[0]
+    got = cpu_backward._self_divergence_grad(G, p)
+    assert (got[p == 0] == 0).all()
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5 * max(expected.abs().max().item(), 1e-3))

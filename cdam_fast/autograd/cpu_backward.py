@@ -122,13 +122,11 @@ def _full_grid(p):
 
 def _self_divergence_grad(G, p):
     """Gradient of sum_ij G_ij J(p_i, p_j) in p (float32; the diagonal passes none), each
-    unordered pair's logarithms taken once (G + G^T above the diagonal)."""
+    unordered pair's logarithms taken once (G_ij + G_ji above the diagonal, formed in the kernel)."""
     w = centring_weights(p, None)
     pp, lp = _rows(p, w)
     kT, lkT, _ = _keys(p, w)
-    sym = (G + G.transpose(1, 2)).triu(1)
-    T, U = multiscale_extension.module().jsd_self_class_grads(pp, lp, kT, lkT, w,
-                                                             F.pad(sym, (0, kT.shape[2] - p.shape[1])).contiguous())
+    T, U = multiscale_extension.module().jsd_self_class_grads(pp, lp, kT, lkT, w, G.contiguous())
     return _finish(T + U[:, :, :p.shape[1]].transpose(1, 2), p)
 
 
@@ -161,12 +159,14 @@ def _multiscale(sim, scales, tau, alpha, gmap=None, g=None, v=None):
         [t[1].contiguous() for t in taps], 1.0 / len(scales), None if gmap is None else gmap.float().contiguous(),
         None if g is None else g.float().contiguous(), None if v is None else v.float().contiguous(), B, N,
         float(alpha), MAX_CHUNK_ROWS or 0)
+    del js  # the smaller grids' divergences are not needed past the row pass
     gsim = torch.zeros(x.shape, dtype=torch.float64)
     if n_full:
         gp1 = _finish(T, p1) + _finish(U[:, :, :N].transpose(1, 2), p1)
         gsim += _softmax_vjp(p1, gp1, tau).transpose(1, 2).reshape(B, C, h, w).double()
-    for (hs, ws), p, dj in zip(small, ps, djs):
-        gz = _softmax_vjp(p, _self_divergence_grad(dj, p), tau).transpose(1, 2).reshape(B, C, hs, ws)
+    for k, ((hs, ws), p) in enumerate(zip(small, ps)):
+        gp, djs[k] = _self_divergence_grad(djs[k], p), None
+        gz = _softmax_vjp(p, gp, tau).transpose(1, 2).reshape(B, C, hs, ws)
         gsim += reference._resize_vjp(gz, (h, w)).double()
     return reference.unscale(gsim, reference.gradient_exponent(alpha)), (gv if v is not None else None)
 
