@@ -31,7 +31,7 @@ from .jsd_backward import _row_dots, pairwise_jsd_backward
 
 # Tiles of the small-scale passes: [BM, BN] maps, BD value columns per product step.
 TILES = (32, 32, 32)
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 @triton.jit
