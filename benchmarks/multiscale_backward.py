@@ -110,7 +110,7 @@ def _memory_child(impl: str, mode: str, grid: int, C: int, D: int, threads: int)
 def memory(a) -> None:
     print(f"peak of one forward + backward (ru_maxrss growth, MiB, fresh process per cell), C' = {a.C}, "
           f"D = {a.D}, {a.threads} threads, 7 scales")
-    impls = [("fused", "recompute"), ("composite", "recompute"), ("fused", "auto")]
+    impls = [tuple(x.split(":")) for x in a.cells]
     print("| N | " + " | ".join(f"{i} ({m})" for i, m in impls) + " |")
     print("|---|" + "---|" * len(impls))
     for grid in a.grids:
@@ -139,6 +139,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-plain", action="store_true", help="skip plain autograd (N^2 C' memory)")
     ap.add_argument("--memory", action="store_true", help="peak memory per (implementation, N) instead")
     ap.add_argument("--grids", type=int, nargs="+", default=[28, 32, 64], help="grids of --memory")
+    ap.add_argument("--cells", nargs="+", default=["fused:recompute", "composite:recompute", "fused:auto"],
+                    help="implementation:mode columns of --memory")
     a = ap.parse_args(argv)
     memory(a) if a.memory else timing(a)
 
