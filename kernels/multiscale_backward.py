@@ -24,7 +24,7 @@ from ..autograd.reference import _resize_vjp, gradient_exponent
 from ..backends.shared import multiscale_inputs
 from ..grids import scale_grid
 from .cdam import ScaleSet, _small_scale_tile, row_stats
-from .cdam_backward import cdam_attention_backward, transform_derivative_scale
+from .cdam_backward import accumulate_values, cdam_attention_backward, transform_derivative_scale
 from .common import CONSTANT_ROW_EPS, blocks, cdam_transform, flat_grid, tile_ids
 from .jsd import pairwise_jsd
 from .jsd_backward import _row_dots, pairwise_jsd_backward
@@ -139,14 +139,7 @@ def ms_small_grad_kernel(js_flat, js_off, js_n, taps_idx, taps_w, hi, lo, mean_h
                     wb = tl.load(tw + offs_n * 4 + tb, mask=mask_n, other=0.0)
                     tl.atomic_add(dj + ia[:, None] * n_s + ib[None, :], wa[:, None] * wb[None, :] * G, mask=valid)
         aT = tl.trans(tl.where(valid, a, 0.0))
-        for d0 in range(0, D, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            mask_d = offs_d < D
-            gt = tl.load(g + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
-                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            ptr = gv_out + b * N * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
-            mask = mask_n[:, None] & mask_d[None, :]
-            tl.store(ptr, tl.dot(aT, gt, tl.load(ptr, mask=mask, other=0.0), input_precision="tf32x3"), mask=mask)
+        accumulate_values(aT, g + b * N * D, gv_out + b * N * D, offs_m, offs_n, mask_m, mask_n, D, BD)
 
 
 def _softmax_vjp(ps: torch.Tensor, gps: torch.Tensor, tau: float) -> torch.Tensor:
