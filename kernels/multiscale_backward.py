@@ -64,9 +64,21 @@ def _gx(u, dm, h, lw, inv, alpha_log2e, dadx_scale):
 
 
 @triton.jit
-def ms_small_sums_kernel(js_flat, js_off, js_n, taps_idx, taps_w, hi, lo, nhi, nlo, g, v, mean_hi, add_hi, mean_lo,
-                         add_lo, N, D, S, alpha_log2e, dadx_scale, BM: tl.constexpr, BN: tl.constexpr,
-                         BD: tl.constexpr):
+def _dm(g, v, b, offs_m, offs_n, mask_m, mask_n, N, D, MAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        BD: tl.constexpr):
+    """The tile of the map's gradient: read from g [B, N, N] (MAP), else g_i . v_j."""
+    if MAP:
+        dm = tl.load(g + b * N * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :],
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+    else:
+        dm = _row_dots(g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
+    return dm
+
+
+@triton.jit
+def ms_small_sums_kernel(js_flat, js_off, js_n, taps_idx, taps_w, weights, hi, lo, nhi, nlo, g, v, mean_hi, add_hi,
+                         mean_lo, add_lo, N, D, S, alpha_log2e, dadx_scale, MAP: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr, BD: tl.constexpr):
     """Per row and small scale: the mean gX over the tied maxima / minima and the rest of the
     row's sums through hi (sum gX t) and lo (sum gX X), each divided by the tie count."""
     pid_m, slot, b = tile_ids(tl.cdiv(N, BM), S)
@@ -74,6 +86,7 @@ def ms_small_sums_kernel(js_flat, js_off, js_n, taps_idx, taps_w, hi, lo, nhi, n
     mask_m = offs_m < N
     base, n_s, tidx, tw = _scale(js_flat, js_off, js_n, taps_idx, taps_w, slot, b, N)
     h, lw, inv = _extremes(hi, lo, slot, b, S, N, offs_m, mask_m)
+    scale = dadx_scale * tl.load(weights + slot)
     e_hi = tl.zeros((BM,), dtype=tl.float32)
     e_lo = tl.zeros((BM,), dtype=tl.float32)
     r_hi = tl.zeros((BM,), dtype=tl.float32)
@@ -82,8 +95,8 @@ def ms_small_sums_kernel(js_flat, js_off, js_n, taps_idx, taps_w, hi, lo, nhi, n
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < N
         u = _small_scale_tile(base, tidx, tw, offs_m, offs_n, n_s, N, BM, BN)
-        dm = _row_dots(g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
-        t, gx = _gx(u, dm, h, lw, inv, alpha_log2e, dadx_scale)
+        dm = _dm(g, v, b, offs_m, offs_n, mask_m, mask_n, N, D, MAP, BM, BN, BD)
+        t, gx = _gx(u, dm, h, lw, inv, alpha_log2e, scale)
         gx = tl.where(mask_n[None, :], gx, 0.0)
         at_hi = u == h[:, None]
         at_lo = u == lw[:, None]
@@ -101,11 +114,12 @@ def ms_small_sums_kernel(js_flat, js_off, js_n, taps_idx, taps_w, hi, lo, nhi, n
 
 
 @triton.jit
-def ms_small_grad_kernel(js_flat, js_off, js_n, taps_idx, taps_w, hi, lo, mean_hi, add_hi, mean_lo, add_lo, g, v,
-                         dj_flat, gv_out, N, D, S, alpha_log2e, dadx_scale, weight, exp_neg_alpha, factor,
-                         SMALL_ALPHA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """One block of keys, all query blocks: G per small scale into dJ_s through the transposed
-    taps (atomic adds), and gv of the keys += (sum of the small scales' weighted A)^T g."""
+def ms_small_grad_kernel(js_flat, js_off, js_n, taps_idx, taps_w, weights, hi, lo, mean_hi, add_hi, mean_lo, add_lo,
+                         g, v, dj_flat, gv_out, N, D, S, alpha_log2e, dadx_scale, exp_neg_alpha, factor,
+                         SMALL_ALPHA: tl.constexpr, MAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         BD: tl.constexpr):
+    """One block of keys, all query blocks: G per scale into dJ_s through the transposed taps
+    (atomic adds), and (not MAP) gv of the keys += (sum of the scales' weighted A)^T g."""
     pid_n, _unused, b = tile_ids(tl.cdiv(N, BN), 1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
@@ -113,14 +127,15 @@ def ms_small_grad_kernel(js_flat, js_off, js_n, taps_idx, taps_w, hi, lo, mean_h
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < N
         valid = mask_m[:, None] & mask_n[None, :]
-        dm = _row_dots(g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
+        dm = _dm(g, v, b, offs_m, offs_n, mask_m, mask_n, N, D, MAP, BM, BN, BD)
         a = tl.zeros((BM, BN), dtype=tl.float32)
         for slot in range(0, S):
             base, n_s, tidx, tw = _scale(js_flat, js_off, js_n, taps_idx, taps_w, slot, b, N)
             u = _small_scale_tile(base, tidx, tw, offs_m, offs_n, n_s, N, BM, BN)
             h, lw, inv = _extremes(hi, lo, slot, b, S, N, offs_m, mask_m)
             row = (b * S + slot) * N + offs_m
-            t, gx = _gx(u, dm, h, lw, inv, alpha_log2e, dadx_scale)
+            weight = tl.load(weights + slot)
+            t, gx = _gx(u, dm, h, lw, inv, alpha_log2e, dadx_scale * weight)
             # the extremes' own terms with their tie share, the mean first (a single extremum: exactly 0 + the rest)
             at_hi = (tl.load(mean_hi + row, mask=mask_m, other=0.0)[:, None] - gx) + tl.load(
                 add_hi + row, mask=mask_m, other=0.0)[:, None]
@@ -129,7 +144,8 @@ def ms_small_grad_kernel(js_flat, js_off, js_n, taps_idx, taps_w, hi, lo, mean_h
             G = tl.where(u == lw[:, None], at_lo, tl.where(u == h[:, None], at_hi, -gx)) * inv[:, None]
             # J = 0 passes no gradient; constant rows none; nothing outside the grid
             G = tl.where(valid & (inv[:, None] > 0.0) & (u != 0.0), G, 0.0)
-            a += weight * cdam_transform(u, h, lw, alpha_log2e, exp_neg_alpha, factor, SMALL_ALPHA)
+            if not MAP:
+                a += weight * cdam_transform(u, h, lw, alpha_log2e, exp_neg_alpha, factor, SMALL_ALPHA)
             dj = dj_flat + tl.load(js_off + slot) + b * n_s * n_s
             for ta in range(4):
                 ia = tl.load(tidx + offs_m * 4 + ta, mask=mask_m, other=0).to(tl.int64)
@@ -137,9 +153,11 @@ def ms_small_grad_kernel(js_flat, js_off, js_n, taps_idx, taps_w, hi, lo, mean_h
                 for tb in range(4):
                     ib = tl.load(tidx + offs_n * 4 + tb, mask=mask_n, other=0)
                     wb = tl.load(tw + offs_n * 4 + tb, mask=mask_n, other=0.0)
-                    tl.atomic_add(dj + ia[:, None] * n_s + ib[None, :], wa[:, None] * wb[None, :] * G, mask=valid)
-        aT = tl.trans(tl.where(valid, a, 0.0))
-        accumulate_values(aT, g + b * N * D, gv_out + b * N * D, offs_m, offs_n, mask_m, mask_n, D, BD)
+                    tw_ab = wa[:, None] * wb[None, :]
+                    tl.atomic_add(dj + ia[:, None] * n_s + ib[None, :], tw_ab * G, mask=valid & (tw_ab != 0.0))
+        if not MAP:
+            aT = tl.trans(tl.where(valid, a, 0.0))
+            accumulate_values(aT, g + b * N * D, gv_out + b * N * D, offs_m, offs_n, mask_m, mask_n, D, BD)
 
 
 def _softmax_vjp(ps: torch.Tensor, gps: torch.Tensor, tau: float) -> torch.Tensor:
@@ -154,65 +172,118 @@ def _grid_grad(gp: torch.Tensor, p: torch.Tensor, tau: float, hw, full_hw) -> to
     return gz if tuple(hw) == tuple(full_hw) else _resize_vjp(gz, full_hw)
 
 
+def _identity_taps(N: int, device):
+    """Taps of a grid onto itself (the full grid as a materialised scale): u = J exactly."""
+    idx = torch.arange(N, device=device, dtype=torch.int32)[:, None].expand(N, 4).contiguous()
+    wts = torch.zeros(N, 4, device=device, dtype=torch.float32)
+    wts[:, 0] = 1.0
+    return idx, wts
+
+
+def _scales_backward(items, weights, B, N, C, alpha, g, v=None):
+    """The passes of the module docstring over scales given as (J [B, n, n], taps idx / wts onto
+    the full grid): the gradients of their J (the 2^-e scaled G, in their J's layout) and, with
+    v, gv of those scales' maps. g: [B, N, D] with v, else the map's gradient [B, N, N]."""
+    device = g.device
+    sc = ScaleSet(B, N, C, device, None, items, weights)
+    K = len(items)
+    hi, lo, nhi, nlo = row_stats(sc, count_ties=True).unbind(0)  # [B, K, N] each, the forward's pass 1
+    sums = torch.empty(4, B, K, N, dtype=torch.float32, device=device)
+    alpha_log2e, exp_neg_alpha, factor, small_alpha = constants.transform_factors(alpha)
+    dadx = transform_derivative_scale(alpha)
+    D = 1 if v is None else v.shape[2]
+    bm, bn, bd = TILES
+    BM, BN, BD = blocks(N, bm), blocks(N, bn), blocks(D, bd)
+    common = (sc.js_flat, sc.js_off, sc.js_n, sc.taps_idx, sc.taps_w, sc.weights)
+    vv = g if v is None else v
+    ms_small_sums_kernel[flat_grid(triton.cdiv(N, BM), K, B)](*common, hi, lo, nhi, nlo, g, vv, *sums.unbind(0), N,
+                                                              D, K, alpha_log2e, dadx, MAP=v is None, BM=BM, BN=BN,
+                                                              BD=BD, num_warps=NUM_WARPS)
+    dj_flat = torch.zeros_like(sc.js_flat)
+    gv = torch.zeros(B, N, D, dtype=torch.float32, device=device) if v is not None else dj_flat
+    ms_small_grad_kernel[flat_grid(triton.cdiv(N, BN), 1, B)](*common, hi, lo, *sums.unbind(0), g, vv, dj_flat, gv, N,
+                                                              D, K, alpha_log2e, dadx, exp_neg_alpha, factor,
+                                                              SMALL_ALPHA=small_alpha, MAP=v is None, BM=BM, BN=BN,
+                                                              BD=BD, num_warps=NUM_WARPS)
+    djs, offset = [], 0
+    for j, _, _ in items:
+        n = j.shape[1]
+        djs.append(dj_flat[offset:offset + B * n * n].view(B, n, n))
+        offset += B * n * n
+    return djs, (gv if v is not None else None)
+
+
+def _divergence_grad(dj, p, alpha) -> torch.Tensor:
+    """p's gradient (float64) from dJ carrying the kernels' 2^-e."""
+    return pairwise_jsd_backward(dj, p, None)[0].double() * 2.0 ** gradient_exponent(alpha)
+
+
+def _multiscale(grad, sim, scales, tau, alpha, v=None):
+    """(gradient of sim in float64, gv or None) of multiscale_cdam_attention (v given: the full
+    grid through cdam_attention's fused backward) or of multiscale_cdam_map (grad the map's
+    gradient: the full grid's J materialised, as the map is, and taken as a scale onto itself)."""
+    B, C, h, w = sim.shape
+    N, S = h * w, len(scales)
+    ps, idx, wts = multiscale_inputs(sim.contiguous(), scales, tau)
+    full = [p for p, i in zip(ps, idx) if i is None]
+    items = [(p, i, wt, scale_grid(h, w, s)) for p, i, wt, s in zip(ps, idx, wts, scales) if i is not None]
+    weights = [1.0 / S] * len(items)
+    g32 = grad.float().contiguous()
+    gsim = torch.zeros(sim.shape, dtype=torch.float64, device=sim.device)
+    gv = None
+    if full and v is not None:  # identical full-grid scales: one backward with their summed weight
+        gp1, gv = cdam_attention_backward(g32 * (len(full) / S), full[0], v.float().contiguous(), alpha)
+        gsim += _grid_grad(gp1, full[0], tau, (h, w), (h, w))
+    elif full:
+        items.insert(0, (full[0], *_identity_taps(N, sim.device), (h, w)))
+        weights.insert(0, len(full) / S)
+    if not items:
+        return gsim, gv
+    djs, gv_small = _scales_backward([(pairwise_jsd(p, None), i, wt) for p, i, wt, _ in items], weights, B, N, C,
+                                     alpha, g32, None if v is None else v.float().contiguous())
+    if gv_small is not None:
+        gv = gv_small if gv is None else gv + gv_small
+    for (p, _, _, hw), dj in zip(items, djs):
+        gsim += _grid_grad(_divergence_grad(dj, p, alpha), p, tau, hw, (h, w))
+    return gsim, gv
+
+
 def multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha, mode=None, memory_budget=None):
     """(gradient of sim in float64, gv). mode / memory_budget do not change the backward: it
     holds the smaller grids' divergences and their gradients, and O(N (C + D)) besides."""
-    B, C, h, w = sim.shape
-    N, S, D = h * w, len(scales), v.shape[2]
-    ps, idx, wts = multiscale_inputs(sim.contiguous(), scales, tau)
-    full = [p for p, i in zip(ps, idx) if i is None]
-    small = [(p, i, wt, scale_grid(h, w, s)) for p, i, wt, s in zip(ps, idx, wts, scales) if i is not None]
-    g32, v32 = grad.float().contiguous(), v.float().contiguous()
-    gsim = torch.zeros(sim.shape, dtype=torch.float64, device=sim.device)
-    gv = torch.zeros(B, N, D, dtype=torch.float32, device=sim.device)
-    if full:  # identical full-grid scales: one backward with their summed weight
-        gp1, gv = cdam_attention_backward(g32 * (len(full) / S), full[0], v32, alpha)
-        gsim += _grid_grad(gp1, full[0], tau, (h, w), (h, w))
-    if not small:
-        return gsim, gv
-    sc = ScaleSet(B, N, C, sim.device, None, [(pairwise_jsd(p, None), i, wt) for p, i, wt, _ in small],
-                  [1.0 / S] * len(small))
-    K = len(small)
-    hi, lo, nhi, nlo = row_stats(sc, count_ties=True).unbind(0)  # [B, K, N] each, the forward's pass 1
-    sums = torch.empty(4, B, K, N, dtype=torch.float32, device=sim.device)
-    alpha_log2e, exp_neg_alpha, factor, small_alpha = constants.transform_factors(alpha)
-    dadx = transform_derivative_scale(alpha) / S
-    bm, bn, bd = TILES
-    BM, BN, BD = blocks(N, bm), blocks(N, bn), blocks(D, bd)
-    taps = (sc.js_flat, sc.js_off, sc.js_n, sc.taps_idx, sc.taps_w)
-    ms_small_sums_kernel[flat_grid(triton.cdiv(N, BM), K, B)](*taps, hi, lo, nhi, nlo, g32, v32, *sums.unbind(0), N, D,
-                                                              K, alpha_log2e, dadx, BM=BM, BN=BN, BD=BD,
-                                                              num_warps=NUM_WARPS)
-    dj_flat = torch.zeros_like(sc.js_flat)
-    ms_small_grad_kernel[flat_grid(triton.cdiv(N, BN), 1, B)](*taps, hi, lo, *sums.unbind(0), g32, v32, dj_flat, gv,
-                                                              N, D, K, alpha_log2e, dadx, 1.0 / S, exp_neg_alpha,
-                                                              factor, SMALL_ALPHA=small_alpha, BM=BM, BN=BN, BD=BD,
-                                                              num_warps=NUM_WARPS)
-    del sc
-    e = gradient_exponent(alpha)
-    offset = 0
-    for p, _, _, hw in small:
-        n = p.shape[1]
-        dj = dj_flat[offset:offset + B * n * n].view(B, n, n)
-        offset += B * n * n
-        gp = pairwise_jsd_backward(dj, p, None)[0].double() * 2.0 ** e  # G carried 2^-e
-        gsim += _grid_grad(gp, p, tau, hw, (h, w))
-    return gsim, gv
+    return _multiscale(grad, sim, scales, tau, alpha, v)
+
+
+def multiscale_cdam_map_backward(grad, sim, scales, tau, alpha):
+    return _multiscale(grad, sim, scales, tau, alpha)[0]
+
+
+def cdam_map_backward(grad, p, alpha):
+    """The single-scale map: its J materialised (as the map is), taken as a scale onto itself."""
+    B, N, C = p.shape
+    pf = p.float().contiguous()
+    djs, _ = _scales_backward([(pairwise_jsd(pf, None), *_identity_taps(N, p.device))], [1.0], B, N, C, alpha,
+                              grad.float().contiguous())
+    return _divergence_grad(djs[0], pf, alpha)
 
 
 def offline_cases() -> dict:
     """name -> (kernel, signature, constexprs, num_warps) at the GPU tile sizes."""
     f32, i32, i64, s = "*fp32", "i32", "*i64", "fp32"
-    taps = {"js_flat": f32, "js_off": i64, "js_n": "*i32", "taps_idx": "*i32", "taps_w": f32}
+    taps = {"js_flat": f32, "js_off": i64, "js_n": "*i32", "taps_idx": "*i32", "taps_w": f32, "weights": f32}
     tiles = dict(zip(("BM", "BN", "BD"), TILES))
     sums = {k: f32 for k in ("mean_hi", "add_hi", "mean_lo", "add_lo")}
-    cases = {"ms_small_sums": (ms_small_sums_kernel, {**taps, "hi": f32, "lo": f32, "nhi": f32, "nlo": f32, "g": f32,
-                                                      "v": f32, **sums, "N": i32, "D": i32, "S": i32,
-                                                      "alpha_log2e": s, "dadx_scale": s}, tiles, NUM_WARPS)}
-    for small in (False, True):
-        cases[f"ms_small_grad[{'small_alpha' if small else 'default'}]"] = (
-            ms_small_grad_kernel, {**taps, "hi": f32, "lo": f32, **sums, "g": f32, "v": f32, "dj_flat": f32,
-                                   "gv_out": f32, "N": i32, "D": i32, "S": i32, "alpha_log2e": s, "dadx_scale": s,
-                                   "weight": s, "exp_neg_alpha": s, "factor": s},
-            {"SMALL_ALPHA": small, **tiles}, NUM_WARPS)
+    cases = {}
+    for mapped in (False, True):
+        kind = "map" if mapped else "attention"
+        cases[f"ms_small_sums[{kind}]"] = (
+            ms_small_sums_kernel, {**taps, "hi": f32, "lo": f32, "nhi": f32, "nlo": f32, "g": f32, "v": f32, **sums,
+                                   "N": i32, "D": i32, "S": i32, "alpha_log2e": s, "dadx_scale": s},
+            {"MAP": mapped, **tiles}, NUM_WARPS)
+        for small in (False, True):
+            cases[f"ms_small_grad[{kind}, {'small_alpha' if small else 'default'}]"] = (
+                ms_small_grad_kernel, {**taps, "hi": f32, "lo": f32, **sums, "g": f32, "v": f32, "dj_flat": f32,
+                                       "gv_out": f32, "N": i32, "D": i32, "S": i32, "alpha_log2e": s,
+                                       "dadx_scale": s, "exp_neg_alpha": s, "factor": s},
+                {"SMALL_ALPHA": small, "MAP": mapped, **tiles}, NUM_WARPS)
     return cases
