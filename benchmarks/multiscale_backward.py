@@ -8,6 +8,7 @@ each in a fresh process (growth of ru_maxrss over the step, after a warm-up step
 
     python -m cdam_fast.benchmarks.multiscale_backward [--grid 28] [--C 101] [--D 768] [--threads 2]
     python -m cdam_fast.benchmarks.multiscale_backward --memory [--grids 28 32 64]
+    python -m cdam_fast.benchmarks.multiscale_backward --backend triton   # on a GPU
 """
 from __future__ import annotations
 
@@ -33,56 +34,76 @@ from .baselines import plain_multiscale_cdam_attention
 IMPLS = ("fused", "composite", "plain autograd")
 
 
+BACKENDS = ("cpu", "triton")
+
+
+def _provider(backend: str):
+    """(the backend's backward module, its backend module, its fused pairwise_jsd backward)."""
+    if backend == "triton":
+        from cdam_fast.autograd import triton_backward
+        from cdam_fast.backends import triton_backend
+
+        return triton_backward, triton_backend, triton_backward.pairwise_jsd_backward
+    return cpu_backward, cpu_backend, cpu_backward.pairwise_jsd_backward
+
+
 @contextlib.contextmanager
-def _backward_of(impl: str):
-    """The cpu backend's multi-scale attention backward as `impl` for the duration."""
-    fused = cpu_backward.multiscale_cdam_attention_backward
+def _backward_of(impl: str, backend: str):
+    """The backend's multi-scale attention backward as `impl` for the duration."""
+    module, forward, jsd_vjp = _provider(backend)
+    fused = module.multiscale_cdam_attention_backward
     if impl == "composite":
-        cpu_backward.multiscale_cdam_attention_backward = bref.bind_composites(
-            cpu_backend, cpu_backward.pairwise_jsd_backward)[2]
+        module.multiscale_cdam_attention_backward = bref.bind_composites(forward, jsd_vjp)[2]
     try:
         yield
     finally:
-        cpu_backward.multiscale_cdam_attention_backward = fused
+        module.multiscale_cdam_attention_backward = fused
 
 
-def _forward(impl: str, mode: str):
+def _forward(impl: str, mode: str, backend: str):
     if impl == "plain autograd":
         return lambda s, v: plain_multiscale_cdam_attention(s, v, CDAM_SCALES)
-    return lambda s, v: cf.multiscale_cdam_attention(s, v, CDAM_SCALES, mode=mode, backend="cpu")
+    return lambda s, v: cf.multiscale_cdam_attention(s, v, CDAM_SCALES, mode=mode, backend=backend)
 
 
-def _inputs(grid: int, C: int, D: int):
+def _inputs(grid: int, C: int, D: int, backend: str = "cpu"):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(1, C, grid, grid, generator=g) * 0.3, torch.randn(1, grid * grid, D, generator=g),
-            torch.randn(1, grid * grid, D, generator=g))
+    dev = torch.device("cuda" if backend == "triton" else "cpu")
+    return tuple(t.to(dev) for t in (torch.randn(1, C, grid, grid, generator=g) * 0.3,
+                                     torch.randn(1, grid * grid, D, generator=g),
+                                     torch.randn(1, grid * grid, D, generator=g)))
 
 
-def _step(impl: str, mode: str, inputs) -> tuple[float, float]:
+def _step(impl: str, mode: str, inputs, backend: str = "cpu") -> tuple[float, float]:
     sim, v, g = inputs
+    sync = torch.cuda.synchronize if sim.is_cuda else (lambda: None)
     leaves = [sim.clone().requires_grad_(True), v.clone().requires_grad_(True)]
-    with _backward_of(impl):
+    with _backward_of(impl, backend):
+        sync()
         t0 = time.perf_counter()
-        out = _forward(impl, mode)(*leaves)
+        out = _forward(impl, mode, backend)(*leaves)
+        sync()
         t1 = time.perf_counter()
         out.backward(g)
+        sync()
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 
 
 def timing(a) -> None:
     torch.set_num_threads(a.threads)
-    inputs = _inputs(a.grid, a.C, a.D)
+    inputs = _inputs(a.grid, a.C, a.D, a.backend)
     impls = [i for i in IMPLS if i != "plain autograd" or not a.no_plain]
-    for impl in impls:  # warm-up (builds / loads the extensions)
-        _step(impl, a.mode, inputs)
+    for impl in impls:  # warm-up (builds / loads the extensions, compiles the kernels)
+        _step(impl, a.mode, inputs, a.backend)
     times = {i: [] for i in impls}
     for _ in range(a.repeats):
         for impl in impls:
-            times[impl].append(_step(impl, a.mode, inputs))
+            times[impl].append(_step(impl, a.mode, inputs, a.backend))
     n = a.grid * a.grid
-    print(f"multiscale_cdam_attention, 7 scales, N = {n} ({a.grid} x {a.grid}), C' = {a.C}, D = {a.D}, fp32, "
-          f"{a.threads} threads, mode {a.mode}, {a.repeats} repeats (median ms, implementations alternating)")
+    where = torch.cuda.get_device_name() if a.backend == "triton" else f"{a.threads} threads"
+    print(f"multiscale_cdam_attention on {a.backend}, 7 scales, N = {n} ({a.grid} x {a.grid}), C' = {a.C}, "
+          f"D = {a.D}, fp32, {where}, mode {a.mode}, {a.repeats} repeats (median ms, implementations alternating)")
     med = {i: tuple(statistics.median(x) * 1e3 for x in zip(*t)) for i, t in times.items()}
     step = {i: statistics.median(f + b for f, b in t) * 1e3 for i, t in times.items()}
     base = step.get("plain autograd")
@@ -134,6 +155,7 @@ def main(argv=None) -> None:
     ap.add_argument("--C", type=int, default=101)
     ap.add_argument("--D", type=int, default=768)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="cpu", choices=BACKENDS, help="triton: CUDA tensors (timing only)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mode", default="recompute", choices=("auto", "materialize", "recompute"))
     ap.add_argument("--no-plain", action="store_true", help="skip plain autograd (N^2 C' memory)")

@@ -231,3 +231,14 @@ def test_triton_multiscale_backward_compiles_for_sm90_without_spills():
         assert 0 < r["registers"] <= 255, f"{name}: {r}"
         if "attention" in name:  # the products with g and v
             assert r["wgmma"] + r["mma"] > 0, f"{name} multiplies without tensor-core instructions"
+
+
+def test_multiscale_backward_benchmark_runs(cpu, capsys):
+    """benchmarks/multiscale_backward.py at a toy size: three rows, the fused backward restored."""
+    from cdam_fast.benchmarks import multiscale_backward as bench
+
+    fused = cpu_backward.multiscale_cdam_attention_backward
+    bench.main(["--grid", "5", "--C", "3", "--D", "2", "--repeats", "1", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == list(bench.IMPLS)
+    assert cpu_backward.multiscale_cdam_attention_backward is fused
