@@ -1,15 +1,12 @@
 """The Triton backward functions under the names ops.py dispatches to: the fused kernels of
-kernels/jsd_backward.py and kernels/cdam_backward.py, and the composite backward passes of
-cdam_map and the multi-scale ops (autograd/reference.py) on the Triton divergence."""
-from ..backends import triton_backend
+kernels/jsd_backward.py, kernels/cdam_backward.py and kernels/multiscale_backward.py."""
 from ..backends.shared import cdiv, limit_reason
 from ..kernels import common as _common
 from ..kernels.cdam_backward import cdam_attention_backward
 from ..kernels.jsd_backward import jsd_attention_backward, pairwise_jsd_backward
-from .reference import COMPOSITE_OPS, bind_composites
-
-cdam_map_backward, multiscale_cdam_map_backward, multiscale_cdam_attention_backward = bind_composites(
-    triton_backend, pairwise_jsd_backward)
+from ..kernels.multiscale_backward import cdam_map_backward, multiscale_cdam_attention_backward, \
+    multiscale_cdam_map_backward
+from .reference import COMPOSITE_OPS
 
 
 def not_supported_reasons(op: str, call) -> list[str]:
