@@ -52,6 +52,8 @@ class BandStore:
             stored = json.loads(cfg.read_text())
         except (OSError, json.JSONDecodeError):
             stored = None
+        for stale in self.folder.glob(".band*.part.npy"):  # a killed writer's (no writer runs yet)
+            stale.unlink(missing_ok=True)
         if stored != self.config:
             if self.folder.exists():
                 shutil.rmtree(self.folder)

@@ -42,7 +42,8 @@ from .windows import WindowLayout, window_starts
 
 #: Tokens of one tile in native global mode (CDAM across all of them): 64 x 64 patches.
 DEFAULT_GLOBAL_TOKENS = 4096
-_LABEL_CHUNK = 1 << 24  # logits elements materialised at once while labelling
+_LABEL_CHUNK = 1 << 22  # logits elements materialised at once while labelling (more for PAMR's halo)
+_CHUNK_ROWS = 256  # ... and at most this many rows (a tile row of the label TIFF)
 
 
 def check_scale(scale):
@@ -209,7 +210,7 @@ def pamr_halo(seg) -> int:
 def chunks(seg, height: int, width: int, channels: int) -> list:
     """The row chunks [a, b) labels are computed in (a function of the sizes only, so the
     streamed and in-memory paths cut alike)."""
-    rows = max(16, _LABEL_CHUNK // max(1, channels * width), 2 * pamr_halo(seg))
+    rows = max(16, min(_CHUNK_ROWS, _LABEL_CHUNK // max(1, channels * width)), 2 * pamr_halo(seg))
     return [(a, min(height, a + rows)) for a in range(0, height, rows)]
 
 

@@ -20,6 +20,7 @@ float data in [0, 1]) and the georeferencing tags to carry to the outputs.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,7 +113,10 @@ class PillowRaster(ArrayRaster):
         old = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = limit  # Pillow's guard at our limit for this call; restored below
         try:
-            with Image.open(path) as im:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below instead
+                im = Image.open(path)
+            with im:
                 w, h = im.size
                 if w * h > limit:
                     raise CdamInputError(_too_large(path, w, h, limit))
