@@ -255,6 +255,28 @@ def test_torchrun_bands_sharded_equal_one_process(geotiff, tmp_path, one_thread,
     assert (tmp_path / "two" / "scene_labels.tif").read_bytes() == (tmp_path / "one" / "scene_labels.tif").read_bytes()
 
 
+def test_ray_actors_share_the_bands(tiny, geotiff, tmp_path, band_log, one_thread):
+    """Two RayBandSegmenter actors (called as Ray Data calls them, without a cluster) compute
+    the bands; segment_file then only assembles, and the labels equal the in-memory ones."""
+    from cdam_fast.pipeline.ray_bands import RayBandSegmenter, band_tasks
+
+    path, image = geotiff
+    seg = _segmenter(tiny, scale=1.0, stride=160)
+    rows = band_tasks(seg, [path], tmp_path)
+    assert [r["band"] for r in rows] == list(range(7))
+    options = dict(model=tiny, pretrained=None, templates="single", background=None, crop=224, stride=160,
+                   window_batch=4, cache_dir=False, scale=1.0)
+    for part in (rows[:4], rows[4:]):
+        actor = RayBandSegmenter(CLASSES, out=tmp_path, **options)
+        batch = {k: np.array([r[k] for r in part], dtype=object if k != "band" else np.int64) for k in part[0]}
+        assert list(actor(batch)["error"]) == [""] * len(part)
+    assert sorted(band_log) == list(range(7))
+    band_log.clear()
+    paths, _ = segment_file(seg, path, tmp_path, progress=False)
+    assert band_log == []  # nothing recomputed
+    assert np.array_equal(tifffile.imread(paths.labels), seg.predict(image))
+
+
 _PEAKS = """
 import resource, sys
 import torch

@@ -7,8 +7,8 @@ float data in [0, 1]) and the georeferencing tags to carry to the outputs.
 
 * TIFF (needs `tifffile`, the `highres` extra): only the tiles or strips that hold the rows
   are read and decoded (the last row of segments is kept, since consecutive bands overlap).
-  Deflate / LZW / PackBits need nothing more; JPEG-, JPEG2000- or ZSTD-compressed TIFFs need
-  `imagecodecs` too. The first page is read (the full-resolution level of a pyramid);
+  Uncompressed, deflate and PackBits TIFFs need nothing more; LZW, JPEG, JPEG2000, ZSTD or
+  WebP compression needs `imagecodecs` too (the `highres-codecs` extra). The first page is read (the full-resolution level of a pyramid);
   planar-separate files are refused.
 * .npy: memory-mapped, [H, W] or [H, W, 1|3|4], uint8, uint16 or float in [0, 1].
 * Anything else goes through Pillow, which decodes a PNG or JPEG whole: about 3 bytes per
@@ -187,7 +187,8 @@ class TiffRaster(Raster):
                                             jpegheader=page.jpegheader)
             except Exception as e:  # noqa: BLE001 - e.g. a codec that needs imagecodecs
                 raise CdamInputError(f"cannot decode TIFF file {self.path!r} ({page.compression.name} compression): "
-                                     f"{e}; JPEG/JPEG2000/ZSTD TIFFs need imagecodecs (pip install imagecodecs)") from e
+                                     f"{e}; LZW, JPEG, JPEG2000, ZSTD and WebP TIFFs need imagecodecs: pip install "
+                                     "'cdam-fast[highres-codecs]'") from e
             segment = segment.reshape(segment.shape[-3:]) if samples > 1 else segment.reshape(segment.shape[-3:-1])
             x0 = tx * self._seg_w
             w = min(self._seg_w, self.width - x0)

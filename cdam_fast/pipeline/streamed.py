@@ -44,10 +44,19 @@ def native_output_paths(items, out) -> list:
 
 
 def store_config(seg, raster: Raster, p: native.NativePlan, run: dict | None = None) -> dict:
-    """What a band's logits depend on (bands of another configuration are discarded)."""
+    """What a band's logits depend on (bands of another configuration are discarded). The
+    device, backend and dtype are left out: a band computed elsewhere differs by rounding only."""
+    import hashlib
+
+    settings = {k: getattr(seg, k, None) for k in ("method_name", "cdam", "mode", "scale", "crop", "stride",
+                                                    "global_tokens", "tau", "alpha", "scales", "pos_interp",
+                                                    "synonyms", "window_batch", "threshold", "set_index",
+                                                    "cdam_combine", "normalisation")}
+    templates = hashlib.sha256("\n".join(seg._text_embedder.templates + ("",) + seg.atp).encode()).hexdigest()
     return {"input": identity_of(raster.path), "original": list(p.original), "size": list(p.size),
             "window": list(p.layout.window), "rows": list(p.layout.row_starts), "cols": list(p.layout.col_starts),
-            "segmenter": repr(seg), "classes": [list(s) for s in seg.classes.synonyms], "run": run or {}}
+            "model": [seg.backbone.name, seg.backbone.source], "settings": settings, "prompts": templates,
+            "classes": [list(s) for s in seg.classes.synonyms], "run": run or {}}
 
 
 # -- step 1: bands -----------------------------------------------------------------------------
