@@ -190,7 +190,9 @@ def test_global_mode_bounds_cdam_tokens(tiny, monkeypatch):
 
 
 def _args(out, *extra):
-    return ["segment", "--native", *extra, "--classes", CLASSES, "--model", "cdam-test-tiny-vit", "--pretrained", "none",
+    # without CDAM: these tests are about runs (resume, shards), and CDAM is the slow part on CPU
+    return ["segment", "--native", "--no-cdam", *extra, "--classes", CLASSES, "--model", "cdam-test-tiny-vit",
+            "--pretrained", "none",
             "--templates", "single", "--background", "none", "--device", "cpu", "--crop", "224", "--stride", "160",
             "--window-batch", "4", "--cache-dir", "off", "--out", str(out)]
 
@@ -229,7 +231,7 @@ def test_resume_after_kill(tiny, geotiff, tmp_path, band_log, one_thread, capsys
     stored = {int(n[4:10]) for n in before}
     assert sorted(band_log) == sorted(set(range(7)) - stored)  # nothing lost, nothing doubled
     assert all(store.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())  # kept, not redone
-    expected = _segmenter(tiny, scale=1.0, stride=160).predict(image)
+    expected = _segmenter(tiny, scale=1.0, stride=160, cdam=False).predict(image)
     assert np.array_equal(tifffile.imread(out / "scene_labels.tif"), expected)
     records = [json.loads(line) for line in (out / "manifest.rank0.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["done"]
@@ -286,7 +288,8 @@ from cdam_fast.pipeline import Segmenter
 from cdam_fast.pipeline.streamed import segment_file
 torch.set_num_threads(1)
 seg = Segmenter({classes!r}, model=register_tiny_clip(), pretrained=None, templates="single", background=None,
-                device="cpu", crop=224, stride=224, window_batch=4, cache_dir=False, progress=False, scale=1.0)
+                device="cpu", crop=224, stride=224, window_batch=4, cache_dir=False, progress=False, scale=1.0,
+                cdam=False)
 for rows in (512, 8192):
     segment_file(seg, {folder!r} + f"/h{{rows}}.tif", {folder!r} + "/out")
     print(rows, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)  # KiB: the peak so far

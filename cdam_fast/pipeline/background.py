@@ -91,7 +91,7 @@ def class_logits(logits: torch.Tensor, owner: torch.Tensor | None, num_classes: 
 def label(logits: torch.Tensor, threshold=None, logit_scale: float = LOGIT_SCALE, owner=None) -> torch.Tensor:
     """[S, ...] logits -> [...] int64 labels; below `threshold` top probability -> class 0.
     owner: [S] class of each row (synonyms kept apart), None for one row per class."""
-    out = logits.argmax(0)
+    out = logits.max(0).indices  # argmax(0), first maximum on ties too; several times faster on CPU
     if owner is not None:
         out = owner.to(out.device)[out]
     if threshold is not None:
