@@ -310,3 +310,17 @@ def test_peak_memory_does_not_grow_with_height(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     peaks = {int(a): int(b) / 1024 for a, b in (line.split() for line in proc.stdout.split("\n") if line.strip())}
     assert peaks[8192] < peaks[512] + 8, peaks  # MiB
+
+
+def test_cli_refuses_bad_native_options(tmp_path, capsys):
+    from cdam_fast.cli import main
+
+    image = tmp_path / "a.png"
+    Image.fromarray(_photo(64, 64)).save(image)
+    for extra, message in [(["--native", "--scale", "2"], "--native means --scale 1; got --scale 2 too"),
+                           (["--scale", "-1"], "scale must be a positive number"),
+                           (["--native", "--global-tokens", "0"], "global_tokens must be an integer >= 1"),
+                           (["--native", "--preview-size", "0"], "--preview-size must be a positive integer")]:
+        assert main(["segment", str(image), "--classes", CLASSES, "--out", str(tmp_path / "out"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
