@@ -181,7 +181,8 @@ def main(argv=None) -> int:
     records = []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="")
     print(f"# highres: model {args.model} (random weights), crop {args.crop} stride {args.stride}, "
-          f"window batch {args.window_batch}, {args.threads} threads, CPU {platform.processor() or platform.machine()}, "
+          f"window batch {args.window_batch}, {args.threads} threads, "
+          f"CPU {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     for side in args.sizes:

@@ -52,7 +52,8 @@ def test_taps_equal_the_dense_protocol_matrices():
         assert torch.allclose(_dense(resize_taps(out, inp)), ref, atol=1e-12)
     # window assembly (upsample, place, average overlaps, resize to the original) == windows.axis_matrix
     for length, crop, stride, tokens, original in [(500, 224, 224, 14, 500), (500, 224, 160, 14, 500),
-                                                   (300, 224, 100, 14, 700), (1100, 448, 224, 28, 1100), (64, 64, 48, 4, 64)]:
+                                                   (300, 224, 100, 14, 700), (1100, 448, 224, 28, 1100),
+                                                   (64, 64, 48, 4, 64)]:
         starts = window_starts(length, crop, stride)
         window = min(crop, length)
         ref = axis_matrix(tuple(starts), window, tokens, length, original)
@@ -165,7 +166,7 @@ def test_pillow_limit_is_explicit(tmp_path):
 
     Image.fromarray(_photo(100, 120)).save(tmp_path / "big.png")
     before = PILImage.MAX_IMAGE_PIXELS
-    with pytest.raises(CdamInputError, match=r"120x100 = 12,000 pixels, more than the decoding limit of 8,000.*--max-pixels"):
+    with pytest.raises(CdamInputError, match=r"120x100 = 12,000 pixels, more than the decoding limit of 8,000.*--max"):
         open_raster(tmp_path / "big.png", max_pixels=8000)
     with pytest.raises(CdamInputError, match="more than 10,000 pixels"):  # Pillow's own guard, at twice the limit
         open_raster(tmp_path / "big.png", max_pixels=5000)

@@ -8,8 +8,8 @@ float data in [0, 1]) and the georeferencing tags to carry to the outputs.
 * TIFF (needs `tifffile`, the `highres` extra): only the tiles or strips that hold the rows
   are read and decoded (the last row of segments is kept, since consecutive bands overlap).
   Uncompressed, deflate and PackBits TIFFs need nothing more; LZW, JPEG, JPEG2000, ZSTD or
-  WebP compression needs `imagecodecs` too (the `highres-codecs` extra). The first page is read (the full-resolution level of a pyramid);
-  planar-separate files are refused.
+  WebP compression needs `imagecodecs` too (the `highres-codecs` extra). The first page is
+  read (the full-resolution level of a pyramid); planar-separate files are refused.
 * .npy: memory-mapped, [H, W] or [H, W, 1|3|4], uint8, uint16 or float in [0, 1].
 * Anything else goes through Pillow, which decodes a PNG or JPEG whole: about 3 bytes per
   pixel in memory. Pillow refuses images above its decompression-bomb limit
@@ -144,7 +144,8 @@ class TiffRaster(Raster):
         try:
             import tifffile
         except ImportError as e:
-            raise CdamInputError(f"reading TIFF image {path!r} a band at a time needs tifffile: {_HIGHRES_EXTRA}") from e
+            raise CdamInputError(f"reading TIFF image {path!r} a band at a time needs tifffile: "
+                                 f"{_HIGHRES_EXTRA}") from e
         try:
             self._tf = tifffile.TiffFile(path)
             page = self._tf.pages[0]
