@@ -210,7 +210,7 @@ def pamr_halo(seg) -> int:
 def chunks(seg, height: int, width: int, channels: int) -> list:
     """The row chunks [a, b) labels are computed in (a function of the sizes only, so the
     streamed and in-memory paths cut alike)."""
-    rows = max(16, min(_CHUNK_ROWS, _LABEL_CHUNK // max(1, channels * width)), 2 * pamr_halo(seg))
+    rows = max(8, min(_CHUNK_ROWS, _LABEL_CHUNK // max(1, channels * width)), 2 * pamr_halo(seg))
     return [(a, min(height, a + rows)) for a in range(0, height, rows)]
 
 

@@ -167,7 +167,7 @@ class TiffRaster(Raster):
             self._seg_h, self._seg_w = int(page.rowsperstrip or H), W
         self._seg_h = min(self._seg_h, H) or H
         self._across = -(-W // self._seg_w)
-        self._cache = {}  # segment row -> decoded [seg_h, W(, S)] (the last two kept)
+        self._cache = {}  # segment row -> decoded [seg_h, W(, S)]: the last one (bands go down the image)
 
     def _segment_row(self, sr: int) -> np.ndarray:
         if sr in self._cache:
@@ -194,8 +194,7 @@ class TiffRaster(Raster):
             x0 = tx * self._seg_w
             w = min(self._seg_w, self.width - x0)
             out[:, x0:x0 + w] = segment[:h, :w]
-        if len(self._cache) >= 2:
-            self._cache.pop(min(self._cache))
+        self._cache.clear()
         self._cache[sr] = out
         return out
 
