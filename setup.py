@@ -9,8 +9,11 @@ VERSIONS = runpy.run_path(str(ROOT / "cdam_fast" / "versions.py"))
 
 PUBLISHED = ["opencv-python-headless"]  # the published protocol's uint8 INTER_LINEAR resize (the pipeline's default)
 RAY = ["ray[data]>=2.10"]  # the Ray Data adapter (cdam_fast.pipeline.ray_data); never imported by the core
+# native-resolution mode's streamed TIFF / BigTIFF / GeoTIFF input and tiled label output (uncompressed,
+# deflate and PackBits need nothing else; LZW-, JPEG-, JPEG2000-, ZSTD- or WebP-compressed input needs imagecodecs)
+HIGHRES = ["tifffile>=2023.1"]
 TEST = ["pytest>=8", "pytest-benchmark>=4", "ninja", "open_clip_torch>=3", "matplotlib", "tqdm", "pillow",
-        "scikit-image", *PUBLISHED, *RAY]
+        "scikit-image", *PUBLISHED, *RAY, *HIGHRES]
 
 setup(
     name="cdam-fast",
@@ -33,6 +36,8 @@ setup(
         "build": ["ninja"],
         "sd": ["diffusers>=0.30", "transformers", "safetensors"],  # CLIPer's SD compensation
         "ray": RAY,
+        "highres": HIGHRES,
+        "highres-codecs": [*HIGHRES, "imagecodecs"],
         "test": TEST,
     },
     entry_points={"console_scripts": ["cdam-fast=cdam_fast.cli:main"]},

@@ -44,12 +44,22 @@ def check_background(background, class_names) -> object:
                          f"got {background!r}")
 
 
-def entropy_threshold(token_logits: torch.Tensor, logit_scale: float = LOGIT_SCALE) -> torch.Tensor:
-    """Threshold from token logits [..., C] (all tokens pooled): 2.5 / (min H + max H)."""
+def entropy_range(token_logits: torch.Tensor, logit_scale: float = LOGIT_SCALE) -> tuple:
+    """(min H, max H) over the tokens of token logits [..., C]: all the threshold needs, so
+    that the tokens of a huge image can be pooled a band at a time."""
     prob = torch.softmax(logit_scale * token_logits.float().reshape(-1, token_logits.shape[-1]), dim=-1)
     h = -(torch.xlogy(prob, prob).sum(-1)) / math.log(2.0)
+    return h.min(), h.max()
+
+
+def threshold_of_range(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     # Every token one-hot (H = 0 everywhere) makes the published formula infinite: all background.
-    return 0.5 * 2.5 / ((h.min() + h.max()) / 2).clamp_min(1e-12)
+    return 0.5 * 2.5 / ((low + high) / 2).clamp_min(1e-12)
+
+
+def entropy_threshold(token_logits: torch.Tensor, logit_scale: float = LOGIT_SCALE) -> torch.Tensor:
+    """Threshold from token logits [..., C] (all tokens pooled): 2.5 / (min H + max H)."""
+    return threshold_of_range(*entropy_range(token_logits, logit_scale))
 
 
 def top_probability(logits: torch.Tensor, logit_scale: float = LOGIT_SCALE) -> torch.Tensor:
@@ -81,7 +91,7 @@ def class_logits(logits: torch.Tensor, owner: torch.Tensor | None, num_classes: 
 def label(logits: torch.Tensor, threshold=None, logit_scale: float = LOGIT_SCALE, owner=None) -> torch.Tensor:
     """[S, ...] logits -> [...] int64 labels; below `threshold` top probability -> class 0.
     owner: [S] class of each row (synonyms kept apart), None for one row per class."""
-    out = logits.argmax(0)
+    out = logits.max(0).indices  # argmax(0), first maximum on ties too; several times faster on CPU
     if owner is not None:
         out = owner.to(out.device)[out]
     if threshold is not None:

@@ -6,7 +6,7 @@ import sys
 from ..dispatch import BackendUnavailableError
 from ..runstore import StoreError
 from ..validation import CdamInputError
-from . import cliper_options
+from . import cliper_options, native_cli
 from .options import add_model_options, add_protocol_options, model_options, segmenter_defaults, segmenter_options
 
 DEFAULT_OUT = "cdam_segment_out"
@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     add_model_options(p)  # the option set shared with `eval` and the published table (options.py)
     add_protocol_options(p)
     cliper_options.add_arguments(p)  # --method cliper's own options
+    native_cli.add_arguments(p)  # --native / --scale: large images at their own resolution
     p.add_argument("--window-batch", type=int, default=16, help="windows per forward pass (default 16)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--overwrite", action="store_true",
@@ -143,5 +144,9 @@ def _run(args) -> int:
     # a segmenter method may leave sizes to its class (None): the pre-check uses the general defaults
     sizes = {**segmenter_defaults(), **{k: v for k, v in protocol.items() if v is not None}}
     check_crop(args.model, sizes)
+    if native_cli.requested(args):
+        scaled = {**protocol, **native_cli.segmenter_options(args)}
+        return native_cli.run(args, classes=_classes(args), settings={**scaled, **cliper},
+                              make_segmenter=lambda classes, device: _segmenter(args, classes, device, scaled, cliper))
     return bulk.run(args, classes=_classes(args), settings={**protocol, **cliper}, sizes=sizes,
                     make_segmenter=lambda classes, device: _segmenter(args, classes, device, protocol, cliper))

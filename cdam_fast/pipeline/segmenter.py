@@ -26,6 +26,7 @@ from ..ops import MODES as CDAM_MODES
 from ..ops import multiscale_cdam_attention
 from ..validation import CdamInputError, check_alpha, check_positive, check_scales, check_tau
 from . import background as bg
+from . import native
 from .images import require_opencv
 from .images import resize as resize_pixels
 from .images import to_pixels
@@ -101,6 +102,8 @@ class _Prepared:
     original: tuple  # (H, W) of the input
     layout: object  # WindowLayout
     tokens: tuple  # patch grid of each window
+    assembler: object = None  # native mode: its TapAssembler (else built from the layout)
+    pamr_pixels: torch.Tensor | None = None  # native mode: PAMR's image at the input size
 
 
 @dataclass
@@ -135,6 +138,9 @@ class Segmenter:
     default; "torch" resizes the float image on self.device), pos_interp ("published" or
     "size"), synonyms ("max", the published rule, the default; or "mean"), pamr_steps /
     pamr_dilations (PAMR post-processing, off at 0 steps).
+    scale: None (default: the published protocol's resize) or a factor (1.0: native
+    resolution) at which windows of `crop` at `stride` cover the image, for large and aerial
+    images; global_tokens bounds CDAM's tiles in global mode then (native.py, streamed.py).
     `Segmenter(classes, **presets.preset("cdam-voc21"))` reproduces a published configuration.
     """
 
@@ -151,8 +157,11 @@ class Segmenter:
                  cdam_mode: str = "auto", memory_budget: int | None = None, seed: int = RANDOM_WEIGHTS_SEED,
                  quick_gelu: bool | None = None, progress: bool = True, cache_dir=None, resize: str = "opencv",
                  pos_interp: str = "published", synonyms: str = "max", pamr_steps: int = 0,
-                 pamr_dilations=PAMR_DILATIONS):
+                 pamr_dilations=PAMR_DILATIONS, scale: float | None = None,
+                 global_tokens: int = native.DEFAULT_GLOBAL_TOKENS):
         self.classes = parse_classes(classes)
+        self.scale = native.check_scale(scale)  # None: the published protocol's resize; else native.py
+        self.global_tokens = native.check_global_tokens(global_tokens)
         self.method = get_method(method)
         self.method_name = self.method.name  # what outputs call the method (a segmenter method sets its own)
         if mode not in MODES:
@@ -273,7 +282,9 @@ class Segmenter:
 
     # -- images -> windows -> results ---------------------------------------------------------
     def preprocess(self, image, what: str = "image") -> _Prepared:
-        """Resize to the protocol size and normalise; plan the windows."""
+        """Resize to the protocol size (or to `scale`, native.py) and normalise; plan the windows."""
+        if self.scale is not None:
+            return native.prepare(self, image, what, _Prepared)
         pixels = to_pixels(image, what)
         H, W = pixels.shape[-2:]
         ph, pw = self.backbone.patch_size
@@ -294,8 +305,10 @@ class Segmenter:
         crops: dict = {}
         for ii, it in enumerate(items):
             h, w = it.layout.window
-            for wi, (y, x) in enumerate(it.layout.boxes()):  # one image's windows per forward pass
-                crops.setdefault((ii, h, w), []).append((ii, wi, it.pixels[:, y:y + h, x:x + w]))
+            for wi, (y, x) in enumerate(it.layout.boxes()):
+                # one image's windows per forward pass; native mode: one band (row of windows) of it
+                key = (ii, h, w) if self.scale is None else (ii, h, w, y)
+                crops.setdefault(key, []).append((ii, wi, it.pixels[:, y:y + h, x:x + w]))
         outs = [[None] * it.layout.count for it in items]
         total = sum(len(e) for e in crops.values())
         bar = None
@@ -318,9 +331,9 @@ class Segmenter:
         results = []
         for it, o in zip(items, outs):
             wl = torch.stack(o)
-            asm = _assembler(it.layout, it.tokens, it.original, self.device)
-            results.append(ImageResult(wl, self._threshold(wl), asm, it.original,
-                                       it.pixels if self.pamr_steps else None))
+            asm = it.assembler or _assembler(it.layout, it.tokens, it.original, self.device)
+            pixels = it.pixels if it.pamr_pixels is None else it.pamr_pixels
+            results.append(ImageResult(wl, self._threshold(wl), asm, it.original, pixels if self.pamr_steps else None))
         return results
 
     def results(self, images, names=None):
@@ -354,6 +367,8 @@ class Segmenter:
 
     def _full_logits(self, result: ImageResult) -> torch.Tensor:
         """[S, H, W] logits of one result at the input size (PAMR applied when on)."""
+        if self.scale is not None:
+            return native.full_logits(self, result)
         logits = result.assembler(result.window_logits)
         if self.pamr_steps and result.pixels is not None:
             # the published codes refine with the normalised image resized back to the input size
@@ -365,6 +380,9 @@ class Segmenter:
     def label_map(self, result: ImageResult) -> np.ndarray:
         """[H, W] class indices (uint8 for up to 256 classes, else int64) of one result, built
         in row chunks so that [C, H, W] logits of a large image are never all in memory."""
+        if self.scale is not None:
+            return native.label_map(self, result).cpu().numpy().astype(np.uint8 if len(self.classes) <= 256
+                                                                           else np.int64)
         H, W = result.original
         if self.pamr_steps and result.pixels is not None:  # PAMR needs the whole logits map
             out = bg.label(self._full_logits(result), result.threshold, self.logit_scale, self.owner)

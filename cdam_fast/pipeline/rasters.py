@@ -1,0 +1,228 @@
+"""Large images read a band of rows at a time: tiled or striped TIFF / BigTIFF (GeoTIFF
+included), numpy arrays on disk (.npy, memory-mapped), and PNG / JPEG / other Pillow formats.
+
+`open_raster(path)` gives a `Raster`: its size, `read(a, b)` (rows [a, b) as images.to_pixels
+makes them: uint8 [3, b - a, W], 16-bit data scaled to 8 bits, grey expanded, alpha dropped,
+float data in [0, 1]) and the georeferencing tags to carry to the outputs.
+
+* TIFF (needs `tifffile`, the `highres` extra): only the tiles or strips that hold the rows
+  are read and decoded (the last row of segments is kept, since consecutive bands overlap).
+  Uncompressed, deflate and PackBits TIFFs need nothing more; LZW, JPEG, JPEG2000, ZSTD or
+  WebP compression needs `imagecodecs` too (the `highres-codecs` extra). The first page is
+  read (the full-resolution level of a pyramid); planar-separate files are refused.
+* .npy: memory-mapped, [H, W] or [H, W, 1|3|4], uint8, uint16 or float in [0, 1].
+* Anything else goes through Pillow, which decodes a PNG or JPEG whole: about 3 bytes per
+  pixel in memory. Pillow refuses images above its decompression-bomb limit
+  (PIL.Image.MAX_IMAGE_PIXELS, 89.5 megapixels by default) as a guard against malicious
+  files; here that limit is an explicit argument (`max_pixels`, CLI `--max-pixels`) that is
+  raised on purpose, never switched off. Convert such images to tiled TIFF to stream them.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..validation import CdamInputError
+from .images import to_pixels
+
+#: GeoTIFF georeferencing tags (code -> name) copied onto the label map.
+GEO_TAGS = {33550: "ModelPixelScale", 33922: "ModelTiepoint", 34264: "ModelTransformation",
+            34735: "GeoKeyDirectory", 34736: "GeoDoubleParams", 34737: "GeoAsciiParams"}
+#: GDAL's tags: recorded in the class mapping, not copied (the input's nodata value and band
+#: metadata describe the image's pixels, not class indices: nodata 0 would mask class 0).
+GDAL_TAGS = {42112: "GDAL_METADATA", 42113: "GDAL_NODATA"}
+TIFF_EXTENSIONS = (".tif", ".tiff")
+NPY_EXTENSIONS = (".npy",)
+_HIGHRES_EXTRA = "pip install 'cdam-fast[highres]' (tifffile)"
+
+
+def pillow_limit() -> int:
+    """Pillow's own decompression-bomb limit (the default of max_pixels)."""
+    from PIL import Image
+
+    return int(Image.MAX_IMAGE_PIXELS or 0) or (1 << 62)
+
+
+@dataclass
+class Raster:
+    """An image read in bands of rows. Subclasses implement _rows(a, b) -> [b - a, W(, C)]."""
+    path: str
+    height: int
+    width: int
+    geo: dict = field(default_factory=dict)  # tag code -> (TIFF type, count, value), copied to outputs
+    gdal: dict = field(default_factory=dict)  # GDAL tag name -> text, recorded only
+
+    @property
+    def size(self) -> tuple:
+        return self.height, self.width
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as images.to_pixels makes them ([3, stop - start, W])."""
+        if not 0 <= start < stop <= self.height:
+            raise ValueError(f"rows [{start}, {stop}) outside the image's {self.height}")
+        return to_pixels(np.asarray(self._rows(start, stop)), f"image {self.path!r} (rows {start}-{stop})")
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ArrayRaster(Raster):
+    """An array already in memory (numpy [H, W(, C)] channels last), e.g. for tests."""
+
+    def __init__(self, array: np.ndarray, path: str = "<array>"):
+        if array.ndim not in (2, 3):
+            raise CdamInputError(f"{path}: expected [H, W] or [H, W, C], got shape {array.shape}")
+        super().__init__(path, int(array.shape[0]), int(array.shape[1]))
+        self.array = array
+
+    def _rows(self, start, stop):
+        return self.array[start:stop]
+
+
+class NpyRaster(ArrayRaster):
+    def __init__(self, path: str):
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise CdamInputError(f"cannot read image file {path!r}: {e}") from e
+        super().__init__(array, path)
+
+
+class PillowRaster(ArrayRaster):
+    """A Pillow-readable file, decoded whole under an explicit pixel limit."""
+
+    def __init__(self, path: str, max_pixels: int | None = None):
+        from PIL import Image, ImageOps, UnidentifiedImageError
+
+        from .images import _to_rgb
+
+        limit = pillow_limit() if max_pixels is None else int(max_pixels)
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = limit  # Pillow's guard at our limit for this call; restored below
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below instead
+                im = Image.open(path)
+            with im:
+                w, h = im.size
+                if w * h > limit:
+                    raise CdamInputError(_too_large(path, w, h, limit))
+                array = np.asarray(_to_rgb(ImageOps.exif_transpose(im), path))
+        except Image.DecompressionBombError as e:
+            raise CdamInputError(_too_large(path, None, None, limit)) from e
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise CdamInputError(f"cannot read image file {path!r}: {e}") from e
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+        super().__init__(array, path)
+
+
+def _too_large(path, w, h, limit) -> str:
+    size = f"{w}x{h} = {w * h:,} pixels" if w else f"more than {2 * limit:,} pixels"
+    return (f"image file {path!r} has {size}, more than the decoding limit of {limit:,} (Pillow decodes PNG / JPEG "
+            f"whole, about 3 bytes per pixel, and guards against decompression bombs): raise it with --max-pixels N "
+            f"(Python: max_pixels=N) if you trust the file, or convert it to a tiled TIFF, which is streamed")
+
+
+class TiffRaster(Raster):
+    """The first page of a TIFF, decoded tile row (or strip) by tile row."""
+
+    def __init__(self, path: str):
+        try:
+            import tifffile
+        except ImportError as e:
+            raise CdamInputError(f"reading TIFF image {path!r} a band at a time needs tifffile: "
+                                 f"{_HIGHRES_EXTRA}") from e
+        try:
+            self._tf = tifffile.TiffFile(path)
+            page = self._tf.pages[0]
+        except Exception as e:  # noqa: BLE001 - any parse failure is this file's
+            raise CdamInputError(f"cannot read TIFF file {path!r}: {e}") from e
+        if page.imagedepth != 1 or (page.samplesperpixel > 1 and page.planarconfig != 1):
+            self._tf.close()
+            raise CdamInputError(f"TIFF file {path!r}: planar-separate or volumetric images are not supported; "
+                                 "rewrite it with interleaved (contiguous) samples")
+        self._page = page
+        H, W = int(page.imagelength), int(page.imagewidth)
+        tags = {t.code: t for t in page.tags.values()}
+        geo = {c: (tags[c].dtype, tags[c].count, tags[c].value) for c in GEO_TAGS if c in tags}
+        gdal = {name: str(tags[c].value).strip("\x00 ") for c, name in GDAL_TAGS.items() if c in tags}
+        super().__init__(path, H, W, geo, gdal)
+        if page.is_tiled:
+            self._seg_h, self._seg_w = int(page.tilelength), int(page.tilewidth)
+        else:
+            self._seg_h, self._seg_w = int(page.rowsperstrip or H), W
+        self._seg_h = min(self._seg_h, H) or H
+        self._across = -(-W // self._seg_w)
+        self._cache = {}  # segment row -> decoded [seg_h, W(, S)]: the last one (bands go down the image)
+
+    def _segment_row(self, sr: int) -> np.ndarray:
+        if sr in self._cache:
+            return self._cache[sr]
+        page, fh = self._page, self._tf.filehandle
+        y0 = sr * self._seg_h
+        h = min(self._seg_h, self.height - y0)
+        samples = page.samplesperpixel
+        out = np.zeros((h, self.width, samples) if samples > 1 else (h, self.width), dtype=page.dtype)
+        for tx in range(self._across):
+            index = sr * self._across + tx
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            if not count:
+                continue  # a sparse (empty) segment: zeros
+            fh.seek(offset)
+            try:
+                segment, _, _ = page.decode(fh.read(count), index, jpegtables=page.jpegtables,
+                                            jpegheader=page.jpegheader)
+            except Exception as e:  # noqa: BLE001 - e.g. a codec that needs imagecodecs
+                raise CdamInputError(f"cannot decode TIFF file {self.path!r} ({page.compression.name} compression): "
+                                     f"{e}; LZW, JPEG, JPEG2000, ZSTD and WebP TIFFs need imagecodecs: pip install "
+                                     "'cdam-fast[highres-codecs]'") from e
+            segment = segment.reshape(segment.shape[-3:]) if samples > 1 else segment.reshape(segment.shape[-3:-1])
+            x0 = tx * self._seg_w
+            w = min(self._seg_w, self.width - x0)
+            out[:, x0:x0 + w] = segment[:h, :w]
+        self._cache.clear()
+        self._cache[sr] = out
+        return out
+
+    def _rows(self, start, stop):
+        first, last = start // self._seg_h, (stop - 1) // self._seg_h
+        parts = [self._segment_row(sr) for sr in range(first, last + 1)]
+        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        offset = first * self._seg_h
+        return block[start - offset:stop - offset]
+
+    def close(self):
+        self._tf.close()
+
+
+def open_raster(path, max_pixels: int | None = None) -> Raster:
+    """A Raster of an image file (see the module doc), or a CdamInputError naming it."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CdamInputError(f"image file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CdamInputError(f"image path {path!r} is not a file")
+    lower = path.lower()
+    if lower.endswith(NPY_EXTENSIONS):
+        return NpyRaster(path)
+    if lower.endswith(TIFF_EXTENSIONS):
+        return TiffRaster(path)
+    return PillowRaster(path, max_pixels)
+
+
+__all__ = ["ArrayRaster", "GEO_TAGS", "NpyRaster", "PillowRaster", "Raster", "TiffRaster", "open_raster",
+           "pillow_limit"]
