@@ -181,7 +181,7 @@ void gradient_row(int kind, double param, const float* jr, float* wr, const floa
     return;
   }
   // dA/dX = scale exp(-alpha t), scale = alpha / (1 - exp(-alpha)), times 2^-e with
-  // e = max(0, ilogb(alpha)) (the caller multiplies the gradient back by 2^e: reference.py
+  // e = max(0, ilogb(alpha)) (the caller multiplies the gradient back by 2^e: constants.py
   // gradient_exponent): G then stays in the float32 range for every alpha, so huge alpha gives
   // +-inf gradients where they are genuinely beyond it, never inf - inf = NaN in the class sums.
   const double alpha = param, inv = 1.0 / st.span;
@@ -258,13 +258,14 @@ void row_class_sums(const float* __restrict grow, const float* __restrict logs, 
 }
 
 // The attention backward (kind as above, param = tau or alpha) in bounded row chunks; returns
-// T [B, N, C], U [B, C, Mp], gv [B, M, D] (float32). Each row's C x Mp logarithms are taken once
+// T [B, N, C], U [B, C, Mp], gv [B, M, D] (float32). need_p false: gv alone (T and U stay zero):
+// each row's weights, no g . v products, score gradients or class sums. Each row's C x Mp logarithms are taken once
 // into a per-thread buffer (C Mp floats, cache-resident at paper sizes) that serves both its J
 // row and, once the row's score gradient is known, its class sums: one log per (i, j, c).
 std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& rp,
                                            const at::Tensor& kT, const at::Tensor& lkT, const at::Tensor& rk,
                                            const at::Tensor& cw, const at::Tensor& v, const at::Tensor& g, int64_t kind,
-                                           double param, bool self) {
+                                           double param, bool self, bool need_p) {
   const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2), M = v.size(1);
   TORCH_CHECK(Mp > 0 && Mp % (2 * kLanes) == 0, "attention_backward: keys must be padded to a positive multiple of ",
               2 * kLanes);
@@ -274,7 +275,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, kChunkFloats / Mp));
   at::Tensor W = at::zeros({R, Mp}, p.options()), GV = at::empty({R, M}, p.options());
   const int64_t threads = at::get_num_threads();
-  std::vector<float> u_local(threads * C * Mp);
+  std::vector<float> u_local(need_p ? threads * C * Mp : 0);
   float* w = W.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
     const float* pb = p.data_ptr<float>() + b * N * C;
@@ -288,10 +289,12 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
     for (int64_t i0 = 0; i0 < N; i0 += R) {
       const int64_t nr = std::min(R, N - i0);
       const at::Tensor g_rows = g[b].narrow(0, i0, nr);
-      at::Tensor gvr = GV.narrow(0, 0, nr);
-      at::mm_out(gvr, g_rows, v[b].t());  // g_i . v_j
+      if (need_p) {
+        at::Tensor gvr = GV.narrow(0, 0, nr);
+        at::mm_out(gvr, g_rows, v[b].t());  // g_i . v_j
+      }
       at::parallel_for(0, nr, 1, [&](int64_t begin, int64_t end) {
-        float* ut = u_local.data() + at::get_thread_num() * C * Mp;
+        float* ut = need_p ? u_local.data() + at::get_thread_num() * C * Mp : nullptr;
         std::vector<float> logs(C * Mp), jrow(Mp), part(Mp), grow(Mp);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = i0 + r;
@@ -304,9 +307,10 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
           if (self) jrow[i] = 0.f;
           float* wr = w + r * Mp;
           forward_row(int(kind), param, jrow.data(), wr, M);
+          if (!need_p) continue;
           std::copy(wr, wr + M, grow.begin());
           gradient_row(int(kind), param, jrow.data(), grow.data(), GV.data_ptr<float>() + r * M, M);
-          if (kind == 1)  // J = 0 (the diagonal, identical rows) passes no gradient (reference.py: divergence_grad)
+          if (kind == 1)  // J = 0 (the diagonal, identical rows) passes no gradient (opdefs/cdam.py: divergence_grad)
             for (int64_t j = 0; j < M; ++j) grow[j] = jrow[j] == 0.f ? 0.f : grow[j];
           std::fill(grow.begin() + M, grow.end(), 0.f);  // padded keys: no gradient
           row_class_sums(grow.data(), logs.data(), lpb + i * C, lkb, C, Mp, Tb + i * C, ut);
@@ -314,6 +318,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
       });
       gv[b].addmm_(W.narrow(0, 0, nr).narrow(1, 0, M).t(), g_rows);
     }
+    if (!need_p) continue;
     float* Ub = U.data_ptr<float>() + b * C * Mp;
     at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t t = 0; t < threads; ++t)
@@ -337,13 +342,13 @@ at::Tensor log2_values(const at::Tensor& x) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "cdam_fast CPU backward kernels (see cdam_fast/autograd/cpu_backward.py)";
+  m.doc() = "cdam_fast CPU backward kernels (see cdam_fast/backends/cpu_backward.py)";
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("jsd_class_grads", &jsd_class_grads, "per-class gradient sums of sum_ij G_ij J_ij", py::arg("p"),
         py::arg("lp"), py::arg("kT"), py::arg("lkT"), py::arg("w"), py::arg("G"), py::arg("keys_too"), nogil);
   m.def("attention_backward", &attention_backward,
         "backward of softmax(-J / tau) @ v (kind 0) or cdam_map(p, alpha) @ v (kind 1)", py::arg("p"), py::arg("lp"),
         py::arg("rp"), py::arg("kT"), py::arg("lkT"), py::arg("rk"), py::arg("w"), py::arg("v"), py::arg("g"), py::arg("kind"),
-        py::arg("param"), py::arg("self"), nogil);
+        py::arg("param"), py::arg("self"), py::arg("need_p") = true, nogil);
   m.def("log2_values", &log2_values, "the backward's log2 of max(x, kTinyMass), elementwise (for tests)", py::arg("x"));
 }

@@ -1,6 +1,7 @@
-"""Fused CPU backward of pairwise_jsd, jsd_attention and cdam_attention (csrc/cdam_cpu_backward.cpp),
-and the composite backward passes of cdam_map and the multi-scale ops (autograd/reference.py)
-on the CPU divergence and its fused backward.
+"""Host side of the fused CPU backward of pairwise_jsd, jsd_attention and cdam_attention
+(csrc/cdam_cpu_backward.cpp), which the CPU backend (cpu_backend.py) runs; the composite
+backward passes of cdam_map and the multi-scale ops run the op homes' formulas on the CPU
+divergence and this fused pairwise_jsd backward.
 
 Built just in time like the forward CPU extension (same flags, cache and failure handling,
 cdam_fast.backends.extension_build), as its own small module so the forward's sources stay as
@@ -13,10 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import constants
-from ..backends import extension_build as eb
-from ..backends import cpu_backend
 from ..centring import centring_weights, log_terms, row_terms
-from . import reference
+from . import extension_build as eb
 
 
 def _spec() -> eb.ExtensionSpec:
@@ -28,9 +27,9 @@ def _spec() -> eb.ExtensionSpec:
 extension = eb._Cached(_spec)
 
 
-def not_supported_reasons(op: str, call) -> list[str]:
-    """Why the fused CPU backward cannot take this forward call: only a failed build (the
-    kernels index with int64 and loop over the batch, like the forward's)."""
+def failure_reasons() -> list[str]:
+    """Why the fused CPU backward cannot run: only a failed build (the kernels index with int64
+    and loop over the batch, like the forward's)."""
     why = extension.failure()
     return [f"the CPU backward extension could not be built ({why})"] if why else []
 
@@ -72,33 +71,35 @@ def pairwise_jsd_backward(grad, p, q):
     return _finish(T, p), _finish(U[:, :, :q.shape[1]].transpose(1, 2), q)
 
 
-def _attention(kind, param, grad, p, v, q):
+def _attention(kind, param, grad, p, v, q, need_p=True):
+    """(gp, gv, gq) of the attention ops (kind 0: jsd_attention, 1: cdam_attention); need_p
+    False: gv alone (gp, gq None), the kernel then forms no score gradient or class sums."""
     mod = extension.module()
     w = centring_weights(p, q)  # the forward's centring weights and row terms (cdam_fast/centring.py)
     pp, lp = _rows(p, w)
     keys = p if q is None else q
     kT, lkT, rk = _keys(keys, w)
     T, U, gv = mod.attention_backward(pp, lp, row_terms(p, w), kT, lkT, rk, w, v.float().contiguous(),
-                                      grad.float().contiguous(), kind, float(param), q is None)
+                                      grad.float().contiguous(), kind, float(param), q is None, need_p)
+    if not need_p:
+        return None, gv, None
     gk = _finish(U[:, :, :keys.shape[1]].transpose(1, 2), keys)
     if q is None:
         return _finish(T, p) + gk, gv, None
     return _finish(T, p), gv, gk
 
 
-def jsd_attention_backward(grad, p, v, q, tau, lse=None):
-    """lse is not needed: a CPU row of weights fits in cache, so the softmax and
-    Delta_i are summed exactly per row."""
-    return _attention(0, tau, grad, p, v, q)
+def jsd_attention_backward(grad, p, v, q, tau, need_p=True):
+    """(gp, gv, gq). The forward's row log-sum-exp is not needed: a CPU row of weights fits in
+    cache, so the softmax and Delta_i are summed exactly per row."""
+    return _attention(0, tau, grad, p, v, q, need_p)
 
 
-def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, stats=None):
-    """Always in bounded row chunks (mode and memory_budget do not matter: the chunked recompute
-    is as fast as keeping N x N here, the row statistics being local to each row, so the
-    forward's `stats` are not needed either)."""
-    gp, gv, _ = _attention(1, alpha, grad, p, v, None)
-    return reference.unscale(gp, reference.gradient_exponent(alpha)), gv  # the kernel's G is scaled by 2^-e
-
-
-cdam_map_backward, multiscale_cdam_map_backward, multiscale_cdam_attention_backward = reference.bind_composites(
-    cpu_backend, pairwise_jsd_backward)
+def cdam_attention_backward(grad, p, v, alpha, need_p=True):
+    """(gp, gv), always in bounded row chunks (the forward's mode and memory budget do not
+    matter: the chunked recompute is as fast as keeping N x N here, the row statistics being
+    local to each row, so the forward's are not needed either)."""
+    gp, gv, _ = _attention(1, alpha, grad, p, v, None, need_p)
+    if gp is None:
+        return None, gv
+    return constants.unscale(gp, constants.gradient_exponent(alpha)), gv  # the kernel's G is scaled by 2^-e
