@@ -9,7 +9,7 @@ jsd_attention, self keys); --forward: the forward (cdam_cpu.cpp: pairwise_jsd, c
 recompute mode, jsd_attention). N = 784, C' = 101, D = 768. Calls alternate A, B, A, B, ...; on a
 shared machine only the paired ratios B / A mean much: their median and IQR are printed with
 each side's median time (IQR). --accuracy: instead of timing, each backward build's gradients
-against the float64 reference formulas (cdam_fast/autograd/reference.py) on a few small cases,
+against the float64 reference formulas (cdam_fast/opdefs/cdam.py, jsd_attention.py) on a few small cases,
 max error relative to the largest gradient entry, as tests/test_autograd.py measures it.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@
 // J is evaluated in the forward's centred form (cdam_common.h): with the centring weights w [B, C]
 // shared by both sides, J_ij = (ln 2 / 2) (r_i + r'_j - sum_c s log2(s w_c)), and the gradient's
 // log(p_ic / m_ijc) = ln 2 (lp_ic - log2(s w_c)) with lp_ic = log2(2 p_ic w_c): one logarithm per
-// (i, j, c) serves both. Inputs arrive from cdam_fast/autograd/cpu_backward.py float32 and prepared:
+// (i, j, c) serves both. Inputs arrive from cdam_fast/backends/cpu_backward.py float32 and prepared:
 // rows p [B, N, C], their log terms lp [B, N, C] and row terms r [B, N] (cdam_fast/centring.py);
 // keys class-major and zero-padded to a multiple of the vector width, kT / lkT [B, C, Mp], rk [B, Mp].
 #include <torch/extension.h>

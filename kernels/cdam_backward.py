@@ -106,7 +106,7 @@ def _grad_tile(pT, rp, wc, hi, lo, nhi, add_hi, g, v, offs_m, offs_n, mask_m, ma
     valid = mask_m[:, None] & mask_n[None, :]
     gx = gv * dadx_scale * tl.exp2(-alpha_log2e * t)
     # J = 0 (the diagonal, which jsd_tile sets to 0, and identical rows) passes no gradient
-    # (autograd/reference.divergence_grad). With J >= 0 those are exactly the row-minimum
+    # (opdefs/cdam.divergence_grad). With J >= 0 those are exactly the row-minimum
     # positions, so the share through lo is never needed; constant rows get none.
     G = -gx * inv[:, None] + tl.where(j == h[:, None], a_hi[:, None], 0.0)
     G = tl.where(valid & (inv[:, None] > 0.0) & (j != lw[:, None]), G, 0.0)

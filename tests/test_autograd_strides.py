@@ -1,6 +1,6 @@
 """Backward of every op on non-contiguous inputs: torch.compile(fullgraph=True) gradients equal
 eager's, and the backward ops' fakes agree with the real ops on strides (gradients are always
-contiguous, cdam_fast/autograd/ops.py). The compile backend is aot_eager's crossref variant,
+contiguous, cdam_fast/autograd/backward_ops.py). The compile backend is aot_eager's crossref variant,
 which checks every op's fake output metadata (strides included) against the real output, as
 inductor does, without inductor's C++ compile."""
 import pytest
