@@ -28,7 +28,7 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "nvidia-ml-py"],
         "keops": ["pykeops>=2.2"],
         "build": ["ninja"],
-        "sd": ["diffusers>=0.30", "transformers", "safetensors"],  # CLIPer's SD compensation (issue #14)
+        "sd": ["diffusers>=0.30", "transformers", "safetensors"],  # CLIPer's SD compensation
         "ray": RAY,
         "test": TEST,
     },

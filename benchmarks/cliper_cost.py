@@ -1,5 +1,5 @@
 """CLIPer's cost beside MaskCLIP + CDAM, and CLIPer + CDAM with the CDAM map replacing vs
-averaged with the fused map (issue #14), side by side in one run on random ViT weights.
+averaged with the fused map, side by side in one run on random ViT weights.
 
     python benchmarks/cliper_cost.py [--size 448] [--repeat 3] [--threads 2] [--device cpu]
 

@@ -1,4 +1,4 @@
-"""Peak memory of the reference-formula backward glue (issue #13), each case in a fresh process.
+"""Peak memory of the reference-formula backward glue, each case in a fresh process.
 
     python -m cdam_fast.benchmarks.glue_memory [--N 1024 --N 2048] [--C 21] [--D 64]
 

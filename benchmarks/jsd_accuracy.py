@@ -1,4 +1,4 @@
-"""J error on flat, CLIP-like class distributions, per backend that runs here (section 3 of issue 10).
+"""J error on flat, CLIP-like class distributions, per backend that runs here (docs/ops.md, "Accuracy").
 
 Rows are softmax(z0 + sigma z_i) with one shared z0 (a flat distribution over C' classes) and
 sigma set so that pairs differ by ~1e-3 nats: the regime where the entropy form

@@ -7,6 +7,9 @@ eager path returns exactly what it promises.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from . import dispatch
@@ -20,17 +23,35 @@ def _contiguous(call):
     return call
 
 
+def autocast_off(fn):
+    """fn run with autocast disabled on every device type: the ops compute in the dtype their
+    contract states (float32 / float64) whether or not the caller is inside torch.autocast,
+    which would otherwise reach the aten matmuls of some backends and paths only."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), _cuda_autocast_off():
+            return fn(*args, **kwargs)
+    return run
+
+
+def _cuda_autocast_off():
+    return torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else contextlib.nullcontext()
+
+
 def _make_impl(spec: OpSpec, train: bool = False):
     """The eager implementation; train: the private training variant (spec.stats_format), which
     returns (out, stats): the statistics the chosen backend's training forward saves where it
     declares them (Backend.saved_stats), else zeros (its backward is told by that declaration,
     not by the values: cdam_fast/autograd/register.py)."""
+    @autocast_off
     def impl(*args):
         call, backend, validate = spec.bind(args)
         spec.check_structure(call)
         spec.check_options(call)
         if validate:
             spec.check_values(call)
+        else:
+            call = spec.unchecked_values(call)
         if spec.is_empty(call):
             out = spec.new_output(call, fill_zero=True)
             return (out, spec.new_stats(call, zero=True)) if train else out

@@ -30,7 +30,10 @@ def class_distributions(sim: torch.Tensor, hs: int, ws: int, tau: float) -> torc
     """
     x = sim if sim.dtype == torch.float64 else sim.float()
     if (hs, ws) != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=(hs, ws), mode="bilinear", align_corners=False, antialias=False)
+        # a masked class (-inf) stays a zero probability: torch's bilinear resize turns -inf taps
+        # into NaN (0 * inf, inf - inf); the most negative finite value resizes to itself
+        x = F.interpolate(x.clamp_min(torch.finfo(x.dtype).min), size=(hs, ws), mode="bilinear",
+                          align_corners=False, antialias=False)
     logits = x.flatten(-2).transpose(-1, -2)
     # softmax((S - max S) / tau), not softmax(S / tau): the same distribution, but S / tau can
     # overflow to inf (inf - inf = NaN in softmax) for small tau, (S - max) / tau <= 0 cannot.

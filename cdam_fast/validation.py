@@ -133,3 +133,10 @@ def check_distribution(name: str, p: torch.Tensor) -> None:
             f"rows of {name} must sum to 1 (tolerance {tol}); the worst row is off by {err:.3g}. "
             "Pass softmax probabilities, not logits or similarities"
         )
+
+
+def negative_rows_as_nan(p: torch.Tensor) -> torch.Tensor:
+    """validate=False: rows of distributions with a negative entry have no entropy, so every
+    backend sees them as NaN rows (their divergences are NaN, and so is everything computed from
+    them) instead of each backend's own arithmetic on logs of negatives. No host sync."""
+    return torch.where((p < 0).any(-1, keepdim=True), math.nan, p)

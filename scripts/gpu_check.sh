@@ -5,7 +5,7 @@
 # finishes (results.json with failures first, gpu_block.md for benchmarks/RESULTS.md).
 # What runs: cdam_fast/benchmarks/gpu_check_plan.py. Options: --help.
 #
-# Before a GPU session, where the package registry is reachable (the GPU machine has none):
+# Before the GPU run, where the package registry is reachable (the GPU machine has none):
 #     bash scripts/gpu_wheels.sh          # scripts/gpu_wheels.txt -> .whl/ (git-ignored), + commit
 # On the GPU machine, through the device tool (the machine's python3 holds torch and Triton):
 #     run(command="bash scripts/gpu_check.sh --out $OUT", carry=[".whl"], timeout_s=450)

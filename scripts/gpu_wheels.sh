@@ -2,7 +2,7 @@
 # Fetch the wheels listed in scripts/gpu_wheels.txt into .whl/ for the GPU machine (Python 3.12,
 # x86-64 manylinux: override with GPU_PYTHON_VERSION), and record this checkout's commit in
 # .whl/commit.txt (the machine's copy of the tree has no .git). Run it on a machine that reaches
-# the package registry, right before a GPU session; scripts/gpu_check.sh's header says the rest.
+# the package registry, right before a GPU run; scripts/gpu_check.sh's header says the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

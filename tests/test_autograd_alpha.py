@@ -177,3 +177,63 @@ def test_identical_rows_at_huge_alpha(backend, gen):
         err = (gp.double().cpu() - expected).abs().max().item()
         assert err <= GRAD_TOL[F32] * max(expected.abs().max().item(), 1e-3), \
             f"{name} alpha={alpha:g}: p gradient off by {err:.3g}"
+
+
+# The issue's 3 x 3 rows: for alpha in ~[1780, 1843] every entry of a batch element's score
+# gradient G is a float64 subnormal (exp(-alpha t) of the middle keys), and the power-of-two scale
+# of scaled_vjp, 2^-frexp(max |G|), overflowed to inf: inf * 0 = NaN for the whole element.
+SUBNORMAL_P = ((0.7, 0.2, 0.1), (0.1, 0.7, 0.2), (0.3, 0.3, 0.4))
+SUBNORMAL_ALPHAS = (1780.0, 1800.0, 1843.0) + tuple(float(a) for a in torch.logspace(3, 5, 7, dtype=F64))
+TAU = 0.1
+
+
+def _subnormal_inputs():
+    """(p [1, 3, 3], v [1, 3, 2], sim [1, 3, 3, 1] whose class distributions at scale 1 are p,
+    v) in float64: the multi-scale ops at scales (1.0,) see the same divergences as cdam_map."""
+    p = torch.tensor([SUBNORMAL_P], dtype=F64)
+    sim = (TAU * p.log()).transpose(1, 2).reshape(1, 3, 3, 1)
+    v = torch.tensor([[[1.0, -2.0], [0.5, 1.0], [2.0, 0.3]]], dtype=F64)
+    return p, v, sim
+
+
+SUBNORMAL_OPS = {  # op -> (forward(backend, alpha), which of (p, v, sim)); bf16 rows sum to 1 +- 2e-3
+    "cdam_map": (lambda b, a: lambda p: cf.cdam_map(p, a, backend=b, validate=False), (0,)),
+    "cdam_attention": (lambda b, a: lambda p, v: cf.cdam_attention(p, v, a, backend=b, validate=False), (0, 1)),
+    "multiscale_cdam_map": (lambda b, a: lambda s: cf.multiscale_cdam_map(s, (1.0,), TAU, a, backend=b, validate=False), (2,)),
+    "multiscale_cdam_attention": (lambda b, a: lambda s, v: cf.multiscale_cdam_attention(s, v, (1.0,), TAU, a,
+                                                                                           backend=b, validate=False), (2, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", list(SUBNORMAL_OPS))
+def test_subnormal_score_gradients_are_finite_and_right(backend, op, dtype):
+    """Every alpha of the sweep gives finite gradients equal to the float64 reference's at the
+    same (rounded) inputs: here ~0, the true gradient being below the float32 range."""
+    name, dev = backend
+    make, which = SUBNORMAL_OPS[op]
+    inputs = [_subnormal_inputs()[k].to(dtype) for k in which]
+    for alpha in SUBNORMAL_ALPHAS:
+        expected = _grads(make("reference", alpha), [t.double() for t in inputs])
+        got = _grads(make(name, alpha), [t.to(dev) for t in inputs])
+        for i, (g, e) in enumerate(zip(got, expected)):
+            what = f"{name} {op} {dtype} alpha={alpha:g} gradient {i}"
+            assert torch.isfinite(g).all(), f"{what} not finite"
+            err = (g.double().cpu() - e).abs().max().item()
+            scale = e.abs().max().item()
+            assert err <= (_tol(alpha) + 2 * UNIT_ROUNDOFF[dtype]) * max(scale, 1e-3), f"{what} off by {err:.3g}"
+
+
+def test_scaled_vjp_of_a_subnormal_gradient():
+    """G whose largest entry is a float64 subnormal, through the float32 vjp: the exact result
+    rounds to 0 in float32 (the gradient's dtype), and so does the scaled one (never inf * 0 =
+    NaN); a G at the top of the float64 range is scaled back without overflowing the power of two
+    (+-inf in float32, as the exact result)."""
+    p = torch.tensor([SUBNORMAL_P], dtype=F64)
+    for top in (1e-310, 5e-324, 1e300):
+        g = torch.zeros(1, 3, 3, dtype=F64)
+        g[0, 0, 1], g[0, 2, 1] = top, -top / 2
+        expected = pairwise_jsd_home.jsd_vjp(p, None, g)[0]
+        got = vjp.scaled_vjp(lambda x: pairwise_jsd_home.jsd_vjp(p.to(F32), None, x)[0], g, F32)
+        assert not got.isnan().any(), top
+        assert torch.allclose(got.float(), expected.float(), rtol=1e-5, atol=0), top

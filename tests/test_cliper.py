@@ -1,4 +1,4 @@
-"""CLIPer (issue #14) against a literal re-implementation of its steps, on a tiny random ViT.
+"""CLIPer against a literal re-implementation of its steps, on a tiny random ViT.
 
 The literal version follows the method's description step by step, out of place and in
 float64: the early blocks run through open_clip's own nn.MultiheadAttention with

@@ -2,7 +2,7 @@
 against the float64 reference.
 
 The numeric cases run on the "cpu" extension here and on the "cuda" extension where a GPU is
-present (a GPU session runs the same file); the cuda variants are skipped with the reason
+present (a GPU machine runs the same file); the cuda variants are skipped with the reason
 otherwise. The shared suite (tests/test_ops_correctness.py) covers every backend as well; the
 cases here are the extension's own list (odd sizes around its 16-key blocks and 64-row tiles,
 exact zeros, one-hot rows, 16-bit inputs, q != p, both attention modes).
@@ -24,7 +24,7 @@ from cdam_fast.backends.cpu_backend import CpuBackend
 from cdam_fast.dispatch import BackendUnavailableError
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
-# The cpu row of test_ops_correctness.TOLERANCES (~4x the measured errors; README accuracy table)
+# The cpu row of test_ops_correctness.TOLERANCES (~4x the measured errors; docs/ops.md, "Accuracy")
 J_ATOL = 8e-6      # centred float32 sums over C <= 512 classes, blocked by 64: <= 2e-6 nats measured
 MAP_ATOL = 3e-5    # the row min-max and expm1 amplify J errors by up to 2 alpha / span
 ATTN_RTOL = {F32: 1e-4, F16: 2e-3, BF16: 1e-2}  # relative to max |reference|; 16-bit outputs round

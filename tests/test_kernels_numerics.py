@@ -1,4 +1,4 @@
-"""Numerics every backend must get right (issue 10, sections 2-4), against the float64 reference.
+"""Numerics every backend must get right (docs/ops.md, "How the kernels work"), against the float64 reference.
 
 * the centred divergence on flat, CLIP-like distributions (J ~ 1e-3 nats, C' = 101 and 1000);
 * the constant-row threshold, pinned from both sides on every backend;

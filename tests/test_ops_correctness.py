@@ -28,7 +28,7 @@ from conftest import INTERPRETED, UNIT_ROUNDOFF, random_distributions, random_si
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 # Tolerances per backend, at about 4x the largest error the correct kernels reach on this suite's
-# inputs (measured with CDAM_TEST_ERROR_LOG, see record_error; numbers in the README's accuracy
+# inputs (measured with CDAM_TEST_ERROR_LOG, see record_error; numbers in docs/ops.md's accuracy
 # table), so that a perturbed polynomial coefficient of the CPU exp or log fails. The compiled
 # GPU kernels take their logs with lg2.approx (abs. error ~2^-22 per log): until a GPU run
 # measures them, "gpu" keeps the former, looser bounds.

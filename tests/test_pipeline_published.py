@@ -11,7 +11,7 @@ the window and averaged, bilinear resize to the photo, softmax(50 x logits), and
 window's entropy threshold. Only the network weights and the text embeddings are shared.
 
 `python tests/test_pipeline_published.py` prints the agreement figures quoted in
-benchmarks/RESULTS.md and the README, beside those of the former choices.
+benchmarks/RESULTS.md and docs/pipeline.md, beside those of the former choices.
 """
 import functools
 import math
@@ -159,7 +159,7 @@ def test_published_preset_matches_the_official_preprocessing(vit_b16, name):
         assert float(margin[flips].max()) < NEAR_TIE
 
 
-if __name__ == "__main__":  # the figures quoted in benchmarks/RESULTS.md and the README
+if __name__ == "__main__":  # the figures quoted in benchmarks/RESULTS.md and docs/pipeline.md
     torch.set_num_threads(2)
     model = load_clip("ViT-B-16", None, DEVICE)
     for name in ("chelsea", "astronaut"):

@@ -88,3 +88,23 @@ def test_cdam_attention_backward_blocks_use_the_forwards_rows(gen, monkeypatch):
     assert [s[:2] for s in fwd] == [s[:2] for s in bwd] == [(0, 5), (5, 10), (10, 12)]
     assert all(torch.equal(a[2], b[2]) for a, b in zip(fwd, bwd))
     assert torch.isfinite(leaf.grad).all()
+
+
+def test_cdam_attention_backward_blocks_promote_like_the_forward(gen, monkeypatch):
+    """float32 p with float64 v computes in float64 (the dtype rule): the backward's row blocks
+    are the forward's (sized for float64 values) and its J is float64, so the gradients are the
+    whole-map float64 ones up to the rounding of the float32 p gradient (J in float32 gave
+    errors ~1e-6 relative; a float32-sized block count, other blocks than the forward's)."""
+    p = random_distributions(gen, 2, 12, 4, dtype=F64, zeros=False, one_hot=False).float()
+    v, g = random_values(gen, 2, 12, 3, dtype=F64), random_values(gen, 2, 12, 3, dtype=F64)
+    want_p, want_v = aref.cdam_attention_backward(g, p.double(), v, 10.0)
+    seen = []
+    real = aref.self_rows
+    monkeypatch.setattr(aref, "self_rows", lambda pb, i0, i1: seen.append((i0, i1, pb.dtype)) or real(pb, i0, i1))
+    leaf_p, leaf_v = p.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    budget = aref.TEMPS_PER_PAIR * 12 * 8 * 5  # 5 float64 rows per block (10 if sized for float32)
+    cf.cdam_attention(leaf_p, leaf_v, mode="recompute", memory_budget=budget, backend="reference").backward(g)
+    fwd, bwd = seen[:len(seen) // 2], seen[len(seen) // 2:]
+    assert fwd == bwd and {s[:2] for s in bwd} == {(0, 5), (5, 10), (10, 12)} and {s[2] for s in bwd} == {F64}
+    torch.testing.assert_close(leaf_p.grad, want_p.float(), rtol=2 ** -23, atol=0)
+    torch.testing.assert_close(leaf_v.grad, want_v, rtol=1e-13, atol=1e-13)

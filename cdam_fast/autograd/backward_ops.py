@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
+from .._library import autocast_off
 from ..opspec import OPS, Call, OpSpec
 
 
@@ -60,10 +61,14 @@ def _checked_names(spec: OpSpec) -> tuple:
 
 
 def _without_gradient(name: str, t: Tensor) -> Tensor:
-    """[B] bool: batch elements of t with no gradient: non-finite entries, or (distributions)
-    negative ones."""
-    bad = ~torch.isfinite(t).flatten(1).all(1)
-    return bad if name == "sim" else bad | (t < 0).flatten(1).any(1)
+    """[B] bool: batch elements of t with no gradient (possible with validate=False):
+    distributions with non-finite or negative entries (the forward's NaN rows; the gradient
+    needs log p); similarities with NaN or +inf. A -inf similarity (a masked class) is a class
+    probability of exactly 0, which the forward and the gradient formulas handle: those elements
+    are computed, so wherever their forward output is finite, so are their gradients."""
+    if name == "sim":
+        return (torch.isnan(t) | torch.isposinf(t)).flatten(1).any(1)
+    return ~torch.isfinite(t).flatten(1).all(1) | (t < 0).flatten(1).any(1)
 
 
 def _bad_elements(spec: OpSpec, call):
@@ -79,7 +84,7 @@ def _bad_elements(spec: OpSpec, call):
     for name, b in named.items():  # the failing path only: one warning per argument
         which = b.nonzero().flatten().tolist()
         if which:
-            what = "non-finite" if name == "sim" else "non-finite or negative"
+            what = "NaN or +inf" if name == "sim" else "non-finite or negative"
             warnings.warn(f"cdam_fast: {name} has {what} entries in batch element(s) {which[:8]}"
                           f"{' ...' if len(which) > 8 else ''} (accepted by validate=False): their gradients are NaN; "
                           f"the other elements' are computed", RuntimeWarning, stacklevel=4)
@@ -93,6 +98,7 @@ def _per_element(spec: OpSpec, compute, call, validated: bool):
     NaN out, as the forward with validate=False) and one warning naming the argument; the rest
     are computed on their own values (the bad ones replaced by a harmless placeholder first:
     every op treats batch elements independently)."""
+    compute = autocast_off(compute)  # the forward's precision, inside torch.autocast or not
     bad = None if validated else _bad_elements(spec, call)
     if bad is None:
         return compute(call)

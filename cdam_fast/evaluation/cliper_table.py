@@ -1,4 +1,4 @@
-"""CLIPer rows of the published table (issue #14), printed beside CLIPer's published numbers.
+"""CLIPer rows of the published table, printed beside CLIPer's published numbers.
 
 CLIPer's public README reports, for ViT-B/16 under its own protocol (whole image, short side
 336, its thresholds and background words; no sliding window): 60.7 / 34.7 / 36.3 mIoU on

@@ -189,8 +189,9 @@ def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, *,
     O(rows N) per block plus O(N (C + D)); else the whole-map formulas. (The forward's row
     statistics do not apply: J's rows are recomputed.)"""
     need_p = needs is None or needs[0]
+    p = p.to(compute_dtype(p, v, grad))  # as the forward's Call promoted it: its blocks, its J's dtype
     if mode is not None:
-        rows = block_rows(p.shape[1], compute_dtype(p).itemsize, mode, memory_budget)
+        rows = block_rows(p.shape[1], p.dtype.itemsize, mode, memory_budget)
         if rows < p.shape[1]:
             return _cdam_attention_backward_rows(grad, p, v, alpha, rows, need_p)
     j = jsd.pairwise_jsd(p.to(compute_dtype(p, v, grad)))
@@ -202,7 +203,7 @@ def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, *,
 
 def _cdam_attention_backward_rows(grad, p, v, alpha, rows: int, need_p: bool = True):
     """The backward one block of `rows` query rows at a time, with the forward's blocks: J's rows
-    are cdam_attention_bounded's (self_rows in p's dtype, same blocks, so the row max / min and
+    are cdam_attention_bounded's (self_rows of the promoted p, same blocks, so the row max / min and
     their ties are the forward's bit for bit; diagonal 0). Per block: A's rows, ga = g v^T,
     gv += A^T g, G = divergence_grad, and the divergence's vector-Jacobian product of those rows
     against all keys (q given: the row side and the key side both land in gp)."""

@@ -223,6 +223,15 @@ class OpSpec:
         for k in self.finite:
             validation.check_finite(k, call.tensors[k])
 
+    def unchecked_values(self, call: Call) -> Call:
+        """validate=False: distributions' rows with a negative entry become NaN rows (one rule
+        for every backend, docs/autograd.md)."""
+        tensors = dict(call.tensors)
+        for k in self.distributions:
+            if tensors.get(k) is not None:
+                tensors[k] = validation.negative_rows_as_nan(tensors[k])
+        return Call(call.op, tensors, call.options)
+
     def new_output(self, call: Call, fill_zero: bool = False) -> torch.Tensor:
         """A contiguous output of the right shape, dtype and device (the fake, and empty calls)."""
         make = torch.zeros if fill_zero else torch.empty

@@ -1,4 +1,4 @@
-"""Per-backbone settings that differ between CLIP image towers (issue #14).
+"""Per-backbone settings that differ between CLIP image towers.
 
 Users of CLIPer and SCLIP report per-backbone settings as the main pain: patch size, the short
 side an image is resized to, and which layers a method reads. One preset per open_clip model

@@ -1,4 +1,4 @@
-"""Command-line options of `--method cliper` (issue #14), shared by `cdam-fast segment`,
+"""Command-line options of `--method cliper`, shared by `cdam-fast segment`,
 `cdam-fast eval` and the published-table script; no model stack is imported here."""
 from __future__ import annotations
 

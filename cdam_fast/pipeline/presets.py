@@ -1,7 +1,7 @@
 """The preprocessing choices where our default and the published code differ, and the presets
 that fix every setting of one published configuration (the one home of both lists).
 
-Protocol choices (see README, "Protocols"):
+Protocol choices (see docs/pipeline.md, "Presets and protocols"):
 
 * resize: "opencv" resizes the uint8 image with OpenCV's INTER_LINEAR (fixed-point weights,
   uint8 rounding) and then normalises, as the mmseg test pipeline of the published code does

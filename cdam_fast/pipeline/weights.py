@@ -124,5 +124,5 @@ def check_download(model: str, tag: str, cfg: dict, cache_dir=None, timeout: flo
     if reason is not None:
         raise WeightsUnavailableError(
             f"cannot download the {model!r} weights tagged {tag!r} ({reason}). Download them on a machine with "
-            "network access (see README, 'Real weights') and pass their local path (--pretrained PATH, "
+            "network access (see docs/pipeline.md, 'Real weights') and pass their local path (--pretrained PATH, "
             "pretrained='/path/to/weights'), or use --pretrained none for random weights")
