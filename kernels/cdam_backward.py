@@ -9,8 +9,9 @@ forward saved the statistics of pass 1 (kernels/cdam.row_stats with count_ties):
      as the forward's transform takes it (kernels/common.cdam_transform); the share through the
      row minimum is never needed (J = 0 there passes no gradient: see _grad_tile), so neither
      is its sum or tie count;
-  3. query side: G = dL/dJ per tile, class sums over keys (jsd_backward's accumulator);
+  3. query side: G = dL/dJ per tile, class sums over keys (backward_common's accumulator);
   4. key side: the same G, class sums over queries, and gv_j = sum_i A_ij g_i.
+Only v's gradient wanted: pass 1 (unless saved), then pass 4 forming A and gv alone.
 """
 import math
 
@@ -20,11 +21,11 @@ import triton.language as tl
 
 from .. import constants
 from ..constants import gradient_exponent, unscale
+from .backward_common import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, accumulate_class_terms, class_major_log_terms, \
+    finish, row_dots
 from .common import CONSTANT_ROW_EPS, blocks, cdam_transform, fast_log, flat_grid, jsd_tile, merge_row_extremes, \
     poly_logs, tile_ids
 from .jsd import operands
-from .backward_common import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, accumulate_class_terms, class_major_log_terms, \
-    finish, row_dots
 
 
 @triton.jit

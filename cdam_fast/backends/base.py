@@ -59,21 +59,24 @@ class Backend:
     max_size: int | None = None
 
     def __init_subclass__(cls, **kwargs):
-        """A declaration that cannot hold fails at import, not at the first call."""
+        """A declaration that cannot hold fails at import (TypeError), not at the first call."""
         super().__init_subclass__(**kwargs)
+        # (a backend that overrides forward finds its kernels itself)
+        finds_kernels = cls.forward is not Backend.forward
         for op in cls.ops:
-            assert op in OPS, f"{cls.__name__} declares {op}, which is not a registered op"
-            # (a backend that overrides forward finds its kernels itself)
-            assert cls.forward is not Backend.forward or callable(getattr(cls, op, None)), \
-                f"{cls.__name__} declares {op} without a kernel"
+            if op not in OPS:
+                raise TypeError(f"{cls.__name__} declares {op}, which is not a registered op")
+            if not finds_kernels and not callable(getattr(cls, op, None)):
+                raise TypeError(f"{cls.__name__} declares {op} without a kernel (a method of that name)")
         for op in cls.backward_ops:
-            assert op in cls.ops, f"{cls.__name__} declares a backward of {op} without its forward"
-            assert hasattr(cls, f"{op}_backward") or op in COMPOSITE_BACKWARD_OPS, \
-                f"{cls.__name__} declares {op}_backward without one"
+            if op not in cls.ops:
+                raise TypeError(f"{cls.__name__} declares a backward of {op} without its forward")
+            if not hasattr(cls, f"{op}_backward") and op not in COMPOSITE_BACKWARD_OPS:
+                raise TypeError(f"{cls.__name__} declares a backward of {op} without {op}_backward")
         for op, fmt in cls.saved_stats.items():
-            assert fmt is OPS[op].stats_format and (cls.forward is not Backend.forward
-                                                    or callable(getattr(cls, f"{op}_train", None))), \
-                f"{cls.__name__}: the statistics of {op} must be its spec's, from {op}_train"
+            if fmt is not OPS[op].stats_format or not (finds_kernels or callable(getattr(cls, f"{op}_train", None))):
+                raise TypeError(f"{cls.__name__}: the statistics of {op} must be its spec's stats_format, "
+                                f"from an {op}_train method")
 
     # -- what it runs --------------------------------------------------------------------------
 
