@@ -19,9 +19,8 @@ from .. import constants
 from ..centring import centring_weights
 from .backward_common import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, accumulate_class_terms, class_major_log_terms, \
     finish, row_dots
-from .common import TINY, blocks, fast_log, flat_grid, jsd_tile, log2, poly_logs, tile_ids
+from .common import TINY, blocks, fast_log, flat_grid, jsd_tile, log2, logit_scale, poly_logs, tile_ids
 from .jsd import class_major, operands
-from .jsd_attention import logit_scale
 
 
 

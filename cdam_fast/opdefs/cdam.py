@@ -10,7 +10,7 @@ import torch
 
 from ..constants import CONSTANT_ROW_EPS
 from . import pairwise_jsd as jsd
-from .spec import SCHEMA_TAIL, OpSpec, StatsFormat, compute_dtype
+from .spec import SCHEMA_TAIL, OpSpec, StatsFormat, compute_dtype, pair_shape, value_shape
 from .vjp import product_vjp, scaled_vjp
 
 
@@ -42,7 +42,6 @@ def cdam_map(p: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:
 def cdam_attention(p: torch.Tensor, v: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:
     a = cdam_map(p, alpha)
     return (a @ v.to(a.dtype)).to(v.dtype)
-
 
 
 # The reference under the memory policy (what the reference backend runs).
@@ -83,7 +82,6 @@ def cdam_attention_bounded(p, v, alpha, mode, memory_budget):
             a = minmax_expm1(self_rows(p[b], i0, i1), alpha)
             out[b, i0:i1] = (a @ vb).to(v.dtype)
     return out
-
 
 
 # Backward (docs/autograd.md, section 2).
@@ -227,19 +225,10 @@ def _cdam_attention_backward_rows(grad, p, v, alpha, rows: int, need_p: bool = T
     return gp, gv
 
 
-def _pair_shape(call):
-    return (call.batch, call.tokens(), call.keys())
-
-
-def _value_shape(call):
-    return (call.batch, call.tokens(), call.width())
-
-
 def _row_extremes_shape(call):
     """cdam_attention: per row the max and min of J and how many keys attain each (ties share the
     gradient), [4, B, N] in that order (the counts as floats)."""
     return (4, call.batch, call.tokens())
-
 
 
 #: cdam_attention's training statistics: per row the max and min of J and how many keys attain
@@ -247,10 +236,10 @@ def _row_extremes_shape(call):
 ROW_EXTREMES = StatsFormat("row_extremes", _row_extremes_shape, "row max, min of J and their tie counts")
 
 SPECS = (
-    OpSpec("cdam_map", ("p", "alpha"), "(Tensor p, float alpha, " + SCHEMA_TAIL, ("p",), (), _pair_shape, True,
+    OpSpec("cdam_map", ("p", "alpha"), "(Tensor p, float alpha, " + SCHEMA_TAIL, ("p",), (), pair_shape, True,
            cdam_map, cdam_map_backward, tensor_names=("p",), composite_backward=True),
     OpSpec("cdam_attention", ("p", "v", "alpha", "mode", "memory_budget"),
            "(Tensor p, Tensor v, float alpha, str mode, int memory_budget, " + SCHEMA_TAIL, ("p",), ("v",),
-           _value_shape, False, cdam_attention, cdam_attention_backward, has_mode=True, tensor_names=("p", "v"),
+           value_shape, False, cdam_attention, cdam_attention_backward, has_mode=True, tensor_names=("p", "v"),
            bounded=cdam_attention_bounded, stats_format=ROW_EXTREMES),
 )

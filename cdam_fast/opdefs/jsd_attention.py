@@ -7,7 +7,7 @@ import torch
 
 from ..constants import LOG2E
 from . import pairwise_jsd as jsd
-from .spec import SCHEMA_TAIL, OpSpec, StatsFormat, compute_dtype
+from .spec import SCHEMA_TAIL, OpSpec, StatsFormat, compute_dtype, value_shape
 from .vjp import product_vjp
 
 
@@ -23,7 +23,6 @@ def jsd_attention_train(p: torch.Tensor, v: torch.Tensor, tau: float = 0.1, q: t
     logits = -j / tau
     out = (torch.softmax(logits, dim=-1) @ v.to(j.dtype)).to(v.dtype)
     return out, (torch.logsumexp(logits, dim=-1) * LOG2E).to(torch.float32)
-
 
 
 # Backward (docs/autograd.md, section 4).
@@ -45,10 +44,6 @@ def jsd_attention_backward(grad, p, v, tau, q=None, *, needs=None, stats=None, k
     return gp, gv, gq
 
 
-def _value_shape(call):
-    return (call.batch, call.tokens(), call.width())
-
-
 def _row_shape(call):
     return (call.batch, call.tokens())
 
@@ -59,6 +54,6 @@ ROW_LSE = StatsFormat("row_lse_base2", _row_shape, "row log-sum-exp of the logit
 
 SPECS = (
     OpSpec("jsd_attention", ("p", "v", "tau", "q"), "(Tensor p, Tensor v, float tau, Tensor? q, " + SCHEMA_TAIL,
-           ("p", "q"), ("v",), _value_shape, False, jsd_attention, jsd_attention_backward, has_q=True,
+           ("p", "q"), ("v",), value_shape, False, jsd_attention, jsd_attention_backward, has_q=True,
            tensor_names=("p", "v", "q"), stats_format=ROW_LSE, reference_train=jsd_attention_train),
 )

@@ -11,7 +11,7 @@ from .. import grids
 from ..grids import class_distributions, scale_grid
 from . import pairwise_jsd as jsd
 from .cdam import block_rows, divergence_kernels, divergence_grad, minmax_expm1, self_rows
-from .spec import SCHEMA_TAIL, OpSpec, compute_dtype
+from .spec import SCHEMA_TAIL, OpSpec, compute_dtype, pair_shape, value_shape
 from .vjp import product_vjp, scaled_vjp
 
 
@@ -43,7 +43,6 @@ def multiscale_cdam_map(sim: torch.Tensor, scales=None, tau: float = 0.1, alpha:
 def multiscale_cdam_attention(sim, v, scales=None, tau: float = 0.1, alpha: float = 10.0) -> torch.Tensor:
     a = multiscale_cdam_map(sim, scales, tau, alpha)
     return (a @ v.to(a.dtype)).to(v.dtype)
-
 
 
 # The reference under the memory policy (what the reference backend runs).
@@ -102,7 +101,6 @@ def multiscale_cdam_attention_bounded(sim, v, scales, tau, alpha, mode, memory_b
                 total = a if total is None else total + a
             out[b, i0:i1] = ((total / len(scales)) @ vb).to(v.dtype)
     return out
-
 
 
 # Backward (docs/autograd.md, section 3).
@@ -176,22 +174,14 @@ def multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha, mode=No
     return _multiscale_map_vjp(sim, ga, scales, tau, alpha, divergence, divergence_vjp), gv
 
 
-def _multiscale_pairs(call):
-    return (call.batch, call.tokens(), call.tokens())
-
-
-def _value_shape(call):
-    return (call.batch, call.tokens(), call.width())
-
-
 SPECS = (
     OpSpec("multiscale_cdam_map", ("sim", "scales", "tau", "alpha"),
-           "(Tensor sim, float[] scales, float tau, float alpha, " + SCHEMA_TAIL, (), ("sim",), _multiscale_pairs, True,
+           "(Tensor sim, float[] scales, float tau, float alpha, " + SCHEMA_TAIL, (), ("sim",), pair_shape, True,
            multiscale_cdam_map, multiscale_cdam_map_backward, multiscale=True, tensor_names=("sim",),
            composite_backward=True),
     OpSpec("multiscale_cdam_attention", ("sim", "v", "scales", "tau", "alpha", "mode", "memory_budget"),
            "(Tensor sim, Tensor v, float[] scales, float tau, float alpha, str mode, int memory_budget, "
-           + SCHEMA_TAIL, (), ("sim", "v"), _value_shape, False, multiscale_cdam_attention,
+           + SCHEMA_TAIL, (), ("sim", "v"), value_shape, False, multiscale_cdam_attention,
            multiscale_cdam_attention_backward, has_mode=True, multiscale=True, tensor_names=("sim", "v"),
            bounded=multiscale_cdam_attention_bounded, composite_backward=True),
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..centring import class_reference
-from .spec import SCHEMA_TAIL, OpSpec, compute_dtype
+from .spec import SCHEMA_TAIL, OpSpec, compute_dtype, pair_shape
 
 # Largest [rows, M, C] block the chunked divergence materialises at once.
 _CHUNK_ELEMENTS = 1 << 22
@@ -53,7 +53,6 @@ def _kl_to(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.xlogy(pd, pd / u[:, None, :]).sum(-1)
 
 
-
 # Backward (docs/autograd.md, section 1).
 
 def _log_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -94,18 +93,12 @@ def jsd_vjp(p: torch.Tensor, q: torch.Tensor | None, g: torch.Tensor):
     return gp, gq
 
 
-
 def pairwise_jsd_backward(grad, p, q, *, needs=None, stats=None, kernels=None):
     """(gp, gq): the divergence's vector-Jacobian product (gq None when q is None)."""
     return jsd_vjp(p, q, grad)
 
 
-def _pair_shape(call):
-    return (call.batch, call.tokens(), call.keys())
-
-
-
 SPECS = (
-    OpSpec("pairwise_jsd", ("p", "q"), "(Tensor p, Tensor? q, " + SCHEMA_TAIL, ("p", "q"), (), _pair_shape, True,
+    OpSpec("pairwise_jsd", ("p", "q"), "(Tensor p, Tensor? q, " + SCHEMA_TAIL, ("p", "q"), (), pair_shape, True,
            pairwise_jsd, pairwise_jsd_backward, has_q=True, tensor_names=("p", "q")),
 )

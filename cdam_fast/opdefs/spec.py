@@ -34,6 +34,16 @@ OPTION_CHECKS = {"alpha": validation.check_alpha, "tau": validation.check_tau, "
 SCHEMA_TAIL = "str backend, bool validate) -> Tensor"
 
 
+def pair_shape(call: "Call") -> tuple:
+    """[B, N, M]: one value per (query, key) pair, the maps' output."""
+    return (call.batch, call.tokens(), call.keys())
+
+
+def value_shape(call: "Call") -> tuple:
+    """[B, N, D]: one value row per query, the attention ops' output."""
+    return (call.batch, call.tokens(), call.width())
+
+
 def compute_dtype(*ts) -> torch.dtype:
     """The one dtype rule: float64 if any tensor is float64, else float32 whatever the 16/32-bit
     dtypes (None entries are absent optional tensors)."""
