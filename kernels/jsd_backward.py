@@ -245,7 +245,8 @@ def _class_grad(p, q, w, g, query_side):
     return acc
 
 
-def pairwise_jsd_backward(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None):
+def pairwise_jsd_backward(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, need_q: bool = True):
+    """(gp, gq); gq None when q is None or not needed (no key-side pass then)."""
     g = grad.float()
     w = centring_weights(p, q)
     if q is None:
@@ -254,7 +255,8 @@ def pairwise_jsd_backward(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor |
         g.diagonal(dim1=-2, dim2=-1).zero_()
         return finish(_class_grad(p, p, w, g, True), p), None
     g = g.contiguous()
-    return finish(_class_grad(p, q, w, g, True), p), finish(_class_grad(p, q, w, g, False), q)
+    gp = finish(_class_grad(p, q, w, g, True), p)
+    return gp, (finish(_class_grad(p, q, w, g, False), q) if need_q else None)
 
 
 def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, tau: float,

@@ -123,3 +123,17 @@ def test_backward_checks_values_only_when_the_forward_did_not(gen, monkeypatch, 
     cf.jsd_attention(p, v, q=q, validate=validate).sum().backward()
     cf.pairwise_jsd(p, q, validate=validate).sum().backward()
     assert calls == ([] if validate else ["jsd_attention", "pairwise_jsd"])
+
+
+def test_pairwise_jsd_without_the_q_gradient(backend, gen):
+    """q not requiring grad: p's gradient as in the full backward, and no key-side work for q."""
+    name, dev = backend
+    p, q = random_distributions(gen, 2, 9, 4).to(dev), random_distributions(gen, 2, 7, 4).to(dev)
+    g = torch.randn(2, 9, 7, generator=gen).to(dev)
+    leaf_p, leaf_q = p.clone().requires_grad_(True), q.clone().requires_grad_(True)
+    cf.pairwise_jsd(leaf_p, leaf_q, backend=name).backward(g)
+    only_p = p.clone().requires_grad_(True)
+    fixed = q.clone()
+    cf.pairwise_jsd(only_p, fixed, backend=name).backward(g)
+    assert fixed.grad is None and leaf_q.grad is not None
+    assert torch.equal(only_p.grad, leaf_p.grad)

@@ -37,7 +37,7 @@ class CpuBackend(ExtensionBackend):
         return cpu_backward.failure_reasons()
 
     def pairwise_jsd_backward(self, grad, p, q, *, needs=None, stats=None):
-        return cpu_backward.pairwise_jsd_backward(grad, p, q)
+        return cpu_backward.pairwise_jsd_backward(grad, p, q, need_q=needs is None or needs[1])
 
     def cdam_attention_backward(self, grad, p, v, alpha, mode, memory_budget, *, needs=None, stats=None):
         return cpu_backward.cdam_attention_backward(grad, p, v, alpha, need_p=needs is None or needs[0])

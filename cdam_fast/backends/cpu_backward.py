@@ -55,7 +55,8 @@ def _finish(acc, p):
     return torch.where(p > 0, constants.HALF_LN2 * acc, 0.0)
 
 
-def pairwise_jsd_backward(grad, p, q):
+def pairwise_jsd_backward(grad, p, q, need_q=True):
+    """(gp, gq); gq None when q is None or not needed (the key-side sums are then not formed)."""
     mod = extension.module()
     w = centring_weights(p, q)  # the forward's centring weights
     pp, lp = _rows(p, w)
@@ -65,8 +66,9 @@ def pairwise_jsd_backward(grad, p, q):
         g.diagonal(dim1=-2, dim2=-1).zero_()
     kT, lkT, _ = _keys(p if q is None else q, w)
     g = F.pad(g, (0, kT.shape[2] - g.shape[2])).contiguous()
-    T, U = mod.jsd_class_grads(pp, lp, kT, lkT, w, g, q is not None)
-    if q is None:
+    keys_too = q is not None and need_q
+    T, U = mod.jsd_class_grads(pp, lp, kT, lkT, w, g, keys_too)
+    if not keys_too:
         return _finish(T, p), None
     return _finish(T, p), _finish(U[:, :, :q.shape[1]].transpose(1, 2), q)
 

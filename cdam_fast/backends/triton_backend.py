@@ -109,7 +109,7 @@ class TritonBackend(Backend):
     # -- backward ------------------------------------------------------------------------------
 
     def pairwise_jsd_backward(self, grad, p, q, *, needs=None, stats=None):
-        return _jsd_backward.pairwise_jsd_backward(grad, p, q)
+        return _jsd_backward.pairwise_jsd_backward(grad, p, q, need_q=needs is None or needs[1])
 
     def cdam_attention_backward(self, grad, p, v, alpha, mode, memory_budget, *, needs=None, stats=None):
         return _cdam_backward.cdam_attention_backward(grad, p, v, alpha, stats=stats,
