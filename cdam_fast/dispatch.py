@@ -61,6 +61,7 @@ def _load(name: str):
 
 def backend(name: str):
     """The backend object named `name` (a forward's choice, handed to its backward)."""
+    check_backend_name(name)
     obj = _load(name)
     if isinstance(obj, Exception):
         raise BackendUnavailableError(f"backend {name!r} could not be imported ({obj})")

@@ -45,12 +45,13 @@ def run_formulas(spec: OpSpec, grad, call, needs, stats):
 def backward_fn(spec: OpSpec, backend_name: str, call):
     """fn(grad, call, needs, stats) -> gradients: the backward of the backend the forward ran on,
     or the formulas where it has none for this call (with one warning where it has one)."""
-    chosen = dispatch.backend(backend_name)
+    # the forward's choice, recorded by register.py; a direct call naming "auto" gets the forward's rule
+    chosen = dispatch.select(backend_name, call) if backend_name == "auto" else dispatch.backend(backend_name)
     why = chosen.backward_not_supported_reasons(spec.name, call)
     if not why:
         return functools.partial(run_own, chosen, spec)
     if spec.name in chosen.backward_ops:  # it has one, but not for this call
-        _warn_formulas(backend_name, spec.name, why)
+        _warn_formulas(chosen.name, spec.name, why)
     return functools.partial(run_formulas, spec)
 
 
