@@ -1,8 +1,11 @@
+import runpy
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).parent
+# the supported torch / Triton range, stated once (read without importing the package)
+VERSIONS = runpy.run_path(str(ROOT / "cdam_fast" / "versions.py"))
 
 PUBLISHED = ["opencv-python-headless"]  # the published protocol's uint8 INTER_LINEAR resize
 RAY = ["ray[data]>=2.10"]  # the Ray Data adapter (cdam_fast.pipeline.ray_data); never imported by the core
@@ -21,7 +24,7 @@ setup(
               "cdam_fast.kernels", "cdam_fast.csrc", "cdam_fast.benchmarks"],
     package_dir={"cdam_fast.kernels": "kernels", "cdam_fast.csrc": "csrc", "cdam_fast.benchmarks": "benchmarks"},
     package_data={"cdam_fast": ["data/*.txt", "data/classes/*.txt"], "cdam_fast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
-    install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "triton>=3.2; platform_system == 'Linux'"],
+    install_requires=[VERSIONS["requirement"]("torch"), "numpy", "pillow", "tqdm", VERSIONS["requirement"]("triton")],
     extras_require={
         "clip": ["open_clip_torch>=3", "pillow", "tqdm"],
         "published": ["open_clip_torch>=3", "pillow", "tqdm", *PUBLISHED],

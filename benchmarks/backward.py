@@ -1,4 +1,4 @@
-"""Forward + backward benchmark cases (docs/autograd.md): ``cdam-fast bench --set backward``.
+"""Forward + backward benchmarks (docs/autograd.md): ``cdam-fast bench --set backward``.
 
 A case tagged "backward" times one training step of the op: the forward on fresh leaf tensors
 that require grad, then ``out.backward(ones)`` (the gradient of out.sum()). Implementations:
@@ -19,31 +19,9 @@ from cdam_fast import reference as ref
 from cdam_fast.grids import CDAM_SCALES
 
 from . import impls
-from .cases import MULTISCALE_OPS, PAPER_C, PAPER_N, Case
-
-TAG = "backward"
-OPS = ("pairwise_jsd", "cdam_attention", "jsd_attention", "multiscale_cdam_attention")
-
-
-def is_backward(case: Case) -> bool:
-    return TAG in case.tags
-
-
-def _case(op: str, N: int, D: int = 64, **kw) -> Case:
-    return Case(op, N=N, D=D if op != "pairwise_jsd" else 0, tags=(TAG,), **kw)
-
-
-def quick_cases() -> list[Case]:
-    """Tiny fwd+bwd cases for --quick (compiled baselines skipped there, as for the forward)."""
-    return [_case(op, 64, heavy_baselines=False) for op in OPS]
-
-
-def cases() -> list[Case]:
-    """The paper's crop (N = 784, C' = 101, D = 768: the issue's CPU targets) and larger N."""
-    out = [_case(op, PAPER_N, 768, C=PAPER_C) for op in OPS]
-    out += [_case("jsd_attention", 4096, 64), _case("cdam_attention", 4096, 64, modes=("recompute",)),
-            _case("jsd_attention", 16384, 64, heavy_baselines=False)]
-    return out
+# The cases live with the other case lists (cases.py); the names here are kept for callers.
+from .cases import BACKWARD_OPS as OPS, MULTISCALE_OPS, Case
+from .cases import backward_cases as cases, backward_quick_cases as quick_cases, is_backward  # noqa: F401
 
 
 _REFERENCE = {

@@ -16,6 +16,8 @@ from cdam_fast.opspec import ATTENTION_OPS, MODE_OPS, MULTISCALE_OPS  # noqa: F4
 from cdam_fast.opspec import OP_NAMES as OPS
 PIPELINE = "pipeline"
 PAPER_N, PAPER_C = 784, 101
+BACKWARD = "backward"  # the tag of a forward + backward case (benchmarks/backward.py times it)
+BACKWARD_OPS = ("pairwise_jsd", "cdam_attention", "jsd_attention", "multiscale_cdam_attention")
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,13 @@ class Case:
             parts.append(f"D={self.D}")
         if self.dtype != "float32":
             parts.append(self.dtype)
-        if "backward" in self.tags:  # benchmarks/backward.py: forward + backward step
+        if is_backward(self):
             parts.append("fwd+bwd")
         return " ".join(parts)
+
+
+def is_backward(case: Case) -> bool:
+    return BACKWARD in case.tags
 
 
 def divergence_elements(case: Case, scales=CDAM_SCALES) -> int | None:
@@ -82,13 +88,25 @@ def _quick():
             cases.append(case)
     cases.append(Case("cdam_attention", B=4, N=64, C=21, D=64, heavy_baselines=False))
     cases.append(Case(PIPELINE, C=21, image=(448, 448), tags=("quick",)))
-    return cases + _backward("quick_cases")
+    return cases + backward_quick_cases()
 
 
-def _backward(which: str) -> list:
-    from . import backward  # forward + backward cases (imports this module)
+def _backward_case(op: str, N: int, D: int = 64, **kw) -> Case:
+    return Case(op, N=N, D=D if op != "pairwise_jsd" else 0, tags=(BACKWARD,), **kw)
 
-    return getattr(backward, which)()
+
+def backward_quick_cases() -> list[Case]:
+    """Tiny fwd+bwd cases for --quick (compiled baselines skipped there, as for the forward)."""
+    return [_backward_case(op, 64, heavy_baselines=False) for op in BACKWARD_OPS]
+
+
+def backward_cases() -> list[Case]:
+    """The paper's crop (N = 784, C' = 101, D = 768: the issue's CPU targets) and larger N."""
+    out = [_backward_case(op, PAPER_N, 768, C=PAPER_C) for op in BACKWARD_OPS]
+    out += [_backward_case("jsd_attention", 4096, 64),
+            _backward_case("cdam_attention", 4096, 64, modes=("recompute",)),
+            _backward_case("jsd_attention", 16384, 64, heavy_baselines=False)]
+    return out
 
 
 def _ops():
@@ -158,10 +176,10 @@ SETS = {
     "sweep": (_sweep, "C' from 21 to 251, D = 64 / 768, batch 1 to 64, fp16 / bf16 inputs"),
     "multiscale": (_multiscale, "the seven-scale CDAM at the paper's crop (N = 784, C' = 101) and beyond"),
     "lowmem": (_lowmem, "materialize vs recompute up to N = 65536, where the baselines run out of memory"),
-    "backward": (lambda: _backward("cases"), "forward + backward of the ops (N = 784, C' = 101, D = 768 and up) "
+    "backward": (backward_cases, "forward + backward of the ops (N = 784, C' = 101, D = 768 and up) "
                  "against autograd through the reference, torch.compile and KeOps"),
     "pipeline": (_pipeline, "the whole pipeline per image (cdam_fast.pipeline.Segmenter)"),
-    "gpu-full": (lambda: _dedupe(_ops() + _sweep() + _multiscale() + _lowmem() + _pipeline() + _backward("cases")),
+    "gpu-full": (lambda: _dedupe(_ops() + _sweep() + _multiscale() + _lowmem() + _pipeline() + backward_cases()),
                  "everything above: the full GPU measurement"),
 }
 

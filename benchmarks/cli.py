@@ -180,7 +180,8 @@ def _run(args: argparse.Namespace) -> int:
         "wall_s": None,
         "timing": vars(opts.timing),
         "peak_memory_source": ("torch.cuda.max_memory_allocated minus memory allocated before the call"
-                               if device.type == "cuda" else "growth of the process RSS high-water mark (approximate)"),
+                               if device.type == "cuda"
+                               else "growth of the process RSS high-water mark over one call, from a trimmed heap"),
         "sfu_limit": limit.as_dict() if limit else None,
     }
     print()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -46,6 +47,23 @@ def repo_root() -> Path:
         raise SystemExit(f"gpu_check: needs a source checkout with tests/ (cdam_fast is imported from {root}); "
                          "install it with pip install -e .")
     return root
+
+
+# Lines of a stage's log that report an error although the stage may exit 0 (a profiler's or a
+# library's own logging, a traceback it caught): named in the summary beside "ok".
+_LOGGED_ERROR = re.compile(r"^(ERROR|FATAL|CRITICAL)\b|^Traceback \(most recent call last\)")
+MAX_LOGGED = 5
+
+
+def logged_errors(log: Path, start: int = 0) -> list[str]:
+    """The error lines (see _LOGGED_ERROR) of `log` from byte `start` on, at most MAX_LOGGED."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line.strip()[:300] for line in text.splitlines() if _LOGGED_ERROR.match(line)][:MAX_LOGGED]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -117,10 +135,10 @@ class Check:
         return min(own, left)
 
     def record(self, name: str, status: str, seconds: float = 0.0, limit_s: float | None = None,
-               command: str = "", what: str = "") -> None:
+               command: str = "", what: str = "", logged: list | None = None) -> None:
         self.stages.append({"name": name, "status": status, "seconds": round(seconds, 1), "limit_s": limit_s,
-                            "command": command, "what": what})
-        self.log(f"[{name}] {status} ({seconds:.0f} s)")
+                            "command": command, "what": what, "logged_errors": list(logged or [])})
+        self.log(f"[{name}] {status} ({seconds:.0f} s)" + (f"; logged: {logged[0]}" if logged else ""))
         self.write_results()
 
     def log(self, line: str) -> None:
@@ -162,10 +180,14 @@ class Check:
         if limit_s is None:
             return None
         t0 = time.time()
+        log = self.out / log_name
+        start = log.stat().st_size if log.exists() else 0
         code = wait_limited(self.spawn(name, cmd, log_name, env), limit_s)
         seconds = time.time() - t0
         status = self._status(code, limit_s, log_name)
-        self.record(name, status, seconds, round(limit_s, 1), shlex.join(cmd), what)
+        # pytest's output is judged by its test records; other stages by their exit code and these lines
+        logged = logged_errors(log, start) if log_name == "check.log" else []
+        self.record(name, status, seconds, round(limit_s, 1), shlex.join(cmd), what, logged)
         return code
 
     def _status(self, code, limit_s, log_name) -> str:

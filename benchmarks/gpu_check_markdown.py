@@ -2,6 +2,8 @@
 summary, and the splice that puts the block between RESULTS.md's gpu-check markers."""
 from __future__ import annotations
 
+from .gpu_check_results import OUTCOMES
+
 BEGIN = "<!-- gpu-check:begin -->"
 END = "<!-- gpu-check:end -->"
 MODES = ("materialize", "recompute", "auto")
@@ -205,12 +207,26 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stage_note(stage: dict, results: dict) -> str:
+    """What an "ok" hides: a test stage that ran no test, a stage that logged errors."""
+    note = ""
+    sel = next((s for s in results["tests"]["selections"] if s["name"] == stage["name"]), None)
+    if sel is not None and stage["status"] == "ok" and not any(sel[k] for k in OUTCOMES):
+        collected = sel["collected_only"]
+        note += ", but ran 0 tests" + ("" if collected is None else f" (collected {collected} only)")
+    logged = stage.get("logged_errors") or []
+    if logged:
+        more = f" (and {len(logged) - 1} more, in check.log)" if len(logged) > 1 else ""
+        note += f", but logged an error: {logged[0]}{more}"
+    return note
+
+
 def summary(results: dict) -> str:
     """Terminal summary: failures first, then each stage's status."""
     lines = [f"FAILURES ({len(results['failures'])}):"]
     lines += [f"  {f['stage']}: {f['item']}: {f['detail']}" for f in results["failures"]] or ["  none"]
     lines.append("stages:")
-    lines += [f"  {s['name']}: {s['status']} ({s['seconds']} s)" for s in results["stages"]]
+    lines += [f"  {s['name']}: {s['status']}{_stage_note(s, results)} ({s['seconds']} s)" for s in results["stages"]]
     for s in results["tests"]["selections"]:
         lines.append(f"  {s['name']}: {s['passed']} passed, {s['failed'] + s['error']} failed, {s['skipped']} skipped, "
                      f"{s['xfailed']} xfailed")

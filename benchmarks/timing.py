@@ -9,12 +9,17 @@ inter-quartile ranges of the per-call times. Peak memory is torch.cuda.max_memor
 over that second call, minus what was allocated before it (workspace + output, not inputs).
 
 CPU: the same structure with time.perf_counter, and the growth of the process's resident-set
-high-water mark over one call as an approximate peak memory (Linux only, else None).
+high-water mark over one call, measured from a trimmed heap, as the peak memory (Linux with
+glibc, else None: see rss_peak_growth).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -135,13 +140,30 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def rss_peak_growth(call: Callable[[], object]) -> int | None:
-    """Growth of the resident-set high-water mark over call() in bytes (Linux), else None.
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
-    Writing 5 to /proc/self/clear_refs resets the high-water mark to the current RSS. Memory
-    the allocator kept from earlier calls is reused without growing RSS, so this is a lower
-    bound: fine for "does this blow up with N", not for byte-exact comparisons.
+
+def rss_peak_growth(call: Callable[[], object]) -> int | None:
+    """Growth of the resident-set high-water mark over call() in bytes (Linux with glibc), else None.
+
+    Memory an earlier case freed stays resident in the allocator's free lists and would be
+    reused without growing RSS (peaks read 0 after any larger case), so the heap is first
+    trimmed (malloc_trim returns every free page to the system): what the call allocates and
+    touches must then grow RSS. Writing 5 to /proc/self/clear_refs resets the high-water mark
+    to the current RSS. Page-granular, and memory the call reuses from objects it frees itself
+    counts once, as it should: the call's peak working set beyond what existed before it.
     """
+    trim = _malloc_trim()
+    if trim is None:
+        return None
+    gc.collect()
+    trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -1,6 +1,8 @@
 """cdam-fast: fused kernels for CDAM (class distribution-induced attention maps) and a thin
 CLIP pipeline around them. See README.md."""
-from . import _threads
+from . import _checkout, _threads
+
+_checkout.install()  # kernels/, csrc/, benchmarks/ from a plain checkout as when installed
 
 _threads.prepare_environment()  # before torch loads libgomp: the CLI's idle OpenMP threads sleep
 

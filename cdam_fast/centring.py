@@ -41,7 +41,8 @@ def row_terms(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def log_terms(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """lp [B, n, C] = log2(2 p w) in float64, rounded to float32 once: the summands of r_i / p_ic,
     and the gradient's log(p_ic / m_ijc) = ln 2 (lp_ic - log2(s_ijc w_c)) with the same logarithm
-    of s w the divergence takes (the fused backward passes). p = 0 reads TINY_MASS (finite; the
-    gradient is 0 there)."""
-    pd = p.double().clamp_min(TINY_MASS)
+    of s w the divergence takes (the fused backward passes). Exact for every p > 0 (float32
+    subnormals are normal in float64); p = 0 reads TINY_MASS (finite; the gradient is 0 there)."""
+    pd = p.double()
+    pd = torch.where(pd > 0, pd, TINY_MASS)
     return torch.log2(2.0 * pd * w.double()[:, None, :]).float()

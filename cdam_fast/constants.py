@@ -16,6 +16,12 @@ CONSTANT_ROW_EPS = 1e-6
 # per-class reference distribution u of the centred divergence is clamped at it (a class no
 # row uses then still has a finite weight 1 / (2u)).
 TINY_MASS = 1e-30
+# The backward's logarithms of s = p + q: a sum below TINY_SUM (so both entries are below it) is
+# scaled by 2^TINY_SUM_EXPONENT first and the exponent subtracted after, so that s w stays a
+# normal float32 far above TINY_MASS and every s > 0, float32 subnormals included, gets its exact
+# log (a clamp at TINY_MASS gave O(1)-wrong gradients for p < 1e-30); only s = 0 reads TINY_MASS.
+TINY_SUM = 2.0 ** -64
+TINY_SUM_EXPONENT = 64.0
 LN2 = math.log(2.0)
 HALF_LN2 = 0.5 * LN2  # ln(2) / 2: base-2 sums -> half a natural-log divergence
 LOG2E = 1.0 / LN2
@@ -32,6 +38,8 @@ FLOAT32_MAX = 3.4028234663852886e38
 CXX_CONSTANTS = (
     ("kConstantRowEps", CONSTANT_ROW_EPS),
     ("kTinyMass", TINY_MASS),
+    ("kTinySum", TINY_SUM),
+    ("kTinySumExponent", TINY_SUM_EXPONENT),
     ("kHalfLn2", HALF_LN2),
     ("kLog2e", LOG2E),
     ("kSmallAlphaLimit", SMALL_ALPHA_LIMIT),

@@ -2,7 +2,9 @@
 
 Every op accepts ``backend`` ("auto", "triton", "cuda", "cpu", "reference"; the environment
 variable CDAM_FAST_BACKEND overrides "auto") and ``validate`` (value checks on the inputs:
-finite, probabilities summing to 1; structural checks always run).
+finite, probabilities summing to 1; structural checks always run). With ``validate=False`` every
+backend follows one rule: a row of p or q with a negative entry is a NaN row, and a -inf
+similarity is a class probability of 0 (docs/autograd.md, section 1).
 
 Dtypes (cdam_fast.opspec states the rule once): the divergences are computed in float64 if any
 tensor input is float64 (only the reference does that), else in float32; maps come back in that

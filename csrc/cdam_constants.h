@@ -5,6 +5,8 @@ namespace cdam {
 
 constexpr float kConstantRowEps = 1e-06f;
 constexpr float kTinyMass = 1e-30f;
+constexpr float kTinySum = 5.421010862427522e-20f;
+constexpr float kTinySumExponent = 64.0f;
 constexpr float kHalfLn2 = 0.34657359027997264f;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kSmallAlphaLimit = 0.125f;

@@ -16,6 +16,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -45,17 +46,65 @@ inline Vec log2v(const Vec& s) {
   return cdam::log2_nonneg(at::vec::maximum(s, Vec(cdam::kTinyMass)));
 #endif
 }
+// log2(s w) for sums s = p + q >= 0, exact for every s > 0 when kTiny (some entry of the call
+// lies in (0, kTinySum): only then can a sum be that small). Such sums are scaled by
+// 2^kTinySumExponent before the product (exact: a power of two) and the exponent is taken off
+// after, so s w is a normal float far above kTinyMass; other sums give log2v(s w) bit for bit.
+// Without kTiny (the usual case) it is log2v(s w): the check costs nothing in the inner loops.
+template <bool kTiny>
+inline Vec log2_sum(const Vec& s, const Vec& w) {
+  if constexpr (kTiny) {
+    static const float scale = std::ldexp(1.f, int(cdam::kTinySumExponent));
+    const Vec small = s < Vec(cdam::kTinySum);  // all-ones lanes where s is tiny
+    return log2v(Vec::blendv(s, s * Vec(scale), small) * w) - (small & Vec(cdam::kTinySumExponent));
+  } else {
+    return log2v(s * w);
+  }
+}
+
+// Whether some entry of t lies in (0, kTinySum): whether the calls above need their kTiny form.
+bool has_tiny(const at::Tensor& t) { return ((t > 0) & (t < cdam::kTinySum)).any().item<bool>(); }
+
 float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
+
+// The per-task buffers of the passes below (key-side class sums U, C x Mp floats, and in the
+// attention backward a row's C x Mp logs) are the backward's only memory that grows with the
+// thread count (64 threads at C = 1000, M = 16k: ~4 GB each). They are bounded by the memory
+// policy's budget (cdam_fast/memory.py, passed as buffer_budget bytes; negative: no bound): rows
+// are split into `tasks` contiguous blocks, each with its own buffers, and at most
+// min(threads, budget / per_task_bytes) tasks exist, at least one (one task's buffers are the
+// least these passes need). last_buffer_bytes() reports what the last call allocated.
+std::atomic<int64_t> g_buffer_bytes{0};
+
+int64_t task_count(int64_t buffer_budget, int64_t per_task_bytes, int64_t rows) {
+  int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(rows, 1));
+  if (buffer_budget >= 0) tasks = std::min(tasks, buffer_budget / std::max<int64_t>(per_task_bytes, 1));
+  return std::max<int64_t>(tasks, 1);
+}
+
+int64_t last_buffer_bytes() { return g_buffer_bytes.load(); }
+
+// fn(task, begin, end) for `tasks` contiguous blocks of [i0, i1), the tasks run in parallel.
+template <typename F>
+void for_each_task(int64_t i0, int64_t i1, int64_t tasks, const F& fn) {
+  const int64_t per = (i1 - i0 + tasks - 1) / tasks;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(t, i0 + t * per, std::min(i1, i0 + (t + 1) * per));
+  });
+}
 
 // For rows [i0, i1) of batch element b with score gradients G (row i at G + (i - i0) * Mp, zero
 // on padded keys) and centring weights w [C]: T[i, c] = sum_j G_ij (lp_ic - log2(s_ijc w_c)) and,
 // if U is given, U[c, j] += sum_i G_ij (lk_cj - log2(s_ijc w_c)), through per-thread buffers summed at the end.
+template <bool kTiny>
 void class_terms(const float* p, const float* lp, const float* kT, const float* lkT, const float* w, const float* G,
-                 int64_t i0, int64_t i1, int64_t C, int64_t Mp, float* T, float* U) {
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> u_local(U ? threads * C * Mp : 0, 0.f);
-  at::parallel_for(i0, i1, 1, [&](int64_t begin, int64_t end) {
-    float* ut = U ? u_local.data() + at::get_thread_num() * C * Mp : nullptr;
+                 int64_t i0, int64_t i1, int64_t C, int64_t Mp, float* T, float* U, int64_t buffer_budget) {
+  const int64_t tasks = U ? task_count(buffer_budget, C * Mp * int64_t(sizeof(float)), i1 - i0)
+                          : task_count(-1, 0, i1 - i0);
+  std::vector<float> u_local(U ? tasks * C * Mp : 0, 0.f);
+  g_buffer_bytes = int64_t(u_local.size() * sizeof(float));
+  for_each_task(i0, i1, tasks, [&](int64_t task, int64_t begin, int64_t end) {
+    float* ut = U ? u_local.data() + task * C * Mp : nullptr;
     std::vector<Vec> tacc(C);
     for (int64_t i = begin; i < end; ++i) {
       const float* prow = p + i * C;
@@ -65,7 +114,7 @@ void class_terms(const float* p, const float* lp, const float* kT, const float* 
       for (int64_t j = 0; j < Mp; j += kLanes) {
         const Vec g = Vec::loadu(grow + j);
         for (int64_t c = 0; c < C; ++c) {
-          const Vec lg = log2v((Vec(prow[c]) + Vec::loadu(kT + c * Mp + j)) * Vec(w[c]));
+          const Vec lg = log2_sum<kTiny>(Vec(prow[c]) + Vec::loadu(kT + c * Mp + j), Vec(w[c]));
           tacc[c] = at::vec::fmadd(g, Vec(lprow[c]) - lg, tacc[c]);
           if (ut) {
             Vec u = Vec::loadu(ut + c * Mp + j);
@@ -78,7 +127,7 @@ void class_terms(const float* p, const float* lp, const float* kT, const float* 
   });
   if (U) {
     at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < threads; ++t)
+      for (int64_t t = 0; t < tasks; ++t)
         for (int64_t k = begin; k < end; ++k) U[k] += u_local[t * C * Mp + k];
     });
   }
@@ -87,15 +136,16 @@ void class_terms(const float* p, const float* lp, const float* kT, const float* 
 // pairwise_jsd: given G [B, N, Mp] (zero-padded), T [B, N, C] and, if keys_too, U [B, C, Mp].
 std::vector<at::Tensor> jsd_class_grads(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& kT,
                                         const at::Tensor& lkT, const at::Tensor& w, const at::Tensor& G,
-                                        bool keys_too) {
+                                        bool keys_too, int64_t buffer_budget) {
   const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2);
   at::Tensor T = at::zeros({B, N, C}, p.options());
   at::Tensor U = keys_too ? at::zeros({B, C, Mp}, p.options()) : at::Tensor();
+  const auto terms = has_tiny(p) || has_tiny(kT) ? class_terms<true> : class_terms<false>;
   for (int64_t b = 0; b < B; ++b)
-    class_terms(p.data_ptr<float>() + b * N * C, lp.data_ptr<float>() + b * N * C,
+    terms(p.data_ptr<float>() + b * N * C, lp.data_ptr<float>() + b * N * C,
                 kT.data_ptr<float>() + b * C * Mp, lkT.data_ptr<float>() + b * C * Mp, w.data_ptr<float>() + b * C,
                 G.data_ptr<float>() + b * N * Mp, 0, N, C, Mp, T.data_ptr<float>() + b * N * C,
-                keys_too ? U.data_ptr<float>() + b * C * Mp : nullptr);
+                keys_too ? U.data_ptr<float>() + b * C * Mp : nullptr, buffer_budget);
   return {T, keys_too ? U : at::zeros({0}, p.options())};
 }
 
@@ -213,6 +263,7 @@ void gradient_row(int kind, double param, const float* jr, float* wr, const floa
 // key j and J's class sum jrow[j] = sum_c s log2(s w), blocked as the forward (kClassBlock
 // classes into fresh partial sums `part`, then into the total). Class-major: every stream (keys,
 // logs, the row's sums) is read or written in order; two vectors per step for independent logs.
+template <bool kTiny>
 void row_logs(const float* prow, const float* __restrict kb, const float* __restrict wb, int64_t C, int64_t Mp,
               float* __restrict logs, float* __restrict jrow, float* __restrict part) {
   std::fill(jrow, jrow + Mp, 0.f);
@@ -224,7 +275,7 @@ void row_logs(const float* prow, const float* __restrict kb, const float* __rest
       float* __restrict lc = logs + c * Mp;
       for (int64_t j = 0; j < Mp; j += 2 * kLanes) {
         const Vec s0 = pc + Vec::loadu(kc + j), s1 = pc + Vec::loadu(kc + j + kLanes);
-        const Vec l0 = log2v(s0 * wc), l1 = log2v(s1 * wc);
+        const Vec l0 = log2_sum<kTiny>(s0, wc), l1 = log2_sum<kTiny>(s1, wc);
         l0.store(lc + j);
         l1.store(lc + j + kLanes);
         at::vec::fmadd(s0, l0, Vec::loadu(part + j)).store(part + j);
@@ -265,7 +316,7 @@ void row_class_sums(const float* __restrict grow, const float* __restrict logs, 
 std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& rp,
                                            const at::Tensor& kT, const at::Tensor& lkT, const at::Tensor& rk,
                                            const at::Tensor& cw, const at::Tensor& v, const at::Tensor& g, int64_t kind,
-                                           double param, bool self, bool need_p) {
+                                           double param, bool self, int64_t buffer_budget, bool need_p) {
   const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2), M = v.size(1);
   TORCH_CHECK(Mp > 0 && Mp % (2 * kLanes) == 0, "attention_backward: keys must be padded to a positive multiple of ",
               2 * kLanes);
@@ -274,9 +325,13 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
   at::Tensor gv = at::zeros({B, M, v.size(2)}, p.options());
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, kChunkFloats / Mp));
   at::Tensor W = at::zeros({R, Mp}, p.options()), GV = at::empty({R, M}, p.options());
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> u_local(need_p ? threads * C * Mp : 0);
+  // per task: its key-side sums (only with need_p) and its row's logs (C x Mp each), and three Mp rows
+  const int64_t per_task = ((need_p ? 2 : 1) * C + 3) * Mp * int64_t(sizeof(float));
+  const int64_t tasks = task_count(buffer_budget, per_task, std::min(N, R));
+  std::vector<float> u_local(need_p ? tasks * C * Mp : 0);
+  g_buffer_bytes = tasks * per_task;
   float* w = W.data_ptr<float>();
+  const auto logs_of_row = has_tiny(p) || has_tiny(kT) ? row_logs<true> : row_logs<false>;
   for (int64_t b = 0; b < B; ++b) {
     const float* pb = p.data_ptr<float>() + b * N * C;
     const float* lpb = lp.data_ptr<float>() + b * N * C;
@@ -293,12 +348,12 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
         at::Tensor gvr = GV.narrow(0, 0, nr);
         at::mm_out(gvr, g_rows, v[b].t());  // g_i . v_j
       }
-      at::parallel_for(0, nr, 1, [&](int64_t begin, int64_t end) {
-        float* ut = need_p ? u_local.data() + at::get_thread_num() * C * Mp : nullptr;
+      for_each_task(0, nr, std::min(tasks, nr), [&](int64_t task, int64_t begin, int64_t end) {
+        float* ut = need_p ? u_local.data() + task * C * Mp : nullptr;
         std::vector<float> logs(C * Mp), jrow(Mp), part(Mp), grow(Mp);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = i0 + r;
-          row_logs(pb + i * C, kb, wb, C, Mp, logs.data(), jrow.data(), part.data());
+          logs_of_row(pb + i * C, kb, wb, C, Mp, logs.data(), jrow.data(), part.data());
           const Vec ri(rp.data_ptr<float>()[b * N + i]);
           for (int64_t j = 0; j < Mp; j += kLanes) {
             const Vec jv = (ri + Vec::loadu(rkb + j) - Vec::loadu(jrow.data() + j)) * Vec(cdam::kHalfLn2);
@@ -321,7 +376,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
     if (!need_p) continue;
     float* Ub = U.data_ptr<float>() + b * C * Mp;
     at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < threads; ++t)
+      for (int64_t t = 0; t < tasks; ++t)
         for (int64_t k = begin; k < end; ++k) Ub[k] += u_local[t * C * Mp + k];
     });
   }
@@ -345,10 +400,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cdam_fast CPU backward kernels (see cdam_fast/backends/cpu_backward.py)";
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("jsd_class_grads", &jsd_class_grads, "per-class gradient sums of sum_ij G_ij J_ij", py::arg("p"),
-        py::arg("lp"), py::arg("kT"), py::arg("lkT"), py::arg("w"), py::arg("G"), py::arg("keys_too"), nogil);
+        py::arg("lp"), py::arg("kT"), py::arg("lkT"), py::arg("w"), py::arg("G"), py::arg("keys_too"),
+        py::arg("buffer_budget") = -1, nogil);
   m.def("attention_backward", &attention_backward,
         "backward of softmax(-J / tau) @ v (kind 0) or cdam_map(p, alpha) @ v (kind 1)", py::arg("p"), py::arg("lp"),
         py::arg("rp"), py::arg("kT"), py::arg("lkT"), py::arg("rk"), py::arg("w"), py::arg("v"), py::arg("g"), py::arg("kind"),
-        py::arg("param"), py::arg("self"), py::arg("need_p") = true, nogil);
+        py::arg("param"), py::arg("self"), py::arg("buffer_budget") = -1, py::arg("need_p") = true, nogil);
+  m.def("last_buffer_bytes", &last_buffer_bytes, "bytes of per-task buffers the last backward call allocated");
   m.def("log2_values", &log2_values, "the backward's log2 of max(x, kTinyMass), elementwise (for tests)", py::arg("x"));
 }

@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .. import constants
 from ..centring import log_terms
-from .common import TINY, log2
+from .common import log2_sum
 
 NUM_WARPS = 4  # the divergence-only kernels (pairwise gradient, LSE)
 # (BM, BN, BD) and warps of the attention gradient kernels on GPU: the largest tiles that compile
@@ -30,7 +30,7 @@ def accumulate_class_terms(aT, bT, wc, laT, lbT, G, offs_m, offs_n, mask_m, mask
         a = tl.load(aT + c64 * n_a + offs_m, mask=mask_m, other=0.0).to(tl.float32)
         b = tl.load(bT + c64 * n_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         w = tl.load(wc + c64)
-        lg = log2(tl.maximum((a[:, None] + b[None, :]) * w, TINY), FAST_LOG)
+        lg = log2_sum(a[:, None] + b[None, :], w, FAST_LOG)
         if QUERY_SIDE:
             la = tl.load(laT + c64 * n_a + offs_m, mask=mask_m, other=0.0)
             t = tl.sum(G * (la[:, None] - lg), axis=1)

@@ -23,6 +23,10 @@ LN2 = tl.constexpr(constants.LN2)
 CONSTANT_ROW_EPS = tl.constexpr(constants.CONSTANT_ROW_EPS)
 # s w below this contributes s * log2(TINY) ~ 0 instead of 0 * log2(0) = NaN.
 TINY = tl.constexpr(constants.TINY_MASS)
+# The backward's logs of tiny sums (constants.TINY_SUM): scaled into the normal range first.
+TINY_SUM = tl.constexpr(constants.TINY_SUM)
+TINY_SUM_SCALE = tl.constexpr(2.0 ** constants.TINY_SUM_EXPONENT)
+TINY_SUM_EXPONENT = tl.constexpr(constants.TINY_SUM_EXPONENT)
 # Largest program count of a one-dimensional grid.
 MAX_GRID_X = 2**31 - 1
 
@@ -57,6 +61,17 @@ def log2(x, FAST_LOG: tl.constexpr):
                                          is_pure=True, pack=1)
     else:
         return tl.log2(x)
+
+
+@triton.jit
+def log2_sum(s, w, FAST_LOG: tl.constexpr):
+    """log2(s w) for sums s = p + q >= 0 in the backward's gradient terms, exact for every s > 0:
+    a sum below TINY_SUM (float32 subnormals included) is scaled by 2^TINY_SUM_EXPONENT before the
+    product and the log (exact: a power of two), the exponent taken off after; other sums give
+    log2(s w) bit for bit as before; s = 0 reads TINY (its terms are discarded)."""
+    small = s < TINY_SUM
+    x = tl.where(small, s * TINY_SUM_SCALE, s) * w
+    return log2(tl.maximum(x, TINY), FAST_LOG) - tl.where(small, TINY_SUM_EXPONENT, 0.0)
 
 
 @triton.jit

@@ -19,7 +19,7 @@ from .. import constants
 from ..centring import centring_weights
 from .backward_common import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, accumulate_class_terms, class_major_log_terms, \
     finish, row_dots
-from .common import TINY, blocks, fast_log, flat_grid, jsd_tile, log2, logit_scale, poly_logs, tile_ids
+from .common import blocks, fast_log, flat_grid, jsd_tile, log2, log2_sum, logit_scale, poly_logs, tile_ids
 from .jsd import class_major, operands
 
 
@@ -116,7 +116,7 @@ def _accumulate_query_moments(pT, qT, wc, lpT, w, wgk, shift, offs_m, offs_n, ma
         a = tl.load(pT + c64 * n_p + offs_m, mask=mask_m, other=0.0).to(tl.float32)
         b = tl.load(qT + c64 * n_q + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         la = tl.load(lpT + c64 * n_p + offs_m, mask=mask_m, other=0.0)
-        lg = log2(tl.maximum((a[:, None] + b[None, :]) * tl.load(wc + c64), TINY), FAST_LOG)
+        lg = log2_sum(a[:, None] + b[None, :], tl.load(wc + c64), FAST_LOG)
         lt = la[:, None] - lg
         px = acc_x + c64 * n_p + offs_m
         py = acc_y + c64 * n_p + offs_m

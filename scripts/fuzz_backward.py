@@ -4,8 +4,8 @@ Seeded random small shapes, scales and dtypes for jsd_attention (with and withou
 pairwise_jsd and cdam_attention; every backend that runs here (triton through the interpreter
 without a GPU, cpu) and the reference evaluated at the input dtype are compared with the
 float64 reference, gradient by gradient. The error of a gradient is max |got - expected| /
-max |expected|, reported as a multiple of tests/test_autograd.py's GRAD_TOL for the dtype, so
-"x1" is the edge of what the tests accept. Prints the worst cases (with the seed that rebuilds
+max |expected|, reported as a multiple of the tests' GRAD_TOL (cdam_fast/testing.py) for the
+dtype, so "x1" is the edge of what the tests accept. Prints the worst cases (with the seed that rebuilds
 them: `--seed S --cases 1`).
 
     python scripts/fuzz_backward.py --op jsd_attention --cases 200 --dtype fp16
@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("CDAM_FAST_INTERPRET_BLOCK", "16")  # small shapes span several interpreter tiles
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-# (the tests' conftest switches Triton's interpreter on where there is no GPU)
-from fuzz_cases import OPS, describe, draw, errors, grads, overflows  # noqa: E402
+if not torch.cuda.is_available():  # Triton through its interpreter; set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from cdam_fast.testing import FUZZ_OPS as OPS, describe, draw, errors, grads, overflows  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

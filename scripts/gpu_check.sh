@@ -24,6 +24,16 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
+# the torch / Triton range first (cdam_fast/versions.py reads package metadata, imports nothing):
+# a machine outside it is refused in a second, before anything is installed or built
+if [[ ${CDAM_GPU_CHECK_ANY_VERSION:-0} != 1 ]]; then
+    "$PY" cdam_fast/versions.py || {
+        rc=$?
+        echo "gpu_check.sh: refusing to run (set CDAM_GPU_CHECK_ANY_VERSION=1 to run anyway; docs/compatibility.md)" >&2
+        exit $rc
+    }
+fi
+
 # one probe (each python start costs seconds): is open_clip there, is cdam_fast this checkout's?
 probe=$("$PY" -c '
 import importlib.util, os, sys

@@ -97,51 +97,9 @@ def one_thread():
 # ---------------------------------------------------------------------------------------------
 # Shared input generators. Every generator returns data that passes the ops' value checks.
 
+# (random_distributions, random_values and random_similarities live in cdam_fast/testing.py, which
+# scripts/fuzz_backward.py uses too; the tests import them from here.)
+from cdam_fast.testing import random_distributions, random_similarities, random_values  # noqa: E402,F401
+
 # Unit roundoff of each input dtype: the largest relative error of rounding one value to it.
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
-
-
-def _quantize_rows(p: torch.Tensor, denom: int) -> torch.Tensor:
-    """Round float64 rows to multiples of 1/denom that still sum to exactly 1 (largest remainder)."""
-    scaled = p * denom
-    counts = scaled.floor()
-    missing = (denom - counts.sum(-1, keepdim=True)).long()
-    rank = (scaled - counts).argsort(-1, descending=True).argsort(-1)
-    return (counts + (rank < missing).to(p.dtype)) / denom
-
-
-def random_distributions(gen: torch.Generator, *shape: int, dtype=torch.float32, sharpness: float = 3.0,
-                         zeros: bool = True, one_hot: bool = True, device="cpu") -> torch.Tensor:
-    """Rows of class distributions, shape [..., N, C], each summing to 1 within the dtype's rounding.
-
-    softmax(sharpness * z) rows (a larger sharpness gives peakier rows, hence larger divergence
-    ranges per row), with about a fifth of the entries set to exact zeros and, when N >= 4, row 1
-    one-hot. bfloat16 cannot hold arbitrary probabilities within the 1e-3 row-sum check, so its
-    rows are quantised to multiples of 1/256, which bfloat16 stores exactly.
-    """
-    *lead, n, c = shape
-    logits = torch.randn(*shape, generator=gen, dtype=torch.float64) * sharpness
-    if zeros and c > 1:
-        drop = torch.rand(*shape, generator=gen, dtype=torch.float64) < 0.2
-        drop[..., 0] = False  # keep every row non-empty
-        logits = logits.masked_fill(drop, float("-inf"))
-    p = torch.softmax(logits, -1)
-    if one_hot and n >= 4:
-        hot = torch.randint(0, c, (), generator=gen).item()
-        p[..., 1, :] = 0.0
-        p[..., 1, hot] = 1.0
-    if dtype == torch.bfloat16:
-        p = _quantize_rows(p, 256)
-    return p.to(dtype=dtype, device=device)
-
-
-def random_values(gen: torch.Generator, *shape: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """Signed values v, standard normal, rounded to dtype."""
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
-
-
-def random_similarities(gen: torch.Generator, *shape: int, dtype=torch.float32, spread: float = 0.3,
-                        device="cpu") -> torch.Tensor:
-    """Raw similarity grids sim [..., C, h, w]. With tau = 0.1 a spread of 0.3 gives logits of
-    standard deviation 3: peaky class distributions whose divergences span a wide range per row."""
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * spread).to(dtype=dtype, device=device)

@@ -1,4 +1,4 @@
-"""Backward passes on fuzzed 16-bit and fp32 inputs (tests/fuzz_cases.py; the fuzzer is
+"""Backward passes on fuzzed 16-bit and fp32 inputs (cdam_fast/testing.py; the fuzzer is
 scripts/fuzz_backward.py): every backend against the float64 reference formulas.
 
 The regressions are seeds the fuzzer found when the Triton jsd_attention backward took
@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from fuzz_cases import draw, errors, grads, overflows
+from cdam_fast.testing import draw, errors, grads, overflows
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 

@@ -10,7 +10,7 @@ import torch
 from cdam_fast.benchmarks import cli, report, roofline
 from cdam_fast.benchmarks.cases import OPS, PAPER_C, PAPER_N, SETS, Case, build_cases, divergence_elements
 from cdam_fast.benchmarks.impls import usable_backends
-from cdam_fast.benchmarks.timing import quartiles, rss_peak_growth
+from cdam_fast.benchmarks.timing import TimingOptions, quartiles, rss_peak_growth, time_cpu
 
 
 def test_divergence_elements_match_the_spec_counts():
@@ -129,3 +129,20 @@ def test_list_prints_cases_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "multiscale_cdam_attention B=1 N=784 C=101 D=768" in out
     assert not any(tmp_path.iterdir())
+
+
+def test_cpu_peak_of_a_case_after_larger_ones(one_thread):
+    """Each case's peak is its own: memory a larger earlier case freed (kept by the allocator)
+    does not hide the next case's allocations (they read 0 MiB before)."""
+    def case(mib):
+        def call(i):
+            t = torch.ones(mib << 18)  # float32: mib MiB, touched
+            return float(t[::4096].sum())
+        return call
+
+    opts = TimingOptions(target_s=0.01, min_reps=2, max_reps=3)
+    for mib in (64, 8, 40, 16, 4):
+        peak = time_cpu(case(mib), 2, opts).peak_mem_bytes
+        if peak is None:
+            pytest.skip("no RSS high-water mark or malloc_trim on this system (the table says n/a)")
+        assert (mib - 0.5) * 2**20 <= peak <= (mib + 16) * 2**20, (mib, peak / 2**20)

@@ -10,8 +10,11 @@ exact zeros, one-hot rows, 16-bit inputs, q != p, both attention modes).
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -100,6 +103,43 @@ def test_build_is_cached_on_disk(cpu_extension_built):
     assert run.returncode == 0, run.stderr
     assert "building cdam_fast" not in run.stderr
     assert float(run.stdout.strip().splitlines()[-1]) == 0.0
+
+
+def test_a_read_only_cache_with_a_complete_build_keeps_loading(cpu_extension_built, tmp_path):
+    """A copy of the built forward extension in a cache where no folder can be created (mkdir
+    there fails as on a read-only mount; chmod would not stop root): the forward loads it, and the
+    backward, whose extension is not in that cache, uses the reference formulas with a warning."""
+    spec = eb.cpu_spec()
+    cache = tmp_path / "read-only"
+    shutil.copytree(eb.build_root() / spec.module_name, cache / "cdam_fast" / spec.module_name)
+    code = textwrap.dedent("""
+        import errno, os, warnings
+        import torch
+        import cdam_fast as cf
+
+        real_mkdir = os.mkdir
+
+        def mkdir(path, *args, **kwargs):  # os.makedirs and Path.mkdir call it too
+            if str(path).startswith(os.environ["TORCH_EXTENSIONS_DIR"]):
+                raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        os.mkdir = mkdir
+        p = torch.softmax(3 * torch.randn(1, 6, 4, dtype=torch.float64), -1).float().requires_grad_()
+        print("REPORT", cf.available_backends()["cpu"])
+        out = cf.pairwise_jsd(p, backend="cpu")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out.sum().backward()
+        print("BACKWARD", bool(torch.isfinite(p.grad).all()), [str(w.message) for w in caught])
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in (eb.NO_BUILD_ENV, dispatch.ENV_VAR)}
+    env["TORCH_EXTENSIONS_DIR"] = str(cache)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "REPORT None" in run.stdout and "building cdam_fast" not in run.stderr
+    assert "BACKWARD True" in run.stdout and "using the reference formulas" in run.stdout, run.stdout
+    assert str(cache) in run.stdout  # the warning names the folder that could not be written
 
 
 def test_fingerprint_tracks_sources_and_flags(tmp_path):

@@ -15,9 +15,7 @@ MAX_README_LINES = 250
 PENDING = {
     "docs/cliper.md",
     "docs/native-resolution.md",
-    "docs/bulk-runs.md",
     "docs/pipeline-defaults.md",
-    "docs/compatibility.md",
 }
 
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")

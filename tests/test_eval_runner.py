@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cdam_fast.evaluation.datasets import open_dataset
-from cdam_fast.evaluation.distributed import DistContext
+from cdam_fast.distributed import DistContext
 from cdam_fast.evaluation.metrics import PredictionError
 from cdam_fast.evaluation.runner import evaluate
 from cdam_fast.evaluation.store import StoreError

@@ -1,7 +1,11 @@
 """The JIT extension cache: atomic builds, damaged libraries rebuilt instead of crashing the
-process, CDAM_FAST_NO_BUILD blocking only building. A tiny Python C-API module stands in for
-the real extensions (about a second to compile instead of a minute)."""
+process, CDAM_FAST_NO_BUILD blocking only building, a cache folder that cannot be written
+(a reason, never an OSError), and available_backends() reporting without building. A tiny
+Python C-API module stands in for the real extensions (about a second to compile instead of a
+minute)."""
+import errno
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,3 +108,123 @@ def test_no_build_without_a_built_extension_names_the_variable(monkeypatch, tmp_
     monkeypatch.setenv(eb.NO_BUILD_ENV, "1")
     with pytest.raises(eb.ExtensionBuildError, match=eb.NO_BUILD_ENV):
         eb.build(spec, root=tmp_path)
+
+
+# ------------------------------------------------------------- a cache folder that cannot be written
+
+
+def _deny_mkdir(monkeypatch, under):
+    """Creating a folder under `under` fails, as on a read-only cache (this suite may run as
+    root, which chmod does not stop)."""
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # os.makedirs and Path.mkdir call it too
+        if str(path).startswith(str(under)):
+            raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+def test_a_cache_folder_under_a_file_is_a_reason_naming_it(tiny, tmp_path):
+    spec, _ = tiny
+    (tmp_path / "file").write_text("")
+    root = tmp_path / "file" / "cache"
+    with pytest.raises(eb.ExtensionBuildError, match=re.escape(str(root))):
+        eb.build(spec, root=root)
+    assert str(root) in eb.cache_problem(root) and "TORCH_EXTENSIONS_DIR" in eb.cache_problem(root)
+
+
+def test_a_read_only_cache_loads_its_complete_build_and_refuses_new_ones(tiny, tmp_path, monkeypatch):
+    spec, root = tiny
+    read_only = tmp_path / "read-only"
+    shutil.copytree(root / spec.module_name, read_only / spec.module_name)
+    missing = eb.ExtensionSpec(spec.base_name, spec.sources, cflags=("-O1",))  # not in the copied cache
+    _deny_mkdir(monkeypatch, read_only)
+    assert eb.build(spec, root=read_only).answer() == 42
+    with pytest.raises(eb.ExtensionBuildError, match=re.escape(str(read_only)) + ".*TORCH_EXTENSIONS_DIR"):
+        eb.build(missing, root=read_only)
+
+
+def test_cache_problem_reads_permissions_without_creating_anything(tmp_path, monkeypatch):
+    root = tmp_path / "a" / "b"
+    assert eb.cache_problem(root) is None
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+    why = eb.cache_problem(root)
+    assert why is not None and str(root) in why and "not writable" in why
+    assert not (tmp_path / "a").exists()
+
+
+def _run(code: str, cache, **env):
+    """code in a fresh interpreter whose extension cache is `cache` (nothing inherited that
+    blocks building or forces a backend)."""
+    full = {k: v for k, v in os.environ.items() if k not in (eb.NO_BUILD_ENV, "CDAM_FAST_BACKEND")}
+    full.update(TORCH_EXTENSIONS_DIR=str(cache), **env)
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_auto_falls_back_and_cpu_refuses_when_the_cache_folder_cannot_be_created(tmp_path):
+    (tmp_path / "file").write_text("")
+    cache = tmp_path / "file" / "torch_extensions"
+    run = _run("""
+        import warnings
+        import torch
+        import cdam_fast as cf
+        p = torch.softmax(3 * torch.randn(2, 5, 4, dtype=torch.float64), -1).float().requires_grad_()
+        v = torch.randn(2, 5, 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):  # auto: the forward and the backward, twice
+                out = cf.cdam_attention(p, v)
+                out.sum().backward()
+        print("FALLBACKS", [str(w.message) for w in caught if "falling back" in str(w.message)])
+        print("REFERENCE", torch.equal(out.detach(), cf.cdam_attention(p.detach(), v, backend="reference")))
+        print("GRADIENT", bool(torch.isfinite(p.grad).all()))
+        try:
+            cf.pairwise_jsd(p.detach(), backend="cpu")
+        except cf.BackendUnavailableError as e:
+            print("REFUSED", e)
+    """, cache)
+    out = run.stdout
+    fallbacks = eval(re.search(r"^FALLBACKS (.*)$", out, re.M).group(1))
+    assert len(fallbacks) == 1 and "'cpu'" in fallbacks[0] and str(cache) in fallbacks[0], out
+    assert "REFERENCE True" in out and "GRADIENT True" in out
+    assert re.search(r"^REFUSED backend 'cpu' cannot run .*" + re.escape(str(cache)), out, re.M), out
+
+
+def test_available_backends_reports_without_building(tmp_path):
+    cache = tmp_path / "torch_extensions"
+    cache.mkdir()
+    run = _run("""
+        import time
+        import cdam_fast as cf
+        start = time.perf_counter()
+        reasons = cf.available_backends("cpu")
+        print("REPORT", reasons["cpu"], round(time.perf_counter() - start, 1))
+    """, cache)
+    assert list(cache.iterdir()) == [], "available_backends() started a build"
+    assert "building cdam_fast" not in run.stderr
+    report, seconds = re.search(r"^REPORT (.*) (\S+)$", run.stdout, re.M).groups()
+    assert report == "None", report  # a toolchain is here (else this module is skipped): buildable
+    assert float(seconds) < 30, f"available_backends() took {seconds} s"
+
+
+def test_report_names_what_blocks_a_build_and_builds_nothing(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(cache))
+    monkeypatch.delenv(eb.NO_BUILD_ENV, raising=False)
+    assert eb._Cached(eb.cpu_spec).report() is None  # a toolchain here and a cache it can create
+    monkeypatch.setenv(eb.NO_BUILD_ENV, "1")
+    assert eb.NO_BUILD_ENV in eb._Cached(eb.cpu_spec).report()
+    monkeypatch.delenv(eb.NO_BUILD_ENV)
+    compiler = os.environ.get("CXX", "c++")
+    monkeypatch.setenv("CXX", "/nonexistent/bin/c++")
+    assert "no C++ compiler" in eb._Cached(eb.cpu_spec).report()
+    monkeypatch.setenv("CXX", compiler)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "file" / "cache"))
+    assert str(tmp_path / "file" / "cache") in eb._Cached(eb.cpu_spec).report()
+    assert not cache.exists()

@@ -113,6 +113,45 @@ def test_markdown_block(dry_run):
     assert "(dry run: collected " in block  # the gpu-only selection is collected, not run, on CPU
 
 
+def test_console_summary_says_what_ok_hides(dry_run):
+    proc, out, results, _ = dry_run
+    summary = proc.stdout[proc.stdout.rindex("FAILURES ("):]
+    # the GPU-only selection is only collected on CPU: "ok", but no test ran
+    assert re.search(r"^  tests:gpu-only: ok, but ran 0 tests \(collected \d+ only\) \(", summary, re.M), summary
+    assert not re.search(r"^  tests:(triton|native): ok, but ran 0", summary, re.M), summary
+    # whatever error lines a stage logged (the CPU profiler logs one where it finds no GPU) are named
+    log = (out / "check.log").read_text()
+    section = log[log.index("===== [profile]"):]
+    errors = [ln.strip() for ln in section.splitlines() if re.match(r"(ERROR|FATAL|CRITICAL)\b", ln)]
+    stage = next(s for s in results["stages"] if s["name"] == "profile")
+    assert stage["logged_errors"] == errors[:gpu_check.MAX_LOGGED]
+    if errors:
+        assert f"  profile: ok, but logged an error: {errors[0]}" in summary, summary
+
+
+def test_summary_of_a_stage_that_ran_nothing_or_logged_an_error(tmp_path):
+    log = tmp_path / "check.log"
+    log.write_text("===== [speed] ...\nERROR:earlier stage\n")
+    start = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("===== [profile] ...\nprofiler_start\nERROR:2026 DeviceProperties.cpp:56] gpuGetDeviceCount failed\n"
+                "table\nTraceback (most recent call last):\n")
+    assert gpu_check.logged_errors(log, start) == [
+        "ERROR:2026 DeviceProperties.cpp:56] gpuGetDeviceCount failed", "Traceback (most recent call last):"]
+    selection = {"name": "tests:x", "passed": 0, "failed": 0, "error": 0, "skipped": 0, "xfailed": 0, "xpassed": 0,
+                 "collected_only": None}
+    results = {"failures": [], "meta": {"out": "OUT"}, "tests": {"selections": [selection]}, "stages": [
+        {"name": "tests:x", "status": "ok", "seconds": 1.0},
+        {"name": "profile", "status": "ok", "seconds": 2.0, "logged_errors": ["ERROR: no GPU", "ERROR: again"]},
+        {"name": "speed", "status": "ok", "seconds": 3.0, "logged_errors": []}]}
+    text = md.summary(results)
+    assert "  tests:x: ok, but ran 0 tests (1.0 s)" in text
+    assert "  profile: ok, but logged an error: ERROR: no GPU (and 1 more, in check.log) (2.0 s)" in text
+    assert "  speed: ok (3.0 s)" in text
+    selection["passed"] = 3
+    assert "  tests:x: ok (1.0 s)" in md.summary(results)
+
+
 def test_a_dry_run_is_never_spliced_into_results_md(dry_run, tmp_path):
     _, out, _, _ = dry_run
     target = tmp_path / "RESULTS.md"

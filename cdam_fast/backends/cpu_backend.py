@@ -40,7 +40,8 @@ class CpuBackend(ExtensionBackend):
         return cpu_backward.pairwise_jsd_backward(grad, p, q, need_q=needs is None or needs[1])
 
     def cdam_attention_backward(self, grad, p, v, alpha, mode, memory_budget, *, needs=None, stats=None):
-        return cpu_backward.cdam_attention_backward(grad, p, v, alpha, need_p=needs is None or needs[0])
+        return cpu_backward.cdam_attention_backward(grad, p, v, alpha, memory_budget,
+                                                    need_p=needs is None or needs[0])
 
     def jsd_attention_backward(self, grad, p, v, tau, q, *, needs=None, stats=None):
         need_pq = needs is None or needs[0] or (q is not None and needs[2])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import constants
+from .. import constants, memory
 from ..centring import centring_weights, log_terms, row_terms
 from . import extension_build as eb
 
@@ -67,22 +67,24 @@ def pairwise_jsd_backward(grad, p, q, need_q=True):
     kT, lkT, _ = _keys(p if q is None else q, w)
     g = F.pad(g, (0, kT.shape[2] - g.shape[2])).contiguous()
     keys_too = q is not None and need_q
-    T, U = mod.jsd_class_grads(pp, lp, kT, lkT, w, g, keys_too)
+    T, U = mod.jsd_class_grads(pp, lp, kT, lkT, w, g, keys_too, memory.resolve_budget(None))
     if not keys_too:
         return _finish(T, p), None
     return _finish(T, p), _finish(U[:, :, :q.shape[1]].transpose(1, 2), q)
 
 
-def _attention(kind, param, grad, p, v, q, need_p=True):
+def _attention(kind, param, grad, p, v, q, need_p=True, memory_budget=None):
     """(gp, gv, gq) of the attention ops (kind 0: jsd_attention, 1: cdam_attention); need_p
-    False: gv alone (gp, gq None), the kernel then forms no score gradient or class sums."""
+    False: gv alone (gp, gq None), the kernel then forms no score gradient or class sums.
+    memory_budget (bytes; None: the policy's default) bounds the kernel's per-task buffers."""
     mod = extension.module()
     w = centring_weights(p, q)  # the forward's centring weights and row terms (cdam_fast/centring.py)
     pp, lp = _rows(p, w)
     keys = p if q is None else q
     kT, lkT, rk = _keys(keys, w)
     T, U, gv = mod.attention_backward(pp, lp, row_terms(p, w), kT, lkT, rk, w, v.float().contiguous(),
-                                      grad.float().contiguous(), kind, float(param), q is None, need_p)
+                                      grad.float().contiguous(), kind, float(param), q is None,
+                                      memory.resolve_budget(memory_budget), need_p)
     if not need_p:
         return None, gv, None
     gk = _finish(U[:, :, :keys.shape[1]].transpose(1, 2), keys)
@@ -97,11 +99,12 @@ def jsd_attention_backward(grad, p, v, q, tau, need_p=True):
     return _attention(0, tau, grad, p, v, q, need_p)
 
 
-def cdam_attention_backward(grad, p, v, alpha, need_p=True):
-    """(gp, gv), always in bounded row chunks (the forward's mode and memory budget do not
-    matter: the chunked recompute is as fast as keeping N x N here, the row statistics being
-    local to each row, so the forward's are not needed either)."""
-    gp, gv, _ = _attention(1, alpha, grad, p, v, None, need_p)
+def cdam_attention_backward(grad, p, v, alpha, memory_budget=None, need_p=True):
+    """(gp, gv), always in bounded row chunks (the forward's mode does not matter: the chunked
+    recompute is as fast as keeping N x N here, the row statistics being local to each row, so
+    the forward's are not needed either); memory_budget bounds the per-task buffers
+    (csrc/cdam_cpu_backward.cpp)."""
+    gp, gv, _ = _attention(1, alpha, grad, p, v, None, need_p, memory_budget)
     if gp is None:
         return None, gv
     return constants.unscale(gp, constants.gradient_exponent(alpha)), gv  # the kernel's G is scaled by 2^-e

@@ -5,7 +5,10 @@ cached on disk under ``$TORCH_EXTENSIONS_DIR/cdam_fast`` (default ``~/.cache/tor
 in a folder keyed by the sources, the flags and the torch/Python versions, so later runs only
 import the cached library. A build is attempted at most once per process: success or failure
 is remembered, so asking again is free. A failure becomes a one-line reason (with the first
-compiler error line) that the backends return from ``unavailable_reason``.
+compiler error line), and so does a cache folder that cannot be written. Reporting whether an
+extension can run (``_Cached.report``, for ``available_backends``) never builds: it looks for a
+complete cached build, a toolchain and a writable cache; running it (``failure``/``module``)
+builds.
 
 Builds are atomic: compiled in a private temporary folder, checksummed, then renamed into
 place, so a crash or a concurrent build never leaves a half-written library under the final
@@ -119,6 +122,24 @@ def build_root() -> Path:
     return Path(base) / "cdam_fast"
 
 
+def _cache_error(root: Path, detail: str) -> str:
+    return (f"the extension cache folder {root} cannot be written ({detail}); set TORCH_EXTENSIONS_DIR to a "
+            "writable folder")
+
+
+def cache_problem(root: Path) -> str | None:
+    """Why no build can be written under `root`, else None; creates nothing. (As root, every
+    existing folder is writable to os.access; build() still turns a failing mkdir into a reason.)"""
+    existing = root
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return _cache_error(root, f"{existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return _cache_error(root, f"{existing} is not writable")
+    return None
+
+
 def _first_error_line(text: str) -> str:
     """The first line a human needs from a failed build log: the first compiler diagnostic
     ("file:line:col: error: ..."), else the first line that mentions an error or a missing tool."""
@@ -226,9 +247,12 @@ def build(spec: ExtensionSpec, root: Path | None = None):
     why = toolchain_problem(spec)
     if why is not None:
         raise ExtensionBuildError(why)
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:  # read-only, under a file, no permission: the backend is unavailable, not broken
+        raise ExtensionBuildError(_cache_error(root, e.strerror or str(e))) from e
     print(f"building cdam_fast {spec.label} extension (first use, ~1 min)...", file=sys.stderr, flush=True)
     # torch versions a JIT module whose build folder changed within a process (name_v1, ...);
     # every build here has its own folder, and the final name must stay `name`
@@ -244,10 +268,10 @@ def build(spec: ExtensionSpec, root: Path | None = None):
         raise ExtensionBuildError(
             f"building the {spec.label} extension failed: {_first_error_line(str(e))} (build folder {tmp})") from e
     lib = _library_path(tmp, name)
-    lib.with_name(lib.name + CHECKSUM_SUFFIX).write_text(_sha256(lib))
     try:
+        lib.with_name(lib.name + CHECKSUM_SUFFIX).write_text(_sha256(lib))
         tmp.rename(folder)  # atomic; fails if another process put its build there first
-    except OSError:
+    except OSError:  # this process still uses the module it built; the cache just keeps none
         shutil.rmtree(tmp, ignore_errors=True)
     return module
 
@@ -259,6 +283,19 @@ class _Cached:
         self._make_spec = make_spec
         self._lock = threading.Lock()
         self._result = None  # the module, or an ExtensionBuildError
+
+    def report(self) -> str | None:
+        """Why the extension cannot run here, without building it: the remembered outcome once
+        built, else None for a complete cached build or for one that can be built (toolchain
+        present, cache writable), else the reason. Cheap: no compiler runs, nothing is written,
+        and it does not wait for a build another thread is running."""
+        result = self._result
+        if result is not None:
+            return str(result) if isinstance(result, ExtensionBuildError) else None
+        spec, root = self._make_spec(), build_root()
+        if verify(root / spec.module_name, spec.module_name) is None:
+            return None
+        return toolchain_problem(spec) or cache_problem(root)
 
     def failure(self) -> str | None:
         """None once the extension is importable, else the one-line reason (building if needed)."""

@@ -38,7 +38,15 @@ class ExtensionBackend(Backend):
     extension = None
 
     def available(self, device, dtype):
-        return self.extension.failure()
+        return self.extension.report()  # reports, never builds
+
+    def not_supported_reasons(self, op, call):
+        """A call it would run builds the extension on first use: a failed build is its reason."""
+        if op in self.ops and self.unavailable_reason(call.device, call.compute_dtype) is None:
+            failure = self.extension.failure()
+            if failure:
+                return [failure]
+        return super().not_supported_reasons(op, call)
 
     def values(self, v):
         return v.contiguous()

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..distributed import distributed_context
 from .coco_object import make_coco_object_labels
 from .datasets import DATASETS, DatasetError, open_dataset
-from .distributed import distributed_context
 from .metrics import PredictionError, format_table
 from .predictors import (
     DEFAULT_OUTPUT_ROOT, UsageError, describe_background, load_factory, pipeline_config, run_name,

@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..pipeline.cliper_options import settings
-from .datasets import open_dataset
+from .datasets import TABLE_DATASETS, open_dataset
 from .runner import evaluate
-from .table import TABLE_DATASETS
 
 # mIoU (%) from CLIPer's public README (ViT-B/16, its protocol), by compensation
 CLIPER_PUBLISHED = {None: (60.7, 34.7, 36.3), "sd": (66.4, 37.5, 39.2)}

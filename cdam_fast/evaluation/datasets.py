@@ -83,6 +83,8 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("ade20k", "ADE20K (150 classes)", _ADE20K, "validation", "ade20k.txt", 150, reduce_zero_label=True),
     )
 }
+# the columns of the published CDAM table (spec section 5), in its order; CLIPer's rows use them too
+TABLE_DATASETS = ("voc21", "context60", "coco_object")
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..distributed import DistContext
 from ..prefetch import prefetched
 from .datasets import SegmentationDataset
-from .distributed import DistContext
 from .metrics import PredictionError, Scores, add_sparse, confusion_matrix, scores
 from .store import ResultStore
 
@@ -58,10 +58,23 @@ def evaluate(
     everything in memory. config: what the results belong to (a resumed run must match it).
     """
     dist = dist or DistContext()
-    store = None
+    store, held = None, []
     if output is not None:
         store = ResultStore(output, _store_config(dataset, config), rank=dist.rank)
-        dist.run_on_main(lambda: store.prepare(overwrite=overwrite), "prepare the output folder")
+
+        def prepare():  # rank 0 holds the folder's run lock for the run (runstore.FolderLock)
+            held.append(store.lock())
+            store.prepare(overwrite=overwrite)
+
+        dist.run_on_main(prepare, "prepare the output folder")
+    try:
+        return _evaluate(dataset, predictor, store, dist, progress)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _evaluate(dataset, predictor, store, dist: DistContext, progress: bool) -> EvalResult:
     done = store.load() if store is not None else {}
 
     mine = [dataset[i] for i in dist.shard(len(dataset))]

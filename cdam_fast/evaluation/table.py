@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from .datasets import DATASETS, DatasetError, open_dataset
-from .distributed import distributed_context
+from ..distributed import distributed_context
+from .datasets import DATASETS, TABLE_DATASETS, DatasetError, open_dataset
 from .metrics import PredictionError
 from .predictors import (
     DEFAULT_OUTPUT_ROOT, UsageError, describe_background, load_backbone, load_factory, pipeline_config, run_name,
@@ -28,7 +28,6 @@ from .predictors import (
 from .runner import evaluate
 from .store import StoreError
 
-TABLE_DATASETS = ("voc21", "context60", "coco_object")
 TABLE_METHODS = ("maskclip", "sclip", "clearclip", "gem")
 
 # mIoU (%) published for ViT-B/16 without extra training (CDAM, ICLR 2025; spec section 5).

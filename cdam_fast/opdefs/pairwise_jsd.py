@@ -3,6 +3,8 @@ q (default p). Its specification, its pure-torch reference and its backward form
 divergence's vector-Jacobian product, which every other op's backward ends in)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..centring import class_reference
@@ -82,7 +84,8 @@ def jsd_vjp(p: torch.Tensor, q: torch.Tensor | None, g: torch.Tensor):
     rows = max(1, _CHUNK_ELEMENTS // max(1, M * C))
     for b in range(B):
         for i in range(0, N, rows):
-            logm = _log_or_zero(0.5 * (pp[b, i:i + rows, None, :] + qq[b, None, :, :]))  # [r, M, C]
+            # log m = log(p + q) - ln 2: halving a subnormal sum would round it (p = 2^-149, q = 0: m = 0)
+            logm = _log_or_zero(pp[b, i:i + rows, None, :] + qq[b, None, :, :]) - math.log(2.0)  # [r, M, C]
             gb = g[b, i:i + rows]
             t[b, i:i + rows] = torch.einsum("rm,rmc->rc", gb, logm)
             u[b] += torch.einsum("rm,rmc->mc", gb, logm)

@@ -3,13 +3,19 @@
 The output folder holds `segment.json` (the configuration its outputs belong to; another
 configuration is refused unless --overwrite) and a run manifest, one JSON-lines file per rank
 (`manifest.rank<R>.jsonl`; cdam_fast.runstore), one record per image as it completes:
-{"image", "name", "rank", "status": "done" | "failed", "outputs", "error", "seconds"}.
+{"image", "name", "rank", "status": "done" | "failed", "outputs", "error", "seconds", "run"}
+("run": the run's number, so that an image's newest record wins whichever rank file holds it).
 
-* Resume: an image whose outputs a "done" record lists and which all exist is skipped (unless
+* One run at a time: rank 0 holds the folder's run lock (runstore.FolderLock) from before the
+  configuration check to the end; a second run into the folder is refused at once, naming the
+  running one's pid and host.
+* Resume: an image whose newest record is "done" and whose outputs all exist is skipped (unless
   --overwrite); failed and missing images are redone. Outputs are written under temporary names
-  and renamed after their record is appended, so a crash leaves no half-written file that looks
-  finished. Output files that exist but no record of this folder lists are someone else's: the
-  run is refused unless --overwrite.
+  unique to the process and renamed after their record is appended, so a crash leaves no
+  half-written file that looks finished (the temporary files a killed run left are removed when
+  the next one starts); a failed rename is that image's failure (recorded after the "done" one,
+  its outputs removed). Output files that exist but no record of this folder
+  lists are someone else's: the run is refused unless --overwrite.
 * Sharding (torchrun): every rank expands the same inputs, learns the images still to do from
   the folder (every rank before anyone writes), and takes every K-th of them; a rank writes
   only its own images' outputs and its own manifest file. Ranks sum their counts through
@@ -32,13 +38,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..prefetch import prefetched
-from ..runstore import RunFolder
+from ..runstore import RunFolder, latest, next_run
 from ..validation import CdamInputError
 from . import fileio
 from .inputs import expand_inputs
@@ -81,19 +88,21 @@ class Plan:
     todo: list  # indices into the items still to segment (in input order)
     skipped: int  # finished by an earlier run
     ours: set  # output files (relative to the folder) that this folder's manifest lists
+    run: int = 1  # the number of the run that starts (every rank computes the same before anyone writes)
 
 
 def plan(items, files, folder: RunFolder, overwrite: bool) -> Plan:
-    """Which images are left, from the manifest and the files on disk."""
-    done, ours = set(), set()
+    """Which images are left, from the manifest (each image's newest record) and the files on disk."""
+    done, ours, run = set(), set(), 1
     if folder.configured:
-        for r in folder.records():
+        records = list(folder.records())
+        for r in records:
             ours.update(r.get("outputs") or ())
-            if r.get("status") == "done":
-                done.add(r.get("name"))
+        done = {name for name, r in latest(records, "name").items() if r.get("status") == "done"}
+        run = next_run(records)
     todo = [i for i, (it, group) in enumerate(zip(items, files))
             if overwrite or it.name not in done or not all(p.exists() for p in group)]
-    return Plan(todo, len(items) - len(todo), ours)
+    return Plan(todo, len(items) - len(todo), ours, run)
 
 
 def check_foreign(files, folder: RunFolder, left: Plan) -> None:
@@ -166,7 +175,7 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
     images failed, 2 when images failed and none was segmented."""
     from tqdm.auto import tqdm
 
-    from ..evaluation.distributed import distributed_context
+    from ..distributed import distributed_context
     from .images import open_image
 
     out = Path(args.out).expanduser()
@@ -174,17 +183,24 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
     files = fileio.output_paths(items, out)
     check_not_inputs(items, files)
     use_cuda = None if args.device is None else str(args.device).startswith("cuda")
-    with distributed_context(use_cuda=use_cuda) as dist:
+    with distributed_context(use_cuda=use_cuda) as dist, ExitStack() as on_exit:
         folder = RunFolder(out, run_config(args, classes, settings), dist.rank, config_file=CONFIG_FILE,
                            prefix=MANIFEST_PREFIX, option="--out")
+        created = None  # rank 0: the outermost folder this run created
 
         def check():  # before the (slow) model load, so that a refused folder fails at once
+            nonlocal created
+            created = _first_missing(out)
+            if created is not None:  # however the run ends, no empty folder of its own stays behind
+                on_exit.callback(_remove_empty_folders, out, created)
+            on_exit.callback(folder.lock().release)  # held for the run (rank 0 for every rank)
             folder.check(args.overwrite)
             if not args.overwrite:
                 check_foreign(files, folder, plan(items, files, folder, False))
 
         dist.run_on_main(check, "use the output folder", CdamInputError)
         left = plan(items, files, folder, args.overwrite)
+        folder.run = left.run
         mine = left.todo[dist.rank::dist.world_size]
         early = precheck(args, items, mine, sizes)
         for i in mine:
@@ -198,7 +214,6 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
             total = dist.all_reduce_sum(np.array([0, counts.skipped, counts.failed], dtype=np.int64))
             failures = [(items[i].path, early[i]) for i in mine if i in early]
             return _report(prog, dist, len(items), total, 0.0, out if folder.configured else None, failures)
-        created = _first_missing(out) if dist.is_main else None
         # this rank's GPU under torchrun (a plain "cuda" would put every rank on one device)
         device = str(dist.device) if dist.device is not None and args.device in (None, "cuda") else args.device
         seg = make_segmenter(classes, device)
@@ -207,6 +222,7 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
             if args.overwrite:
                 _discard_other_configuration(folder)
             folder.prepare(args.overwrite)
+            fileio.discard(fileio.stale_partials(files))  # left by a killed run; the lock keeps writers out
 
         dist.run_on_main(prepare, "use the output folder", CdamInputError)  # the others wait before writing
         start = time.perf_counter()
@@ -259,12 +275,9 @@ def _report(prog, dist, n_items: int, total, seconds: float, out, failures) -> i
 
 
 def _failures(folder: RunFolder, items, todo) -> list:
-    """(image, error) of this run's failed images, in input order, from every rank's manifest."""
-    names = {items[i].name for i in todo}
-    last = {}
-    for r in folder.records():
-        if r.get("name") in names:
-            last[r["name"]] = r
+    """(image, error) of this run's failed images, in input order, from every rank's manifest
+    (each image's newest record: an earlier run's failure on another rank does not count)."""
+    last = latest(folder.records(), "name")
     return [(last[items[i].name]["image"], last[items[i].name]["error"]) for i in todo
             if last.get(items[i].name, {}).get("status") == "failed"]
 
@@ -286,6 +299,11 @@ def _remove_run_folder(out: Path, top: Path) -> None:
         p.unlink(missing_ok=True)
     for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         _rmdir(d)
+    _remove_empty_folders(out, top)
+
+
+def _remove_empty_folders(out: Path, top: Path) -> None:
+    """Remove `out` and its parents up to `top` while they are empty."""
     for d in (out, *out.parents):
         if not _rmdir(d) or d == top:
             break
@@ -303,19 +321,23 @@ def _segment_item(item, paths, image, error, seg, folder: RunFolder, rank: int):
     """Segment and write one image, record it in the manifest: (True, its line) or (False, the error)."""
     t0 = time.perf_counter()
     record = {"image": item.path, "name": item.name, "rank": rank, "outputs": [_rel(p, folder.folder) for p in paths]}
-    partial = fileio.partial_paths(paths, rank)
+    partial = fileio.partial_paths(paths)
     try:
         if error is not None:
             raise error
         labels = seg.predict(image, name=f"image {item.path!r}")
         fileio.write_outputs(seg, item.path, np.asarray(image), labels, partial)
-    except Exception as e:  # one bad image never stops the shard
+        folder.append({**record, "status": "done", "error": None, "seconds": round(time.perf_counter() - t0, 3)})
+        try:  # after the record: a file the manifest lists is either complete or absent
+            fileio.publish(partial, paths)
+        except Exception:
+            fileio.discard(paths)  # listed, so ours: none of a half-published image stays
+            raise
+    except Exception as e:  # one bad image never stops the shard (a newer "failed" record overrides "done")
         fileio.discard(partial)
         message = error_message(e)
         folder.append({**record, "status": "failed", "error": message, "seconds": round(time.perf_counter() - t0, 3)})
         return False, _line(item.path, message)
-    folder.append({**record, "status": "done", "error": None, "seconds": round(time.perf_counter() - t0, 3)})
-    fileio.publish(partial, paths)  # after the record: a file the manifest lists is either complete or absent
     return True, fileio.summary_line(item.path, labels, seg, paths)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -44,13 +46,38 @@ def output_paths(items, out) -> list:
     return [OutputPaths(*(out / f"{it.name}{s}" for s in OUTPUT_SUFFIXES.values())) for it in items]
 
 
-def partial_paths(paths: OutputPaths, tag) -> OutputPaths:
-    """Where `paths` are written before `publish` renames them into place (hidden names that
-    keep the suffix, so writers that pick the format by extension still work)."""
+def partial_paths(paths: OutputPaths) -> OutputPaths:
+    """Where `paths` are written before `publish` renames them into place: hidden names in the
+    same folder (so the rename is atomic) that keep the suffix (writers pick the format by it)
+    and are unique to the call (pid and a random token), so two writers never share one."""
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     return OutputPaths(*(p.with_name(f".{p.stem}.part{tag}{p.suffix}") for p in paths))
 
 
+_PARTIAL = re.compile(r"^\.(?P<stem>.+)\.part\d+-[0-9a-f]{8}(?P<suffix>\.[^.]+)$")  # partial_paths' names
+
+
+def stale_partials(groups) -> list:
+    """The partial files (partial_paths) of these outputs (OutputPaths each) that writers killed
+    mid-write left behind, one listing per folder. Deleting them is safe only while no writer of
+    these outputs runs (bulk.py holds the folder's run lock)."""
+    finals = {Path(p) for group in groups for p in group}
+    found = []
+    for folder in {p.parent for p in finals}:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            m = _PARTIAL.match(entry.name)
+            if m and folder / f"{m['stem']}{m['suffix']}" in finals:
+                found.append(folder / entry.name)
+    return sorted(found)
+
+
 def publish(partial: OutputPaths, paths: OutputPaths) -> None:
+    """Rename each partial file onto its final name (os.replace: readers see the old file or the
+    new one, never half of one)."""
     for tmp, final in zip(partial, paths):
         tmp.replace(final)
 

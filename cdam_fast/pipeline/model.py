@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..validation import CdamInputError
-from .weights import check_checkpoint_file, check_download
+from .weights import WeightsUnavailableError, check_checkpoint_file, check_download
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
@@ -27,10 +27,6 @@ _NO_WEIGHTS = ("none", "random", "")
 # Loaded backbones, kept while some Segmenter uses them: building the same model twice
 # returns the same object (and its text-embedding cache) instead of a second copy.
 _SHARED: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be fetched or read."""
 
 
 def _open_clip():

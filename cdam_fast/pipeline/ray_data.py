@@ -24,10 +24,15 @@ the other input columns (e.g. `path`) pass through, the image column is dropped 
 `keep_image`. Each image is computed on its own, so labels equal `Segmenter.predict`'s.
 
 With `out=FOLDER` each actor also writes every image's files as `cdam-fast segment` does
-(fileio.py: palette label PNG, overlay, class mapping JSON; written under temporary names and
-renamed) to FOLDER/<name>_*, where `names` maps a row's path to its output name (default the
-file's stem), and returns them in a `files` column (one string per row, the label PNG; "" for
-a failed row).
+(fileio.py: palette label PNG, overlay, class mapping JSON) to FOLDER/<name>_*, and returns
+them in a `files` column (one string per row, the label PNG; "" for a failed row). Each file is
+written under a temporary name unique to the writer in the same folder and renamed into place
+(os.replace), so a reader never sees half a file. The name of a row's outputs is
+`names[path]` where `names` gives one, else `output_name(path, root)`: the image's path
+relative to `root`, folders kept and the file's extension too (`root="photos"`:
+`photos/a/cat.jpg` -> FOLDER/a/cat.jpg_labels.png); without `root`, the whole path
+(FOLDER/home/me/photos/a/cat.jpg_labels.png). Distinct files thus never share outputs,
+whichever actor writes them (`a/cat.png` and `b/cat.png`, `cat.png` and `cat.jpg`).
 
 This module does not import ray: it is the `[ray]` extra's entry point, and the core package
 never imports it.
@@ -39,6 +44,7 @@ import numpy as np
 import os
 from pathlib import Path
 
+from ..validation import CdamInputError
 from . import fileio
 from .bulk import error_message
 from .images import open_image
@@ -52,15 +58,16 @@ class RaySegmenter:
     """A callable class for `Dataset.map_batches` (see the module doc).
 
     classes: as for Segmenter. image_column / path_column: where each row's image comes from.
-    shares / overlay: add those columns. keep_image: pass the image column through. out / names:
-    write each image's output files (see the module doc).
+    shares / overlay: add those columns. keep_image: pass the image column through. out / names /
+    root: write each image's output files, named by names[path] or else output_name(path, root)
+    (see the module doc).
     segmenter_options: any Segmenter keyword (model, pretrained, method, cdam, mode, backend,
     device, dtype, background, templates, window_batch, ...).
     """
 
     def __init__(self, classes, *, image_column: str = "image", path_column: str = "path", shares: bool = False,
                  overlay: bool = False, keep_image: bool = False, out=None, names: dict | None = None,
-                 **segmenter_options):
+                 root=None, **segmenter_options):
         from .segmenter import Segmenter
 
         segmenter_options.setdefault("progress", False)
@@ -68,6 +75,7 @@ class RaySegmenter:
         self.image_column, self.path_column = image_column, path_column
         self.shares, self.overlay, self.keep_image = bool(shares), bool(overlay), bool(keep_image)
         self.out, self.names = (None if out is None else Path(out)), dict(names or {})
+        self.root = root
 
     def __call__(self, batch):
         columns = _columns(batch)
@@ -82,7 +90,7 @@ class RaySegmenter:
         for i in range(n):
             where = f"row {i}" if paths is None else f"image {str(paths[i])!r}"
             try:
-                image = images[i] if images is not None and images[i] is not None else open_image(paths[i])
+                image = images[i] if images is not None and images[i] is not None else open_image(str(paths[i]))
                 image = _as_array(image)
                 labels[i] = self.segmenter.predict(image, name=where)
                 if self.out is not None:
@@ -109,16 +117,52 @@ class RaySegmenter:
         if paths is None:
             raise KeyError(f"RaySegmenter: writing files (out=...) needs the {self.path_column!r} column")
         source = str(paths[i])
-        name = self.names.get(source) or Path(source).stem
+        name = _checked_name(self.names[source]) if self.names.get(source) else output_name(source, self.root)
         target = fileio.output_paths([InputImage(source, name)], self.out)[0]
-        partial = fileio.partial_paths(target, f"{os.getpid()}")
+        partial = fileio.partial_paths(target)
         try:
             fileio.write_outputs(self.segmenter, source, _uint8_rgb(image), labels, partial)
-            fileio.publish(partial, target)
+            try:
+                fileio.publish(partial, target)
+            except BaseException:
+                fileio.discard(target)  # none of a half-published image stays
+                raise
         except BaseException:
             fileio.discard(partial)
             raise
         return str(target.labels)
+
+
+def output_name(path, root=None) -> str:
+    """The output name of the image at `path` (as a row carries it) when `names` gives none: its
+    path relative to `root` (a folder; None: the file system's root), folders kept, extension
+    kept, "/"-separated. Ray may report an absolute path without its leading "/"
+    (`read_images`): both forms give the same name. A path outside `root` is an error."""
+    text = os.fspath(path)
+    if not text:
+        raise CdamInputError("an empty image path has no output name")
+    if root is None:
+        norm = os.path.normpath(text)
+        if os.path.isabs(norm) or ".." in Path(norm).parts:
+            norm = os.path.abspath(norm)
+        return _checked_name(Path(norm.lstrip(os.sep)).as_posix())
+    base = os.path.abspath(os.fspath(root))
+    candidates = [os.path.abspath(text)] + ([os.sep + text] if not os.path.isabs(text) else [])
+    for candidate in candidates:
+        rel = os.path.relpath(os.path.normpath(candidate), base)
+        if rel != os.curdir and not rel.startswith(os.pardir + os.sep) and rel != os.pardir:
+            return _checked_name(Path(rel).as_posix())
+    raise CdamInputError(f"image {text!r} is not below root {os.fspath(root)!r}: pass names= for it, or "
+                         "another root")
+
+
+def _checked_name(name: str) -> str:
+    """An output name that stays inside the output folder."""
+    parts = Path(name).parts
+    if not parts or os.path.isabs(name) or ".." in parts:
+        raise CdamInputError(f"output name {name!r} would leave the output folder (names are relative, without "
+                             "'..')")
+    return name
 
 
 def _objects(n: int) -> np.ndarray:
@@ -147,4 +191,4 @@ def _uint8_rgb(image) -> np.ndarray:
     return np.round(rgb * 255).astype(np.uint8)
 
 
-__all__ = ["RaySegmenter"]
+__all__ = ["RaySegmenter", "output_name"]

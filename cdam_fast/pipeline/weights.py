@@ -4,7 +4,6 @@ cache), which would otherwise surface after the hub's retries as a long tracebac
 """
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import struct
@@ -17,14 +16,12 @@ PROBE_TIMEOUT = 3.0
 _HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
-@functools.lru_cache(maxsize=None)  # one class; defined lazily as model.py imports this module
-def _not_a_checkpoint_error():
-    from .model import WeightsUnavailableError
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be fetched or read."""
 
-    class NotACheckpointError(CdamInputError, WeightsUnavailableError):
-        """A --pretrained file that is no model checkpoint (bad input, and weights not available)."""
 
-    return NotACheckpointError
+class NotACheckpointError(CdamInputError, WeightsUnavailableError):
+    """A --pretrained file that is no model checkpoint (bad input, and weights not available)."""
 
 
 def check_checkpoint_file(path: str) -> None:
@@ -45,7 +42,7 @@ def check_checkpoint_file(path: str) -> None:
         if 0 < n < (1 << 27) and head[8:9] == b"{":  # safetensors: header length, then JSON
             return
     what = "an empty file" if not head else f"a file starting with {head[:8]!r}"
-    raise _not_a_checkpoint_error()(
+    raise NotACheckpointError(
         f"pretrained: could not load checkpoint {path!r}: it is not a model checkpoint ({what}); expected an "
         "open_clip / OpenAI CLIP checkpoint (.pt / .pth / .bin saved by torch, or .safetensors)")
 
@@ -94,8 +91,6 @@ def check_download(model: str, tag: str, cfg: dict, cache_dir=None, timeout: flo
     """Before open_clip downloads `tag`: if the weights are not cached and cannot be fetched
     (HF_HUB_OFFLINE=1, or the host does not answer within `timeout` seconds), raise
     WeightsUnavailableError with one line saying what to do."""
-    from .model import WeightsUnavailableError
-
     if "file" in cfg:
         return
     try:  # open_clip prefers the hub when huggingface_hub is installed, else the URL

@@ -1,5 +1,6 @@
-"""torch.distributed for evaluation: each rank scores a shard of the images and the confusion
-matrices are summed across ranks (integer counts, so the result is exactly the single-process one).
+"""torch.distributed for the sharded runs (`cdam-fast eval`, `cdam-fast segment`, beside the
+results folder of runstore.py): each rank handles a shard of the images; evaluation sums the
+confusion matrices across ranks (integer counts, so the result is exactly the single-process one).
 
 Launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the process group is
 created here: NCCL when ranks run on GPUs, gloo otherwise (which makes the path testable on CPU).

@@ -1,0 +1,79 @@
+"""The CPU backward's per-task buffers (key-side class sums, and in the attention backward a
+row's logs: C x Mp floats each, one set per concurrently running task) stay within the memory
+policy's budget: at most min(threads, budget / per-task bytes) tasks, at least one
+(csrc/cdam_cpu_backward.cpp, task_count). At 64 threads, C = 1000 and M = 16k they used to take
+~4 GB each, whatever the budget. The extension reports the bytes it allocated
+(last_buffer_bytes); the gradients are the same whatever the task count, up to the float32
+rounding of the key-side sums (summed in another order)."""
+import pytest
+import torch
+
+import cdam_fast as cf
+from cdam_fast import memory
+from conftest import random_distributions, random_values, usable_backend
+
+THREADS = 4
+N, C, D = 40, 5, 3
+MP = 64  # N padded to a multiple of the kernel's 32 lanes
+F32 = 4
+
+
+@pytest.fixture
+def cpu_threads():
+    usable_backend("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _buffer_bytes():
+    from cdam_fast.backends import cpu_backward
+
+    return cpu_backward.extension.module().last_buffer_bytes()
+
+
+def _grads(fn, inputs, g):
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    return torch.autograd.grad(fn(*leaves), leaves, g)
+
+
+@pytest.mark.parametrize("tasks", [1, 2, THREADS])
+def test_cdam_attention_backward_buffers_follow_memory_budget(cpu_threads, gen, tasks):
+    per_task = (2 * C + 3) * MP * F32  # key-side sums and a row's logs (C x Mp each), three Mp rows
+    budget = tasks * per_task + per_task // 2
+    p, v = random_distributions(gen, 1, N, C), random_values(gen, 1, N, D)
+    g = random_values(gen, 1, N, D)
+    fn = lambda b: lambda p, v: cf.cdam_attention(p, v, mode="recompute", memory_budget=b, backend="cpu")  # noqa: E731
+    got = _grads(fn(budget), [p, v], g)
+    assert _buffer_bytes() == tasks * per_task <= budget
+    unbounded = _grads(fn(1 << 40), [p, v], g)
+    assert _buffer_bytes() == THREADS * per_task
+    torch.testing.assert_close(got[0], unbounded[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[1], unbounded[1])  # A^T g does not use the buffers
+
+
+def test_a_zero_budget_still_runs_one_task(cpu_threads, gen):
+    p, v = random_distributions(gen, 1, N, C), random_values(gen, 1, N, D)
+    out = _grads(lambda p, v: cf.cdam_attention(p, v, mode="recompute", memory_budget=0, backend="cpu"), [p, v],
+                 random_values(gen, 1, N, D))
+    assert _buffer_bytes() == (2 * C + 3) * MP * F32 and all(torch.isfinite(t).all() for t in out)
+
+
+@pytest.mark.parametrize("op", ["pairwise_jsd", "jsd_attention"])
+def test_budget_from_the_environment(cpu_threads, gen, monkeypatch, op):
+    """The ops without a memory_budget argument take the policy's default (CDAM_FAST_MEMORY_BUDGET)."""
+    p, q, v = random_distributions(gen, 1, N, C), random_distributions(gen, 1, N, C), random_values(gen, 1, N, D)
+    if op == "pairwise_jsd":
+        fn, per_task = (lambda p, q: cf.pairwise_jsd(p, q, backend="cpu")), C * MP * F32
+        g, inputs = torch.randn(1, N, N, generator=gen), [p, q]
+    else:
+        fn, per_task = (lambda p, q: cf.jsd_attention(p, v, q=q, backend="cpu")), (2 * C + 3) * MP * F32
+        g, inputs = random_values(gen, 1, N, D), [p, q]
+    unbounded = _grads(fn, inputs, g)
+    assert _buffer_bytes() == THREADS * per_task
+    monkeypatch.setenv(memory.BUDGET_ENV, str(per_task))
+    got = _grads(fn, inputs, g)
+    assert _buffer_bytes() == per_task
+    for a, b in zip(got, unbounded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
