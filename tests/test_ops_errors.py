@@ -516,6 +516,10 @@ def test_cuda_declares_its_launch_limits(monkeypatch):
     from cdam_fast.backends.cuda_backend import CudaBackend
 
     monkeypatch.setattr(CudaBackend, "unavailable_reason", lambda self, device, dtype: None)
+
+    class Built:  # a built extension: only the launch limits are left to refuse a call
+        failure = report = staticmethod(lambda: None)
+    monkeypatch.setattr(CudaBackend, "extension", Built())
     cuda = CudaBackend()
     meta = dict(device="meta")
     ok = _call("multiscale_cdam_map", torch.empty(2, 101, 28, 28, **meta), cf.CDAM_SCALES, 0.1, 10.0)
