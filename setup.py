@@ -7,7 +7,7 @@ ROOT = Path(__file__).parent
 # the supported torch / Triton range, stated once (read without importing the package)
 VERSIONS = runpy.run_path(str(ROOT / "cdam_fast" / "versions.py"))
 
-PUBLISHED = ["opencv-python-headless"]  # the published protocol's uint8 INTER_LINEAR resize
+PUBLISHED = ["opencv-python-headless"]  # the published protocol's uint8 INTER_LINEAR resize (the pipeline's default)
 RAY = ["ray[data]>=2.10"]  # the Ray Data adapter (cdam_fast.pipeline.ray_data); never imported by the core
 TEST = ["pytest>=8", "pytest-benchmark>=4", "ninja", "open_clip_torch>=3", "matplotlib", "tqdm", "pillow",
         "scikit-image", *PUBLISHED, *RAY]
@@ -26,8 +26,8 @@ setup(
     package_data={"cdam_fast": ["data/*.txt", "data/classes/*.txt"], "cdam_fast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
     install_requires=[VERSIONS["requirement"]("torch"), "numpy", "pillow", "tqdm", VERSIONS["requirement"]("triton")],
     extras_require={
-        "clip": ["open_clip_torch>=3", "pillow", "tqdm"],
-        "published": ["open_clip_torch>=3", "pillow", "tqdm", *PUBLISHED],
+        "clip": ["open_clip_torch>=3", "pillow", "tqdm", *PUBLISHED],
+        "published": ["open_clip_torch>=3", "pillow", "tqdm", *PUBLISHED],  # the same as clip (older name)
         "bench": ["pytest-benchmark>=4", "matplotlib", "tqdm", "nvidia-ml-py"],
         "keops": ["pykeops>=2.2"],
         "build": ["ninja"],

@@ -27,8 +27,10 @@ from .memory import DEFAULT_MEMORY_BUDGET, MODES  # noqa: F401  (public names)
 _NO_MODE = object()  # the op takes no mode
 
 
-def _common(backend: str, mode=_NO_MODE, memory_budget: int | None = None):
+def _common(backend: str, mode=_NO_MODE, memory_budget: int | None = None, validate: bool = True):
     check_backend_name(backend)
+    if not isinstance(validate, bool):  # "no" or "false" would be truthy: checks silently on
+        raise val.CdamInputError(f"validate must be True or False, got {validate!r}")
     if mode is _NO_MODE:
         return None
     memory.check_mode(mode)
@@ -69,7 +71,7 @@ def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None, *, backend: str
 
     q defaults to p (then the diagonal is exactly 0). Returns [..., N, M].
     """
-    _common(backend)
+    _common(backend, validate=validate)
     val.check_tensor("p", p, 2)
     _check_classes("p", p)
     batch = p.shape[:-2]
@@ -80,7 +82,7 @@ def pairwise_jsd(p: torch.Tensor, q: torch.Tensor | None = None, *, backend: str
 
 def cdam_map(p: torch.Tensor, alpha: float = 10.0, *, backend: str = "auto", validate: bool = True) -> torch.Tensor:
     """The single-scale CDAM map A [..., N, N] of class distributions p [..., N, C] (spec 2.3-2.6)."""
-    _common(backend)
+    _common(backend, validate=validate)
     val.check_tensor("p", p, 2)
     _check_classes("p", p)
     alpha = val.check_alpha(alpha)
@@ -104,7 +106,7 @@ def cdam_attention(p: torch.Tensor, v: torch.Tensor, alpha: float = 10.0, *, mod
     in memory_budget bytes (default: CDAM_FAST_MEMORY_BUDGET, else DEFAULT_MEMORY_BUDGET = 1 GiB;
     the rule is cdam_fast.memory's).
     """
-    budget = _common(backend, mode, memory_budget)
+    budget = _common(backend, mode, memory_budget, validate)
     val.check_tensor("p", p, 2)
     _check_classes("p", p)
     _check_values("p", p, v, p.shape[-2])
@@ -128,7 +130,7 @@ def multiscale_cdam_map(sim: torch.Tensor, scales=CDAM_SCALES, tau: float = 0.1,
                         backend: str = "auto", validate: bool = True) -> torch.Tensor:
     """The multi-scale CDAM map [..., N, N] (N = h*w) of raw similarity grids sim [..., C, h, w]:
     the mean over scales of the single-scale maps (spec section 2)."""
-    _common(backend)
+    _common(backend, validate=validate)
     scales, tau, alpha = _check_sim(sim, scales, tau, alpha)
     C, h, w = sim.shape[-3:]
     out = lib.multiscale_cdam_map(sim.reshape(math.prod(sim.shape[:-3]), C, h, w), scales, tau, alpha, backend, validate)
@@ -140,7 +142,7 @@ def multiscale_cdam_attention(sim: torch.Tensor, v: torch.Tensor, scales=CDAM_SC
                               backend: str = "auto", validate: bool = True) -> torch.Tensor:
     """multiscale_cdam_map(sim) @ v for sim [..., C, h, w] and v [..., h*w, D], fused: the seven
     N x N maps are never written (mode and memory_budget as in cdam_attention)."""
-    budget = _common(backend, mode, memory_budget)
+    budget = _common(backend, mode, memory_budget, validate)
     scales, tau, alpha = _check_sim(sim, scales, tau, alpha)
     C, h, w = sim.shape[-3:]
     _check_values("sim", sim, v, h * w)
@@ -156,7 +158,7 @@ def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float = 0.1, *, q: torc
     p [..., N, C] are the queries' distributions, q [..., M, C] the keys' (default p) and
     v [..., M, D] the values. Returns [..., N, D].
     """
-    _common(backend)
+    _common(backend, validate=validate)
     val.check_tensor("p", p, 2)
     _check_classes("p", p)
     tau = val.check_tau(tau)

@@ -47,6 +47,8 @@ def test_segment_cliper_with_cdam(image, tmp_path, capsys):
     (["--method", "cliper", "--compensation", "sd", "--sd-weights", "/no/such/sd"], "/no/such/sd"),
     (["--method", "cliper", "--sd-weights", "/x"], "--compensation sd"),
     (["--method", "cliper", "--protocol", "cliper"], "needs a dataset"),
+    (["--method", "sclip", "--cliper-pipeline", "package"], "--method cliper only"),
+    (["--method", "cliper", "--sliding-crop", "224"], "sliding_crop"),  # the package pipeline has no such windows
 ])
 def test_segment_cliper_errors(image, tmp_path, capsys, argv, message):
     rc = main(["segment", str(image), *BASE, *argv, "--out", str(tmp_path / "o")])
@@ -63,6 +65,11 @@ def test_eval_config_and_run_name():
                                       sd_weights="/w", sd_seed=0))
     assert cfg["mode"] == "global" and cfg["background"] is None and cfg["compensation"] == "sd"
     assert run_name("voc21", cfg) == "voc21-cliper-nocdam-ViT-B-16-openai-global-cliper-voc21-sd"
+    from cdam_fast.pipeline.cliper_options import settings
+
+    cfg = pipeline_config(voc, method="cliper", cdam=False, model="ViT-B-16", pretrained="openai",
+                          cliper=settings("cliper-voc21", pipeline="package", sliding_crop=0))
+    assert run_name("voc21", cfg) == "voc21-cliper-nocdam-ViT-B-16-openai-global-cliper-voc21-package-pipeline-slide0"
 
 
 def test_eval_cliper_options_reach_the_config(tmp_path, capsys):

@@ -237,6 +237,13 @@ def test_validate_false_keeps_structural_checks(data):
         cf.cdam_map(data["p"].long(), validate=False)
 
 
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("flag", ["yes", "no", 0, 1, None])
+def test_validate_must_be_a_bool(data, call, flag):
+    with raises_naming("validate"):  # "no" is truthy: it would validate silently
+        CALLS[call](data, validate=flag)
+
+
 def test_bfloat16_softmax_output_is_accepted(gen):
     p = torch.softmax(random_similarities(gen, 200, 101).float() / 0.1, -1).to(BF16)
     cf.cdam_map(p)

@@ -66,6 +66,45 @@ def test_cache_key_covers_model_weights(tiny, tmp_path):
     assert b.get("cat") is None and torch.equal(a.get("cat"), torch.ones(4))
 
 
+def test_cache_key_covers_quick_gelu(tmp_path):
+    """QuickGELU has no parameters: the same weights with and without it are two towers with one
+    weights digest, and must not read each other's embeddings."""
+    quick = load_clip(register_tiny_clip(), None, "cpu", quick_gelu=True)
+    plain = load_clip(register_tiny_clip(), None, "cpu", quick_gelu=False)
+    assert textcache.text_weights_digest(quick) == textcache.text_weights_digest(plain)
+    quick.text_cache.clear()
+    plain.text_cache.clear()
+    first = text.TextEmbedder(quick, ("a photo of a {}.",), progress=False, cache_dir=tmp_path).prompts(["cat"])
+    second = text.TextEmbedder(plain, ("a photo of a {}.",), progress=False, cache_dir=tmp_path).prompts(["cat"])
+    plain.text_cache.clear()
+    own = text.TextEmbedder(plain, ("a photo of a {}.",), progress=False, cache_dir=False).prompts(["cat"])
+    assert torch.equal(second, own) and not torch.allclose(first, own, atol=1e-4)
+
+
+def test_cache_key_covers_module_settings_and_format(tmp_path, monkeypatch):
+    """Any text-side module setting (here a LayerNorm's eps) is another key; so is another
+    cache format (old entries are ignored, never misread)."""
+    a = load_clip(register_tiny_clip(), None, "cpu", share=False)
+    b = load_clip(register_tiny_clip(), None, "cpu", share=False)
+    b.clip.ln_final.eps = 1e-3
+    assert textcache.text_weights_digest(a) == textcache.text_weights_digest(b)
+    textcache.TextCache(tmp_path, a, ("{}",)).put("cat", torch.ones(4))
+    assert torch.equal(textcache.TextCache(tmp_path, a, ("{}",)).get("cat"), torch.ones(4))
+    assert textcache.TextCache(tmp_path, b, ("{}",)).get("cat") is None
+    monkeypatch.setattr(textcache, "_FORMAT", textcache._FORMAT - 1)
+    textcache.TextCache(tmp_path, a, ("{}",)).put("sofa", torch.ones(4))
+    monkeypatch.undo()
+    current = textcache.TextCache(tmp_path, a, ("{}",))
+    assert current.get("sofa") is None
+    old = textcache.TextCache.__new__(textcache.TextCache)  # an old entry copied to the current path
+    monkeypatch.setattr(textcache, "_FORMAT", textcache._FORMAT - 1)
+    old.__init__(tmp_path, a, ("{}",))
+    monkeypatch.undo()
+    current._path("sofa").parent.mkdir(parents=True, exist_ok=True)
+    current._path("sofa").write_bytes(old._path("sofa").read_bytes())
+    assert current.get("sofa") is None
+
+
 def test_truncated_or_corrupt_entries_are_recomputed(tiny, tmp_path):
     cache = textcache.TextCache(tmp_path, tiny, ("{}",))
     emb = torch.randn(32, generator=torch.Generator().manual_seed(0))

@@ -188,13 +188,13 @@ def test_published_448_protocol(vit_b16, class_embeddings):
 
 def test_batches_across_images_equal_single_images(vit_b16, class_embeddings, image):
     imgs = [image, smooth_image(40, 40, 1)]  # 4 + 1 windows
-    seg = make(vit_b16, class_embeddings, window_batch=3)  # the second forward pass straddles the images
+    seg = make(vit_b16, class_embeddings, window_batch=3)  # each image's windows in forward passes of its own
     batched = list(seg.results(imgs))
     assert [r.original for r in batched] == [(70, 82), (40, 40)]
     for img, r in zip(imgs, batched):
         logits, labels, _ = fast_run(seg, img)
-        torch.testing.assert_close(r.assembler(r.window_logits), logits, rtol=0, atol=1e-5)
-        assert (seg.label_map(r) == labels).mean() >= MIN_AGREEMENT
+        assert torch.equal(r.assembler(r.window_logits), logits)
+        assert np.array_equal(seg.label_map(r), labels)
 
 
 def test_public_methods_and_input_types(vit_b16, class_embeddings, image, tmp_path, capsys):
@@ -238,7 +238,8 @@ def test_benchmark_helper(vit_b16):
     seg = Segmenter(CLASSES, model=vit_b16, **SMALL)
     fn, crops = prepare_benchmark(seg, size=(48, 48), batch=2)
     out = fn()
-    assert crops.shape == (2, 3, 48, 48) and out.shape == (2, 4, 3, 3) and torch.isfinite(out).all()
+    # one row per synonym ("grass; lawn": 5 rows for 4 classes) under the default synonyms="max"
+    assert crops.shape == (2, 3, 48, 48) and out.shape == (2, 5, 3, 3) and torch.isfinite(out).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast fp16 needs a CUDA GPU")

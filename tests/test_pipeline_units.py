@@ -214,6 +214,34 @@ def test_label_png_and_overlay(tmp_path):
     assert visualize.class_shares(labels, ["background", "cat", "sofa"]) == [(0, "background", 0.5), (2, "sofa", 0.5)]
 
 
+def test_label_png_depth_follows_the_class_count(tmp_path):
+    """A 300-class run writes 16-bit maps whatever labels one image happens to contain, so all
+    files of a run share one format; up to 256 classes every map is 8-bit."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from cdam_fast.pipeline import fileio
+
+    names = [f"class{i}" for i in range(300)]
+    seg = SimpleNamespace(classes=text.parse_classes(names), class_names=tuple(names), method_name="maskclip",
+                          cdam=True, backbone=SimpleNamespace(name="m", source="random"), mode="window",
+                          background=None)
+    image = np.zeros((6, 9, 3), np.uint8)
+    low, high = np.zeros((6, 9), np.int64), np.zeros((6, 9), np.int64)
+    low[:, 4:], high[:, 4:] = 7, 299
+    for tag, labels in (("low", low), ("high", high)):
+        paths = fileio.output_paths([tmp_path / f"{tag}.png"], tmp_path / "out")[0]
+        fileio.write_outputs(seg, tag, image, labels, paths)
+        back = Image.open(paths.labels)
+        assert back.mode.startswith("I;16"), (tag, back.mode)
+        np.testing.assert_array_equal(np.asarray(back), labels)
+    visualize.save_labels(low.astype(np.uint8), tmp_path / "few.png", n_classes=8)
+    assert Image.open(tmp_path / "few.png").mode == "L"
+    with pytest.raises(ValueError, match="must lie in"):
+        visualize.save_labels(high, tmp_path / "bad.png", n_classes=256)
+
+
 # -- protocol choices: resize, presets, options, synonyms, PAMR ------------------------------
 def test_opencv_resize_is_cv2_inter_linear_on_uint8():
     cv2 = pytest.importorskip("cv2", reason="the 'published' extra (opencv-python-headless) is not installed")
@@ -234,14 +262,67 @@ def test_opencv_resize_missing_names_the_extra(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError
-    with pytest.raises(CdamInputError, match=r"cdam-fast\[published\]"):
+    with pytest.raises(CdamInputError, match=r"cdam-fast\[clip\]"):
         images.resize(torch.zeros(3, 4, 4, dtype=torch.uint8), (8, 8), "opencv")
     with pytest.raises(CdamInputError, match="resize must be"):
         images.resize(torch.zeros(3, 4, 4), (8, 8), "pillow")
     from cdam_fast.pipeline import Segmenter
 
-    with pytest.raises(CdamInputError, match=r"cdam-fast\[published\]"):  # before any model load
+    with pytest.raises(CdamInputError, match=r"cdam-fast\[clip\]"):  # before any model load
         Segmenter("a,b", model="no-such-model", resize="opencv")
+    with pytest.raises(CdamInputError, match=r"cdam-fast\[clip\].*resize='torch'"):  # the default needs it too
+        Segmenter("a,b", model="no-such-model")
+
+
+def test_defaults_are_the_published_protocol():
+    """Segmenter's defaults (and so the CLI's and eval's, which read them) are the published
+    protocol: the cdam-* presets differ from them only in the background rule."""
+    import argparse
+    import inspect
+    import re
+
+    from cdam_fast.pipeline import options, presets
+    from cdam_fast.pipeline.cliper import CliperSegmenter
+    from cdam_fast.pipeline.segmenter import Segmenter
+
+    params = inspect.signature(Segmenter.__init__).parameters
+    assert {k: params[k].default for k in presets.PUBLISHED_PROTOCOL} == presets.PUBLISHED_PROTOCOL
+    defaults = options.segmenter_defaults()
+    for name in ("cdam-voc21", "cdam-ade20k"):
+        differ = {k for k, v in presets.preset(name).items() if defaults.get(k) != v}
+        assert differ <= {"background"}, (name, differ)
+    p = argparse.ArgumentParser()
+    options.add_model_options(p)
+    options.add_protocol_options(p)
+    chosen = options.segmenter_options(p.parse_args([]))
+    assert {k: chosen[k] for k in presets.PUBLISHED_PROTOCOL} == presets.PUBLISHED_PROTOCOL
+    assert options.segmenter_options(p.parse_args(["--resize", "torch"]))["resize"] == "torch"  # still a choice
+    # CLIPer takes one embedding per class: its own default stays "mean"
+    assert inspect.signature(CliperSegmenter.__init__).parameters["synonyms"].default == "mean"
+    assert options.segmenter_defaults("cliper")["synonyms"] == "mean"
+    with pytest.raises(CdamInputError, match="one text embedding per class"):
+        Segmenter("background,cat; kitten", model="no-such-model", method="cliper", synonyms="max")
+    # OpenCV comes with the pipeline's extra, which the default needs
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    clip = re.search(r'"clip": \[([^\]]*)\]', setup).group(1)
+    assert "PUBLISHED" in clip and re.search(r'PUBLISHED = \["opencv-python-headless"\]', setup)
+
+
+def test_missing_opencv_is_named_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from cdam_fast.cli import main
+
+    monkeypatch.setitem(sys.modules, "cv2", None)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("cdam_fast.pipeline.segmenter.load_clip", no_model)
+    rc = main(["segment", str(tmp_path / "a.png"), "--classes", "cat,sofa", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cdam-fast[clip]" in err and "--resize torch" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_to_pixels_keeps_uint8():
@@ -284,7 +365,8 @@ def test_options_precedence_flag_over_preset_over_default():
     options.add_protocol_options(p)
     plain = options.segmenter_options(p.parse_args([]))
     assert plain == options.segmenter_defaults()
-    assert plain["background"] == "auto" and plain["resize"] == "torch" and plain["pos_interp"] == "published"
+    assert plain["background"] == "auto" and plain["resize"] == "opencv" and plain["pos_interp"] == "published"
+    assert plain["synonyms"] == "max"
     got = options.segmenter_options(p.parse_args(["--preset", "naclip-context60", "--stride", "100", "--no-cdam",
                                                   "--background", "none"]))
     assert got["method"] == "naclip" and got["stride"] == 100 and got["crop"] == 224 and got["pamr_steps"] == 10

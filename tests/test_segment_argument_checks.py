@@ -74,3 +74,70 @@ def test_materialize_mode_does_not_read_the_budget_variable(monkeypatch):
     cf.cdam_attention(p, v, mode="materialize", backend="reference")
     with pytest.raises(cf.CdamInputError, match="CDAM_FAST_MEMORY_BUDGET"):
         cf.cdam_attention(p, v, backend="reference")  # auto mode uses it: the bad value is named
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model load fails the test: the checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("cdam_fast.pipeline.segmenter.load_clip", refuse)
+
+
+def _refused(argv, capsys, *messages):
+    rc = main(["segment", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "model was loaded" not in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one line
+    for m in messages:
+        assert m in err, err
+    return err
+
+
+def test_output_folder_that_cannot_be_created(photo, tmp_path, capsys, no_model):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    _refused([str(photo), *ARGS, "--out", str(a_file / "out")], capsys, "--out", "is a file, not a folder")
+    _refused([str(photo), *ARGS, "--out", str(a_file)], capsys, "--out", "is a file, not a folder")
+    if Path("/sys").is_dir():  # a virtual file system: nothing can be created there, even by root
+        _refused([str(photo), *ARGS, "--out", "/sys/cdam-out"], capsys, "--out", "cannot be created")
+    assert a_file.read_text() == "x" and not list(tmp_path.glob(".cdam-probe-*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only machine: Triton and CUDA cannot run")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_backend_on_a_cpu_run(photo, tmp_path, capsys, no_model, monkeypatch, backend):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter is no user's Triton
+    _refused([str(photo), *ARGS, "--backend", backend, "--out", str(tmp_path / "o")], capsys,
+             f"--backend {backend} cannot run on cpu")
+    assert not (tmp_path / "o").exists()
+
+
+def test_crop_smaller_than_a_patch(photo, tmp_path, capsys, no_model):
+    err = _refused([str(photo), *ARGS, "--crop", "8", "--stride", "8", "--out", str(tmp_path / "o")], capsys,
+                   "--crop 8 is smaller than one 16x16 patch")
+    assert "elongated" not in err
+
+
+def test_ctrl_c_says_how_far_it_got_and_resumes(photo, tmp_path, capsys, monkeypatch, one_thread):
+    from cdam_fast.pipeline import fileio
+
+    for name in ("b", "c"):
+        (photo.parent / f"{name}.png").write_bytes(photo.read_bytes())
+    write, calls = fileio.write_outputs, []
+
+    def interrupted_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(fileio, "write_outputs", interrupted_at_the_second)
+    out = tmp_path / "o"
+    rc = main(["segment", str(photo.parent), *ARGS, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted after 1 image; rerun to resume" in err and "Traceback" not in err, err
+    monkeypatch.setattr(fileio, "write_outputs", write)
+    assert main(["segment", str(photo.parent), *ARGS, "--out", str(out)]) == 0
+    assert "2 done, 1 skipped" in capsys.readouterr().err

@@ -83,8 +83,12 @@ def run_name(dataset_name: str, config: dict) -> str:
         parts.append(config["compensation"])
     if config.get("cdam") and config.get("cdam_combine", "replace") != "replace":
         parts.append(config["cdam_combine"])
-    if config.get("normalisation", "once") != "once":
+    if config.get("normalisation") not in (None, "once"):
         parts.append(f"{config['normalisation']}-normalisation")
+    if config.get("pipeline") == "package" and config.get("protocol", "mmseg") != "mmseg":
+        parts.append("package-pipeline")  # CLIPer's protocol around the package's own steps
+    if config.get("sliding_crop") is not None:
+        parts.append(f"slide{config['sliding_crop']}")
     return "-".join(p.replace("/", "_") for p in parts)
 
 

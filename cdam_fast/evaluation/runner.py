@@ -59,15 +59,15 @@ def evaluate(
     """
     dist = dist or DistContext()
     store, held = None, []
-    if output is not None:
-        store = ResultStore(output, _store_config(dataset, config), rank=dist.rank)
-
-        def prepare():  # rank 0 holds the folder's run lock for the run (runstore.FolderLock)
-            held.append(store.lock())
-            store.prepare(overwrite=overwrite)
-
-        dist.run_on_main(prepare, "prepare the output folder")
     try:
+        if output is not None:
+            store = ResultStore(output, _store_config(dataset, config), rank=dist.rank)
+
+            def prepare():  # rank 0 holds the folder's run lock for the run (runstore.FolderLock)
+                held.append(store.lock())
+                store.prepare(overwrite=overwrite)
+
+            dist.run_on_main(prepare, "prepare the output folder")
         return _evaluate(dataset, predictor, store, dist, progress)
     finally:
         for lock in held:

@@ -17,7 +17,6 @@ class BackbonePreset:
     model: str
     patch: int
     short_side: int = SHORT_SIDE  # our (mmseg) protocol: 448 for every backbone, 448 = 28 x 16 = 32 x 14
-    cliper_short_side: int = 336  # CLIPer's own protocol (its configs' `size`)
     cliper_set: int = -1  # CLIPer: which of the L last-block outputs is thresholded and propagated
     #                      (its configs' `select_layer`: -1 for ViT-B/16, -2 for ViT-L/14)
 

@@ -159,6 +159,14 @@ def _line(path: str, message: str) -> str:
     return message if path in message else f"{path}: {message}"
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the run: `done` images of this rank were finished (and recorded)."""
+
+    def __init__(self, done: int):
+        super().__init__(done)
+        self.done = done
+
+
 @dataclass
 class Counts:
     done: int = 0
@@ -241,6 +249,8 @@ def run(args, *, classes, settings, sizes, make_segmenter, prog: str = "cdam-fas
                 if ok or i not in early:  # the pre-check already named its failures
                     tqdm.write(line if ok else f"{prog}: error: {line}", file=sys.stdout if ok else sys.stderr)
                 bar.update(1)
+        except KeyboardInterrupt:
+            raise Interrupted(counts.done) from None
         finally:
             bar.close()
             folder.close()

@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "segment", help="segment images with CLIP + CDAM (label PNG and overlay per image)",
         description="Open-vocabulary segmentation of image files. For each image writes OUT/<name>_labels.png "
-                    "(class index per pixel, one byte per pixel, input size, a palette PNG coloured like the overlay), "
+                    "(class index per pixel, one byte per pixel (two beyond 256 classes), input size, a palette PNG coloured "
+                    "like the overlay), "
                     "OUT/<name>_overlay.png (colour overlay with a legend) and OUT/<name>_classes.json (label value "
                     "-> class), and prints one line per image. Resumable: the folder keeps a manifest, and a rerun "
                     "skips the images it finished. A bad image is reported and skipped; the exit status is 1 "
@@ -46,6 +47,7 @@ def _error(message) -> None:
 
 
 def run(args) -> int:
+    from .bulk import Interrupted
     from .model import WeightsUnavailableError
 
     try:
@@ -56,6 +58,55 @@ def run(args) -> int:
     except (ImportError, WeightsUnavailableError) as e:  # a missing extra, weights that cannot be had
         _error(e)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: what is finished is recorded, a rerun resumes
+        done = e.done if isinstance(e, Interrupted) else 0
+        print(f"cdam-fast segment: interrupted after {done} image{'' if done == 1 else 's'}; rerun to resume",
+              file=sys.stderr)
+        return 130
+
+
+def check_output_folder(out) -> None:
+    """A CdamInputError when --out cannot be created or written (below a file, on a read-only
+    or virtual file system), found by creating and removing a probe folder in its nearest
+    existing ancestor, so that it fails before the model loads."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(out).expanduser()
+    base = path
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise CdamInputError(f"--out {str(out)!r} cannot be created: {str(base)!r} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cdam-probe-", dir=base))
+    except OSError as e:
+        raise CdamInputError(f"--out {str(out)!r} cannot be created or written: {str(base)!r}: "
+                             f"{e.strerror or e}") from None
+
+
+def check_backend(backend: str, device) -> None:
+    """A BackendUnavailableError when an explicit --backend cannot run on the run's device."""
+    import torch
+
+    from ..dispatch import unavailable_reason
+
+    if backend == "auto":
+        return
+    why = unavailable_reason(backend, device, torch.float32)
+    if why is not None:
+        raise BackendUnavailableError(f"--backend {backend} cannot run on {device.type}: {why}")
+
+
+def check_crop(model: str, sizes: dict) -> None:
+    """A CdamInputError when the windows are smaller than one patch of the model."""
+    from .fileio import model_patch_size
+
+    patch, crop = model_patch_size(model), sizes.get("crop")
+    if patch is None or sizes.get("mode") != "window" or crop is None or crop >= max(patch):
+        return
+    raise CdamInputError(f"--crop {crop} is smaller than one {patch[1]}x{patch[0]} patch of {model}")
 
 
 def _segmenter(args, classes, device, protocol, cliper):
@@ -84,9 +135,13 @@ def _run(args) -> int:
     from .model import check_device
     from .segmenter import resolve_dtype
 
-    resolve_dtype(args.dtype, check_device(args.device))  # before torchrun's process group and the model load
+    device = check_device(args.device)
+    resolve_dtype(args.dtype, device)  # before torchrun's process group and the model load
+    check_backend(args.backend, device)
+    check_output_folder(args.out)
     protocol, cliper = segmenter_options(args), cliper_options.cliper_settings(args)
     # a segmenter method may leave sizes to its class (None): the pre-check uses the general defaults
     sizes = {**segmenter_defaults(), **{k: v for k, v in protocol.items() if v is not None}}
+    check_crop(args.model, sizes)
     return bulk.run(args, classes=_classes(args), settings={**protocol, **cliper}, sizes=sizes,
                     make_segmenter=lambda classes, device: _segmenter(args, classes, device, protocol, cliper))

@@ -28,10 +28,13 @@ feature axis ([B, N, L * width]), so the divergences are computed once per crop.
 Protocols. "mmseg" (default, the rest of the table's protocol): the classes as given (a
 "background" class is a prompt like any other), labels by argmax, background options as for
 the other methods with prob := the CLIPer map normalised over classes per pixel. "cliper-<dataset>"
-(`CLIPER_PRESETS`): CLIPer's own protocol from its public configs - whole image at short side
-336, its templates, the dataset classes after class 0 against CLIPer's background words and the
-mean foreground prompt, image-level class scores (max of the map), a class-score threshold, a
-pixel threshold and optional per-class min-max normalisation.
+(`CLIPER_PRESETS`): CLIPer's own protocol from its public configs - the whole image at its short
+side (plus its sliding windows where a config enables them), its templates and class names, the
+dataset classes after class 0 against CLIPer's background words and the mean foreground prompt,
+image-level class scores (max of the map), a class-score threshold, a pixel threshold and optional
+per-class min-max normalisation. Under it, pipeline="official" (default) runs every step around
+the network as CLIPer's evaluation code does (cliper_official.py); pipeline="package" keeps the
+package's own resize, positional table, size rule, combination and upsampling (docs/cliper.md).
 """
 from __future__ import annotations
 
@@ -47,11 +50,14 @@ from ..ops import multiscale_cdam_attention
 from ..validation import CdamInputError
 from . import background as bg
 from .backbone_presets import backbone_preset
-from .cliper_options import CDAM_COMBINES, NORMALISATIONS
+from .cliper_official import SLIDE_STRIDE, check_official_size, combine_official, direct_assembler, \
+    merge_windows, official_embed, official_size, pil_resize, slide_boxes
+from .cliper_options import ATTENTIONS, CDAM_COMBINES, CLIPER_DATASETS, NORMALISATIONS, PIPELINES
 from .methods import merge_heads, split_heads
 from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from .segmenter import ImageResult, Segmenter, _assembler
-from .text import TextEmbedder, resolve_templates
+from .images import to_pixels
+from .segmenter import ImageResult, Segmenter, _assembler, _Prepared
+from .text import parse_classes, read_class_file, resolve_templates
 from .windows import SHORT_SIDE, whole_layout
 
 COMPENSATIONS = (None, "sd")
@@ -79,23 +85,50 @@ class CliperProtocol:
     pixel_threshold: float  # pixels whose scaled map is below this are background (bkg_thre)
     normalize: bool  # per-class min-max of the scaled map before the pixel threshold (is_normalize)
     propagation_threshold: float  # attention_thr: the set threshold before propagation, and SD's
+    short_side: int = 336  # size: the short side images are resized to
+    select_layer: int = -1  # select_layer: the set that is thresholded and propagated
+    sliding_crop: int = 0  # sliding_crop_size as the config ships it (0: whole image only)
+    class_file: str | None = None  # CLIPer's class names (a packaged list), prompted for the dataset's classes
+    dataset: str | None = None  # the package's dataset whose classes CLIPer's names stand for
 
 
-def _p(name, words, templates, scale, cls_thr, px_thr, norm, prop):
-    return CliperProtocol(name, words, templates, scale, cls_thr, px_thr, norm, prop)
+def _p(name, words, templates, scale, cls_thr, px_thr, norm, prop, size=336, select=-1, slide=0):
+    dataset = name[len("cliper-"):]
+    return CliperProtocol(name, words, templates, scale, cls_thr, px_thr, norm, prop, size, select, slide,
+                          CLIPER_CLASS_FILES[dataset], dataset)
 
 
-# (model, dataset) -> protocol. CLIPer's "Object" is COCO 2014 val (5k images); ours is built
-# from COCO-Stuff 164k val2017 (README).
+_BG = ("background",)
+# dataset -> CLIPer's class list (cdam_fast/data/classes). Its VOC20 and Context59 configs run
+# the VOC21 / Context60 lists (class 0 included) and ignore ground-truth 0 when scoring.
+CLIPER_CLASS_FILES = {"voc21": "cliper_voc21", "voc20": "cliper_voc21", "context60": "cliper_context60",
+                      "context59": "cliper_context60", "coco_object": "cliper_coco_object",
+                      "coco_stuff171": "cliper_coco_stuff171", "ade20k": "cliper_ade20k",
+                      "cityscapes": "cliper_cityscapes"}
+# (model, dataset) -> protocol: every value from scripts/config/<model>/ovs_<dataset>.yaml of
+# CLIPer's public code, with the sliding-window crop each file enables as shipped. CLIPer's
+# "Object" is COCO 2014 val (5k images); ours is built from COCO-Stuff 164k val2017 (docs/cliper.md).
+#   name, background words, templates, logit scale, score_threshold, bkg_thre, is_normalize,
+#   attention_thr, size, select_layer, sliding_crop_size
 CLIPER_PRESETS = {
-    ("ViT-B-16", "voc21"): _p("cliper-voc21", _VOC_BG, "cliper", 100.0, 0.7, 0.6, True, 0.1),
-    ("ViT-B-16", "context60"): _p("cliper-context60", ("background",), "cliper", 100.0, 0.45, 0.45, False, 0.2),
-    ("ViT-B-16", "coco_object"): _p("cliper-coco_object", _COCO_BG, "openai", 50.0, 0.3, 0.3, False, 0.2),
-    ("ViT-L-14", "voc21"): _p("cliper-voc21", _VOC_BG, "cliper", 50.0, 0.5, 0.4, True, 0.1),
-    ("ViT-L-14", "context60"): _p("cliper-context60", ("background",), "openai", 50.0, 0.3, 0.3, False, 0.2),
-    ("ViT-L-14", "coco_object"): _p("cliper-coco_object", _COCO_BG, "openai", 50.0, 0.5, 0.5, False, 0.1),
+    ("ViT-B-16", "voc21"): _p("cliper-voc21", _VOC_BG, "cliper", 100.0, 0.7, 0.6, True, 0.1, slide=336),
+    ("ViT-B-16", "voc20"): _p("cliper-voc20", _VOC_BG, "cliper", 100.0, 0.0, 0.001, False, 0.1),
+    ("ViT-B-16", "context60"): _p("cliper-context60", _BG, "cliper", 100.0, 0.45, 0.45, False, 0.2, slide=224),
+    ("ViT-B-16", "context59"): _p("cliper-context59", _BG, "cliper", 100.0, 0.3, 0.3, False, 0.2, slide=224),
+    ("ViT-B-16", "coco_object"): _p("cliper-coco_object", _COCO_BG, "openai", 50.0, 0.3, 0.3, False, 0.2, slide=224),
+    ("ViT-B-16", "coco_stuff171"): _p("cliper-coco_stuff171", _BG, "cliper", 50.0, 0.1, 0.1, False, 0.2),
+    ("ViT-B-16", "ade20k"): _p("cliper-ade20k", _BG, "cliper", 100.0, 0.3, 0.3, False, 0.2),
+    ("ViT-B-16", "cityscapes"): _p("cliper-cityscapes", _BG, "openai", 100.0, 0.0, 0.0001, False, 0.35, size=560),
+    ("ViT-L-14", "voc21"): _p("cliper-voc21", _VOC_BG, "cliper", 50.0, 0.5, 0.4, True, 0.1, select=-2),
+    ("ViT-L-14", "voc20"): _p("cliper-voc20", _VOC_BG, "cliper", 70.0, 0.1, 0.0001, False, 0.2),
+    ("ViT-L-14", "context60"): _p("cliper-context60", _BG, "openai", 50.0, 0.3, 0.3, False, 0.2, select=-2),
+    ("ViT-L-14", "context59"): _p("cliper-context59", _BG, "cliper", 100.0, 0.45, 0.45, False, 0.2, select=-2),
+    ("ViT-L-14", "coco_object"): _p("cliper-coco_object", _COCO_BG, "openai", 50.0, 0.5, 0.5, False, 0.1, select=-2),
+    ("ViT-L-14", "coco_stuff171"): _p("cliper-coco_stuff171", _BG, "openai", 50.0, 0.2, 0.2, False, 0.2, select=-2),
+    ("ViT-L-14", "ade20k"): _p("cliper-ade20k", _BG, "openai", 50.0, 0.2, 0.2, False, 0.2),
+    ("ViT-L-14", "cityscapes"): _p("cliper-cityscapes", _BG, "cliper", 100.0, 0.0, 0.0001, False, 0.35, size=448),
 }
-PROTOCOLS = (PROTOCOL_MMSEG,) + tuple(sorted({p.name for p in CLIPER_PRESETS.values()}))
+PROTOCOLS = (PROTOCOL_MMSEG,) + tuple(f"cliper-{d}" for d in CLIPER_DATASETS)
 
 
 def cliper_templates() -> tuple:
@@ -122,6 +155,29 @@ def resolve_protocol(protocol: str, model_name: str):
 
 def default_threshold(num_classes: int) -> float:
     return VOC_LIKE_THRESHOLD if num_classes <= VOC_LIKE_MAX_CLASSES else OTHER_THRESHOLD
+
+
+def _lower(names) -> tuple:
+    return tuple(n.strip().lower() for n in names)
+
+
+def prompt_classes(protocol: CliperProtocol, classes):
+    """The classes whose names a CLIPer preset prompts: CLIPer's own list when `classes` are its
+    dataset's classes (CLIPer's list itself, or the package's list of that dataset, 'background'
+    first where the package's list has none); any other list as given. A background-free
+    dataset's list without CLIPer's class 0 is refused (CLIPer labels "no class" as 0)."""
+    if protocol.class_file is None:
+        return classes
+    cliper = read_class_file(protocol.class_file)
+    ours = _lower(read_class_file(protocol.dataset).names)
+    given = _lower(classes.names)
+    if given in (_lower(cliper.names), ours if ours[0] == "background" else ("background",) + ours):
+        return cliper
+    if given == ours:
+        raise CdamInputError(f"protocol {protocol.name!r} labels like CLIPer's code: class 0 is 'no class' "
+                             f"(background) and the {len(ours)} classes follow; pass "
+                             f"read_class_file({protocol.class_file!r}) (or 'background' + these classes)")
+    return classes
 
 
 # -- the computation -------------------------------------------------------------------------------
@@ -229,25 +285,53 @@ def class_probabilities(feats: torch.Tensor, text: torch.Tensor, logit_scale: fl
     return torch.softmax(logit_scale * (feats @ text.T), dim=-1)[..., :outputs]
 
 
-def combine(probs: torch.Tensor, fused_mean: torch.Tensor, set_index: int, threshold: float) -> torch.Tensor:
+def combine(probs: torch.Tensor, fused_mean: torch.Tensor, set_index: int, threshold: float,
+            fuse_sets: bool = True) -> torch.Tensor:
     """probs [L, B, N, C]; fused_mean [B, N, N] (head mean, patch block) -> [B, N, C]:
-    thresholded set `set_index` propagated through fused_mean, plus the mean over the sets."""
+    thresholded set `set_index` propagated through fused_mean, plus (fuse_sets) the mean over the sets."""
     s = probs[set_index]
     s = torch.where(s < threshold * s.amax(dim=1, keepdim=True), torch.zeros_like(s), s)
-    return fused_mean.transpose(1, 2) @ s + probs.mean(0)  # (s^T A)^T: map @ A in CLIPer's [C, N] layout
+    out = fused_mean.transpose(1, 2) @ s  # (s^T A)^T: map @ A in CLIPer's [C, N] layout
+    return out + probs.mean(0) if fuse_sets else out
 
 
-def cliper_maps(backbone, crops: torch.Tensor, text: torch.Tensor, outputs: int, *, logit_scale: float,
-                set_index: int, threshold: float, cdam=None, normalisation: str = "once") -> tuple:
-    """Normalised crops [B, 3, h, w] -> (maps [B, outputs, h_tok, w_tok] float32, grid).
-    cdam: None, or (distribution_text [C', E], combine, kwargs of multiscale_cdam_attention).
-    normalisation: "once" (the method as described) or "official" (CLIPer's code: repeated per
-    input, see official_fused_maps)."""
+def ablation_heads_out(backbone, inputs: torch.Tensor, attention: str):
+    """The last block on every kept input with one of CLIPer's ablation attentions instead of
+    the fused map (its code's attn_type): softmax(a a^T / sqrt d) with a = q, k or v of that
+    input ("q-q", "k-k", "v-v"), the block's own softmax(q k^T / sqrt d) ("vanilla"), or the
+    identity. inputs [L, B, T, width] -> (heads_out [L, B, N, width], the last input's
+    attention [B, heads, T, T], which the propagation uses as CLIPer's code does)."""
+    L, B, T, W = inputs.shape
+    H = backbone.heads
+    scale = 1.0 / math.sqrt(W // H)
+    w, b = _in_proj(backbone, -1, slice(None))
+    outs = []
+    for z in inputs:  # one input at a time: one [B, heads, T, T] map at once
+        q, k, v = (split_heads(t, H) for t in F.linear(backbone.ln_1(z, -1), w, b).chunk(3, dim=-1))
+        if attention == "identity":
+            att = torch.eye(T, dtype=v.dtype, device=v.device).expand(B, H, T, T)
+        else:
+            a, c = {"vanilla": (q, k), "q-q": (q, q), "k-k": (k, k), "v-v": (v, v)}[attention]
+            att = torch.softmax((a * scale) @ c.transpose(-1, -2), dim=-1)
+        outs.append(merge_heads(att[:, :, 1:] @ v))
+    return torch.stack(outs), att
+
+
+def cliper_features(backbone, crops: torch.Tensor, *, cdam=None, normalisation: str = "once", embed=None,
+                    attention: str = "fused"):
+    """Normalised crops [B, 3, h, w] -> (features [L, B, N, E] (normalised, fp32 or wider),
+    fused [B, heads, T, T] (the map the propagation uses), grid). cdam: None, or
+    (distribution_text [C', E], combine, kwargs of multiscale_cdam_attention). normalisation:
+    "once" (the method as described) or "official" (CLIPer's code: repeated per input, see
+    official_fused_maps). embed: crops -> (tokens, grid); default backbone.embed. attention:
+    "fused" (CLIPer) or one of its code's ablations (see ablation_heads_out)."""
     bb = backbone
-    x, grid = bb.embed(crops)
+    x, grid = (embed or bb.embed)(crops)
     inputs, fused = early_fusion(bb, x, normalise=normalisation == "once")
     v = last_values(bb, inputs)  # [L, B, T, width]
-    if normalisation == "once":
+    if attention != "fused":
+        heads_out, fused = ablation_heads_out(bb, inputs, attention)
+    elif normalisation == "once":
         heads_out = fused_heads_out(fused, v, bb.heads)
     else:  # each input its own map; the last one serves the propagation
         outs = []
@@ -266,10 +350,28 @@ def cliper_maps(backbone, crops: torch.Tensor, text: torch.Tensor, outputs: int,
         out = out.reshape(B, grid.n, L, bb.width).permute(2, 0, 1, 3).to(heads_out.dtype)
         heads_out = out if how == "replace" else 0.5 * (heads_out + out)
         feats = project(bb, bb.attention_residual(heads_out))
-    with torch.autocast(x.device.type, enabled=False):  # small: probabilities and combination in fp32
+    return feats, fused, grid
+
+
+def cliper_maps(backbone, crops: torch.Tensor, text: torch.Tensor, outputs: int, *, logit_scale: float,
+                set_index: int, threshold: float, cdam=None, normalisation: str = "once", embed=None,
+                combination: str = "package", attention: str = "fused", fuse_sets: bool = True) -> tuple:
+    """Normalised crops [B, 3, h, w] -> (maps [B, outputs, h_tok, w_tok] float32, grid): the
+    whole CLIPer pass of each crop (see cliper_features for cdam / normalisation / embed).
+    combination: "package" (the mean over the unthresholded sets) or "official" (CLIPer's
+    code: the thresholded set enters the mean, see cliper_official.combine_official). fuse_sets:
+    False drops the mean over the sets (its code's fuse_feature=False)."""
+    feats, fused, grid = cliper_features(backbone, crops, cdam=cdam, normalisation=normalisation, embed=embed,
+                                         attention=attention)
+    with torch.autocast(crops.device.type, enabled=False):  # small: probabilities and combination in fp32
         acc = torch.promote_types(feats.dtype, torch.float32)
         probs = class_probabilities(feats.to(acc), text.to(acc), logit_scale, outputs)
-        maps = combine(probs, fused.mean(1)[:, 1:, 1:].to(acc), set_index, threshold)  # [B, N, C]
+        A = fused.mean(1)[:, 1:, 1:].to(acc)
+        if combination == "official":  # per crop, in CLIPer's [C, N] layout
+            maps = torch.stack([combine_official(probs[:, b].transpose(1, 2).clone(), A[b], set_index, threshold,
+                                                 fuse_sets).T for b in range(probs.shape[1])])
+        else:
+            maps = combine(probs, A, set_index, threshold, fuse_sets)  # [B, N, C]
     return maps.transpose(1, 2).reshape(maps.shape[0], outputs, grid.h, grid.w), grid
 
 
@@ -283,21 +385,29 @@ class CliperSegmenter(Segmenter):
     """`Segmenter(..., method="cliper")` builds one of these (see the module docstring).
 
     Extra keyword options: protocol ("mmseg" or a `PROTOCOLS` preset "cliper-voc21", ...),
-    cdam_combine ("replace" or "average"), threshold (the set threshold before propagation;
-    default 0.1 for up to 21 classes, else 0.2, or the preset's), set_index (default from the
-    backbone preset), compensation (None or "sd"), sd_weights (local diffusers folder), sd_seed,
-    sd_options (more SdCompensation arguments), normalisation ("once", the method as described,
-    or "official", CLIPer's code's repeated in-place normalisation).
+    pipeline (under a CLIPer protocol: "official", the default, every step around the network
+    as CLIPer's public code does it (cliper_official.py), or "package", the package's own
+    steps), sliding_crop (official pipeline: the sliding-window crop, default the preset's,
+    0 off), cdam_combine ("replace" or "average"), threshold (the set threshold before
+    propagation; default 0.1 for up to 21 classes, else 0.2, or the preset's), set_index
+    (default the preset's, else from the backbone preset), compensation (None or "sd"),
+    sd_weights (local diffusers folder), sd_seed, sd_options (more SdCompensation arguments),
+    normalisation ("once", the method as described, or "official", CLIPer's code's repeated
+    in-place normalisation; default "official" with the official pipeline, else "once"),
+    attention ("fused", CLIPer, or an ablation of its code: "vanilla", "q-q", "k-k", "v-v",
+    "identity"), fuse_sets (False: only the propagated set, without the mean over the sets).
     CDAM is off by default for CLIPer (cdam=True refines it).
     """
 
     def __init__(self, classes, model=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, method: str = "cliper",
                  cdam: bool = False,
                  mode: str | None = None, backend: str = "auto", device=None, dtype=None, background="auto", *,
-                 protocol: str = PROTOCOL_MMSEG, cdam_combine: str = "replace", threshold: float | None = None,
+                 protocol: str = PROTOCOL_MMSEG, pipeline: str | None = None, sliding_crop: int | None = None,
+                 attention: str = "fused", fuse_sets: bool = True, cdam_combine: str = "replace", threshold: float | None = None,
                  set_index: int | None = None, compensation: str | None = None, sd_weights=None, sd_seed: int = 0,
-                 sd_options: dict | None = None, normalisation: str = "once",
-                 templates=None, short_side: int | None = None, logit_scale: float | None = None, **options):
+                 sd_options: dict | None = None, normalisation: str | None = None,
+                 templates=None, short_side: int | None = None, logit_scale: float | None = None,
+                 synonyms: str = "mean", **options):
         if not isinstance(method, str) or method.lower() != "cliper":
             raise CdamInputError(f"CliperSegmenter runs method 'cliper', got {method!r}")
         if cdam_combine not in CDAM_COMBINES:
@@ -306,9 +416,18 @@ class CliperSegmenter(Segmenter):
             raise CdamInputError(f"compensation must be None or 'sd', got {compensation!r}")
         if compensation is None and sd_weights is not None:
             raise CdamInputError("sd_weights is given but compensation is not 'sd'")
-        if normalisation not in NORMALISATIONS:
+        if normalisation is not None and normalisation not in NORMALISATIONS:
             raise CdamInputError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
-        self.normalisation = normalisation
+        if attention not in ATTENTIONS:
+            raise CdamInputError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if not isinstance(fuse_sets, bool):
+            raise CdamInputError(f"fuse_sets must be True or False, got {fuse_sets!r}")
+        self.attention, self.fuse_sets = attention, fuse_sets
+        if pipeline is not None and pipeline not in PIPELINES:
+            raise CdamInputError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
+        if sliding_crop is not None and (isinstance(sliding_crop, bool) or not isinstance(sliding_crop, int)
+                                         or sliding_crop < 0):
+            raise CdamInputError(f"sliding_crop must be an integer >= 0 (0: off), got {sliding_crop!r}")
         if compensation == "sd":  # fail before the (slow) model load
             from .compensation import check_sd_weights, import_extra
 
@@ -323,6 +442,19 @@ class CliperSegmenter(Segmenter):
                                  f"got {protocol!r}")
         self.protocol = resolve_protocol(protocol, name)
         preset = self.protocol
+        if preset is None and pipeline == "official":
+            raise CdamInputError("pipeline='official' is CLIPer's evaluation code and needs a CLIPer protocol "
+                                 f"({', '.join(PROTOCOLS[1:])}); protocol 'mmseg' runs the package's pipeline")
+        self.pipeline = pipeline or ("official" if preset is not None else "package")
+        official = self.pipeline == "official"
+        self.normalisation = normalisation or ("official" if official else "once")
+        self.sliding_crop = (preset.sliding_crop if official else 0) if sliding_crop is None else sliding_crop
+        if self.sliding_crop and not official:
+            raise CdamInputError("sliding_crop is CLIPer's sliding-window variant of its official pipeline; "
+                                 "use pipeline='official' with a CLIPer protocol (or mode='window' for the "
+                                 "package's windows)")
+        user_classes = parse_classes(classes)
+        prompted = user_classes
         if preset is not None:
             if background not in ("auto", None):
                 raise CdamInputError(f"background: protocol {preset.name!r} labels background with its own class-score "
@@ -331,14 +463,24 @@ class CliperSegmenter(Segmenter):
             mode = "global" if mode is None else mode
             templates = cliper_templates() if templates is None and preset.templates == "cliper" else templates
             logit_scale = preset.logit_scale if logit_scale is None else logit_scale
+            if official:
+                prompted = prompt_classes(preset, user_classes)
         self._templates = resolve_templates(templates)
-        super().__init__(classes, model, pretrained, "maskclip",
+        if synonyms != "mean" and any(len(s) > 1 for s in user_classes.synonyms):
+            raise CdamInputError("method 'cliper' takes one text embedding per class: synonyms must be 'mean' "
+                                 f"when classes have synonyms, got {synonyms!r}")
+        super().__init__(prompted, model, pretrained, "maskclip",
                          cdam, "window" if mode is None else mode, backend, device, dtype, background,
                          templates=self._templates, short_side=SHORT_SIDE if short_side is None else short_side,
-                         logit_scale=bg.LOGIT_SCALE if logit_scale is None else logit_scale, **options)
+                         logit_scale=bg.LOGIT_SCALE if logit_scale is None else logit_scale, synonyms=synonyms,
+                         **options)
+        self.classes, self.prompted_classes = user_classes, prompted  # outputs keep the given names
         bb_preset = backbone_preset(self.backbone)
         if short_side is None:
-            self.short_side = bb_preset.cliper_short_side if preset is not None else bb_preset.short_side
+            self.short_side = (preset.short_side if preset is not None else bb_preset.short_side)
+        if self.sliding_crop and self.sliding_crop % self.backbone.patch_size[0]:
+            raise CdamInputError(f"sliding_crop ({self.sliding_crop}) must be a multiple of the model's "
+                                 f"{self.backbone.patch_size[0]}-pixel patches")
         self.method_name = "cliper"
         self.cdam_combine = cdam_combine
         if preset is not None and len(self.classes) < 2:
@@ -346,14 +488,17 @@ class CliperSegmenter(Segmenter):
         if threshold is None:
             threshold = preset.propagation_threshold if preset is not None else default_threshold(len(self.classes))
         self.threshold = float(threshold)
-        self._background_text = None if preset is None else TextEmbedder(
-            self.backbone, self._templates, progress=False).prompts(list(preset.background_words))
+        self._background_text = None if preset is None else \
+            self._text_embedder.prompts(list(preset.background_words)).to(self.device)
         self._build_cls_text()
-        self.set_index = bb_preset.cliper_set if set_index is None else set_index
+        if set_index is None:
+            set_index = preset.select_layer if preset is not None else bb_preset.cliper_set
+        self.set_index = set_index
         if isinstance(self.set_index, bool) or not isinstance(self.set_index, int) \
                 or not -self.backbone.depth <= self.set_index < self.backbone.depth:
             raise CdamInputError(f"set_index must be an integer in [-{self.backbone.depth}, {self.backbone.depth}), "
                                  f"got {set_index!r}")
+        self._pos_tables: dict = {}  # official pipeline: fp16 positional tables per grid
         self.compensation = None
         if compensation == "sd":
             from .compensation import SdCompensation
@@ -363,10 +508,14 @@ class CliperSegmenter(Segmenter):
 
     def __repr__(self):
         cdam = f" + CDAM ({self.cdam_combine})" if self.cdam else ""
+        where = (f"pipeline=official, sliding_crop={self.sliding_crop}" if self.pipeline == "official"
+                 else f"mode={self.mode}")
+        if self.attention != "fused" or not self.fuse_sets:
+            where += f", attention={self.attention}, fuse_sets={self.fuse_sets}"
         return (f"Segmenter({len(self.classes)} classes, cliper{cdam}"
                 f"{' + SD compensation' if self.compensation is not None else ''}, {self.backbone.name} "
                 f"({self.backbone.source}), protocol={self.protocol.name if self.protocol else PROTOCOL_MMSEG}, "
-                f"mode={self.mode}, backend={self.backend}, device={self.device}, dtype={self.dtype})")
+                f"{where}, backend={self.backend}, device={self.device}, dtype={self.dtype})")
 
     def _build_cls_text(self) -> None:
         """The classification prompts of the per-set softmax, and how many are outputs."""
@@ -381,23 +530,83 @@ class CliperSegmenter(Segmenter):
         super().use_class_embeddings(embeddings)
         self._build_cls_text()
 
+    def _cdam_args(self):
+        if not self.cdam:
+            return None
+        return (self.distribution_text, self.cdam_combine,
+                dict(scales=self.scales, tau=self.tau, alpha=self.alpha, mode=self.cdam_mode,
+                     memory_budget=self.memory_budget, backend=self.backend))
+
+    def _embed(self):
+        """The token embedding of this pipeline (the official one rounds its positional table to fp16)."""
+        if self.pipeline == "official":
+            return lambda crops: official_embed(self.backbone, crops, self._pos_tables)
+        return None
+
     @torch.inference_mode()
     def encode_windows(self, crops: torch.Tensor) -> torch.Tensor:
         """Normalised crops -> CLIPer maps [B, C, h_tok, w_tok] (float32, non-negative; under
-        the CLIPer protocol channel 0, the background, is zero)."""
-        cdam = None
-        if self.cdam:
-            cdam = (self.distribution_text, self.cdam_combine,
-                    dict(scales=self.scales, tau=self.tau, alpha=self.alpha, mode=self.cdam_mode,
-                         memory_budget=self.memory_budget, backend=self.backend))
+        the CLIPer protocol channel 0, the background, is zero), each crop on its own."""
         with self._autocast():
             maps, _ = cliper_maps(self.backbone, crops, self.cls_text, self.outputs,
                                   logit_scale=self.logit_scale, set_index=self.set_index, threshold=self.threshold,
-                                  cdam=cdam, normalisation=self.normalisation)
-        maps = maps.float()
-        if self.protocol is not None:
-            maps = F.pad(maps, (0, 0, 0, 0, 1, 0))
-        return maps
+                                  cdam=self._cdam_args(), normalisation=self.normalisation, embed=self._embed(),
+                                  combination=self.pipeline, attention=self.attention, fuse_sets=self.fuse_sets)
+        return self._pad(maps.float())
+
+    def _pad(self, maps: torch.Tensor) -> torch.Tensor:
+        return F.pad(maps, (0, 0, 0, 0, 1, 0)) if self.protocol is not None else maps
+
+    # -- the official pipeline ---------------------------------------------------------------------
+    def preprocess(self, image, what: str = "image"):
+        if self.pipeline != "official":
+            return super().preprocess(image, what)
+        pixels = to_pixels(image, what)
+        H, W = pixels.shape[-2:]
+        patch = self.backbone.patch_size[0]
+        size = official_size(H, W, self.short_side, patch)
+        check_official_size(size, patch, what, self.short_side)
+        pixels = pil_resize(pixels, size).to(self.device)
+        tokens = (size[0] // patch, size[1] // patch)
+        return _Prepared((pixels - self._mean) / self._std, (H, W), whole_layout(size), tokens)
+
+    def _set_logits(self, crops: torch.Tensor):
+        """crops [B, 3, h, w] -> (logits [L, B, N, K] of every prompt, head-mean patch fused maps [B, N, N])."""
+        with self._autocast():
+            feats, fused, _ = cliper_features(self.backbone, crops, cdam=self._cdam_args(),
+                                              normalisation=self.normalisation, embed=self._embed(),
+                                              attention=self.attention)
+        with torch.autocast(crops.device.type, enabled=False):
+            acc = torch.promote_types(feats.dtype, torch.float32)
+            logits = self.logit_scale * (feats.to(acc) @ self.cls_text.to(acc).T)
+            return logits, fused.mean(1)[:, 1:, 1:].to(acc)
+
+    @torch.inference_mode()
+    def official_maps(self, item) -> torch.Tensor:
+        """One preprocessed image -> its CLIPer map [C, h_tok, w_tok] as CLIPer's code computes it:
+        the whole image, averaged with the sliding windows' merged maps when sliding_crop > 0,
+        then the in-place-thresholded combination."""
+        h, w = item.tokens
+        C = self.outputs
+        logits, A = self._set_logits(item.pixels[None])
+        seg = torch.softmax(logits[:, 0], dim=-1)[..., :C].transpose(1, 2)  # [L, C, N]
+        if self.sliding_crop:
+            patch = self.backbone.patch_size[0]
+            H, W = item.layout.size
+            ch, cw = min(self.sliding_crop, H), min(self.sliding_crop, W)
+            boxes = slide_boxes((H, W), self.sliding_crop, SLIDE_STRIDE)
+            win_logits, win_attn = [], []
+            for j in range(0, len(boxes), self.window_batch):
+                crops = torch.stack([item.pixels[:, y:y + ch, x:x + cw] for y, x in boxes[j:j + self.window_batch]])
+                lg, at = self._set_logits(crops)
+                win_logits.append(lg.transpose(0, 1))  # [b, L, Nc, K]
+                win_attn.append(at)
+            n = len(boxes)
+            lg = torch.cat(win_logits).transpose(-1, -2).reshape(n, -1, logits.shape[-1], ch // patch, cw // patch)
+            merged = merge_windows(lg, torch.cat(win_attn), [(y // patch, x // patch) for y, x in boxes], (h, w))
+            slide = torch.softmax(merged, dim=1)[:, :C].reshape(-1, C, h * w)
+            seg = slide * 0.5 + seg * 0.5
+        return combine_official(seg, A[0], self.set_index, self.threshold, self.fuse_sets).reshape(C, h, w)
 
     # -- per image -------------------------------------------------------------------------------
     def _threshold(self, window_logits):
@@ -408,14 +617,26 @@ class CliperSegmenter(Segmenter):
         return torch.log(maps.clamp_min(1e-30)) / self.logit_scale
 
     def _run_group(self, items: list) -> list:
-        return [self._finish(it, res) for it, res in zip(items, super()._run_group(items))]
+        if self.pipeline == "official":  # one image at a time, upsampled once to the original size
+            results = [ImageResult(self._pad(self.official_maps(it)[None]), None,
+                                   direct_assembler(it.tokens, it.original, self.device), it.original)
+                       for it in items]
+        else:
+            results = super()._run_group(items)
+        return [self._finish(it, res) for it, res in zip(items, results)]
+
+    def _to_size(self, item, size: tuple):
+        """The map's resampling from tokens to `size` (the compensation's grid)."""
+        if self.pipeline == "official":
+            return direct_assembler(item.tokens, size, self.device)
+        return _assembler(item.layout, item.tokens, size, self.device)
 
     def _finish(self, item, res: ImageResult) -> CliperResult:
         wl, asm = res.window_logits, res.assembler
         scores = wl.amax(dim=(0, 2, 3))
         if self.compensation is not None:
             P = self.compensation.grid
-            to_grid = _assembler(item.layout, item.tokens, (P, P), self.device)
+            to_grid = self._to_size(item, (P, P))
             image = (item.pixels * self._std + self._mean).clamp(0, 1)
             refined = self.compensation(image, to_grid(wl))  # [C, P, P]
             scores = 0.5 * refined.amax(dim=(1, 2)) + 0.5 * scores

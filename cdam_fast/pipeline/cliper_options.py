@@ -6,9 +6,16 @@ from ..validation import CdamInputError
 
 CLIPER = "cliper"
 CDAM_COMBINES = ("replace", "average")
-CLIPER_DATASETS = ("voc21", "context60", "coco_object")  # datasets with a CLIPer protocol preset
+# datasets with a CLIPer protocol preset (one per dataset config of CLIPer's public code)
+CLIPER_DATASETS = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff171", "ade20k", "cityscapes")
+# the steps around CLIPer's network under a CLIPer protocol: its public code's, or the package's
+PIPELINES = ("official", "package")
+# the last block's attention: CLIPer's fused map, or one of its code's ablations (attn_type;
+# its "proxy", DINO's similarities, is not implemented)
+ATTENTIONS = ("fused", "vanilla", "q-q", "k-k", "v-v", "identity")
 # Keys a CLIPer run adds to its stored configuration (and passes to the Segmenter).
-CONFIG_KEYS = ("protocol", "cdam_combine", "compensation", "sd_weights", "sd_seed", "normalisation")
+CONFIG_KEYS = ("protocol", "pipeline", "sliding_crop", "cdam_combine", "compensation", "sd_weights", "sd_seed",
+               "normalisation")
 NORMALISATIONS = ("once", "official")  # the fused map's normalisation: as described / as CLIPer's code does it
 
 
@@ -21,15 +28,21 @@ def add_arguments(parser, dataset_known: bool = False) -> None:
     g.add_argument("--protocol", default="mmseg",
                    help="mmseg (default: the protocol of the rest of the table) or CLIPer's own protocol: "
                         + ("'cliper' (the dataset's preset) or " if dataset_known else "") + presets)
+    g.add_argument("--cliper-pipeline", dest="pipeline", default=None, choices=PIPELINES,
+                   help="under a CLIPer protocol: official (default: every step around the network as CLIPer's "
+                        "public code does it) or package (this package's resize, positional table and upsampling)")
+    g.add_argument("--sliding-crop", type=int, default=None, metavar="PIXELS",
+                   help="official pipeline: CLIPer's sliding-window crop (default: the preset's; 0: whole image only)")
     g.add_argument("--compensation", default="none", choices=("none", "sd"),
                    help="sd: CLIPer's fine-grained compensation with Stable Diffusion 2.1-base (needs --sd-weights "
                         "and the 'sd' extra)")
     g.add_argument("--sd-weights", metavar="PATH", default=None,
                    help="local diffusers folder of Stable Diffusion 2.1-base (never downloaded)")
     g.add_argument("--sd-seed", type=int, default=0, help="seed of the diffusion noise (default 0)")
-    g.add_argument("--fusion-normalisation", dest="normalisation", default="once", choices=NORMALISATIONS,
-                   help="once: the fused map normalised as the method describes it (default); official: repeated "
-                        "per input, as CLIPer's public code does in place")
+    g.add_argument("--fusion-normalisation", dest="normalisation", default=None, choices=NORMALISATIONS,
+                   help="once: the fused map normalised as the method describes it; official: repeated per input, "
+                        "as CLIPer's public code does in place (default: official with the official pipeline, "
+                        "else once)")
 
 
 def cliper_settings(args, dataset: str | None = None) -> dict:
@@ -37,7 +50,7 @@ def cliper_settings(args, dataset: str | None = None) -> dict:
     CLIPer-only options)."""
     given = [f"--{k.replace('_', '-')}" for k, default in
              (("protocol", "mmseg"), ("cdam_combine", "replace"), ("compensation", "none"), ("sd_weights", None),
-              ("normalisation", "once"))
+              ("normalisation", None), ("pipeline", None), ("sliding_crop", None))
              if getattr(args, k, default) != default]
     if args.method != CLIPER:
         if given:
@@ -55,11 +68,14 @@ def cliper_settings(args, dataset: str | None = None) -> dict:
     compensation = None if args.compensation == "none" else args.compensation
     if compensation is None and args.sd_weights is not None:
         raise CdamInputError("--sd-weights is given without --compensation sd")
-    return settings(protocol, args.cdam_combine, compensation, args.sd_weights, args.sd_seed, args.normalisation)
+    return settings(protocol, args.cdam_combine, compensation, args.sd_weights, args.sd_seed, args.normalisation,
+                    getattr(args, "pipeline", None), getattr(args, "sliding_crop", None))
 
 
 def settings(protocol: str, cdam_combine: str = "replace", compensation=None, sd_weights=None, sd_seed: int = 0,
-             normalisation: str = "once") -> dict:
-    """The Segmenter keyword options of a CLIPer run (CONFIG_KEYS; defaults as the CLI's)."""
-    return {"protocol": protocol, "cdam_combine": cdam_combine, "compensation": compensation,
-            "sd_weights": sd_weights if compensation else None, "sd_seed": sd_seed, "normalisation": normalisation}
+             normalisation: str | None = None, pipeline: str | None = None, sliding_crop: int | None = None) -> dict:
+    """The Segmenter keyword options of a CLIPer run (CONFIG_KEYS; defaults as the CLI's; None:
+    the protocol's choice)."""
+    return {"protocol": protocol, "pipeline": pipeline, "sliding_crop": sliding_crop, "cdam_combine": cdam_combine,
+            "compensation": compensation, "sd_weights": sd_weights if compensation else None, "sd_seed": sd_seed,
+            "normalisation": normalisation}

@@ -145,4 +145,4 @@ def write_outputs(seg, source: str, image: np.ndarray, labels: np.ndarray, paths
     overlay(np.asarray(image), labels, seg.class_names).save(paths.overlay, format="PNG")
     text = json.dumps(class_mapping(seg, source, (W, H)), indent=1)
     Path(paths.classes).write_text(text + "\n", encoding="utf-8")
-    save_labels(labels, paths.labels, palette_colours=True)
+    save_labels(labels, paths.labels, len(seg.classes), palette_colours=True)

@@ -135,9 +135,9 @@ def require_opencv():
     try:
         import cv2
     except ImportError as e:
-        raise CdamInputError("resize='opencv' (the published protocol) needs OpenCV: pip install "
-                             "'cdam-fast[published]' (opencv-python-headless), or pass resize='torch' "
-                             "(CLI: --resize torch)") from e
+        raise CdamInputError("resize='opencv' (the default: the published protocol's uint8 resize) needs OpenCV, "
+                             "which the pipeline's extra installs: pip install 'cdam-fast[clip]' "
+                             "(opencv-python-headless); or pass resize='torch' (CLI: --resize torch)") from e
     return cv2
 
 

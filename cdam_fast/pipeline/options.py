@@ -89,13 +89,13 @@ def add_protocol_options(p: argparse.ArgumentParser, method: bool = True) -> Non
                         "entropy-per-window (the published rule), none, or a fixed probability threshold "
                         "(default auto, or the preset's)")
     p.add_argument("--resize", default=None, choices=RESIZES,
-                   help="image resize: opencv (uint8 INTER_LINEAR, the published pipeline; needs the 'published' "
-                        "extra) or torch (float bilinear) (default torch, opencv in presets)")
+                   help="image resize: opencv (uint8 INTER_LINEAR, the published pipeline; opencv-python-headless, "
+                        "installed by the 'clip' extra) or torch (float bilinear, on the device) (default opencv)")
     p.add_argument("--pos-interp", dest="pos_interp", default=None, choices=POS_INTERPOLATIONS,
                    help="positional-embedding resize: published (scale factor (g+0.1)/g0) or size (default published)")
     p.add_argument("--synonyms", default=None, choices=SYNONYM_RULES,
                    help="';'-joined synonyms: max over their probabilities (published) or one averaged "
-                        "embedding (default mean, max in presets)")
+                        "embedding (default max; mean for cliper)")
     p.add_argument("--pamr", dest="pamr_steps", type=int, default=None, metavar="STEPS",
                    help="PAMR refinement steps, 0 = off (default 0; NACLIP presets: 10)")
     p.add_argument("--short-side", dest="short_side", type=int, default=None,
@@ -121,6 +121,10 @@ def segmenter_options(args, **fixed) -> dict:
             out[key] = parse_background(value) if key == "background" else value
     out.update(fixed)
     _check_sizes(out)
+    if out.get("resize") == "opencv":  # the default: a missing OpenCV is named before any model loads
+        from .images import require_opencv
+
+        require_opencv()
     return out
 
 

@@ -1,19 +1,21 @@
 """The preprocessing choices where our default and the published code differ, and the presets
 that fix every setting of one published configuration (the one home of both lists).
 
-Protocol choices (see docs/pipeline.md, "Presets and protocols"):
+Protocol choices (see docs/pipeline.md, "Presets and protocols", and docs/pipeline-defaults.md;
+Segmenter's defaults are the published ones):
 
-* resize: "opencv" resizes the uint8 image with OpenCV's INTER_LINEAR (fixed-point weights,
-  uint8 rounding) and then normalises, as the mmseg test pipeline of the published code does
-  (needs the `published` extra, opencv-python-headless); "torch" resizes the float image with
-  torch's bilinear interpolation (no extra dependency).
+* resize: "opencv" (default) resizes the uint8 image with OpenCV's INTER_LINEAR (fixed-point
+  weights, uint8 rounding) and then normalises, as the mmseg test pipeline of the published
+  code does (opencv-python-headless, installed by the `clip` extra); "torch" resizes the float
+  image with torch's bilinear interpolation on the segmenter's device (GPU-side preprocessing,
+  no OpenCV).
 * pos_interp: "published" resizes the positional-embedding table bicubically with
   scale_factor = (g + 0.1) / g0 per axis, the DINO-style call of the published code (torch
   uses the factor as given, so the table is sampled slightly shrunk); "size" resizes it to
   exactly g (size=g).
-* synonyms: "max" keeps one column per synonym and takes a class's probability as the max
-  over its synonyms' probabilities (the published code); "mean" averages the synonyms'
-  embeddings into one column per class.
+* synonyms: "max" (default) keeps one column per synonym and takes a class's probability as
+  the max over its synonyms' probabilities (the published code); "mean" averages the synonyms'
+  embeddings into one column per class (CLIPer's default: it takes one embedding per class).
 
 A preset is a dict of `Segmenter` keyword arguments; `Segmenter(classes, **preset("cdam-voc21"))`
 or `--preset cdam-voc21` on the command lines. Explicit arguments override a preset's values.

@@ -1,10 +1,13 @@
 """`Segmenter`: open-vocabulary segmentation with a CLIP last-layer method, optionally refined
 by CDAM, at any image resolution.
 
-Per batch of images: every image is resized to the protocol size and cut into windows (or
-kept whole in global mode); all windows of equal size, from all images, go through the image
-tower together, in batches of `window_batch`. Each window yields token logits; they are
-assembled per image at token resolution and upsampled once (see windows.py).
+Per image: it is resized to the protocol size and cut into windows (or kept whole in global
+mode); its windows go through the image tower in batches of `window_batch`, never together
+with another image's, so that an image's labels depend only on the image and the settings,
+not on which images are segmented with it (GPU kernels round differently at other batch
+compositions): re-running one image, resuming, or sharding a folder differently gives
+byte-identical outputs. Each window yields token logits; they are assembled per image at token
+resolution and upsampled once (see windows.py).
 """
 from __future__ import annotations
 
@@ -79,6 +82,8 @@ def plan_image(H: int, W: int, patch: tuple, mode: str, short_side: int, long_si
     if H < ph or W < pw:
         raise CdamInputError(f"{what} is {W}x{H} pixels (W x H), smaller than one {pw}x{ph} patch of {model}")
     if mode == "window":
+        if crop < ph or crop < pw:
+            raise CdamInputError(f"crop ({crop}) is smaller than one {pw}x{ph} patch of {model}")
         size = protocol_size(H, W, short_side, long_side)
         layout = sliding_layout(size, crop, stride)
     else:
@@ -121,13 +126,15 @@ class Segmenter:
     None. dtype: autocast dtype on CUDA (default float16); float32 on CPU.
     Keyword-only: templates ("openai" 80, "single", a file or a list), atp (prompts that only
     shape the class distributions; default the 80 packaged ones), crop / stride / short_side /
-    long_side (protocol), window_batch (windows per forward pass), logit_scale, CDAM's scales /
+    long_side (protocol), window_batch (windows of one image per forward pass;
+    like backend and dtype it may change the last bits of GPU results), logit_scale, CDAM's scales /
     tau / alpha, cdam_mode / memory_budget (passed to the fused op), progress (text bars: prompt
     encoding, and the windows of a large image), cache_dir (disk cache of text embeddings, see
     pipeline/textcache.py; None: $CDAM_FAST_CACHE_DIR or ~/.cache/cdam_fast, False: off),
-    and the protocol choices of presets.py: resize ("torch" or "opencv", the published uint8
-    resize), pos_interp ("published" or "size"), synonyms ("mean" or "max", the published
-    rule), pamr_steps / pamr_dilations (PAMR post-processing, off at 0 steps).
+    and the protocol choices of presets.py: resize ("opencv", the published uint8 resize, the
+    default; "torch" resizes the float image on self.device), pos_interp ("published" or
+    "size"), synonyms ("max", the published rule, the default; or "mean"), pamr_steps /
+    pamr_dilations (PAMR post-processing, off at 0 steps).
     `Segmenter(classes, **presets.preset("cdam-voc21"))` reproduces a published configuration.
     """
 
@@ -142,8 +149,8 @@ class Segmenter:
                  short_side: int = SHORT_SIDE, long_side: int = LONG_SIDE_MAX, window_batch: int = 16,
                  logit_scale: float = bg.LOGIT_SCALE, scales=CDAM_SCALES, tau: float = 0.1, alpha: float = 10.0,
                  cdam_mode: str = "auto", memory_budget: int | None = None, seed: int = RANDOM_WEIGHTS_SEED,
-                 quick_gelu: bool | None = None, progress: bool = True, cache_dir=None, resize: str = "torch",
-                 pos_interp: str = "published", synonyms: str = "mean", pamr_steps: int = 0,
+                 quick_gelu: bool | None = None, progress: bool = True, cache_dir=None, resize: str = "opencv",
+                 pos_interp: str = "published", synonyms: str = "max", pamr_steps: int = 0,
                  pamr_dilations=PAMR_DILATIONS):
         self.classes = parse_classes(classes)
         self.method = get_method(method)
@@ -287,8 +294,8 @@ class Segmenter:
         crops: dict = {}
         for ii, it in enumerate(items):
             h, w = it.layout.window
-            for wi, (y, x) in enumerate(it.layout.boxes()):
-                crops.setdefault((h, w), []).append((ii, wi, it.pixels[:, y:y + h, x:x + w]))
+            for wi, (y, x) in enumerate(it.layout.boxes()):  # one image's windows per forward pass
+                crops.setdefault((ii, h, w), []).append((ii, wi, it.pixels[:, y:y + h, x:x + w]))
         outs = [[None] * it.layout.count for it in items]
         total = sum(len(e) for e in crops.values())
         bar = None
@@ -317,8 +324,8 @@ class Segmenter:
         return results
 
     def results(self, images, names=None):
-        """ImageResult per image, in order; windows of consecutive images share forward passes.
-        The first failing image raises (see results_or_errors to go on past it)."""
+        """ImageResult per image, in order, each computed on its own (see the module doc). The
+        first failing image raises (see results_or_errors to go on past it)."""
         for _, result in self.results_or_errors(images, names):
             if isinstance(result, Exception):
                 raise result
@@ -328,36 +335,11 @@ class Segmenter:
         """(index, ImageResult or the exception it raised) per image, in order: one bad image
         costs only itself. names: what error messages call each image (default: its path, or
         "image i")."""
-        group, count = [], 0
         for i, image in enumerate(images):
-            what = _image_name(image, i, names)
             try:
-                item = self.preprocess(image, what)
+                yield i, self._run_group([self.preprocess(image, _image_name(image, i, names))])[0]
             except Exception as e:  # noqa: BLE001 - reported per image, the others go on
-                yield from self._flush(group)
-                group, count = [], 0
                 yield i, e
-                continue
-            group.append((i, item))
-            count += item.layout.count
-            if count >= self.window_batch:
-                yield from self._flush(group)
-                group, count = [], 0
-        yield from self._flush(group)
-
-    def _flush(self, group: list):
-        if not group:
-            return
-        try:
-            results = self._run_group([item for _, item in group])
-        except Exception as e:  # noqa: BLE001
-            if len(group) == 1:
-                yield group[0][0], e
-                return
-            for one in group:  # e.g. out of memory: each image alone, so that only the culprit fails
-                yield from self._flush([one])
-            return
-        yield from ((i, r) for (i, _), r in zip(group, results))
 
     # -- public API ------------------------------------------------------------------------------
     def logits(self, image) -> torch.Tensor:
@@ -395,15 +377,13 @@ class Segmenter:
         return out.cpu().numpy().astype(dtype)
 
     def predict(self, image, name: str | None = None) -> np.ndarray:
-        """[H, W] class indices at the input's size (uint8 up to 256 classes, else int64). The
-        image is computed on its own (its windows batched together, never with another image's),
-        so its labels do not depend on what else is segmented. name: what error messages call
-        it (default its path, or "image 0")."""
+        """[H, W] class indices at the input's size (uint8 up to 256 classes, else int64). name:
+        what error messages call it (default its path, or "image 0")."""
         return self.label_map(next(iter(self.results([image], None if name is None else [name]))))
 
     def predict_batch(self, images, progress: bool = False) -> list:
-        """Label maps of several images; their windows share forward passes. progress: a tqdm
-        bar over the images."""
+        """Label maps of several images, each computed on its own (the same maps as predict
+        gives one by one). progress: a tqdm bar over the images."""
         results = self.results(images)
         if progress:
             from tqdm.auto import tqdm

@@ -97,7 +97,8 @@ def read_class_file(path) -> ClassList:
     """One class per line, synonyms separated by ';', '#' starts a comment line. A name of a
     packaged list (see packaged_class_lists) is accepted in place of a path."""
     path = os.fspath(path)
-    if not os.path.exists(path) and path in packaged_class_lists():
+    packaged = not os.path.exists(path) and path in packaged_class_lists()
+    if packaged:
         path = resources.files("cdam_fast") / "data" / "classes" / f"{path}.txt"
     elif not os.path.isfile(path):
         raise CdamInputError(f"classes file {path!r} does not exist (packaged lists: {', '.join(packaged_class_lists())})")
@@ -105,7 +106,7 @@ def read_class_file(path) -> ClassList:
     if not lines:
         raise CdamInputError(f"classes file {str(path)!r} has no classes")
     with_commas = [ln for ln in lines if "," in ln]
-    if with_commas:
+    if with_commas and not packaged:  # a packaged list's commas are deliberate (CLIPer's names)
         warnings.warn(f"classes file {str(path)!r}: {len(with_commas)} line(s) contain commas, e.g. "
                       f"{with_commas[0]!r}, which is read as ONE class named with commas; the file takes one class "
                       "per line (synonyms joined by ';')", ClassFileWarning, stacklevel=2)

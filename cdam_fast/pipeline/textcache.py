@@ -1,7 +1,10 @@
 """Text embeddings cached on disk, so that a second run does not re-encode thousands of prompts.
 
-One small file per embedding, keyed by the model name, a digest of the text tower's weights,
-the template set, the device type and the prompt. Files are written to a temporary name and
+One small file per embedding, keyed by everything that decides it: the model name, a digest of
+the text tower's weights, a digest of its structure (module types and their settings: QuickGELU
+or GELU, LayerNorm eps, attention heads, ...; a parameter-free change such as --quick-gelu is
+a different tower with the same weights), the open_clip version (its code is the tower's
+forward), the tokenizer, the template set, the device type and the prompt. Files are written to a temporary name and
 renamed into place (concurrent writers never expose a partial file; the last rename wins with
 an identical payload), and each file carries its own key and a checksum, so a truncated,
 corrupted or mismatched file reads as missing and is recomputed.
@@ -26,8 +29,10 @@ import torch
 CACHE_ENV = "CDAM_FAST_CACHE_DIR"
 _OFF = ("off", "none", "0", "false", "no")
 _MAGIC = b"CDAMTXT1"
-# Bump when the way embeddings are computed changes (e.g. pipeline/text.py's encoding).
-_FORMAT = 1
+# Bump when the way embeddings are computed or keyed changes (e.g. pipeline/text.py's encoding);
+# entries of another format are never read (another folder, and a header that does not match).
+_FORMAT = 2
+_SCALARS = (type(None), bool, int, float, str)
 
 
 def default_cache_root() -> Path | None:
@@ -69,12 +74,56 @@ def text_weights_digest(backbone) -> str:
     return digest
 
 
+def _setting(value):
+    """A module attribute as a JSON value when it is configuration (numbers, strings, dtypes,
+    functions by name, sequences of those), else None (tensors, submodules, hook tables)."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = [_setting(v) for v in value]
+        if any(i is None and v is not None for i, v in zip(items, value)):
+            return None
+        return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
+    if callable(value) and hasattr(value, "__qualname__"):  # e.g. an activation stored as a function
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    return None
+
+
+def text_tower_signature(backbone) -> dict:
+    """What the text tower computes apart from its weights: QuickGELU or not, and a sha256 of
+    every text-side module's type and settings (public attributes that are configuration, e.g.
+    eps, num_heads, batch_first, context_length) plus the tokenizer's; computed once per backbone."""
+    signature = getattr(backbone, "_text_signature", None)
+    if signature is None:
+        import open_clip
+
+        h, quick = hashlib.sha256(), False
+        for name, module in backbone.clip.named_modules():
+            if name == "visual" or name.startswith("visual."):
+                continue
+            kind = f"{type(module).__module__}.{type(module).__qualname__}"
+            quick = quick or type(module).__name__ == "QuickGELU"
+            settings = {k: _setting(v) for k, v in sorted(vars(module).items())
+                        if not k.startswith("_") and k != "training" and _setting(v) is not None}
+            h.update(f"{name}|{kind}|{json.dumps(settings, sort_keys=True)}\n".encode())
+        tok = backbone.tokenizer
+        settings = {k: _setting(v) for k, v in sorted(vars(tok).items()) if _setting(v) is not None} \
+            if hasattr(tok, "__dict__") else {}
+        h.update(f"tokenizer|{type(tok).__module__}.{type(tok).__qualname__}|"
+                 f"{json.dumps(settings, sort_keys=True)}\n".encode())
+        signature = {"quick_gelu": quick, "structure": h.hexdigest(), "open_clip": open_clip.__version__}
+        backbone._text_signature = signature
+    return signature
+
+
 class TextCache:
     """Embeddings of one (backbone, template set) on disk."""
 
     def __init__(self, root: Path, backbone, templates: tuple):
         self.model_key = {"format": _FORMAT, "model": backbone.name, "weights": text_weights_digest(backbone),
-                          "device": backbone.device.type}
+                          **text_tower_signature(backbone), "device": backbone.device.type}
         model_digest = hashlib.sha256(json.dumps(self.model_key, sort_keys=True).encode()).hexdigest()[:24]
         self.templates_digest = hashlib.sha256("\n".join(templates).encode()).hexdigest()
         self.folder = root / "text" / model_digest

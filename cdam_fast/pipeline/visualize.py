@@ -28,14 +28,23 @@ def colorize(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return palette(max(n_classes, int(labels.max()) + 1 if labels.size else 1))[labels]
 
 
-def save_labels(labels: np.ndarray, path, palette_colours: bool = False) -> None:
-    """One byte per pixel (8-bit PNG) for up to 256 classes, 16-bit greyscale beyond.
+def save_labels(labels: np.ndarray, path, n_classes: int | None = None, palette_colours: bool = False) -> None:
+    """One byte per pixel (8-bit PNG) for up to 256 classes, 16-bit greyscale beyond (up to
+    65536). The depth follows n_classes, so every map of one run has the same format whatever
+    labels it happens to contain (None: the largest label present decides, for loose maps).
     palette_colours: store the 8-bit map as a palette PNG whose colours are the overlay's (the
     pixel values stay the class indices; image viewers show the colours, and
     `np.asarray(PIL.Image.open(path))` gives the indices); else greyscale."""
     from PIL import Image
 
-    if labels.size and int(labels.max()) > 255:
+    top = int(labels.max()) if labels.size else 0
+    if n_classes is None:
+        n_classes = top + 1
+    if top >= n_classes or (labels.size and int(labels.min()) < 0):
+        raise ValueError(f"label values must lie in [0, {n_classes}), got [{int(labels.min())}, {top}]")
+    if n_classes > 1 << 16:
+        raise ValueError(f"a label PNG holds at most 65536 classes, got {n_classes}")
+    if n_classes > 256:
         Image.fromarray(labels.astype(np.uint16)).save(path, format="PNG")
     elif palette_colours:
         im = Image.fromarray(labels.astype(np.uint8), mode="L").convert("P")
@@ -50,15 +59,6 @@ def legend_font_size(height: int, width: int) -> int:
     return max(_MIN_FONT, round(max(height, width) / 45))
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)  # Pillow's scalable default font (needs FreeType)
-    except (TypeError, ValueError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
 def class_shares(labels: np.ndarray, class_names) -> list:
     """[(class index, name, fraction of pixels)] of the classes present, largest first."""
     counts = np.bincount(labels.ravel(), minlength=len(class_names))
@@ -68,20 +68,25 @@ def class_shares(labels: np.ndarray, class_names) -> list:
 
 def overlay(image: np.ndarray, labels: np.ndarray, class_names, alpha: float = 0.5):
     """A PIL image: the input blended with the colour-coded labels, and a legend on the right
-    listing the classes present (colour, name, share of the image)."""
+    listing the classes present (colour, name, share of the image). Names in any script are
+    drawn with a font that has their glyphs (fonts.py); characters no installed font has are
+    named once in a warning."""
     from PIL import Image, ImageDraw
+
+    from .fonts import legend_font
 
     colors = colorize(labels, len(class_names))
     blend = (image.astype(np.float32) * (1 - alpha) + colors.astype(np.float32) * alpha).round().astype(np.uint8)
     H, W = labels.shape
     size = legend_font_size(H, W)
-    font = _font(size)
+    font = legend_font(size)
     row, pad = round(1.6 * size), max(_PAD, size // 2)
     colours = palette(len(class_names))
     entries = class_shares(labels, list(class_names))
     texts = [f"{name} {100 * share:.1f}%" for _, name, share in entries]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max((probe.textlength(t, font=font) for t in texts), default=0)
+    text_w = max((font.length(probe, t) for t in texts), default=0)
+    font.warn_missing()
     legend_w = int(text_w) + row + 3 * pad
     canvas = Image.new("RGB", (W + legend_w, max(H, pad * 2 + row * len(entries))), (255, 255, 255))
     canvas.paste(Image.fromarray(blend), (0, 0))
@@ -92,8 +97,5 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names, alpha: float = 0
         top = y + (row - box) // 2
         draw.rectangle([W + pad, top, W + pad + box, top + box], fill=tuple(int(c) for c in colours[index]),
                        outline=(0, 0, 0))
-        if hasattr(font, "getbbox") and hasattr(font, "font_variant"):  # a FreeType font: centre on the row
-            draw.text((W + 2 * pad + box, y + row // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
-        else:
-            draw.text((W + 2 * pad + box, y + 2), text, fill=(0, 0, 0), font=font)
+        font.draw(draw, (W + 2 * pad + box, y + row // 2), text, fill=(0, 0, 0))
     return canvas
