@@ -1,7 +1,9 @@
 """The backward alone of cdam_map / multiscale_cdam_attention on one backend, side by side: the
-composite backward (the backend's divergence and fused pairwise_jsd backward) against the
-reference formulas on the same forward (the composite ops taken out of that backend's
-backward_ops), in one process, alternating.
+backend's registered backward (the column named "composite"; since the fused multi-scale backward,
+csrc/cdam_cpu_multiscale_backward.cpp / kernels/multiscale_backward.py, that is the fused one:
+benchmarks/multiscale_backward.py compares it with the composite) against the reference formulas
+on the same forward (the ops taken out of that backend's backward_ops), in one process,
+alternating.
 
     python -m cdam_fast.benchmarks.composite_backward [--grid 28] [--C 101] [--D 64] [--threads 2]
 """

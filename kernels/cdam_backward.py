@@ -146,6 +146,20 @@ def _map_tile(pT, rp, wc, hi, lo, offs_m, offs_n, mask_m, mask_n, N, C, alpha_lo
 
 
 @triton.jit
+def accumulate_values(aT, g, gv_out, offs_m, offs_n, mask_m, mask_n, D, BD: tl.constexpr):
+    """gv_out[keys] += aT @ g[queries] ([BN, BM] map tile, transposed, against the queries' rows
+    of g [*, D]; BD columns at a time, 3xTF32 on tensor cores)."""
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        mask_d = offs_d < D
+        gt = tl.load(g + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
+                     other=0.0)
+        ptr = gv_out + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
+        mask = mask_n[:, None] & mask_d[None, :]
+        tl.store(ptr, tl.dot(aT, gt, tl.load(ptr, mask=mask, other=0.0), input_precision="tf32x3"), mask=mask)
+
+
+@triton.jit
 def cdam_grad_key_kernel(pT, rp, wc, lpT, hi, lo, nhi, add_hi, g, v, acc, gv_out, N, C, D, alpha_log2e,
                          dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
                          POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
@@ -167,14 +181,7 @@ def cdam_grad_key_kernel(pT, rp, wc, lpT, hi, lo, nhi, add_hi, g, v, acc, gv_out
             A = _map_tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, offs_m, offs_n, mask_m,
                           mask_n, N, C, alpha_log2e, exp_neg_alpha, factor, SMALL_ALPHA, FAST_LOG, POLY_LOGS, BM, BN)
         aT = tl.trans(A)
-        for d0 in range(0, D, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            mask_d = offs_d < D
-            gt = tl.load(g + b * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
-                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            ptr = gv_out + b * N * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
-            mask = mask_n[:, None] & mask_d[None, :]
-            tl.store(ptr, tl.dot(aT, gt, tl.load(ptr, mask=mask, other=0.0), input_precision="tf32x3"), mask=mask)
+        accumulate_values(aT, g + b * N * D, gv_out + b * N * D, offs_m, offs_n, mask_m, mask_n, D, BD)
         if NEED_P:
             accumulate_class_terms(pT + b * C * N, pT + b * C * N, wc + b * C, lpT + b * C * N, lpT + b * C * N, G,
                                    offs_m, offs_n, mask_m, mask_n, N, N, C, acc + b * C * N, False, FAST_LOG)

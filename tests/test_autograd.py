@@ -363,6 +363,7 @@ def test_cpu_backward_extension_builds_where_the_cpu_backend_does():
     if unavailable_reason("cpu", torch.device("cpu"), F32) is not None:
         pytest.skip("the CPU backend is unavailable here")
     assert cpu_backward.extension.failure() is None
+    assert cpu_backward.multiscale_extension.failure() is None
 
 
 def test_backend_tie_rule_on_duplicate_rows(backend, gen):
@@ -495,7 +496,8 @@ def test_fused_backward_that_cannot_take_a_call_warns_once_and_uses_the_referenc
     if not _runs_cpu_tensors("cpu"):
         pytest.skip("the cpu backend is unavailable here")
     monkeypatch.setattr(dispatch, "_warned", set())
-    monkeypatch.setattr(cpu_backward.extension, "failure", lambda: "simulated compiler error")
+    for ext in (cpu_backward.extension, cpu_backward.multiscale_extension):
+        monkeypatch.setattr(ext, "failure", lambda: "simulated compiler error")
     for op, make in OP_CALLS.items():
         fn, inputs = make(gen)
         ran = _spy_backwards(monkeypatch, op)

@@ -73,3 +73,16 @@ def test_attention_gradients_at_tiny_p(backend, gen, t):
         want = _grads(fn("reference"), [p.double(), v.double()], g.double())
         got = _grads(fn(name), [p.to(dev), v.to(dev)], g.to(dev))
         _check(got, want, f"{name} {op} at p = {t:g}")
+
+
+@pytest.mark.parametrize("t", TINY_VALUES)
+def test_cdam_map_gradient_at_tiny_p(backend, gen, t):
+    """The fused cdam_map backward (its own logs of s w, one pass over the rows) against the
+    float64 reference."""
+    name, dev = backend
+    p = _p(t)
+    g = torch.randn(1, 4, 4, generator=gen)
+    fn = lambda b: lambda p: cf.cdam_map(p, alpha=10.0, backend=b, validate=False)  # noqa: E731
+    want = _grads(fn("reference"), [p.double()], g.double())
+    got = _grads(fn(name), [p.to(dev)], g.to(dev))
+    _check(got, want, f"{name} cdam_map at p = {t:g}")

@@ -6,21 +6,16 @@ r_i = sum_c p_ic (log2 p_ic + 1), J_ij = (ln 2 / 2)(r_i + r'_j - sum_c s log2 s)
 s = p_ic + q_jc, accumulated in float32 (the reference uses the literal mixture-entropy
 formula instead, so the two are independent). Inputs are converted to float32 here;
 maps come back float32, attention outputs in v's dtype. The kernels index with int64 and loop
-over the batch: no size limits beyond memory. Its backward: fused for pairwise_jsd and the
-attention ops, the composite formulas on its kernels for the others; it saves no statistics
-(the backward recomputes each row's, cheaply, in cache).
+over the batch: no size limits beyond memory. Its backward is fused for every op
+(cpu_backward.py); it saves no statistics (the backward recomputes each row's, cheaply, in cache).
 """
 from __future__ import annotations
 
 import torch
 
-from ..opspec import COMPOSITE_BACKWARD_OPS
 from . import cpu_backward
 from .extension_build import cpu_extension
 from .shared import ExtensionBackend
-
-_FUSED = ("pairwise_jsd", "cdam_attention", "jsd_attention")
-
 
 class CpuBackend(ExtensionBackend):
     name = "cpu"
@@ -28,13 +23,14 @@ class CpuBackend(ExtensionBackend):
     extension = cpu_extension
     ops = ("pairwise_jsd", "cdam_map", "cdam_attention", "multiscale_cdam_map", "multiscale_cdam_attention",
            "jsd_attention")
-    backward_ops = _FUSED + COMPOSITE_BACKWARD_OPS
+    backward_ops = ("pairwise_jsd", "cdam_map", "cdam_attention", "multiscale_cdam_map", "multiscale_cdam_attention",
+                    "jsd_attention")
 
     def values(self, v):
         return v.to(torch.float32).contiguous()
 
     def backward_limit_reasons(self, op, call):
-        return cpu_backward.failure_reasons()
+        return cpu_backward.failure_reasons(op)
 
     def pairwise_jsd_backward(self, grad, p, q, *, needs=None, stats=None):
         return cpu_backward.pairwise_jsd_backward(grad, p, q, need_q=needs is None or needs[1])
@@ -42,6 +38,16 @@ class CpuBackend(ExtensionBackend):
     def cdam_attention_backward(self, grad, p, v, alpha, mode, memory_budget, *, needs=None, stats=None):
         return cpu_backward.cdam_attention_backward(grad, p, v, alpha, memory_budget,
                                                     need_p=needs is None or needs[0])
+
+    def cdam_map_backward(self, grad, p, alpha, *, needs=None, stats=None):
+        return (cpu_backward.cdam_map_backward(grad, p, alpha),)
+
+    def multiscale_cdam_map_backward(self, grad, sim, scales, tau, alpha, *, needs=None, stats=None):
+        return (cpu_backward.multiscale_cdam_map_backward(grad, sim, scales, tau, alpha),)
+
+    def multiscale_cdam_attention_backward(self, grad, sim, v, scales, tau, alpha, mode, memory_budget, *, needs=None,
+                                           stats=None):
+        return cpu_backward.multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha)
 
     def jsd_attention_backward(self, grad, p, v, tau, q, *, needs=None, stats=None):
         need_pq = needs is None or needs[0] or (q is not None and needs[2])

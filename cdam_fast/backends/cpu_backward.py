@@ -1,7 +1,6 @@
-"""Host side of the fused CPU backward of pairwise_jsd, jsd_attention and cdam_attention
-(csrc/cdam_cpu_backward.cpp), which the CPU backend (cpu_backend.py) runs; the composite
-backward passes of cdam_map and the multi-scale ops run the op homes' formulas on the CPU
-divergence and this fused pairwise_jsd backward.
+"""Host side of the fused CPU backward (the CPU backend, cpu_backend.py, runs it): pairwise_jsd,
+jsd_attention and cdam_attention (csrc/cdam_cpu_backward.cpp), cdam_map and the multi-scale ops
+(csrc/cdam_cpu_multiscale_backward.cpp).
 
 Built just in time like the forward CPU extension (same flags, cache and failure handling,
 cdam_fast.backends.extension_build), as its own small module so the forward's sources stay as
@@ -15,7 +14,10 @@ import torch.nn.functional as F
 
 from .. import constants, memory
 from ..centring import centring_weights, log_terms, row_terms
+from ..grids import bilinear_taps_2d, class_distributions, scale_grid
+from ..opdefs.multiscale import resize_vjp
 from . import extension_build as eb
+from .extension_build import cpu_extension
 
 
 def _spec() -> eb.ExtensionSpec:
@@ -27,10 +29,22 @@ def _spec() -> eb.ExtensionSpec:
 extension = eb._Cached(_spec)
 
 
-def failure_reasons() -> list[str]:
-    """Why the fused CPU backward cannot run: only a failed build (the kernels index with int64
-    and loop over the batch, like the forward's)."""
-    why = extension.failure()
+def _multiscale_spec() -> eb.ExtensionSpec:
+    cpu = eb.cpu_spec()
+    return eb.ExtensionSpec("cdam_fast_cpu_multiscale_backward", (eb.SOURCE_DIR / "cdam_cpu_multiscale_backward.cpp",),
+                            cflags=cpu.cflags, ldflags=cpu.ldflags, label="CPU multi-scale backward",
+                            headers=cpu.headers)
+
+
+multiscale_extension = eb._Cached(_multiscale_spec)
+MULTISCALE_OPS = ("cdam_map", "multiscale_cdam_map", "multiscale_cdam_attention")
+
+
+def failure_reasons(op: str) -> list[str]:
+    """Why the fused CPU backward of op cannot run: only a failed build (the kernels index with
+    int64 and loop over the batch, like the forward's)."""
+    ext = multiscale_extension if op in MULTISCALE_OPS else extension
+    why = ext.failure()
     return [f"the CPU backward extension could not be built ({why})"] if why else []
 
 
@@ -108,3 +122,80 @@ def cdam_attention_backward(grad, p, v, alpha, memory_budget=None, need_p=True):
     if gp is None:
         return None, gv
     return constants.unscale(gp, constants.gradient_exponent(alpha)), gv  # the kernel's G is scaled by 2^-e
+
+
+def _full_grid(p):
+    """The prepared operands of a full-grid scale's self-divergence for the row pass."""
+    w = centring_weights(p, None)
+    pp, lp = _rows(p, w)
+    kT, lkT, rk = _keys(p, w)
+    return [pp, lp, row_terms(p, w), kT, lkT, rk, w]
+
+
+def _self_divergence_grad(G, p):
+    """Gradient of sum_ij G_ij J(p_i, p_j) in p (float32; the diagonal passes none), each
+    unordered pair's logarithms taken once (G_ij + G_ji above the diagonal, formed in the kernel)."""
+    w = centring_weights(p, None)
+    pp, lp = _rows(p, w)
+    kT, lkT, _ = _keys(p, w)
+    T, U = multiscale_extension.module().jsd_self_class_grads(pp, lp, kT, lkT, w, G.contiguous())
+    return _finish(T + U[:, :, :p.shape[1]].transpose(1, 2), p)
+
+
+def _softmax_vjp(ps, gps, tau):
+    """Adjoint of softmax over classes of (S - max S) / tau, given P = ps and its gradient."""
+    return ps * (gps - (ps * gps).sum(-1, keepdim=True)) / tau
+
+
+# Rows per chunk of the kernel's pass, when set (tests: several chunks at small N); None: its own bound.
+MAX_CHUNK_ROWS = None
+
+
+def _multiscale(sim, scales, tau, alpha, gmap=None, g=None, v=None):
+    """(gradient of sim in float64, gv or None) of the multi-scale map with incoming map gradient
+    gmap, or of the attention op with g and v. One pass over the full grid's rows (the kernel);
+    then per smaller scale the divergence, softmax and resize adjoints on its small grid."""
+    mod = multiscale_extension.module()
+    x = sim.float()
+    B, C, h, w = x.shape
+    N = h * w
+    grids_s = [scale_grid(h, w, s) for s in scales]
+    n_full = sum(1 for hw in grids_s if hw == (h, w))  # identical scales: one pass, weight n_full / S
+    small = [hw for hw in grids_s if hw != (h, w)]
+    p1 = class_distributions(x, h, w, tau) if n_full else None
+    ps = [class_distributions(x, hs, ws, tau) for hs, ws in small]
+    js = [cpu_extension.module().pairwise_jsd(p.float().contiguous(), None) for p in ps]  # the forward's, small grids
+    taps = [bilinear_taps_2d(h, w, hs, ws) for hs, ws in small]
+    T, U, djs, gv = mod.multiscale_rows_backward(
+        _full_grid(p1) if n_full else [], n_full / len(scales), js, [t[0].contiguous() for t in taps],
+        [t[1].contiguous() for t in taps], 1.0 / len(scales), None if gmap is None else gmap.float().contiguous(),
+        None if g is None else g.float().contiguous(), None if v is None else v.float().contiguous(), B, N,
+        float(alpha), MAX_CHUNK_ROWS or 0)
+    del js  # the smaller grids' divergences are not needed past the row pass
+    gsim = torch.zeros(x.shape, dtype=torch.float64)
+    if n_full:
+        gp1 = _finish(T, p1) + _finish(U[:, :, :N].transpose(1, 2), p1)
+        gsim += _softmax_vjp(p1, gp1, tau).transpose(1, 2).reshape(B, C, h, w).double()
+    for k, ((hs, ws), p) in enumerate(zip(small, ps)):
+        gp, djs[k] = _self_divergence_grad(djs[k], p), None
+        gz = _softmax_vjp(p, gp, tau).transpose(1, 2).reshape(B, C, hs, ws)
+        gsim += resize_vjp(gz, (h, w)).double()
+    return constants.unscale(gsim, constants.gradient_exponent(alpha)), (gv if v is not None else None)
+
+
+def cdam_map_backward(grad, p, alpha):
+    T, U, _, _ = multiscale_extension.module().multiscale_rows_backward(
+        _full_grid(p), 1.0, [], [], [], 1.0, grad.float().contiguous(), None, None, p.shape[0], p.shape[1],
+        float(alpha), MAX_CHUNK_ROWS or 0)
+    gp = _finish(T, p) + _finish(U[:, :, :p.shape[1]].transpose(1, 2), p)
+    return constants.unscale(gp, constants.gradient_exponent(alpha))
+
+
+def multiscale_cdam_map_backward(grad, sim, scales, tau, alpha):
+    return _multiscale(sim, scales, tau, alpha, gmap=grad)[0]
+
+
+def multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha, mode=None, memory_budget=None):
+    """mode and memory_budget do not matter: the pass is always in bounded row chunks, holding only
+    the smaller grids' divergences and their gradients besides O(N (C + D))."""
+    return _multiscale(sim, scales, tau, alpha, g=grad, v=v)

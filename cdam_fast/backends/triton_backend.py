@@ -5,7 +5,7 @@ jsd_attention call their launchers. The *_train methods are the training forward
 return the per-row statistics its backward reads (saved_stats). The launchers
 (cdam_fast.kernels.*) assume contiguous tensors and are not part of this backend's interface:
 the methods below make their inputs contiguous first. Its backward: the fused kernels of
-kernels/jsd_backward.py and kernels/cdam_backward.py, and the composite formulas on its kernels.
+kernels/jsd_backward.py, kernels/cdam_backward.py and kernels/multiscale_backward.py.
 
 Host-side work here is O(N (C + D)) preparation: class-major copies, row entropy terms,
 bilinear tap tables and the small-grid divergences of the multi-scale op.
@@ -15,18 +15,18 @@ from __future__ import annotations
 import torch
 
 from .. import memory
+from ..grids import scale_grid
 from ..kernels import cdam as _cdam
 from ..kernels import cdam_backward as _cdam_backward
 from ..kernels import common as _common
 from ..kernels import jsd as _jsd
 from ..kernels import jsd_attention as _jsd_attention
 from ..kernels import jsd_backward as _jsd_backward
+from ..kernels import multiscale_backward as _ms_backward
+from ..opdefs.multiscale import resize_vjp
 from ..opspec import COMPOSITE_BACKWARD_OPS, OPS
 from .base import INT32_MAX, Backend, cdiv, limit_reason
 from .shared import materialized_bytes, multiscale_inputs
-
-_FUSED = ("pairwise_jsd", "cdam_attention", "jsd_attention")
-
 
 def _contiguous(t):
     return None if t is None else t.contiguous()
@@ -41,7 +41,8 @@ class TritonBackend(Backend):
     devices = ("cuda",)
     ops = ("pairwise_jsd", "cdam_map", "cdam_attention", "multiscale_cdam_map", "multiscale_cdam_attention",
            "jsd_attention")
-    backward_ops = _FUSED + COMPOSITE_BACKWARD_OPS
+    backward_ops = ("pairwise_jsd", "cdam_map", "cdam_attention", "multiscale_cdam_map", "multiscale_cdam_attention",
+                    "jsd_attention")
     saved_stats = {"cdam_attention": OPS["cdam_attention"].stats_format,
                    "jsd_attention": OPS["jsd_attention"].stats_format}
     max_tap_entries = INT32_MAX
@@ -115,6 +116,19 @@ class TritonBackend(Backend):
         return _cdam_backward.cdam_attention_backward(grad, p, v, alpha, stats=stats,
                                                       need_p=needs is None or needs[0])
 
+    def cdam_map_backward(self, grad, p, alpha, *, needs=None, stats=None):
+        """The single-scale map: its J materialised (as the map is), taken as a scale onto itself."""
+        return (_ms_backward.cdam_map_backward(grad, p, alpha),)
+
+    def multiscale_cdam_map_backward(self, grad, sim, scales, tau, alpha, *, needs=None, stats=None):
+        return (_multiscale_backward(grad, sim, scales, tau, alpha)[0],)
+
+    def multiscale_cdam_attention_backward(self, grad, sim, v, scales, tau, alpha, mode, memory_budget, *, needs=None,
+                                           stats=None):
+        """mode / memory_budget do not change the backward: it holds the smaller grids'
+        divergences and their gradients, and O(N (C + D)) besides."""
+        return _multiscale_backward(grad, sim, scales, tau, alpha, v)
+
     def jsd_attention_backward(self, grad, p, v, tau, q, *, needs=None, stats=None):
         need_pq = needs is None or needs[0] or (q is not None and needs[2])
         return _jsd_backward.jsd_attention_backward(grad, p, v, q, tau, lse=stats, need_p=need_pq)
@@ -138,3 +152,49 @@ def _multiscale(sim, scales, tau, mode, memory_budget):
     weights = ([len(full)] if full else []) + [1.0] * len(small)
     return _cdam.ScaleSet(B, h * w, C, sim.device, _full_scale(full[0], keep) if full else None, small,
                           [x / len(scales) for x in weights])
+
+
+# The fused multi-scale backward's host-side steps on the similarity grid (its kernels:
+# kernels/multiscale_backward.py).
+
+def _softmax_vjp(ps: torch.Tensor, gps: torch.Tensor, tau: float) -> torch.Tensor:
+    """Adjoint of softmax over classes of (S - max S) / tau at P = ps (float64 here)."""
+    return ps * (gps - (ps * gps).sum(-1, keepdim=True)) / tau
+
+
+def _grid_grad(gp: torch.Tensor, p: torch.Tensor, tau: float, hw, full_hw) -> torch.Tensor:
+    """The sim gradient of one scale from its distributions' gradient gp [B, n, C] (float64)."""
+    B, _, C = p.shape
+    gz = _softmax_vjp(p.double(), gp, tau).transpose(1, 2).reshape(B, C, *hw)
+    return gz if tuple(hw) == tuple(full_hw) else resize_vjp(gz, full_hw)
+
+
+def _multiscale_backward(grad, sim, scales, tau, alpha, v=None):
+    """(gradient of sim in float64, gv or None) of multiscale_cdam_attention (v given: the full
+    grid through cdam_attention's fused backward) or of multiscale_cdam_map (grad the map's
+    gradient: the full grid's J materialised, as the map is, and taken as a scale onto itself)."""
+    B, C, h, w = sim.shape
+    N, S = h * w, len(scales)
+    ps, idx, wts = multiscale_inputs(sim.contiguous(), scales, tau)
+    full = [p for p, i in zip(ps, idx) if i is None]
+    items = [(p, i, wt, scale_grid(h, w, s)) for p, i, wt, s in zip(ps, idx, wts, scales) if i is not None]
+    weights = [1.0 / S] * len(items)
+    g32 = grad.float().contiguous()
+    gsim = torch.zeros(sim.shape, dtype=torch.float64, device=sim.device)
+    gv = None
+    if full and v is not None:  # identical full-grid scales: one backward with their summed weight
+        gp1, gv = _cdam_backward.cdam_attention_backward(g32 * (len(full) / S), full[0], v.float().contiguous(), alpha)
+        gsim += _grid_grad(gp1, full[0], tau, (h, w), (h, w))
+    elif full:
+        items.insert(0, (full[0], *_ms_backward._identity_taps(N, sim.device), (h, w)))
+        weights.insert(0, len(full) / S)
+    if not items:
+        return gsim, gv
+    djs, gv_small = _ms_backward._scales_backward([(_jsd.pairwise_jsd(p, None), i, wt) for p, i, wt, _ in items],
+                                                 weights, B, N, C, alpha, g32,
+                                                 None if v is None else v.float().contiguous())
+    if gv_small is not None:
+        gv = gv_small if gv is None else gv + gv_small
+    for (p, _, _, hw), dj in zip(items, djs):
+        gsim += _grid_grad(_ms_backward._divergence_grad(dj, p, alpha), p, tau, hw, (h, w))
+    return gsim, gv

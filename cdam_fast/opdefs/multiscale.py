@@ -105,7 +105,7 @@ def multiscale_cdam_attention_bounded(sim, v, scales, tau, alpha, mode, memory_b
 
 # Backward (docs/autograd.md, section 3).
 
-def _resize_vjp(g: torch.Tensor, in_hw: tuple[int, int]) -> torch.Tensor:
+def resize_vjp(g: torch.Tensor, in_hw: tuple[int, int]) -> torch.Tensor:
     """Adjoint of F.interpolate(x, size=g.shape[-2:], mode="bilinear", align_corners=False)."""
     n, c, h, w = g.shape
     return torch.ops.aten.upsample_bilinear2d_backward(g.contiguous(), [h, w], [n, c, *in_hw], False, None, None)
@@ -139,13 +139,13 @@ def _multiscale_map_vjp(sim: torch.Tensor, ga: torch.Tensor, scales, tau: float,
             else:
                 # forward: keys = up(js rows) [B, n, N]; both = up(keys^T rows) [B, N(key), N(query)]; out = both^T
                 g_both = gju.transpose(1, 2).reshape(B * n_full, 1, h, w)
-                g_keys = _resize_vjp(g_both, (hs, ws)).reshape(B, n_full, n).transpose(1, 2)  # [B, n, N]
-                gjs = _resize_vjp(g_keys.reshape(B * n, 1, h, w), (hs, ws)).reshape(B, n, n)
+                g_keys = resize_vjp(g_both, (hs, ws)).reshape(B, n_full, n).transpose(1, 2)  # [B, n, N]
+                gjs = resize_vjp(g_keys.reshape(B * n, 1, h, w), (hs, ws)).reshape(B, n, n)
             gps = divergence_vjp(gjs, ps).to(gjs.dtype)
             # softmax over classes of the resized grid / tau
             gz = ps * (gps - (ps * gps).sum(-1, keepdim=True)) / tau  # [B, n, C]
             gz = gz.transpose(1, 2).reshape(B, C, hs, ws)
-            return gz if same else _resize_vjp(gz, (h, w))
+            return gz if same else resize_vjp(gz, (h, w))
 
         gsim += scaled_vjp(chain, gju, dt)
     return gsim
