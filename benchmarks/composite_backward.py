@@ -2,8 +2,8 @@
 backend's registered backward (the column named "composite"; since the fused multi-scale backward,
 csrc/cdam_cpu_multiscale_backward.cpp / kernels/multiscale_backward.py, that is the fused one:
 benchmarks/multiscale_backward.py compares it with the composite) against the reference formulas
-on the same forward (cdam_fast.autograd.ops.FUSED_BACKWARD switched off for that backend), in one
-process, alternating.
+on the same forward (the ops taken out of that backend's backward_ops), in one process,
+alternating.
 
     python -m cdam_fast.benchmarks.composite_backward [--grid 28] [--C 101] [--D 64] [--threads 2]
 """
@@ -15,7 +15,8 @@ import time
 import torch
 
 import cdam_fast as cf
-from cdam_fast.autograd import ops as bwd_ops
+from cdam_fast import dispatch
+from cdam_fast.opspec import COMPOSITE_BACKWARD_OPS
 from cdam_fast.grids import CDAM_SCALES
 
 
@@ -49,19 +50,21 @@ def main(argv=None) -> None:
     cases = {"cdam_map": (lambda p: cf.cdam_map(p, backend=a.backend), [p]),
              "multiscale_cdam_attention": (lambda s, v: cf.multiscale_cdam_attention(s, v, CDAM_SCALES,
                                                                                      backend=a.backend), [sim, v])}
-    fused = bwd_ops.FUSED_BACKWARD[a.backend]
+    cls = type(dispatch.backend(a.backend))
+    fused = cls.backward_ops
+    without = tuple(op for op in fused if op not in COMPOSITE_BACKWARD_OPS)
     try:
         for op, (fn, inputs) in cases.items():
             best = {}
             for _ in range(a.repeats):
-                for kind, provider in (("composite", fused), ("reference formulas", None)):
-                    bwd_ops.FUSED_BACKWARD[a.backend] = provider
+                for kind, declared in (("composite", fused), ("reference formulas", without)):
+                    cls.backward_ops = declared
                     best[kind] = min(best.get(kind, float("inf")), _backward_seconds(fn, inputs))
             print(f"{op} N={n} C={a.C}" + (f" D={a.D}" if op != "cdam_map" else ""),
                   ", ".join(f"{k}: {t:.3f} s" for k, t in best.items()),
                   f"({best['reference formulas'] / best['composite']:.1f}x)")
     finally:
-        bwd_ops.FUSED_BACKWARD[a.backend] = fused
+        cls.backward_ops = fused
 
 
 if __name__ == "__main__":

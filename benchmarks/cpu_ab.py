@@ -9,7 +9,7 @@ jsd_attention, self keys); --forward: the forward (cdam_cpu.cpp: pairwise_jsd, c
 recompute mode, jsd_attention). N = 784, C' = 101, D = 768. Calls alternate A, B, A, B, ...; on a
 shared machine only the paired ratios B / A mean much: their median and IQR are printed with
 each side's median time (IQR). --accuracy: instead of timing, each backward build's gradients
-against the float64 reference formulas (cdam_fast/autograd/reference.py) on a few small cases,
+against the float64 reference formulas (cdam_fast/opdefs/cdam.py, jsd_attention.py) on a few small cases,
 max error relative to the largest gradient entry, as tests/test_autograd.py measures it.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ import time
 import torch
 from torch.utils import cpp_extension
 
-from cdam_fast.autograd import cpu_backward as cb
-from cdam_fast.autograd import reference as bref
+from cdam_fast.backends import cpu_backward as cb
 from cdam_fast.backends import extension_build as eb
 from cdam_fast.centring import centring_weights, row_terms
+from cdam_fast.opdefs import cdam, jsd_attention
 
 
 def _load(src_dir: str, source: str, tag: str):
@@ -68,8 +68,8 @@ def _accuracy(mods) -> None:
         rp = row_terms(p, w)
         for kind, param, name in ((1, 10.0, "cdam_attention"), (0, 0.1, "jsd_attention")):
             pd, vd, gd = p.double(), v.double(), g.double()
-            expected = (bref.cdam_attention_backward(gd, pd, vd, param) if kind else
-                        bref.jsd_attention_backward(gd, pd, vd, None, param))[:2]
+            expected = (cdam.cdam_attention_backward(gd, pd, vd, param) if kind else
+                        jsd_attention.jsd_attention_backward(gd, pd, vd, param))[:2]
             line = []
             for label, m in zip("AB", mods):
                 T, U, gv = m.attention_backward(pp, lp, rp, kT, lkT, rk, w, v, g, kind, param, True)

@@ -1,7 +1,7 @@
 """Forward, backward and forward + backward of multiscale_cdam_attention on the cpu backend, side by
 side in one process: the fused backward (csrc/cdam_cpu_multiscale_backward.cpp), the composite it
-replaced (autograd/reference.py's formulas on the CPU divergence and its fused pairwise_jsd
-backward, bound here for the comparison only) and plain fp32 autograd through the broadcasting
+replaced (the op's formulas, cdam_fast/opdefs/multiscale.py, on the backend's divergence and its
+fused pairwise_jsd backward, for the comparison only) and plain fp32 autograd through the broadcasting
 formula (benchmarks/baselines.plain_multiscale_cdam_attention). Implementations alternate within
 each repeat; medians. With --memory, the peak of one forward + backward per (implementation, N),
 each in a fresh process (growth of ru_maxrss over the step, after a warm-up step).
@@ -24,9 +24,7 @@ import time
 import torch
 
 import cdam_fast as cf
-from cdam_fast.autograd import cpu_backward
-from cdam_fast.autograd import reference as bref
-from cdam_fast.backends import cpu_backend
+from cdam_fast import dispatch
 from cdam_fast.grids import CDAM_SCALES
 
 from .baselines import plain_multiscale_cdam_attention
@@ -37,27 +35,18 @@ IMPLS = ("fused", "composite", "plain autograd")
 BACKENDS = ("cpu", "triton")
 
 
-def _provider(backend: str):
-    """(the backend's backward module, its backend module, its fused pairwise_jsd backward)."""
-    if backend == "triton":
-        from cdam_fast.autograd import triton_backward
-        from cdam_fast.backends import triton_backend
-
-        return triton_backward, triton_backend, triton_backward.pairwise_jsd_backward
-    return cpu_backward, cpu_backend, cpu_backward.pairwise_jsd_backward
-
-
 @contextlib.contextmanager
 def _backward_of(impl: str, backend: str):
-    """The backend's multi-scale attention backward as `impl` for the duration."""
-    module, forward, jsd_vjp = _provider(backend)
-    fused = module.multiscale_cdam_attention_backward
+    """The backend's multi-scale attention backward as `impl` for the duration: "composite" takes
+    its own method away, so Backend.backward runs the op's formulas on the backend's kernels."""
+    cls = type(dispatch.backend(backend))
+    fused = cls.multiscale_cdam_attention_backward
     if impl == "composite":
-        module.multiscale_cdam_attention_backward = bref.bind_composites(forward, jsd_vjp)[2]
+        cls.multiscale_cdam_attention_backward = None
     try:
         yield
     finally:
-        module.multiscale_cdam_attention_backward = fused
+        cls.multiscale_cdam_attention_backward = fused
 
 
 def _forward(impl: str, mode: str, backend: str):

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from . import dispatch
-from .opspec import OPS, STATS_NOT_SAVED, OpSpec
+from .opspec import OPS, TRAINING_OPS, OpSpec
 
 
 def _contiguous(call):
@@ -39,9 +39,10 @@ def _cuda_autocast_off():
 
 
 def _make_impl(spec: OpSpec, train: bool = False):
-    """The eager implementation; train: the private training variant (spec.saved_stats), which
-    returns (out, stats) from the backend's `<name>_train` where it has one, else
-    (out, STATS_NOT_SAVED everywhere)."""
+    """The eager implementation; train: the private training variant (spec.stats_format), which
+    returns (out, stats): the statistics the chosen backend's training forward saves where it
+    declares them (Backend.saved_stats), else zeros (its backward is told by that declaration,
+    not by the values: cdam_fast/autograd/register.py)."""
     @autocast_off
     def impl(*args):
         call, backend, validate = spec.bind(args)
@@ -53,27 +54,26 @@ def _make_impl(spec: OpSpec, train: bool = False):
             call = spec.unchecked_values(call)
         if spec.is_empty(call):
             out = spec.new_output(call, fill_zero=True)
-            return (out, spec.new_stats(call, STATS_NOT_SAVED)) if train else out
+            return (out, spec.new_stats(call, zero=True)) if train else out
         call = _contiguous(spec.promote(call))
-        module = dispatch.select(backend, call)
-        saving = getattr(module, spec.name + "_train", None) if train else None
-        if saving is None:
-            out = getattr(module, spec.name)(*call.args())
-            stats = spec.new_stats(call, STATS_NOT_SAVED) if train else None
-        else:
-            out, stats = saving(*call.args())
-            _check_output(module, spec.train_name, stats, spec.saved_stats(call), torch.float32)
-            stats = stats.contiguous()
-        _check_output(module, spec.name, out, spec.shape(call), spec.out_dtype(call))
+        chosen = dispatch.select(backend, call)
+        out, stats = chosen.forward(spec.name, call, train)
+        if train:
+            if stats is None:
+                stats = spec.new_stats(call, zero=True)
+            else:
+                _check_output(chosen, spec.train_name, stats, spec.stats_format.shape(call), torch.float32)
+                stats = stats.contiguous()
+        _check_output(chosen, spec.name, out, spec.shape(call), spec.out_dtype(call))
         return (out.contiguous(), stats) if train else out.contiguous()
 
     impl.__name__ = spec.train_name if train else spec.name
     return impl
 
 
-def _check_output(module, name, out, shape, dtype):
+def _check_output(chosen, name, out, shape, dtype):
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype:  # a backend bug, never the caller's
-        raise AssertionError(f"backend {module.__name__} returned {out.dtype} {tuple(out.shape)} for "
+        raise AssertionError(f"backend {chosen.name!r} returned {out.dtype} {tuple(out.shape)} for "
                              f"{name}; the spec says {dtype} {tuple(shape)}")
 
 
@@ -95,16 +95,16 @@ def _register(spec: OpSpec, train: bool = False):
 
 #: name -> the registered custom op (callable with the schema's positional arguments)
 REGISTERED = {name: _register(spec) for name, spec in OPS.items()}
-#: name -> its private training variant (ops with spec.saved_stats): (out, per-row statistics,
+#: name -> its private training variant (ops with a spec.stats_format): (out, per-row statistics,
 #: float32), called by the public wrappers when a gradient is needed; its autograd formula hands
 #: the statistics to the backward (cdam_fast/autograd/register.py)
-TRAINING = {name: _register(spec, train=True) for name, spec in OPS.items() if spec.saved_stats}
+TRAINING = {name: _register(OPS[name], train=True) for name in TRAINING_OPS}
 
-pairwise_jsd = REGISTERED["pairwise_jsd"]
-cdam_map = REGISTERED["cdam_map"]
-cdam_attention = REGISTERED["cdam_attention"]
-multiscale_cdam_map = REGISTERED["multiscale_cdam_map"]
-multiscale_cdam_attention = REGISTERED["multiscale_cdam_attention"]
-jsd_attention = REGISTERED["jsd_attention"]
-cdam_attention_train = TRAINING["cdam_attention"]
-jsd_attention_train = TRAINING["jsd_attention"]
+
+def __getattr__(name: str):
+    """lib.<op> is the registered op, lib.<op>_train its training variant."""
+    if name in REGISTERED:
+        return REGISTERED[name]
+    if name.endswith("_train") and name[:-len("_train")] in TRAINING:
+        return TRAINING[name[:-len("_train")]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -88,6 +88,19 @@ def unit_factor(exp_neg_alpha: float, factor: float) -> float:
     return float(f)
 
 
+def gradient_exponent(alpha: float) -> int:
+    """e = max(0, floor(log2 alpha)): the fused cdam_attention backward kernels scale dA/dX, and
+    so the score gradient G, by 2^-e (G is then at most a few |g.v| / span whatever alpha) and
+    their callers multiply the p gradient back by 2^e with unscale (csrc/cdam_cpu_backward.cpp
+    computes the same e as max(0, ilogb(alpha)))."""
+    return max(0, math.frexp(alpha)[1] - 1)
+
+
+def unscale(g, e: int):
+    """g 2^e in float64 (exact; +-inf once the caller casts a value beyond float32 back)."""
+    return g.double() * 2.0 ** e
+
+
 if __name__ == "__main__":
     from pathlib import Path
 

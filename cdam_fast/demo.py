@@ -38,7 +38,7 @@ def run(args) -> int:
     sim = (0.2 * torch.randn(1, args.classes, h, w, generator=gen)).to(dev)
     p = torch.softmax(sim.flatten(2).transpose(1, 2) / 0.1, dim=-1)
     v = torch.randn(1, h * w, args.dim, generator=gen).to(dev)
-    chosen = resolve(args.backend, dev, torch.float32).__name__.rsplit(".", 1)[-1].removesuffix("_backend")
+    chosen = resolve(args.backend, dev, torch.float32).name
     print(f"cdam-fast {cf.__version__}: N = {h * w} patches, C' = {args.classes}, D = {args.dim}, "
           f"device {dev}, backend {args.backend!r} -> {chosen}")
     cases = [

@@ -111,13 +111,17 @@ def grads(op: str, backend: str, case: dict, dtype: torch.dtype | None = None, d
 
     p, q, v, g = t(case["p"]), t(case["q"]), t(case["v"]), t(case["g"])
     ops = torch.ops.cdam_fast
+    has_q = q is not None
+    # (grad, the forward's arguments, backend, validate=False: the values are checked as for a
+    # forward that did not, needs: every gradient, no saved statistics)
     if op == "pairwise_jsd":
-        gp, gq = ops.pairwise_jsd_backward(g, p, q, backend)
-        return {"p": gp, "q": gq if q is not None else None}
+        gp, gq = ops.pairwise_jsd_backward(g, p, q, backend, False, [True, has_q], None)
+        return {"p": gp, "q": gq if has_q else None}
     if op == "jsd_attention":
-        gp, gv, gq = ops.jsd_attention_backward(g, p, v, q, case["tau"], backend)
-        return {"p": gp, "v": gv, "q": gq if q is not None else None}
-    gp, gv = ops.cdam_attention_backward(g, p, v, case["alpha"], "recompute", 1 << 30, backend)
+        gp, gv, gq = ops.jsd_attention_backward(g, p, v, case["tau"], q, backend, False, [True, True, has_q], None)
+        return {"p": gp, "v": gv, "q": gq if has_q else None}
+    gp, gv = ops.cdam_attention_backward(g, p, v, case["alpha"], "recompute", 1 << 30, backend, False, [True, True],
+                                         None)
     return {"p": gp, "v": gv}
 
 

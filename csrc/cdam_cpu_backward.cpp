@@ -6,7 +6,7 @@
 // J is evaluated in the forward's centred form (cdam_common.h): with the centring weights w [B, C]
 // shared by both sides, J_ij = (ln 2 / 2) (r_i + r'_j - sum_c s log2(s w_c)), and the gradient's
 // log(p_ic / m_ijc) = ln 2 (lp_ic - log2(s w_c)) with lp_ic = log2(2 p_ic w_c): one logarithm per
-// (i, j, c) serves both. Inputs arrive from cdam_fast/autograd/cpu_backward.py float32 and prepared:
+// (i, j, c) serves both. Inputs arrive from cdam_fast/backends/cpu_backward.py float32 and prepared:
 // rows p [B, N, C], their log terms lp [B, N, C] and row terms r [B, N] (cdam_fast/centring.py);
 // keys class-major and zero-padded to a multiple of the vector width, kT / lkT [B, C, Mp], rk [B, Mp].
 #include <torch/extension.h>
@@ -204,7 +204,7 @@ void gradient_row(int kind, double param, const float* jr, float* wr, const floa
     return;
   }
   // dA/dX = scale exp(-alpha t), scale = alpha / (1 - exp(-alpha)), times 2^-e with
-  // e = max(0, ilogb(alpha)) (the caller multiplies the gradient back by 2^e: reference.py
+  // e = max(0, ilogb(alpha)) (the caller multiplies the gradient back by 2^e: constants.py
   // gradient_exponent): G then stays in the float32 range for every alpha, so huge alpha gives
   // +-inf gradients where they are genuinely beyond it, never inf - inf = NaN in the class sums.
   const double alpha = param, inv = 1.0 / st.span;
@@ -233,13 +233,14 @@ void gradient_row(int kind, double param, const float* jr, float* wr, const floa
 }
 
 // The attention backward (kind as above, param = tau or alpha) in bounded row chunks; returns
-// T [B, N, C], U [B, C, Mp], gv [B, M, D] (float32). Each row's C x Mp logarithms are taken once
+// T [B, N, C], U [B, C, Mp], gv [B, M, D] (float32). need_p false: gv alone (T and U stay zero):
+// each row's weights, no g . v products, score gradients or class sums. Each row's C x Mp logarithms are taken once
 // into a per-thread buffer (C Mp floats, cache-resident at paper sizes) that serves both its J
 // row and, once the row's score gradient is known, its class sums: one log per (i, j, c).
 std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& rp,
                                            const at::Tensor& kT, const at::Tensor& lkT, const at::Tensor& rk,
                                            const at::Tensor& cw, const at::Tensor& v, const at::Tensor& g, int64_t kind,
-                                           double param, bool self, int64_t buffer_budget) {
+                                           double param, bool self, int64_t buffer_budget, bool need_p) {
   const int64_t B = p.size(0), N = p.size(1), C = p.size(2), Mp = kT.size(2), M = v.size(1);
   TORCH_CHECK(Mp > 0 && Mp % (2 * kLanes) == 0, "attention_backward: keys must be padded to a positive multiple of ",
               2 * kLanes);
@@ -248,10 +249,11 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
   at::Tensor gv = at::zeros({B, M, v.size(2)}, p.options());
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, kChunkFloats / Mp));
   at::Tensor W = at::zeros({R, Mp}, p.options()), GV = at::empty({R, M}, p.options());
-  // per task: its key-side sums and its row's logs (C x Mp each), and three Mp rows
-  const int64_t tasks = task_count(buffer_budget, (2 * C + 3) * Mp * int64_t(sizeof(float)), std::min(N, R));
-  std::vector<float> u_local(tasks * C * Mp);
-  g_buffer_bytes = tasks * (2 * C + 3) * Mp * int64_t(sizeof(float));
+  // per task: its key-side sums (only with need_p) and its row's logs (C x Mp each), and three Mp rows
+  const int64_t per_task = ((need_p ? 2 : 1) * C + 3) * Mp * int64_t(sizeof(float));
+  const int64_t tasks = task_count(buffer_budget, per_task, std::min(N, R));
+  std::vector<float> u_local(need_p ? tasks * C * Mp : 0);
+  g_buffer_bytes = tasks * per_task;
   float* w = W.data_ptr<float>();
   const auto logs_of_row = has_tiny(p) || has_tiny(kT) ? row_logs<true> : row_logs<false>;
   for (int64_t b = 0; b < B; ++b) {
@@ -266,10 +268,12 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
     for (int64_t i0 = 0; i0 < N; i0 += R) {
       const int64_t nr = std::min(R, N - i0);
       const at::Tensor g_rows = g[b].narrow(0, i0, nr);
-      at::Tensor gvr = GV.narrow(0, 0, nr);
-      at::mm_out(gvr, g_rows, v[b].t());  // g_i . v_j
+      if (need_p) {
+        at::Tensor gvr = GV.narrow(0, 0, nr);
+        at::mm_out(gvr, g_rows, v[b].t());  // g_i . v_j
+      }
       for_each_task(0, nr, std::min(tasks, nr), [&](int64_t task, int64_t begin, int64_t end) {
-        float* ut = u_local.data() + task * C * Mp;
+        float* ut = need_p ? u_local.data() + task * C * Mp : nullptr;
         std::vector<float> logs(C * Mp), jrow(Mp), part(Mp), grow(Mp);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = i0 + r;
@@ -282,9 +286,10 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
           if (self) jrow[i] = 0.f;
           float* wr = w + r * Mp;
           forward_row(int(kind), param, jrow.data(), wr, M);
+          if (!need_p) continue;
           std::copy(wr, wr + M, grow.begin());
           gradient_row(int(kind), param, jrow.data(), grow.data(), GV.data_ptr<float>() + r * M, M);
-          if (kind == 1)  // J = 0 (the diagonal, identical rows) passes no gradient (reference.py: divergence_grad)
+          if (kind == 1)  // J = 0 (the diagonal, identical rows) passes no gradient (opdefs/cdam.py: divergence_grad)
             for (int64_t j = 0; j < M; ++j) grow[j] = jrow[j] == 0.f ? 0.f : grow[j];
           std::fill(grow.begin() + M, grow.end(), 0.f);  // padded keys: no gradient
           row_class_sums(grow.data(), logs.data(), lpb + i * C, lkb, C, Mp, Tb + i * C, ut);
@@ -292,6 +297,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
       });
       gv[b].addmm_(W.narrow(0, 0, nr).narrow(1, 0, M).t(), g_rows);
     }
+    if (!need_p) continue;
     float* Ub = U.data_ptr<float>() + b * C * Mp;
     at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t t = 0; t < tasks; ++t)
@@ -315,7 +321,7 @@ at::Tensor log2_values(const at::Tensor& x) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "cdam_fast CPU backward kernels (see cdam_fast/autograd/cpu_backward.py)";
+  m.doc() = "cdam_fast CPU backward kernels (see cdam_fast/backends/cpu_backward.py)";
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("jsd_class_grads", &jsd_class_grads, "per-class gradient sums of sum_ij G_ij J_ij", py::arg("p"),
         py::arg("lp"), py::arg("kT"), py::arg("lkT"), py::arg("w"), py::arg("G"), py::arg("keys_too"),
@@ -323,7 +329,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward", &attention_backward,
         "backward of softmax(-J / tau) @ v (kind 0) or cdam_map(p, alpha) @ v (kind 1)", py::arg("p"), py::arg("lp"),
         py::arg("rp"), py::arg("kT"), py::arg("lkT"), py::arg("rk"), py::arg("w"), py::arg("v"), py::arg("g"), py::arg("kind"),
-        py::arg("param"), py::arg("self"), py::arg("buffer_budget") = -1, nogil);
+        py::arg("param"), py::arg("self"), py::arg("buffer_budget") = -1, py::arg("need_p") = true, nogil);
   m.def("last_buffer_bytes", &last_buffer_bytes, "bytes of per-task buffers the last backward call allocated");
   m.def("log2_values", &log2_values, "the backward's log2 of max(x, kTinyMass), elementwise (for tests)", py::arg("x"));
 }

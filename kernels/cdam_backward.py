@@ -9,8 +9,9 @@ forward saved the statistics of pass 1 (kernels/cdam.row_stats with count_ties):
      as the forward's transform takes it (kernels/common.cdam_transform); the share through the
      row minimum is never needed (J = 0 there passes no gradient: see _grad_tile), so neither
      is its sum or tie count;
-  3. query side: G = dL/dJ per tile, class sums over keys (jsd_backward's accumulator);
+  3. query side: G = dL/dJ per tile, class sums over keys (backward_common's accumulator);
   4. key side: the same G, class sums over queries, and gv_j = sum_i A_ij g_i.
+Only v's gradient wanted: pass 1 (unless saved), then pass 4 forming A and gv alone.
 """
 import math
 
@@ -19,13 +20,12 @@ import triton
 import triton.language as tl
 
 from .. import constants
-from ..autograd.reference import gradient_exponent, unscale
-from ..opspec import stats_saved
+from ..constants import gradient_exponent, unscale
+from .backward_common import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, accumulate_class_terms, class_major_log_terms, \
+    finish, row_dots
 from .common import CONSTANT_ROW_EPS, blocks, cdam_transform, fast_log, flat_grid, jsd_tile, merge_row_extremes, \
     poly_logs, tile_ids
 from .jsd import operands
-from .jsd_backward import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, _accumulate_class_terms, _finish, _log_terms, \
-    _row_dots
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def _tile(pT, rp, wc, hi, lo, g, v, offs_m, offs_n, mask_m, mask_n, N, C, D, FAS
     # X = 1 - t, not (hi - J) / span: X is then exactly 1 where t = 0, so at a single row minimum
     # the direct term and the one through lo cancel exactly (for huge alpha both are ~alpha / span)
     x = 1.0 - t
-    gv = _row_dots(g, v, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
+    gv = row_dots(g, v, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
     return j, t, x, inv, gv
 
 
@@ -107,7 +107,7 @@ def _grad_tile(pT, rp, wc, hi, lo, nhi, add_hi, g, v, offs_m, offs_n, mask_m, ma
     valid = mask_m[:, None] & mask_n[None, :]
     gx = gv * dadx_scale * tl.exp2(-alpha_log2e * t)
     # J = 0 (the diagonal, which jsd_tile sets to 0, and identical rows) passes no gradient
-    # (autograd/reference.divergence_grad). With J >= 0 those are exactly the row-minimum
+    # (opdefs/cdam.divergence_grad). With J >= 0 those are exactly the row-minimum
     # positions, so the share through lo is never needed; constant rows get none.
     G = -gx * inv[:, None] + tl.where(j == h[:, None], a_hi[:, None], 0.0)
     G = tl.where(valid & (inv[:, None] > 0.0) & (j != lw[:, None]), G, 0.0)
@@ -129,8 +129,20 @@ def cdam_grad_query_kernel(pT, rp, wc, lpT, hi, lo, nhi, add_hi, g, v, acc, N, C
                           add_hi + b * N, g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n,
                           N, C, D, alpha_log2e, dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA, FAST_LOG, POLY_LOGS,
                           BM, BN, BD)
-        _accumulate_class_terms(pT + b * C * N, pT + b * C * N, wc + b * C, lpT + b * C * N, lpT + b * C * N, G,
+        accumulate_class_terms(pT + b * C * N, pT + b * C * N, wc + b * C, lpT + b * C * N, lpT + b * C * N, G,
                                 offs_m, offs_n, mask_m, mask_n, N, N, C, acc + b * C * N, True, FAST_LOG)
+
+
+@triton.jit
+def _map_tile(pT, rp, wc, hi, lo, offs_m, offs_n, mask_m, mask_n, N, C, alpha_log2e, exp_neg_alpha, factor,
+              SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr):
+    """A on a tile (zero outside the masks), J recomputed and transformed as the forward does."""
+    j = jsd_tile(pT, pT, rp, rp, wc, offs_m, offs_n, N, N, C, True, FAST_LOG, BM, BN, POLY_LOGS)
+    h = tl.load(hi + offs_m, mask=mask_m, other=0.0)
+    lw = tl.load(lo + offs_m, mask=mask_m, other=0.0)
+    valid = mask_m[:, None] & mask_n[None, :]
+    return tl.where(valid, cdam_transform(j, h, lw, alpha_log2e, exp_neg_alpha, factor, SMALL_ALPHA), 0.0)
 
 
 @triton.jit
@@ -150,21 +162,29 @@ def accumulate_values(aT, g, gv_out, offs_m, offs_n, mask_m, mask_n, D, BD: tl.c
 @triton.jit
 def cdam_grad_key_kernel(pT, rp, wc, lpT, hi, lo, nhi, add_hi, g, v, acc, gv_out, N, C, D, alpha_log2e,
                          dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
-                         POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                         POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                         NEED_P: tl.constexpr):
+    """gv_j = sum_i A_ij g_i and (NEED_P) the key side's class sums of G. NEED_P False: the value
+    gradient alone, which needs only the row statistics (lpT, nhi, add_hi and acc are not read)."""
     pid, _unused, b = tile_ids(tl.cdiv(N, BN), 1)
     offs_n = pid * BN + tl.arange(0, BN)
     mask_n = offs_n < N
     for m0 in range(0, N, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < N
-        A, G = _grad_tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, nhi + b * N,
-                          add_hi + b * N, g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n,
-                          N, C, D, alpha_log2e, dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA, FAST_LOG, POLY_LOGS,
-                          BM, BN, BD)
+        if NEED_P:
+            A, G = _grad_tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, nhi + b * N,
+                              add_hi + b * N, g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n,
+                              N, C, D, alpha_log2e, dadx_scale, exp_neg_alpha, factor, SMALL_ALPHA, FAST_LOG,
+                              POLY_LOGS, BM, BN, BD)
+        else:
+            A = _map_tile(pT + b * C * N, rp + b * N, wc + b * C, hi + b * N, lo + b * N, offs_m, offs_n, mask_m,
+                          mask_n, N, C, alpha_log2e, exp_neg_alpha, factor, SMALL_ALPHA, FAST_LOG, POLY_LOGS, BM, BN)
         aT = tl.trans(A)
         accumulate_values(aT, g + b * N * D, gv_out + b * N * D, offs_m, offs_n, mask_m, mask_n, D, BD)
-        _accumulate_class_terms(pT + b * C * N, pT + b * C * N, wc + b * C, lpT + b * C * N, lpT + b * C * N, G,
-                                offs_m, offs_n, mask_m, mask_n, N, N, C, acc + b * C * N, False, FAST_LOG)
+        if NEED_P:
+            accumulate_class_terms(pT + b * C * N, pT + b * C * N, wc + b * C, lpT + b * C * N, lpT + b * C * N, G,
+                                   offs_m, offs_n, mask_m, mask_n, N, N, C, acc + b * C * N, False, FAST_LOG)
 
 
 def transform_derivative_scale(alpha: float) -> float:
@@ -192,42 +212,49 @@ def row_statistics(p: torch.Tensor) -> torch.Tensor:
     return _row_statistics(pT, rp, w, *p.shape)
 
 
-def cdam_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, alpha: float, mode=None,
-                            memory_budget=None, stats=None):
-    """Always recomputes J (mode and memory_budget do not change the backward). stats: the
-    training forward's [4, B, N] hi, lo, nhi, nlo (pass 1 is skipped), else None or not saved
-    (cdam_fast.opspec.STATS_NOT_SAVED). The forward's J is bitwise the one recomputed here in
-    both of its modes: the same jsd_tile on the same operands (kernels/jsd.operands), whether
-    recomputed or materialised by pairwise_jsd_kernel (symmetric bit for bit)."""
+def cdam_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, alpha: float, stats=None,
+                            need_p: bool = True):
+    """(gp, gv); always recomputes J (the forward's mode and memory budget do not change the
+    backward). stats: the training forward's [4, B, N] hi, lo, nhi, nlo (pass 1 is skipped),
+    else None. need_p False: the value gradient alone, one pass after the statistics (gp None).
+    The forward's J is bitwise the one recomputed here in both of its modes: the same jsd_tile
+    on the same operands (kernels/jsd.operands), whether recomputed or materialised by
+    pairwise_jsd_kernel (symmetric bit for bit)."""
     B, N, C = p.shape
     D = v.shape[2]
     pT, _, rp, _, w = operands(p, None)  # the forward's operands: J is recomputed bit for bit
-    lpT = _log_terms(p, w)
     g32, v32 = grad.float().contiguous(), v.float().contiguous()
     f32 = dict(device=p.device, dtype=torch.float32)
     logs = dict(FAST_LOG=fast_log(), POLY_LOGS=poly_logs())
-    extremes = stats.to(torch.float32).contiguous() if stats_saved(stats) else _row_statistics(pT, rp, w, B, N, C)
+    extremes = stats.to(torch.float32).contiguous() if stats is not None else _row_statistics(pT, rp, w, B, N, C)
     hi, lo, nhi, _ = extremes.unbind(0)  # (the tie count at lo is not needed)
     alpha_log2e, exp_neg_alpha, factor, small = constants.transform_factors(alpha)
     dadx_scale = transform_derivative_scale(alpha)
+    scalars = (alpha_log2e, dadx_scale, exp_neg_alpha, factor)
+    km, kn, kd = KEY_TILES
+    key_grid = flat_grid(triton.cdiv(N, blocks(N, kn)), 1, B)
+    key_tiles = dict(BM=blocks(N, km), BN=blocks(N, kn), BD=blocks(D, kd), num_warps=ATTN_WARPS)
+    gv = torch.zeros(B, N, D, **f32)
+    if not need_p:
+        unused = hi  # not read without the p gradient
+        cdam_grad_key_kernel[key_grid](pT, rp, w, unused, hi, lo, unused, unused, g32, v32, unused, gv, N, C, D,
+                                       *scalars, SMALL_ALPHA=small, **logs, **key_tiles, NEED_P=False)
+        return None, gv
+    lpT = class_major_log_terms(p, w)
     add_hi = torch.empty(B, N, **f32)
     qm, qn, qd = QUERY_TILES
     BM, BN, BD = blocks(N, qm), blocks(N, qn), blocks(D, qd)
     grid = flat_grid(triton.cdiv(N, BM), 1, B)
     cdam_grad_sums_kernel[grid](pT, rp, w, hi, lo, g32, v32, add_hi, N, C, D, alpha_log2e, dadx_scale, **logs,
                                 BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
-    stats = (pT, rp, w, lpT, hi, lo, nhi, add_hi, g32, v32)
-    scalars = (alpha_log2e, dadx_scale, exp_neg_alpha, factor)
+    tiles = (pT, rp, w, lpT, hi, lo, nhi, add_hi, g32, v32)
     acc_q = torch.zeros(B, C, N, **f32)
-    cdam_grad_query_kernel[grid](*stats, acc_q, N, C, D, *scalars, SMALL_ALPHA=small, **logs, BM=BM, BN=BN, BD=BD,
+    cdam_grad_query_kernel[grid](*tiles, acc_q, N, C, D, *scalars, SMALL_ALPHA=small, **logs, BM=BM, BN=BN, BD=BD,
                                  num_warps=ATTN_WARPS)
-    km, kn, kd = KEY_TILES
-    BM, BN, BD = blocks(N, km), blocks(N, kn), blocks(D, kd)
     acc_k = torch.zeros(B, C, N, **f32)
-    gv = torch.zeros(B, N, D, **f32)
-    cdam_grad_key_kernel[flat_grid(triton.cdiv(N, BN), 1, B)](*stats, acc_k, gv, N, C, D, *scalars, SMALL_ALPHA=small,
-                                                              **logs, BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
-    return unscale(_finish(acc_q, p) + _finish(acc_k, p), gradient_exponent(alpha)), gv
+    cdam_grad_key_kernel[key_grid](*tiles, acc_k, gv, N, C, D, *scalars, SMALL_ALPHA=small, **logs, **key_tiles,
+                                   NEED_P=True)
+    return unscale(finish(acc_q, p) + finish(acc_k, p), gradient_exponent(alpha)), gv
 
 
 def offline_cases() -> dict:
@@ -251,6 +278,9 @@ def offline_cases() -> dict:
         tag = "small_alpha" if small else "default"
         flags = {"SMALL_ALPHA": small, "FAST_LOG": True, "POLY_LOGS": 0}
         cases[f"cdam_grad_query[{tag}]"] = (cdam_grad_query_kernel, {**stats, **scal}, {**flags, **q}, ATTN_WARPS)
-        cases[f"cdam_grad_key[{tag}]"] = (cdam_grad_key_kernel, {**stats, "gv_out": f32, **scal}, {**flags, **k},
-                                          ATTN_WARPS)
+        cases[f"cdam_grad_key[{tag}]"] = (cdam_grad_key_kernel, {**stats, "gv_out": f32, **scal},
+                                          {**flags, **k, "NEED_P": True}, ATTN_WARPS)
+    cases["cdam_grad_key_v_only"] = (cdam_grad_key_kernel, {**stats, "gv_out": f32, **scal},
+                                     {"SMALL_ALPHA": False, "FAST_LOG": True, "POLY_LOGS": 0, **k, "NEED_P": False},
+                                     ATTN_WARPS)
     return cases

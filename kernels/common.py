@@ -237,6 +237,14 @@ def fast_log() -> bool:
     return not INTERPRETED and torch.version.hip is None
 
 
+def logit_scale(tau: float) -> float:
+    """-log2(e) / tau, the base-2 logit scale of J, one for the forward and the backward (which
+    recomputes the forward's weights from its saved LSE). J <= ln 2, so clamping it to the
+    float32 range keeps every logit finite for any tau > 0 (a tau below ~3e-39 would otherwise
+    make it -inf and 0 * inf = NaN on the diagonal)."""
+    return max(-constants.LOG2E / tau, -constants.FLOAT32_MAX)
+
+
 MIN_TILE = 16  # the smallest tile edge blocks() returns (tl.dot needs 16)
 
 

@@ -9,8 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import constants
-from .common import blocks, fast_log, flat_grid, jsd_tile, log2, poly_logs, product, tile_ids, value_tiles
+from .common import blocks, fast_log, flat_grid, jsd_tile, log2, logit_scale, poly_logs, product, tile_ids, value_tiles
 from .jsd import operands
 
 
@@ -62,10 +61,3 @@ def jsd_attention(p: torch.Tensor, v: torch.Tensor, tau: float, q: torch.Tensor 
                                V_IS_FP32=v.dtype == torch.float32, FAST_LOG=fast_log(), POLY_LOGS=poly_logs(), BM=BM, BN=BN, BD=BD,
                                WRITE_LSE=with_lse, num_warps=NUM_WARPS)
     return (out, lse) if with_lse else out
-
-
-def logit_scale(tau: float) -> float:
-    """-log2(e) / tau, the base-2 logit scale of J. J <= ln 2, so clamping it to the float32
-    range keeps every logit finite for any tau > 0 (a tau below ~3e-39 would otherwise make it
-    -inf and 0 * inf = NaN on the diagonal)."""
-    return max(-constants.LOG2E / tau, -constants.FLOAT32_MAX)

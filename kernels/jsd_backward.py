@@ -16,44 +16,12 @@ import triton
 import triton.language as tl
 
 from .. import constants
-from ..centring import centring_weights, log_terms
-from ..opspec import stats_saved
-from .common import blocks, fast_log, flat_grid, jsd_tile, log2, log2_sum, poly_logs, tile_ids
+from ..centring import centring_weights
+from .backward_common import ATTN_WARPS, KEY_TILES, NUM_WARPS, QUERY_TILES, accumulate_class_terms, class_major_log_terms, \
+    finish, row_dots
+from .common import blocks, fast_log, flat_grid, jsd_tile, log2, log2_sum, logit_scale, poly_logs, tile_ids
 from .jsd import class_major, operands
-from .jsd_attention import logit_scale
 
-NUM_WARPS = 4  # the divergence-only kernels (pairwise gradient, LSE)
-# (BM, BN, BD) and warps of the attention gradient kernels on GPU: the largest tiles that compile
-# spill-free for sm_90 (tests/test_autograd_compile.py); the key side also holds w^T and the
-# value-gradient product, so it walks 32 queries at a time with 16-wide D chunks.
-QUERY_TILES, KEY_TILES, ATTN_WARPS = (64, 64, 32), (32, 64, 16), 8
-
-
-@triton.jit
-def _accumulate_class_terms(aT, bT, wc, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, n_a, n_b, C, acc,
-                            QUERY_SIDE: tl.constexpr, FAST_LOG: tl.constexpr):
-    """acc[c, own rows] += sum over the other side of G * (l_own - log2(s w_c)) for every class c.
-
-    G is a [BM, BN] tile (rows offs_m of a, columns offs_n of b), zero outside the masks;
-    QUERY_SIDE accumulates over columns into a's rows (offs_m), else over rows into b's (offs_n).
-    wc: this batch element's [C] centring weights.
-    """
-    for c in range(C):
-        c64 = tl.cast(c, tl.int64)  # c * n can pass 2^31
-        a = tl.load(aT + c64 * n_a + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-        b = tl.load(bT + c64 * n_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        w = tl.load(wc + c64)
-        lg = log2_sum(a[:, None] + b[None, :], w, FAST_LOG)
-        if QUERY_SIDE:
-            la = tl.load(laT + c64 * n_a + offs_m, mask=mask_m, other=0.0)
-            t = tl.sum(G * (la[:, None] - lg), axis=1)
-            ptr = acc + c64 * n_a + offs_m
-            tl.store(ptr, tl.load(ptr, mask=mask_m, other=0.0) + t, mask=mask_m)
-        else:
-            lb = tl.load(lbT + c64 * n_b + offs_n, mask=mask_n, other=0.0)
-            t = tl.sum(G * (lb[None, :] - lg), axis=0)
-            ptr = acc + c64 * n_b + offs_n
-            tl.store(ptr, tl.load(ptr, mask=mask_n, other=0.0) + t, mask=mask_n)
 
 
 @triton.jit
@@ -82,7 +50,7 @@ def pairwise_jsd_grad_kernel(aT, bT, wc, laT, lbT, g, stride_gm, stride_gn, acc,
             mask_n = offs_n < M
             G = tl.load(g + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                         mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            _accumulate_class_terms(aT, bT, wc, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, True,
+            accumulate_class_terms(aT, bT, wc, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, True,
                                     FAST_LOG)
     else:
         offs_n = pid * BN + tl.arange(0, BN)
@@ -92,7 +60,7 @@ def pairwise_jsd_grad_kernel(aT, bT, wc, laT, lbT, g, stride_gm, stride_gn, acc,
             mask_m = offs_m < N
             G = tl.load(g + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                         mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            _accumulate_class_terms(aT, bT, wc, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False,
+            accumulate_class_terms(aT, bT, wc, laT, lbT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False,
                                     FAST_LOG)
 
 
@@ -116,33 +84,24 @@ def jsd_attention_lse_kernel(pT, qT, rp, rq, wc, lse, N, M, C, neg_log2e_over_ta
 
 
 @triton.jit
-def _row_dots(g, v, offs_m, offs_n, mask_m, mask_n, D, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """[BM, BN] tile of g_i . v_j (rows of g [*, D] and v [*, D]; zero outside the masks), the
-    incoming gradient against the values, summed over D in BD chunks (3xTF32)."""
-    gv = tl.zeros((BM, BN), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        mask_d = offs_d < D
-        gt = tl.load(g + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
-                     other=0.0)
-        vt = tl.load(v + offs_n[:, None].to(tl.int64) * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                     other=0.0)
-        gv = tl.dot(gt, tl.trans(vt), gv, input_precision="tf32x3")
-    return gv
+def _weights(pT, qT, rp, rq, wc, lse, offs_m, offs_n, mask_m, mask_n, N, M, C, neg_log2e_over_tau,
+             SELF: tl.constexpr, FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """w on a [BM, BN] tile: softmax weights from the saved normaliser, zero outside the masks.
+    J is recomputed exactly as the forward (jsd_tile, same centring weights and row terms)."""
+    j = jsd_tile(pT, qT, rp, rq, wc, offs_m, offs_n, N, M, C, SELF, FAST_LOG, BM, BN, POLY_LOGS)
+    l2 = tl.load(lse + offs_m, mask=mask_m, other=0.0)
+    valid = mask_m[:, None] & mask_n[None, :]
+    return tl.where(valid, tl.exp2(j * neg_log2e_over_tau - l2[:, None]), 0.0)
 
 
 @triton.jit
 def _weight_tile(pT, qT, rp, rq, wc, lse, g, v, offs_m, offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau,
                  SELF: tl.constexpr, FAST_LOG: tl.constexpr, POLY_LOGS: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BD: tl.constexpr):
-    """(w, g_i . v_j) on a [BM, BN] tile: w = softmax weights from the saved normaliser, zero
-    outside the masks. J is recomputed exactly as the forward (jsd_tile, same centring weights
-    and row terms)."""
-    j = jsd_tile(pT, qT, rp, rq, wc, offs_m, offs_n, N, M, C, SELF, FAST_LOG, BM, BN, POLY_LOGS)
-    l2 = tl.load(lse + offs_m, mask=mask_m, other=0.0)
-    valid = mask_m[:, None] & mask_n[None, :]
-    w = tl.where(valid, tl.exp2(j * neg_log2e_over_tau - l2[:, None]), 0.0)
-    return w, _row_dots(g, v, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
+    """(w, g_i . v_j) on a [BM, BN] tile (_weights)."""
+    w = _weights(pT, qT, rp, rq, wc, lse, offs_m, offs_n, mask_m, mask_n, N, M, C, neg_log2e_over_tau, SELF, FAST_LOG,
+                 POLY_LOGS, BM, BN)
+    return w, row_dots(g, v, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
 
 
 @triton.jit
@@ -219,10 +178,13 @@ def jsd_attention_grad_query_kernel(pT, qT, rp, rq, wc, lpT, lse, delta, rnorm, 
 @triton.jit
 def jsd_attention_grad_key_kernel(pT, qT, rp, rq, wc, lqT, lse, delta, rnorm, g, v, acc, gv_out, N, M, C, D,
                                   neg_log2e_over_tau, neg_inv_tau, SELF: tl.constexpr, FAST_LOG: tl.constexpr,
-                                  POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                                  POLY_LOGS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                                  NEED_P: tl.constexpr):
     """Key side, one program per key block, after the query side (which stores Delta and the
     weights' renormalisation): acc[c, j] = sum_i G_ij (lq_jc - log2(s_ijc w_c)) and the value
-    gradient gv_j = sum_i w_ij g_i (fp32, read-modify-write per D chunk)."""
+    gradient gv_j = sum_i w_ij g_i (fp32, read-modify-write per D chunk). NEED_P False: the value
+    gradient alone (no query pass ran: the weights are taken as the LSE gives them, and neither
+    g . v nor the class sums are formed)."""
     pid, _unused, b = tile_ids(tl.cdiv(M, BN), 1)
     pT += b * C * N
     qT += b * C * M
@@ -235,12 +197,14 @@ def jsd_attention_grad_key_kernel(pT, qT, rp, rq, wc, lqT, lse, delta, rnorm, g,
     for m0 in range(0, N, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < N
-        w, gv = _weight_tile(pT, qT, rp + b * N, rq + b * M, wc, lse + b * N, g + b * N * D, v + b * M * D, offs_m,
-                             offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau, SELF, FAST_LOG, POLY_LOGS,
-                             BM, BN, BD)
-        w = w * tl.load(rnorm + b * N + offs_m, mask=mask_m, other=0.0)[:, None]
-        dl = tl.load(delta + b * N + offs_m, mask=mask_m, other=0.0)
-        G = w * (gv - dl[:, None]) * neg_inv_tau  # dL/dJ = -dS / tau
+        if NEED_P:
+            w, gv = _weight_tile(pT, qT, rp + b * N, rq + b * M, wc, lse + b * N, g + b * N * D, v + b * M * D,
+                                 offs_m, offs_n, mask_m, mask_n, N, M, C, D, neg_log2e_over_tau, SELF, FAST_LOG,
+                                 POLY_LOGS, BM, BN, BD)
+            w = w * tl.load(rnorm + b * N + offs_m, mask=mask_m, other=0.0)[:, None]
+        else:
+            w = _weights(pT, qT, rp + b * N, rq + b * M, wc, lse + b * N, offs_m, offs_n, mask_m, mask_n, N, M, C,
+                         neg_log2e_over_tau, SELF, FAST_LOG, POLY_LOGS, BM, BN)
         wT = tl.trans(w)
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
@@ -250,23 +214,16 @@ def jsd_attention_grad_key_kernel(pT, qT, rp, rq, wc, lqT, lse, delta, rnorm, g,
             ptr = gv_out + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
             mask = mask_n[:, None] & mask_d[None, :]
             tl.store(ptr, tl.dot(wT, gt, tl.load(ptr, mask=mask, other=0.0), input_precision="tf32x3"), mask=mask)
-        # (the query-side log terms are not read on the key side: lqT stands in for them)
-        _accumulate_class_terms(pT, qT, wc, lqT, lqT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False,
-                                FAST_LOG)
+        if NEED_P:
+            dl = tl.load(delta + b * N + offs_m, mask=mask_m, other=0.0)
+            G = w * (gv - dl[:, None]) * neg_inv_tau  # dL/dJ = -dS / tau
+            # (the query-side log terms are not read on the key side: lqT stands in for them)
+            accumulate_class_terms(pT, qT, wc, lqT, lqT, G, offs_m, offs_n, mask_m, mask_n, N, M, C, acc, False,
+                                   FAST_LOG)
 
 
 # ---------------------------------------------------------------------------------------------
 # Host side.
-
-def _log_terms(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """centring.log_terms class-major: [B, C, N] fp32."""
-    return log_terms(p, w).transpose(1, 2).contiguous()
-
-
-def _finish(acc: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """[B, C, n] class sums -> the gradient [B, n, C]: (ln 2 / 2) acc, and 0 where p = 0."""
-    return torch.where(p > 0, constants.HALF_LN2 * acc.transpose(1, 2), 0.0)
-
 
 def _scales(tau: float) -> tuple[float, float]:
     """(the forward's base-2 logit scale, -1 / tau clamped the same way): the saved LSE and the
@@ -279,7 +236,7 @@ def _class_grad(p, q, w, g, query_side):
     B, N, C = p.shape
     M = q.shape[1]
     pT, qT = class_major(p), class_major(q)
-    lpT, lqT = _log_terms(p, w), _log_terms(q, w)
+    lpT, lqT = class_major_log_terms(p, w), class_major_log_terms(q, w)
     acc = torch.zeros(B, C, N if query_side else M, device=p.device, dtype=torch.float32)
     BM, BN = blocks(N, 64), blocks(M, 64)
     grid = flat_grid(triton.cdiv(N, BM) if query_side else triton.cdiv(M, BN), 1, B)
@@ -288,31 +245,31 @@ def _class_grad(p, q, w, g, query_side):
     return acc
 
 
-def pairwise_jsd_backward(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None):
+def pairwise_jsd_backward(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None, need_q: bool = True):
+    """(gp, gq); gq None when q is None or not needed (no key-side pass then)."""
     g = grad.float()
     w = centring_weights(p, q)
     if q is None:
         # p is on both sides: one query-side pass over G + G^T (the diagonal is constant 0)
         g = g + g.transpose(1, 2)
         g.diagonal(dim1=-2, dim2=-1).zero_()
-        return _finish(_class_grad(p, p, w, g, True), p), None
+        return finish(_class_grad(p, p, w, g, True), p), None
     g = g.contiguous()
-    return _finish(_class_grad(p, q, w, g, True), p), _finish(_class_grad(p, q, w, g, False), q)
+    gp = finish(_class_grad(p, q, w, g, True), p)
+    return gp, (finish(_class_grad(p, q, w, g, False), q) if need_q else None)
 
 
 def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, tau: float,
-                           lse: torch.Tensor | None = None):
-    """Two passes over the key tiles (query side, key side) when lse holds the training
-    forward's row log-sum-exp [B, N] (base 2); three when it is None or was not saved
-    (cdam_fast.opspec.STATS_NOT_SAVED), the first computing it (jsd_attention_lse_kernel).
-    The forward's output is not needed: the query pass sums Delta_i from its own weights (see
-    jsd_attention_grad_query_kernel for why g . out is not accurate enough)."""
+                           lse: torch.Tensor | None = None, need_p: bool = True):
+    """(gp, gv, gq). Two passes over the key tiles (query side, key side) when lse holds the
+    training forward's row log-sum-exp [B, N] (base 2); three when it is None, the first
+    computing it (jsd_attention_lse_kernel). need_p False: the value gradient alone, one key-side
+    pass (gp, gq None). The forward's output is not needed: the query pass sums Delta_i from its
+    own weights (see jsd_attention_grad_query_kernel for why g . out is not accurate enough)."""
     B, N, C = p.shape
     keys = p if q is None else q
     M, D = v.shape[1], v.shape[2]
     pT, qT, rp, rq, w = operands(p, q)  # the forward's operands: J is recomputed bit for bit
-    lpT = _log_terms(p, w)
-    lkT = lpT if q is None else _log_terms(q, w)
     g32, v32 = grad.float().contiguous(), v.float().contiguous()  # fp32 products (tf32x3 on GPU)
     scale, neg_inv_tau = _scales(tau)
     flags = dict(SELF=q is None, FAST_LOG=fast_log(), POLY_LOGS=poly_logs())
@@ -320,12 +277,23 @@ def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor,
     BM, BN, BD = blocks(N, qm), blocks(M, qn), blocks(D, qd)
     f32 = dict(device=p.device, dtype=torch.float32)
     grid = flat_grid(triton.cdiv(N, BM), 1, B)
-    if not stats_saved(lse):
+    if lse is None:
         lse = torch.empty(B, N, **f32)
         jsd_attention_lse_kernel[grid](pT, qT, rp, rq, w, lse, N, M, C, scale, **flags, BM=BM, BN=BN,
                                        num_warps=NUM_WARPS)
     else:
         lse = lse.to(torch.float32).contiguous()
+    gv = torch.zeros(B, M, D, **f32)
+    km, kn, kd = KEY_TILES
+    key_grid = flat_grid(triton.cdiv(M, blocks(M, kn)), 1, B)
+    key_tiles = dict(BM=blocks(N, km), BN=blocks(M, kn), BD=blocks(D, kd), num_warps=ATTN_WARPS)
+    if not need_p:
+        unused = lse  # the key pass reads no log terms, Delta, normalisers or class sums then
+        jsd_attention_grad_key_kernel[key_grid](pT, qT, rp, rq, w, unused, lse, unused, unused, g32, v32, unused, gv, N,
+                                                M, C, D, scale, neg_inv_tau, **flags, **key_tiles, NEED_P=False)
+        return None, gv, None
+    lpT = class_major_log_terms(p, w)
+    lkT = lpT if q is None else class_major_log_terms(q, w)
     # Delta_i and 1 / sum_j w_ij, written by the query pass, read by the key pass
     delta, rnorm = torch.empty(B, N, **f32), torch.empty(B, N, **f32)
     acc_p, acc_y = torch.zeros(B, C, N, **f32), torch.zeros(B, C, N, **f32)
@@ -333,14 +301,9 @@ def jsd_attention_backward(grad: torch.Tensor, p: torch.Tensor, v: torch.Tensor,
                                           D, scale, neg_inv_tau, **flags, BM=BM, BN=BN, BD=BD, num_warps=ATTN_WARPS)
     del acc_y
     acc_q = torch.zeros(B, C, M, **f32)
-    gv = torch.zeros(B, M, D, **f32)
-    km, kn, kd = KEY_TILES
-    BM, BN, BD = blocks(N, km), blocks(M, kn), blocks(D, kd)
-    jsd_attention_grad_key_kernel[flat_grid(triton.cdiv(M, BN), 1, B)](pT, qT, rp, rq, w, lkT, lse, delta, rnorm, g32,
-                                                                       v32, acc_q, gv, N, M, C, D, scale, neg_inv_tau,
-                                                                       **flags, BM=BM, BN=BN, BD=BD,
-                                                                       num_warps=ATTN_WARPS)
-    gp, gk = _finish(acc_p, p), _finish(acc_q, keys)
+    jsd_attention_grad_key_kernel[key_grid](pT, qT, rp, rq, w, lkT, lse, delta, rnorm, g32, v32, acc_q, gv, N, M, C, D,
+                                            scale, neg_inv_tau, **flags, **key_tiles, NEED_P=True)
+    gp, gk = finish(acc_p, p), finish(acc_q, keys)
     if q is None:
         return gp + gk, gv, None
     return gp, gv, gk
@@ -368,9 +331,10 @@ def offline_cases() -> dict:
             jsd_attention_lse_kernel,
             {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "wc": f32, "lse": f32, "N": i32, "M": i32, "C": i32,
              "neg_log2e_over_tau": "fp32"}, {"SELF": self_, "POLY_LOGS": 0, **tiles}, NUM_WARPS)
-        for name, kernel, sig, t in (("query", jsd_attention_grad_query_kernel, query_sig, QUERY_TILES),
-                                     ("key", jsd_attention_grad_key_kernel, key_sig, KEY_TILES)):
+        for name, kernel, sig, t, need in (("query", jsd_attention_grad_query_kernel, query_sig, QUERY_TILES, None),
+                                           ("key", jsd_attention_grad_key_kernel, key_sig, KEY_TILES, True),
+                                           ("key_v_only", jsd_attention_grad_key_kernel, key_sig, KEY_TILES, False)):
+            flags = {"SELF": self_, "FAST_LOG": True, "POLY_LOGS": 0, **dict(zip(("BM", "BN", "BD"), t))}
             cases[f"jsd_attention_grad_{name}[{tag}]"] = (
-                kernel, sig, {"SELF": self_, "FAST_LOG": True, "POLY_LOGS": 0, **dict(zip(("BM", "BN", "BD"), t))},
-                ATTN_WARPS)
+                kernel, sig, flags if need is None else {**flags, "NEED_P": need}, ATTN_WARPS)
     return cases

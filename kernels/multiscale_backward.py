@@ -14,20 +14,22 @@ bilinear taps (kernels/cdam._small_scale_tile, as the forward), so no upsampled 
 Then each small grid's divergence gradient (the fused pairwise_jsd backward) and the softmax /
 resize adjoints on the small grids (float64, after the 2^e unscaling). Extra memory: the smaller
 grids' divergences and their gradients, plus O(N (C + D)); the mode does not change this.
+The kernels and their launches are here; the host-side steps on the similarity grid (scales'
+distributions, softmax and resize adjoints) are the Triton backend's
+(cdam_fast/backends/triton_backend.py), so this module imports nothing above the kernels.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .. import constants
-from ..autograd.reference import _resize_vjp, gradient_exponent
-from ..backends.shared import multiscale_inputs
-from ..grids import scale_grid
+from ..constants import gradient_exponent
+from .backward_common import row_dots
 from .cdam import ScaleSet, _small_scale_tile, row_stats
 from .cdam_backward import accumulate_values, cdam_attention_backward, transform_derivative_scale
 from .common import CONSTANT_ROW_EPS, blocks, cdam_transform, flat_grid, tile_ids
 from .jsd import pairwise_jsd
-from .jsd_backward import _row_dots, pairwise_jsd_backward
+from .jsd_backward import pairwise_jsd_backward
 
 # Tiles of the small-scale passes: [BM, BN] maps, BD value columns per product step.
 TILES = (32, 32, 32)
@@ -71,7 +73,7 @@ def _dm(g, v, b, offs_m, offs_n, mask_m, mask_n, N, D, MAP: tl.constexpr, BM: tl
         dm = tl.load(g + b * N * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :],
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
     else:
-        dm = _row_dots(g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
+        dm = row_dots(g + b * N * D, v + b * N * D, offs_m, offs_n, mask_m, mask_n, D, BM, BN, BD)
     return dm
 
 
@@ -160,18 +162,6 @@ def ms_small_grad_kernel(js_flat, js_off, js_n, taps_idx, taps_w, weights, hi, l
             accumulate_values(aT, g + b * N * D, gv_out + b * N * D, offs_m, offs_n, mask_m, mask_n, D, BD)
 
 
-def _softmax_vjp(ps: torch.Tensor, gps: torch.Tensor, tau: float) -> torch.Tensor:
-    """Adjoint of softmax over classes of (S - max S) / tau at P = ps (float64 here)."""
-    return ps * (gps - (ps * gps).sum(-1, keepdim=True)) / tau
-
-
-def _grid_grad(gp: torch.Tensor, p: torch.Tensor, tau: float, hw, full_hw) -> torch.Tensor:
-    """The sim gradient of one scale from its distributions' gradient gp [B, n, C] (float64)."""
-    B, _, C = p.shape
-    gz = _softmax_vjp(p.double(), gp, tau).transpose(1, 2).reshape(B, C, *hw)
-    return gz if tuple(hw) == tuple(full_hw) else _resize_vjp(gz, full_hw)
-
-
 def _identity_taps(N: int, device):
     """Taps of a grid onto itself (the full grid as a materialised scale): u = J exactly."""
     idx = torch.arange(N, device=device, dtype=torch.int32)[:, None].expand(N, 4).contiguous()
@@ -216,46 +206,6 @@ def _scales_backward(items, weights, B, N, C, alpha, g, v=None):
 def _divergence_grad(dj, p, alpha) -> torch.Tensor:
     """p's gradient (float64) from dJ carrying the kernels' 2^-e."""
     return pairwise_jsd_backward(dj, p, None)[0].double() * 2.0 ** gradient_exponent(alpha)
-
-
-def _multiscale(grad, sim, scales, tau, alpha, v=None):
-    """(gradient of sim in float64, gv or None) of multiscale_cdam_attention (v given: the full
-    grid through cdam_attention's fused backward) or of multiscale_cdam_map (grad the map's
-    gradient: the full grid's J materialised, as the map is, and taken as a scale onto itself)."""
-    B, C, h, w = sim.shape
-    N, S = h * w, len(scales)
-    ps, idx, wts = multiscale_inputs(sim.contiguous(), scales, tau)
-    full = [p for p, i in zip(ps, idx) if i is None]
-    items = [(p, i, wt, scale_grid(h, w, s)) for p, i, wt, s in zip(ps, idx, wts, scales) if i is not None]
-    weights = [1.0 / S] * len(items)
-    g32 = grad.float().contiguous()
-    gsim = torch.zeros(sim.shape, dtype=torch.float64, device=sim.device)
-    gv = None
-    if full and v is not None:  # identical full-grid scales: one backward with their summed weight
-        gp1, gv = cdam_attention_backward(g32 * (len(full) / S), full[0], v.float().contiguous(), alpha)
-        gsim += _grid_grad(gp1, full[0], tau, (h, w), (h, w))
-    elif full:
-        items.insert(0, (full[0], *_identity_taps(N, sim.device), (h, w)))
-        weights.insert(0, len(full) / S)
-    if not items:
-        return gsim, gv
-    djs, gv_small = _scales_backward([(pairwise_jsd(p, None), i, wt) for p, i, wt, _ in items], weights, B, N, C,
-                                     alpha, g32, None if v is None else v.float().contiguous())
-    if gv_small is not None:
-        gv = gv_small if gv is None else gv + gv_small
-    for (p, _, _, hw), dj in zip(items, djs):
-        gsim += _grid_grad(_divergence_grad(dj, p, alpha), p, tau, hw, (h, w))
-    return gsim, gv
-
-
-def multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha, mode=None, memory_budget=None):
-    """(gradient of sim in float64, gv). mode / memory_budget do not change the backward: it
-    holds the smaller grids' divergences and their gradients, and O(N (C + D)) besides."""
-    return _multiscale(grad, sim, scales, tau, alpha, v)
-
-
-def multiscale_cdam_map_backward(grad, sim, scales, tau, alpha):
-    return _multiscale(grad, sim, scales, tau, alpha)[0]
 
 
 def cdam_map_backward(grad, p, alpha):

@@ -12,7 +12,8 @@ from torch.autograd import gradcheck
 
 import cdam_fast as cf
 from cdam_fast import reference as ref
-from cdam_fast.autograd import reference as bref
+from cdam_fast.opdefs import cdam as cdam_home
+from cdam_fast.opdefs import jsd_attention as jsd_attention_home
 from cdam_fast.testing import GRAD_TOL
 from conftest import random_distributions, random_similarities, random_values
 
@@ -93,7 +94,7 @@ def test_minmax_vjp_splits_ties_like_amax_amin(gen):
     ga = torch.randn(j.shape, generator=gen, dtype=F64)
     jl = _leaf(j)
     (expected,) = torch.autograd.grad(ref.minmax_expm1(jl, 7.0), jl, ga)
-    got = bref.minmax_expm1_vjp(j, ga, 7.0)
+    got = cdam_home.minmax_expm1_vjp(j, ga, 7.0)
     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
     assert (got[1, 2] == 0).all()
 
@@ -186,8 +187,8 @@ def test_jsd_attention_backward_op_16bit(backend, gen, dtype):
     name, dev = backend
     p, v = random_distributions(gen, 2, 19, 5, dtype=dtype), random_values(gen, 2, 19, 6, dtype=dtype)
     g = random_values(gen, 2, 19, 6, dtype=dtype)
-    expected = bref.jsd_attention_backward(g.double(), p.double(), v.double(), None, 0.1)[:2]
-    got = ops.jsd_attention_backward(g.to(dev), p.to(dev), v.to(dev), None, 0.1, name)[:2]
+    expected = jsd_attention_home.jsd_attention_backward(g.double(), p.double(), v.double(), 0.1)[:2]
+    got = ops.jsd_attention_backward(g.to(dev), p.to(dev), v.to(dev), 0.1, None, name, True, [True, True, False], None)[:2]
     _compare(got, expected, dtype, f"{name} jsd_attention_backward {dtype}")
 
 
@@ -356,7 +357,7 @@ def test_double_backward_raises_clearly(gen):
 def test_cpu_backward_extension_builds_where_the_cpu_backend_does():
     """A compiler that builds the forward CPU kernels must build the backward ones too (else the
     backward would silently take the slower reference path)."""
-    from cdam_fast.autograd import cpu_backward
+    from cdam_fast.backends import cpu_backward
     from cdam_fast.dispatch import unavailable_reason
 
     if unavailable_reason("cpu", torch.device("cpu"), F32) is not None:
@@ -384,27 +385,29 @@ def test_backend_tie_rule_on_duplicate_rows(backend, gen):
 
 
 # ---------------------------------------------------------------------------------------------
-# Which backward runs: the forward's backend, chosen by the forward's rule (autograd/ops.py).
-
-def _spy(monkeypatch, module, fn_name, ran, tag):
-    real = getattr(module, fn_name)
-
-    def spy(*args, **kwargs):
-        ran.append(tag)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, fn_name, spy)
-
+# Which backward runs: the backend object the forward ran on (autograd/register.py), never
+# chosen again.
 
 def _spy_backwards(monkeypatch, op):
-    """Record which backward function of `op` runs: 'reference', 'cpu' or 'triton'."""
-    from cdam_fast.autograd import ops as bwd_ops
+    """Record which backward of `op` runs: 'reference' (the op's formulas) or the name of the
+    backend whose own backward runs."""
+    from cdam_fast.autograd import backward_ops
 
     ran = []
-    _spy(monkeypatch, bref, f"{op}_backward", ran, "reference")
-    for name, path in bwd_ops.FUSED_BACKWARD.items():
-        if path is not None and _runs_cpu_tensors(name):
-            _spy(monkeypatch, importlib.import_module(path), f"{op}_backward", ran, name)
+    real_own, real_formulas = backward_ops.run_own, backward_ops.run_formulas
+
+    def own(chosen, spec, *args):
+        if spec.name == op:
+            ran.append(chosen.name)
+        return real_own(chosen, spec, *args)
+
+    def formulas(spec, *args):
+        if spec.name == op:
+            ran.append("reference")
+        return real_formulas(spec, *args)
+
+    monkeypatch.setattr(backward_ops, "run_own", own)
+    monkeypatch.setattr(backward_ops, "run_formulas", formulas)
     return ran
 
 
@@ -415,21 +418,21 @@ def _runs_cpu_tensors(name):
     return unavailable_reason(name, torch.device("cpu"), F32) is None
 
 
-def test_fused_backward_registry_covers_every_backend_and_op():
-    """One registry: every backend has an entry; every fused provider has every op's backward
-    and declares what it supports."""
+def test_backend_declarations_cover_their_backward():
+    """Every backend's declared backward ops are ops it runs forward, each with a backward of its
+    own or a composite on its kernels; the fused backends declare every op's."""
     from cdam_fast import dispatch
-    from cdam_fast.autograd import ops as bwd_ops
-    from cdam_fast.opspec import OP_NAMES
+    from cdam_fast.opspec import COMPOSITE_BACKWARD_OPS, OP_NAMES
 
-    assert set(bwd_ops.FUSED_BACKWARD) == set(dispatch._MODULES)
-    for name, path in bwd_ops.FUSED_BACKWARD.items():
-        if path is None or not _runs_cpu_tensors(name):
+    for name, _, _ in dispatch.PRIORITY:
+        if not _runs_cpu_tensors(name):
             continue
-        mod = importlib.import_module(path)
-        assert callable(mod.not_supported_reasons)
-        for op in OP_NAMES:
-            assert callable(getattr(mod, f"{op}_backward")), f"{name} lacks {op}_backward"
+        backend = dispatch.backend(name)
+        assert set(backend.backward_ops) <= set(backend.ops), name
+        for op in backend.backward_ops:
+            assert callable(getattr(backend, f"{op}_backward", None)) or op in COMPOSITE_BACKWARD_OPS, (name, op)
+        if name in ("cpu", "triton"):
+            assert set(backend.backward_ops) == set(OP_NAMES), name
 
 
 OP_CALLS = {  # op -> (forward on a backend, inputs)
@@ -445,17 +448,17 @@ OP_CALLS = {  # op -> (forward on a backend, inputs)
 
 @pytest.mark.parametrize("op", list(OP_CALLS))
 def test_backward_runs_on_the_backend_the_forward_chose(monkeypatch, gen, op):
-    """auto prefers triton here, but triton refuses this call (a stand-in for a size limit): the
-    forward falls back to cpu, and so must the backward (picking by device and dtype alone
+    """auto tries triton first here, but triton refuses this call (a stand-in for a size limit):
+    the forward falls back to cpu, and so must the backward (picking by device and dtype alone
     would send it to triton)."""
     from cdam_fast import dispatch
-    from cdam_fast.backends import triton_backend
+    from cdam_fast.backends.triton_backend import TritonBackend
 
     if not (_runs_cpu_tensors("triton") and _runs_cpu_tensors("cpu")):
         pytest.skip("needs the cpu backend and Triton on CPU tensors (TRITON_INTERPRET=1)")
-    monkeypatch.setattr(dispatch, "_AUTO_DEFAULT", ("triton", "cpu", "reference"))
+    monkeypatch.setattr(dispatch, "PRIORITY", tuple((n, t, None) for n, t, _ in dispatch.PRIORITY))
     monkeypatch.setattr(dispatch, "_warned", set())
-    monkeypatch.setattr(triton_backend, "not_supported_reasons", lambda call: ["a simulated size limit"])
+    monkeypatch.setattr(TritonBackend, "limit_reasons", lambda self, op, call: ["a simulated size limit"])
     fn, inputs = OP_CALLS[op](gen)
     ran = _spy_backwards(monkeypatch, op)
     with pytest.warns(RuntimeWarning, match="'triton' unavailable.*simulated size limit.*falling back to 'cpu'"):
@@ -487,7 +490,7 @@ def test_explicit_reference_backend_uses_the_reference_formulas(monkeypatch, gen
 def test_fused_backward_that_cannot_take_a_call_warns_once_and_uses_the_reference(monkeypatch, gen):
     """The forward runs on cpu; its backward extension "failed to build": one RuntimeWarning
     naming the backend and the reason, then the reference formulas (correct gradients)."""
-    from cdam_fast.autograd import cpu_backward
+    from cdam_fast.backends import cpu_backward
     from cdam_fast import dispatch
 
     if not _runs_cpu_tensors("cpu"):
@@ -509,16 +512,21 @@ def test_fused_backward_that_cannot_take_a_call_warns_once_and_uses_the_referenc
             _grads(fn("cpu"), inputs)
 
 
-def test_backend_without_fused_backward_uses_the_reference_quietly(monkeypatch, gen):
-    """cuda has no fused backward by design: the reference formulas, no warning."""
-    from cdam_fast.autograd import ops as bwd_ops
+def test_backend_without_fused_backward_uses_the_reference_quietly(gen):
+    """cuda has no backward of its own by design: the reference formulas, no warning, and its
+    reason says so."""
+    from cdam_fast.autograd import backward_ops
+    from cdam_fast.backends.cuda_backend import CudaBackend
+    from cdam_fast.opspec import OPS
 
-    assert bwd_ops.FUSED_BACKWARD["cuda"] is None
-    monkeypatch.setattr(bwd_ops.dispatch, "select_name", lambda backend, call: "cuda")
+    assert CudaBackend.backward_ops == ()
     p = random_distributions(gen, 2, 9, 4, one_hot=False)
+    call = OPS["cdam_map"].bind((p, 10.0, "cuda", False))[0]
+    assert CudaBackend().backward_not_supported_reasons("cdam_map", call) == [
+        "not supported: this backend has no cdam_map backward"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert bwd_ops._impl("cdam_map", "cuda", p, 10.0) is bref.cdam_map_backward
+        assert backward_ops.backward_fn(OPS["cdam_map"], "cuda", call).func is backward_ops.run_formulas
 
 
 def test_triton_backward_declares_its_launch_limit(monkeypatch, gen):
@@ -527,28 +535,29 @@ def test_triton_backward_declares_its_launch_limit(monkeypatch, gen):
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("the optional package triton is not installed")
-    from cdam_fast.autograd import triton_backward
+    from cdam_fast.backends.triton_backend import TritonBackend
     from cdam_fast.kernels import common
 
     p = random_distributions(gen, 2, 40, 4)
     call = OPS["cdam_map"].bind((p, 10.0, "triton", False))[0]
-    assert triton_backward.not_supported_reasons("cdam_map", call) == []
+    triton = TritonBackend()
+    assert triton.backward_not_supported_reasons("cdam_map", call) == []
     monkeypatch.setattr(common, "MAX_GRID_X", 2 * 3 * 3 - 1)  # B * cdiv(40, 16)^2 = 18 programs
-    (why,) = triton_backward.not_supported_reasons("cdam_map", call)
+    (why,) = triton.backward_not_supported_reasons("cdam_map", call)
     assert "programs per backward launch = 18" in why
-    assert triton_backward.not_supported_reasons("jsd_attention", call) == []  # 2 * 3 programs
+    assert triton.backward_not_supported_reasons("jsd_attention", call) == []  # 2 * 3 programs
 
 
 def test_composite_backward_benchmark_runs(capsys):
     """benchmarks/composite_backward.py at a toy size: both columns timed, the registry restored."""
-    from cdam_fast.autograd import ops as bwd_ops
+    from cdam_fast.backends.cpu_backend import CpuBackend
     from cdam_fast.benchmarks import composite_backward
 
     if not _runs_cpu_tensors("cpu"):
         pytest.skip("the cpu backend is unavailable here")
-    before = dict(bwd_ops.FUSED_BACKWARD)
+    before = CpuBackend.backward_ops
     composite_backward.main(["--grid", "3", "--C", "3", "--D", "2", "--repeats", "1", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["cdam_map", "multiscale_cdam_attention"]
     assert all("composite:" in line and "reference formulas:" in line for line in lines)
-    assert bwd_ops.FUSED_BACKWARD == before
+    assert CpuBackend.backward_ops == before

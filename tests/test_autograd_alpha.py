@@ -8,7 +8,9 @@ import torch
 
 import cdam_fast as cf
 from cdam_fast import reference as ref
-from cdam_fast.autograd import reference as bref
+from cdam_fast.opdefs import cdam as cdam_home
+from cdam_fast.opdefs import pairwise_jsd as pairwise_jsd_home
+from cdam_fast.opdefs import vjp
 from cdam_fast.grids import class_distributions, scale_grid
 from conftest import UNIT_ROUNDOFF, random_distributions, random_similarities, random_values
 from test_autograd import GRAD_TOL
@@ -117,7 +119,7 @@ def test_minmax_vjp_ties_at_huge_alpha_are_exact():
     alpha = 3e38
     j = torch.tensor([[[0.2, 0.5, 0.2, 0.9], [0.1, 0.4, 0.6, 0.9]]], dtype=F64)
     ga = torch.tensor([[[1.0, 2.0, -3.0, 0.5], [1.5, 0.0, 2.0, 1.0]]], dtype=F64)
-    got = bref.minmax_expm1_vjp(j.to(F32), ga.to(F32), alpha)
+    got = cdam_home.minmax_expm1_vjp(j.to(F32), ga.to(F32), alpha)
     assert got.dtype == F64 and not got.isnan().any()
     d = alpha / -math.expm1(-alpha)
     span = j.to(F32).double()[0, 0, 3] - j.to(F32).double()[0, 0, 0]
@@ -135,8 +137,8 @@ def test_scaled_vjp_gives_inf_not_nan_and_keeps_batch_elements_apart(gen):
     g = torch.randn(2, 5, 5, generator=gen, dtype=F64)
     g[0] *= 1e42
     g[0, 1, 2] = 0.0
-    expected = bref.jsd_vjp(p, None, g)[0]
-    got = bref.scaled_vjp(lambda x: bref.jsd_vjp(p.to(F32), None, x)[0], g, F32).to(F32)
+    expected = pairwise_jsd_home.jsd_vjp(p, None, g)[0]
+    got = vjp.scaled_vjp(lambda x: pairwise_jsd_home.jsd_vjp(p.to(F32), None, x)[0], g, F32).to(F32)
     assert not got.isnan().any()
     assert torch.isinf(got[0]).all() and (got[0].sign() == expected[0].sign()).all()
     assert torch.allclose(got[1].double(), expected[1], rtol=1e-5, atol=1e-6)
@@ -231,7 +233,7 @@ def test_scaled_vjp_of_a_subnormal_gradient():
     for top in (1e-310, 5e-324, 1e300):
         g = torch.zeros(1, 3, 3, dtype=F64)
         g[0, 0, 1], g[0, 2, 1] = top, -top / 2
-        expected = bref.jsd_vjp(p, None, g)[0]
-        got = bref.scaled_vjp(lambda x: bref.jsd_vjp(p.to(F32), None, x)[0], g, F32)
+        expected = pairwise_jsd_home.jsd_vjp(p, None, g)[0]
+        got = vjp.scaled_vjp(lambda x: pairwise_jsd_home.jsd_vjp(p.to(F32), None, x)[0], g, F32)
         assert not got.isnan().any(), top
         assert torch.allclose(got.float(), expected.float(), rtol=1e-5, atol=0), top

@@ -28,7 +28,7 @@ def report():
 
 
 def test_every_backward_kernel_compiles_without_spills(report):
-    assert len(report) == 14, sorted(report)
+    assert len(report) == 17, sorted(report)  # 14 + the three value-gradient-only key passes
     spilling = {k: (r["spill_store_bytes"], r["spill_load_bytes"]) for k, r in report.items()
                 if r["spill_store_bytes"] or r["spill_load_bytes"]}
     assert not spilling, f"backward kernels spill registers on sm_90 (store, load bytes): {spilling}"

@@ -9,9 +9,12 @@ import torch
 import cdam_fast as cf
 from cdam_fast import _library as lib
 from cdam_fast import reference as ref
-from cdam_fast.autograd import reference as bref
-from cdam_fast.backends import reference_backend, triton_backend
-from cdam_fast.opspec import STATS_NOT_SAVED
+from cdam_fast.opdefs import cdam as cdam_home
+from cdam_fast.opdefs import jsd_attention as jsd_attention_home
+from cdam_fast import dispatch
+from cdam_fast.backends.reference_backend import ReferenceBackend
+from cdam_fast.backends.triton_backend import TritonBackend
+from cdam_fast.opspec import OPS
 from conftest import random_distributions, random_values
 
 ops = torch.ops.cdam_fast
@@ -60,8 +63,8 @@ def _count(monkeypatch, module, name):
 @pytest.mark.parametrize("with_q", [False, True], ids=["self", "q"])
 def test_saved_lse_against_float64(backend, gen, with_q):
     """Every backend's training op returns the forward's output and either the row log-sum-exp
-    (base 2, float32 [B, N]; Triton and the reference compute it) or STATS_NOT_SAVED (the CPU and
-    CUDA C++ forwards do not, and their backwards do not need it)."""
+    (base 2, float32 [B, N]; Triton and the reference compute it and declare so) or zeros (the
+    CPU and CUDA C++ forwards save none, declare none, and their backwards do not need it)."""
     name, dev = backend
     p, q = random_distributions(gen, 2, 19, 5), random_distributions(gen, 2, 23, 5)
     v = random_values(gen, 2, 23 if with_q else 19, 6)
@@ -69,12 +72,14 @@ def test_saved_lse_against_float64(backend, gen, with_q):
     out, lse = lib.jsd_attention_train(p.to(dev), v.to(dev), 0.2, kq, name, True)
     assert lse.shape == (2, 19) and lse.dtype == torch.float32 and lse.is_contiguous()
     assert torch.equal(out, lib.jsd_attention(p.to(dev), v.to(dev), 0.2, kq, name, True))
+    declared = dispatch.backend(name).saved_stats.get("jsd_attention")
+    assert (declared is OPS["jsd_attention"].stats_format) == (name in ("triton", "reference"))
     if name in ("triton", "reference"):
         expected = _lse64(p, 0.2, q if with_q else None)
         # ~4x the largest relative error measured over 12 seeds (Triton 3.0e-7, reference 3.8e-7)
         assert (lse.double().cpu() - expected).abs().max().item() <= 1.5e-6 * expected.abs().max().item()
     else:
-        assert (lse == STATS_NOT_SAVED).all()
+        assert (lse == 0).all()
 
 
 def test_reference_saves_float64_lse_as_float32(gen):
@@ -99,8 +104,8 @@ def test_triton_backward_reuses_the_saved_lse(backend, gen, monkeypatch, with_q)
     v = random_values(gen, 2, 21 if with_q else 19, 6)
     g = random_values(gen, 2, 19, 6)
     keys = q if with_q else None
-    expected = bref.jsd_attention_backward(g.double(), p.double(), v.double(), None if keys is None else keys.double(),
-                                           0.1)
+    expected = jsd_attention_home.jsd_attention_backward(g.double(), p.double(), v.double(), 0.1,
+                                                         None if keys is None else keys.double())
     leaves = [t.to(dev).requires_grad_(True) for t in ((p, v, q) if with_q else (p, v))]
 
     def grads(fn):
@@ -118,8 +123,8 @@ def test_triton_backward_reuses_the_saved_lse(backend, gen, monkeypatch, with_q)
 
 
 def test_triton_backward_recomputes_an_lse_that_was_not_saved(backend, gen, monkeypatch):
-    """An lse that was not saved (STATS_NOT_SAVED) or None: the backward runs its own LSE pass
-    and the gradients are those of a saved lse."""
+    """No saved lse (None): the backward runs its own LSE pass and the gradients are those of a
+    saved lse."""
     from cdam_fast.kernels import jsd_backward
 
     dev = _triton_device(backend)
@@ -127,9 +132,9 @@ def test_triton_backward_recomputes_an_lse_that_was_not_saved(backend, gen, monk
     p, v, g = random_distributions(gen, 1, 17, 4), random_values(gen, 1, 17, 5), random_values(gen, 1, 17, 5)
     p, v, g = p.to(dev), v.to(dev), g.to(dev)
     out, lse = lib.jsd_attention_train(p, v, 0.1, None, "triton", True)
-    results = [ops.jsd_attention_backward(g, p, v, None, 0.1, "triton", x)
-               for x in (lse, torch.full_like(lse, STATS_NOT_SAVED), None)]
-    assert len(lse_pass.calls) == 2
+    results = [ops.jsd_attention_backward(g, p, v, 0.1, None, "triton", True, [True, True, False], x)
+               for x in (lse, None)]
+    assert len(lse_pass.calls) == 1
     for other in results[1:]:
         for a, b in zip(results[0][:2], other[:2]):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
@@ -144,8 +149,8 @@ def test_inference_forward_does_not_compute_the_lse(backend, gen, monkeypatch):
     dev = _triton_device(backend)
     forward = _count(monkeypatch, kernel_module, "jsd_attention_kernel")
     trained = []
-    monkeypatch.setattr(triton_backend, "jsd_attention_train",
-                        lambda *a: trained.append(1) or kernel_module.jsd_attention(*a, with_lse=True))
+    monkeypatch.setattr(TritonBackend, "jsd_attention_train",
+                        lambda self, *a: trained.append(1) or kernel_module.jsd_attention(*a, with_lse=True))
     p, v = random_distributions(gen, 1, 9, 3).to(dev), random_values(gen, 1, 9, 4).to(dev)
     out = cf.jsd_attention(p, v, backend="triton")
     with torch.no_grad():
@@ -207,15 +212,16 @@ def test_saved_row_extremes(backend, gen, mode):
     """Triton's training forward returns hi / lo near float64's and exactly its tie counts (the
     duplicated rows tie at most rows' maxima in every precision; their own minima are not compared:
     J between two identical rows is 0 in float64 but may be a rounding residue ~4e-8 in float32,
-    leaving the diagonal alone at the minimum); the other backends return STATS_NOT_SAVED."""
+    leaving the diagonal alone at the minimum); the other backends declare none and return zeros."""
     name, dev = backend
     p = _tied_rows(gen)
     v = random_values(gen, 2, 13, 5)
     out, stats = lib.cdam_attention_train(p.to(dev), v.to(dev), 10.0, mode, cf.DEFAULT_MEMORY_BUDGET, name, True)
     assert stats.shape == (4, 2, 13) and stats.dtype == torch.float32 and stats.is_contiguous()
     assert torch.equal(out, lib.cdam_attention(p.to(dev), v.to(dev), 10.0, mode, cf.DEFAULT_MEMORY_BUDGET, name, True))
+    assert ("cdam_attention" in dispatch.backend(name).saved_stats) == (name == "triton")
     if name != "triton":
-        assert (stats == STATS_NOT_SAVED).all()
+        assert (stats == 0).all()
         return
     expected = _extremes64(p)
     assert (expected[2] >= 2).sum() >= 5  # the case really has ties
@@ -252,7 +258,7 @@ def test_triton_cdam_backward_reuses_the_saved_statistics(backend, gen, monkeypa
     sums = _count(monkeypatch, cdam_backward, "cdam_grad_sums_kernel")
     p = _tied_rows(gen)
     v, g = random_values(gen, 2, 13, 5), random_values(gen, 2, 13, 5)
-    expected = bref.cdam_attention_backward(g.double(), p.double(), v.double(), 10.0)
+    expected = cdam_home.cdam_attention_backward(g.double(), p.double(), v.double(), 10.0)
     leaves = [p.to(dev).requires_grad_(True), v.to(dev).requires_grad_(True)]
     budget = cf.DEFAULT_MEMORY_BUDGET
     got = []
@@ -289,7 +295,7 @@ def test_inference_cdam_forward_does_not_count_ties(backend, gen, monkeypatch):
 @pytest.mark.parametrize("name", ["reference", "cpu"])
 def test_train_ops_opcheck(gen, name):
     """Both training ops, on a backend that saves the statistics (reference: jsd_attention) and
-    on ones that do not (STATS_NOT_SAVED compares equal, so the checks hold there too)."""
+    on ones that do not (zeros then, so the checks hold there too)."""
     from conftest import usable_backend
 
     usable_backend(name)
@@ -317,8 +323,13 @@ def test_train_ops_under_compile(gen, monkeypatch):
     """torch.compile(fullgraph=True) of a loss through the public wrappers takes the training ops
     (the saved statistics reach the backward) and gives eager's gradients."""
     calls = []
-    real = reference_backend.jsd_attention_train
-    monkeypatch.setattr(reference_backend, "jsd_attention_train", lambda *a: calls.append(1) or real(*a))
+    real = ReferenceBackend.forward
+
+    def forward(self, op, call, train=False):
+        if op == "jsd_attention" and train:
+            calls.append(1)
+        return real(self, op, call, train)
+    monkeypatch.setattr(ReferenceBackend, "forward", forward)
     p = random_distributions(gen, 2, 9, 4).requires_grad_(True)
     v = random_values(gen, 2, 9, 3).requires_grad_(True)
     q = random_distributions(gen, 2, 7, 4).requires_grad_(True)

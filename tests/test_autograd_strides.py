@@ -1,6 +1,6 @@
 """Backward of every op on non-contiguous inputs: torch.compile(fullgraph=True) gradients equal
 eager's, and the backward ops' fakes agree with the real ops on strides (gradients are always
-contiguous, cdam_fast/autograd/ops.py). The compile backend is aot_eager's crossref variant,
+contiguous, cdam_fast/autograd/backward_ops.py). The compile backend is aot_eager's crossref variant,
 which checks every op's fake output metadata (strides included) against the real output, as
 inductor does, without inductor's C++ compile."""
 import pytest
@@ -77,15 +77,21 @@ def test_opcheck_backward_ops_on_noncontiguous_inputs(name, gen):
     B, N, M = p.shape[0], p.shape[1], q.shape[1]
     g = lambda *shape: _strided(torch.randn(*shape, generator=gen))  # noqa: E731
     budget = cf.DEFAULT_MEMORY_BUDGET
+    # (grad, the forward's arguments, backend, validate, needs, saved statistics)
     cases = [
-        (ops.pairwise_jsd_backward.default, (g(B, N, N), p, None, name)),
-        (ops.pairwise_jsd_backward.default, (g(B, N, M), p, q, name)),
-        (ops.cdam_map_backward.default, (g(B, N, N), pc, 10.0, name)),
-        (ops.cdam_attention_backward.default, (g(B, N, v.shape[2]), pc, v, 10.0, "auto", budget, name)),
-        (ops.multiscale_cdam_map_backward.default, (g(B, 12, 12), sim, [1.0, 0.5], 0.1, 10.0, name)),
+        (ops.pairwise_jsd_backward.default, (g(B, N, N), p, None, name, True, [True, False], None)),
+        (ops.pairwise_jsd_backward.default, (g(B, N, M), p, q, name, True, [True, True], None)),
+        (ops.cdam_map_backward.default, (g(B, N, N), pc, 10.0, name, True, [True], None)),
+        (ops.cdam_attention_backward.default, (g(B, N, v.shape[2]), pc, v, 10.0, "auto", budget, name, True,
+                                               [True, True], None)),
+        (ops.cdam_attention_backward.default, (g(B, N, v.shape[2]), pc, v, 10.0, "auto", budget, name, False,
+                                               [False, True], None)),
+        (ops.multiscale_cdam_map_backward.default, (g(B, 12, 12), sim, [1.0, 0.5], 0.1, 10.0, name, True, [True],
+                                                    None)),
         (ops.multiscale_cdam_attention_backward.default, (g(B, 12, vs.shape[2]), sim, vs, [1.0, 0.5], 0.1, 10.0,
-                                                          "auto", budget, name)),
-        (ops.jsd_attention_backward.default, (g(B, N, vq.shape[2]), p, vq, q, 0.1, name)),
+                                                          "auto", budget, name, True, [True, True], None)),
+        (ops.jsd_attention_backward.default, (g(B, N, vq.shape[2]), p, vq, 0.1, q, name, True, [True, True, True],
+                                              None)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -7,7 +7,7 @@ import torch
 
 import conftest
 from cdam_fast import dispatch
-from cdam_fast.backends import cpu_backend
+from cdam_fast.backends.cpu_backend import CpuBackend
 
 
 def test_an_import_error_inside_the_kernels_fails(monkeypatch):
@@ -30,8 +30,8 @@ def test_a_failed_cpu_build_fails(monkeypatch):
     from cdam_fast.backends import extension_build as eb
 
     monkeypatch.setattr(eb, "toolchain_problem", lambda spec: None)
-    monkeypatch.setattr(cpu_backend, "unavailable_reason",
-                        lambda device, dtype: "building the CPU extension failed: cdam_cpu.cpp:1: error: boom")
+    monkeypatch.setattr(CpuBackend, "unavailable_reason",
+                        lambda self, device, dtype: "building the CPU extension failed: cdam_cpu.cpp:1: error: boom")
     with pytest.raises(pytest.fail.Exception, match="present but broken.*boom"):
         conftest.usable_backend("cpu")
 
@@ -41,7 +41,7 @@ def test_a_missing_toolchain_skips(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing cached here
     monkeypatch.setattr(eb, "toolchain_problem", lambda spec: "no C++ compiler found")
-    monkeypatch.setattr(cpu_backend, "unavailable_reason", lambda device, dtype: "no C++ compiler found")
+    monkeypatch.setattr(CpuBackend, "unavailable_reason", lambda self, device, dtype: "no C++ compiler found")
     with pytest.raises(pytest.skip.Exception, match="no toolchain"):
         conftest.usable_backend("cpu")
 

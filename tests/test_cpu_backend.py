@@ -22,7 +22,8 @@ import torch
 import cdam_fast as cf
 from cdam_fast import dispatch
 from cdam_fast import reference as ref
-from cdam_fast.backends import cpu_backend, extension_build as eb
+from cdam_fast.backends import extension_build as eb
+from cdam_fast.backends.cpu_backend import CpuBackend
 from cdam_fast.dispatch import BackendUnavailableError
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -177,13 +178,13 @@ def broken_toolchain(monkeypatch, tmp_path):
     """The CPU backend as it behaves on a machine without a compiler (fresh, unbuilt state)."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no cached build: that would still load
     monkeypatch.setenv("CXX", "/nonexistent/bin/c++")
-    monkeypatch.setattr(cpu_backend, "cpu_extension", eb._Cached(eb.cpu_spec))
+    monkeypatch.setattr(CpuBackend, "extension", eb._Cached(eb.cpu_spec))
     monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
 
 
 def test_missing_compiler_gives_reason_and_auto_falls_back(broken_toolchain, gen):
-    why = cpu_backend.unavailable_reason(torch.device("cpu"), F32)
+    why = CpuBackend().unavailable_reason(torch.device("cpu"), F32)
     assert why is not None and "no C++ compiler" in why and "/nonexistent/bin/c++" in why
     p = distributions(gen, 6, 4)
     with pytest.warns(RuntimeWarning, match=r"backend 'cpu' unavailable.*no C\+\+ compiler.*falling back to 'reference'"):
@@ -208,7 +209,7 @@ def test_build_can_be_disabled(monkeypatch, tmp_path):
 def test_auto_picks_cpu_for_cpu_float_tensors(cpu_extension_built, monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     for dtype in (F32, F16, BF16):
-        assert dispatch.resolve("auto", torch.device("cpu"), dtype) is cpu_backend
+        assert dispatch.resolve("auto", torch.device("cpu"), dtype).name == "cpu"
 
 
 def test_cpu_backend_refuses_float64_and_gpu_tensors(cpu_extension_built, gen):
@@ -217,7 +218,7 @@ def test_cpu_backend_refuses_float64_and_gpu_tensors(cpu_extension_built, gen):
         cf.pairwise_jsd(p.double(), backend="cpu")
     with pytest.raises(BackendUnavailableError, match="float64"):
         cf.cdam_attention(p, torch.randn(5, 2, dtype=torch.float64), backend="cpu")
-    assert "CPU tensors only" in cpu_backend.unavailable_reason(torch.device("cuda"), F32)
+    assert "CPU tensors only" in CpuBackend().unavailable_reason(torch.device("cuda"), F32)
     with pytest.raises(BackendUnavailableError, match="CPU tensors only"):
         dispatch.resolve("cpu", torch.device("cuda"), F32)
     if torch.cuda.is_available():

@@ -28,7 +28,7 @@ def cpu_threads():
 
 
 def _buffer_bytes():
-    from cdam_fast.autograd import cpu_backward
+    from cdam_fast.backends import cpu_backward
 
     return cpu_backward.extension.module().last_buffer_bytes()
 

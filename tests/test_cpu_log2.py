@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdam_fast.autograd import cpu_backward
+from cdam_fast.backends import cpu_backward
 from conftest import usable_backend
 
 

@@ -25,7 +25,6 @@ UPPER_LAYERS = ("cdam_fast.autograd", "cdam_fast.pipeline", "cdam_fast.evaluatio
 # centring shift the backward must reproduce bit for bit. They import nothing above themselves.
 KERNEL_LEAVES = ("cdam_fast.constants", "cdam_fast.centring")
 LEAF_MAY_IMPORT = (*KERNEL_LEAVES, "cdam_fast.csrc")  # csrc: a folder of sources, no code
-REDESIGN = pytest.mark.xfail(strict=True, reason="fixed by the backend redesign")
 
 
 def package_folders(root: Path = ROOT, top: str = PACKAGE) -> dict[str, Path]:
@@ -212,14 +211,12 @@ def test_backends_never_reach_the_upper_layers(graph):
     assert not chains, "backends import upper layers:\n" + "\n".join(chains)
 
 
-@REDESIGN
 def test_kernels_never_reach_the_upper_layers(graph):
     kernels = [m for m in graph if in_layer(m, "cdam_fast.kernels")]
     chains = reaching(graph, kernels, UPPER_LAYERS)
     assert not chains, "kernels import upper layers:\n" + "\n".join(chains)
 
 
-@REDESIGN
 def test_kernels_import_only_kernels_and_leaf_modules(graph):
     bad = [f"{m} line {line}: {t}" for m, edges in graph.items() if in_layer(m, "cdam_fast.kernels")
            for t, line in edges.items() if not in_layer(t, "cdam_fast.kernels") and t not in KERNEL_LEAVES]

@@ -190,7 +190,7 @@ triton_only = pytest.mark.skipif(not INTERPRETED, reason="interpreter-only check
 def test_triton_launch_grids_fit_cuda_limits(monkeypatch):
     """Grid axes y and z hold at most 65535 programs: the batch used to sit on axis z (and on
     y with the scale slot), so B > 65535 could not launch. Every launch is now one-dimensional."""
-    from cdam_fast.backends import triton_backend
+    from cdam_fast.backends.triton_backend import TritonBackend
     from cdam_fast.kernels import cdam, jsd, jsd_attention
 
     grids = []
@@ -207,7 +207,7 @@ def test_triton_launch_grids_fit_cuda_limits(monkeypatch):
     p, v = torch.full((B, 1, 2), 0.5), torch.zeros(B, 1, 1)
     jsd.pairwise_jsd(p, None)
     jsd_attention.jsd_attention(p, v, 0.1, None)
-    triton_backend.cdam_attention(p, v, 10.0, "recompute", 0)
+    TritonBackend().cdam_attention(p, v, 10.0, "recompute", 0)
     assert len(grids) == 4
     for grid in grids:
         assert all(g <= 65535 for g in grid[1:]), f"grid {grid} exceeds 65535 on axis y or z"

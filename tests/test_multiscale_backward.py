@@ -13,8 +13,9 @@ import torch
 
 import cdam_fast as cf
 from cdam_fast import reference as ref
-from cdam_fast.autograd import cpu_backward
-from cdam_fast.autograd import reference as bref
+from cdam_fast.backends import cpu_backward
+from cdam_fast.backends.cpu_backend import CpuBackend
+from cdam_fast.opdefs import pairwise_jsd as pairwise_jsd_home
 from cdam_fast.grids import CDAM_SCALES
 from conftest import random_distributions, random_similarities, random_values, usable_backend
 from test_autograd import F32, F64, GRAD_TOL, MULTISCALE_F32_TOL, _compare, _grads
@@ -158,7 +159,7 @@ def test_self_divergence_gradient_takes_each_pair_once(cpu, gen, n):
     (which passes nothing); sizes around the vector width."""
     p = random_distributions(gen, 2, n, 5)
     G = torch.randn(2, n, n, generator=gen)
-    expected = bref.jsd_vjp(p.double(), None, G.double())[0]
+    expected = pairwise_jsd_home.jsd_vjp(p.double(), None, G.double())[0]
     got = cpu_backward._self_divergence_grad(G, p)
     assert (got[p == 0] == 0).all()
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5 * max(expected.abs().max().item(), 1e-3))
@@ -237,8 +238,8 @@ def test_multiscale_backward_benchmark_runs(cpu, capsys):
     """benchmarks/multiscale_backward.py at a toy size: three rows, the fused backward restored."""
     from cdam_fast.benchmarks import multiscale_backward as bench
 
-    fused = cpu_backward.multiscale_cdam_attention_backward
+    fused = CpuBackend.multiscale_cdam_attention_backward
     bench.main(["--grid", "5", "--C", "3", "--D", "2", "--repeats", "1", "--threads", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
     assert [r.split("|")[1].strip() for r in rows[1:]] == list(bench.IMPLS)
-    assert cpu_backward.multiscale_cdam_attention_backward is fused
+    assert CpuBackend.multiscale_cdam_attention_backward is fused

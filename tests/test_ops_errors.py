@@ -11,7 +11,8 @@ import torch
 
 import cdam_fast as cf
 from cdam_fast import dispatch
-from cdam_fast.backends import reference_backend
+from cdam_fast import reference
+from cdam_fast.backends.reference_backend import ReferenceBackend
 from conftest import random_distributions, random_similarities, random_values
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -311,11 +312,12 @@ def test_backend_names_are_the_documented_ones():
 def reference_calls(monkeypatch):
     """Counts the calls that reach the reference backend."""
     calls = []
-    for op in ("pairwise_jsd", "cdam_map", "cdam_attention", "multiscale_cdam_map",
-               "multiscale_cdam_attention", "jsd_attention"):
-        real = getattr(reference_backend, op)
-        monkeypatch.setattr(reference_backend, op,
-                            lambda *a, _real=real, _op=op, **k: calls.append(_op) or _real(*a, **k))
+    real = ReferenceBackend.forward
+
+    def forward(self, op, call, train=False):
+        calls.append(op)
+        return real(self, op, call, train)
+    monkeypatch.setattr(ReferenceBackend, "forward", forward)
     return calls
 
 
@@ -354,10 +356,10 @@ def test_auto_picks_the_best_available(dtype):
         warnings.simplefilter("ignore", RuntimeWarning)
         chosen = dispatch.resolve("auto", cpu, dtype)
     want = "cpu" if dispatch.available_backends(cpu, dtype)["cpu"] is None else "reference"
-    assert chosen.__name__ == f"cdam_fast.backends.{want}_backend"
+    assert chosen.name == want
     cuda = torch.device("cuda")
     if torch.cuda.is_available() and dispatch.available_backends(cuda, dtype)["triton"] is None:
-        assert dispatch.resolve("auto", cuda, dtype).__name__ == "cdam_fast.backends.triton_backend"
+        assert dispatch.resolve("auto", cuda, dtype).name == "triton"
 
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16, F64])
@@ -503,68 +505,77 @@ def test_triton_declares_its_launch_and_offset_limits(monkeypatch):
     """Sizes the Triton kernels cannot launch (more than 2^31 - 1 programs on the one-dimensional
     grid, int32 tap indices) are reasons, so dispatch never sends them there; batches past the
     65535 of grid axes y/z are not. Meta tensors stand in for the large inputs."""
-    triton_backend = pytest.importorskip("cdam_fast.backends.triton_backend")
-    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda device, dtype: None)
+    triton_module = pytest.importorskip("cdam_fast.backends.triton_backend")
+    monkeypatch.setattr(triton_module.TritonBackend, "unavailable_reason", lambda self, device, dtype: None)
+    triton = triton_module.TritonBackend()
     meta = dict(device="meta")
     ok = _call("cdam_map", torch.empty(4, 784, 101, **meta), 10.0)
-    assert triton_backend.not_supported_reasons(ok) == []
+    assert triton.not_supported_reasons("cdam_map", ok) == []
     big_batch = _call("pairwise_jsd", torch.empty(70000, 4, 3, **meta), None)
-    assert triton_backend.not_supported_reasons(big_batch) == []  # folded into grid x
+    assert triton.not_supported_reasons("pairwise_jsd", big_batch) == []  # folded into grid x
     huge = _call("pairwise_jsd", torch.empty(2048, 2**16, 3, **meta), None)
-    assert any("programs per launch" in r for r in triton_backend.not_supported_reasons(huge))
+    assert any("programs per launch" in r for r in triton.not_supported_reasons("pairwise_jsd", huge))
     taps = _call("multiscale_cdam_map", torch.empty(1, 2, 2**15, 2**14, **meta), cf.CDAM_SCALES, 0.1, 10.0)
-    assert any("tap-table entries" in r for r in triton_backend.not_supported_reasons(taps))
+    assert any("tap-table entries" in r for r in triton.not_supported_reasons("multiscale_cdam_map", taps))
 
 
 def test_cuda_declares_its_launch_limits(monkeypatch):
-    from cdam_fast.backends import cuda_backend
+    from cdam_fast.backends.cuda_backend import CudaBackend
 
-    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda device, dtype: None)
+    monkeypatch.setattr(CudaBackend, "unavailable_reason", lambda self, device, dtype: None)
+
+    class Built:  # a built extension: only the launch limits are left to refuse a call
+        failure = report = staticmethod(lambda: None)
+    monkeypatch.setattr(CudaBackend, "extension", Built())
+    cuda = CudaBackend()
     meta = dict(device="meta")
     ok = _call("multiscale_cdam_map", torch.empty(2, 101, 28, 28, **meta), cf.CDAM_SCALES, 0.1, 10.0)
-    assert cuda_backend.not_supported_reasons(ok) == []
+    assert cuda.not_supported_reasons("multiscale_cdam_map", ok) == []
     big = _call("multiscale_cdam_map", torch.empty(1, 4, 300, 300, **meta), cf.CDAM_SCALES, 0.1, 10.0)
-    assert cuda_backend.not_supported_reasons(big) == []  # N = 90000 on a one-dimensional grid
+    assert cuda.not_supported_reasons("multiscale_cdam_map", big) == []  # N = 90000 on a one-dimensional grid
     huge = _call("multiscale_cdam_map", torch.empty(64, 4, 1000, 1000, **meta), cf.CDAM_SCALES, 0.1, 10.0)
-    assert any("launch blocks" in r for r in cuda_backend.not_supported_reasons(huge))
+    assert any("launch blocks" in r for r in cuda.not_supported_reasons("multiscale_cdam_map", huge))
     many = _call("multiscale_cdam_map", torch.empty(1, 4, 8, 8, **meta), [1.0] * 17, 0.1, 10.0)
-    assert any("scales = 17" in r for r in cuda_backend.not_supported_reasons(many))
+    assert any("scales = 17" in r for r in cuda.not_supported_reasons("multiscale_cdam_map", many))
     batch = _call("cdam_attention", torch.empty(70000, 2, 3, **meta), torch.empty(70000, 2, 4, **meta), 10.0, "auto", 0)
-    assert cuda_backend.not_supported_reasons(batch) == []
+    assert cuda.not_supported_reasons("cdam_attention", batch) == []
 
 
 def test_explicit_backend_that_cannot_run_the_call_lists_its_reasons(data, monkeypatch):
     if dispatch.unavailable_reason("triton", torch.device("cpu"), F32) is not None:
         pytest.skip("triton does not run CPU tensors here")
-    from cdam_fast.backends import triton_backend
+    from cdam_fast.backends.triton_backend import TritonBackend
 
-    monkeypatch.setattr(triton_backend, "not_supported_reasons", lambda call: ["a simulated limit"])
+    monkeypatch.setattr(TritonBackend, "limit_reasons", lambda self, op, call: ["a simulated limit"])
     with pytest.raises(cf.BackendUnavailableError, match=r"'triton'.*a simulated limit"):
         cf.pairwise_jsd(data["p"], backend="triton")
 
 
 def test_auto_skips_a_backend_whose_limits_a_call_exceeds(data, monkeypatch, reference_calls):
     """The warning names the backend actually used, even past several skipped ones."""
-    from cdam_fast.backends import cpu_backend
+    from cdam_fast.backends.cpu_backend import CpuBackend
+    from cdam_fast.backends.cuda_backend import CudaBackend
 
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(dispatch, "_warned", set())
-    monkeypatch.setattr(dispatch, "_AUTO_DEFAULT", ("cuda", "cpu", "reference"))
-    if not isinstance(dispatch._load("cpu"), Exception):
-        monkeypatch.setattr(cpu_backend, "not_supported_reasons", lambda call: ["a simulated limit"])
+    # cuda tried on CPU tensors too, and "running" them but for a reason of its machine
+    monkeypatch.setattr(dispatch, "PRIORITY", tuple((n, t, None if n == "cuda" else d) for n, t, d in dispatch.PRIORITY))
+    monkeypatch.setattr(CudaBackend, "devices", None)
+    monkeypatch.setattr(CpuBackend, "limit_reasons", lambda self, op, call: ["a simulated limit"])
     with pytest.warns(RuntimeWarning, match=r"backend 'cuda' unavailable.*'cpu' cannot either.*falling back to "
                                             r"'reference'"):
         out = cf.cdam_map(data["p"])
     assert reference_calls == ["cdam_map"]
-    torch.testing.assert_close(out, reference_backend.cdam_map(data["p"], 10.0))
+    torch.testing.assert_close(out, reference.cdam_map(data["p"], 10.0))
 
 
 def test_triton_backend_functions_take_non_contiguous_inputs(gen):
     """The backend's functions used to be the raw launchers, which read v as if contiguous."""
     if dispatch.unavailable_reason("triton", torch.device("cpu"), F32) is not None:
         pytest.skip("triton does not run CPU tensors here")
-    from cdam_fast.backends import triton_backend
+    from cdam_fast.backends.triton_backend import TritonBackend
 
+    triton_backend = TritonBackend()
     p = random_distributions(gen, 2, 5, 3)
     v = random_values(gen, 2, 4, 5).transpose(1, 2)  # [2, 5, 4], non-contiguous
     torch.testing.assert_close(triton_backend.jsd_attention(p, v, 0.1, None),

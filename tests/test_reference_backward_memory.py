@@ -6,8 +6,8 @@ import torch
 
 import cdam_fast as cf
 from cdam_fast import reference
-from cdam_fast.autograd import reference as aref
-from cdam_fast.backends import reference_backend as rb
+from cdam_fast.opdefs import cdam as aref
+from cdam_fast.opdefs import pairwise_jsd as jsd_home
 from conftest import random_distributions, random_values
 
 F64 = torch.float64
@@ -33,7 +33,7 @@ def test_rowwise_adjoint_is_the_whole_map_one_bit_for_bit(gen, monkeypatch, dtyp
     seen = []
     real = aref._minmax_expm1_vjp_rows
     monkeypatch.setattr(aref, "_minmax_expm1_vjp_rows", lambda a, b, c: seen.append(a.shape[0]) or real(a, b, c))
-    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 3 * rb.TEMPS_PER_PAIR * j.shape[-1])  # 3-row blocks
+    monkeypatch.setattr(jsd_home, "_CHUNK_ELEMENTS", 3 * aref.TEMPS_PER_PAIR * j.shape[-1])  # 3-row blocks
     got = aref.minmax_expm1_vjp(j, ga, alpha)
     assert max(seen) == 3 and sum(seen) == j.shape[0] * j.shape[1]
     assert got.dtype == F64 and torch.equal(got, whole)
@@ -47,18 +47,18 @@ def test_rowwise_adjoint_is_the_whole_map_one_bit_for_bit(gen, monkeypatch, dtyp
 def adjoint_rows(monkeypatch):
     """Row counts of every block the min-max / expm1 adjoint sees, and the whole-map calls."""
     seen = {"rows": [], "whole": 0}
-    real_rows, real_jsd = aref._minmax_expm1_vjp_rows, reference.pairwise_jsd
+    real_rows, real_jsd = aref._minmax_expm1_vjp_rows, jsd_home.pairwise_jsd
     monkeypatch.setattr(aref, "_minmax_expm1_vjp_rows",
                         lambda j, g, a: seen["rows"].append(j.shape[0]) or real_rows(j, g, a))
 
     def jsd(p, q=None):
         seen["whole"] += q is None and p.shape[1] > 1
         return real_jsd(p, q)
-    monkeypatch.setattr(reference, "pairwise_jsd", jsd)
+    monkeypatch.setattr(jsd_home, "pairwise_jsd", jsd)
     return seen
 
 
-@pytest.mark.parametrize("budget,rows", [(0, 1), (rb.TEMPS_PER_PAIR * 13 * 8 * 4, 4)])
+@pytest.mark.parametrize("budget,rows", [(0, 1), (aref.TEMPS_PER_PAIR * 13 * 8 * 4, 4)])
 def test_cdam_attention_backward_recompute_is_blockwise(gen, adjoint_rows, budget, rows):
     p, v = random_distributions(gen, 2, 13, 5, dtype=F64), random_values(gen, 2, 13, 3, dtype=F64)
     p[1, 7] = p[1, 2]  # identical rows: J = 0 off the diagonal
@@ -79,10 +79,10 @@ def test_cdam_attention_backward_blocks_use_the_forwards_rows(gen, monkeypatch):
     with alpha large, a tie broken differently would move G by alpha / span."""
     p, v = random_distributions(gen, 1, 12, 4), random_values(gen, 1, 12, 3)
     seen = []
-    real = rb._self_rows
-    monkeypatch.setattr(rb, "_self_rows", lambda pb, i0, i1: seen.append((i0, i1, real(pb, i0, i1))) or seen[-1][2])
+    real = aref.self_rows
+    monkeypatch.setattr(aref, "self_rows", lambda pb, i0, i1: seen.append((i0, i1, real(pb, i0, i1))) or seen[-1][2])
     leaf = p.clone().requires_grad_(True)
-    cf.cdam_attention(leaf, v, alpha=1e3, mode="recompute", memory_budget=rb.TEMPS_PER_PAIR * 12 * 4 * 5,
+    cf.cdam_attention(leaf, v, alpha=1e3, mode="recompute", memory_budget=aref.TEMPS_PER_PAIR * 12 * 4 * 5,
                       backend="reference").sum().backward()
     fwd, bwd = seen[:len(seen) // 2], seen[len(seen) // 2:]
     assert [s[:2] for s in fwd] == [s[:2] for s in bwd] == [(0, 5), (5, 10), (10, 12)]
@@ -99,10 +99,10 @@ def test_cdam_attention_backward_blocks_promote_like_the_forward(gen, monkeypatc
     v, g = random_values(gen, 2, 12, 3, dtype=F64), random_values(gen, 2, 12, 3, dtype=F64)
     want_p, want_v = aref.cdam_attention_backward(g, p.double(), v, 10.0)
     seen = []
-    real = rb._self_rows
-    monkeypatch.setattr(rb, "_self_rows", lambda pb, i0, i1: seen.append((i0, i1, pb.dtype)) or real(pb, i0, i1))
+    real = aref.self_rows
+    monkeypatch.setattr(aref, "self_rows", lambda pb, i0, i1: seen.append((i0, i1, pb.dtype)) or real(pb, i0, i1))
     leaf_p, leaf_v = p.clone().requires_grad_(True), v.clone().requires_grad_(True)
-    budget = rb.TEMPS_PER_PAIR * 12 * 8 * 5  # 5 float64 rows per block (10 if sized for float32)
+    budget = aref.TEMPS_PER_PAIR * 12 * 8 * 5  # 5 float64 rows per block (10 if sized for float32)
     cf.cdam_attention(leaf_p, leaf_v, mode="recompute", memory_budget=budget, backend="reference").backward(g)
     fwd, bwd = seen[:len(seen) // 2], seen[len(seen) // 2:]
     assert fwd == bwd and {s[:2] for s in bwd} == {(0, 5), (5, 10), (10, 12)} and {s[2] for s in bwd} == {F64}

@@ -1,6 +1,6 @@
-"""Autograd for the cdam_fast ops: backward formulas (reference.py), backward custom ops with
-fused kernels where a backend has them (ops.py) and their registration (register.py).
-See docs/autograd.md for the mathematics."""
+"""Autograd for the cdam_fast ops: one backward custom op per op (backward_ops.py), which runs
+the backward of the backend the forward ran on, and their registration (register.py). The
+formulas live with each op (cdam_fast/opdefs); docs/autograd.md has the mathematics."""
 from .register import register_autograd
 
 __all__ = ["register_autograd"]

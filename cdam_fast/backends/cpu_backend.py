@@ -1,29 +1,54 @@
-"""The C++ CPU backend (csrc/cdam_cpu.cpp), compiled just in time on first use.
+"""The C++ CPU backend (csrc/cdam_cpu.cpp forward, csrc/cdam_cpu_backward.cpp backward), compiled
+just in time on first use.
 
 The kernels use the entropy form of the divergence, one log2 per (row, key, class):
 r_i = sum_c p_ic (log2 p_ic + 1), J_ij = (ln 2 / 2)(r_i + r'_j - sum_c s log2 s) with
 s = p_ic + q_jc, accumulated in float32 (the reference uses the literal mixture-entropy
 formula instead, so the two are independent). Inputs are converted to float32 here;
-maps come back float32, attention outputs in v's dtype.
+maps come back float32, attention outputs in v's dtype. The kernels index with int64 and loop
+over the batch: no size limits beyond memory. Its backward is fused for every op
+(cpu_backward.py); it saves no statistics (the backward recomputes each row's, cheaply, in cache).
 """
 from __future__ import annotations
 
 import torch
 
+from . import cpu_backward
 from .extension_build import cpu_extension
-from .shared import ExtensionOps, dtype_reason
+from .shared import ExtensionBackend
 
+class CpuBackend(ExtensionBackend):
+    name = "cpu"
+    devices = ("cpu",)
+    extension = cpu_extension
+    ops = ("pairwise_jsd", "cdam_map", "cdam_attention", "multiscale_cdam_map", "multiscale_cdam_attention",
+           "jsd_attention")
+    backward_ops = ("pairwise_jsd", "cdam_map", "cdam_attention", "multiscale_cdam_map", "multiscale_cdam_attention",
+                    "jsd_attention")
 
-def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    if device.type != "cpu":
-        return f"it runs CPU tensors only (got a {device.type} tensor)"
-    return dtype_reason(dtype) or cpu_extension.report()  # reports, never builds
+    def values(self, v):
+        return v.to(torch.float32).contiguous()
 
+    def backward_limit_reasons(self, op, call):
+        return cpu_backward.failure_reasons(op)
 
-def not_supported_reasons(call) -> list[str]:
-    # The kernels index with int64 and loop over the batch: no size limits beyond memory.
-    why = unavailable_reason(call.device, call.compute_dtype) or cpu_extension.failure()  # builds on first use
-    return [why] if why else []
+    def pairwise_jsd_backward(self, grad, p, q, *, needs=None, stats=None):
+        return cpu_backward.pairwise_jsd_backward(grad, p, q, need_q=needs is None or needs[1])
 
+    def cdam_attention_backward(self, grad, p, v, alpha, mode, memory_budget, *, needs=None, stats=None):
+        return cpu_backward.cdam_attention_backward(grad, p, v, alpha, memory_budget,
+                                                    need_p=needs is None or needs[0])
 
-ExtensionOps(cpu_extension.module, lambda v: v.to(torch.float32).contiguous()).export(globals())
+    def cdam_map_backward(self, grad, p, alpha, *, needs=None, stats=None):
+        return (cpu_backward.cdam_map_backward(grad, p, alpha),)
+
+    def multiscale_cdam_map_backward(self, grad, sim, scales, tau, alpha, *, needs=None, stats=None):
+        return (cpu_backward.multiscale_cdam_map_backward(grad, sim, scales, tau, alpha),)
+
+    def multiscale_cdam_attention_backward(self, grad, sim, v, scales, tau, alpha, mode, memory_budget, *, needs=None,
+                                           stats=None):
+        return cpu_backward.multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha)
+
+    def jsd_attention_backward(self, grad, p, v, tau, q, *, needs=None, stats=None):
+        need_pq = needs is None or needs[0] or (q is not None and needs[2])
+        return cpu_backward.jsd_attention_backward(grad, p, v, q, tau, need_p=need_pq)

@@ -1,31 +1,10 @@
-"""Host-side steps every fast backend takes the same way, and the limits they declare."""
+"""Host-side steps the fast backends take the same way, and the base of the extension backends."""
 from __future__ import annotations
 
 import torch
 
 from .. import grids, memory
-
-FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# CUDA launch grids hold at most this many blocks on their y and z axes (x: 2^31 - 1).
-INT32_MAX = 2**31 - 1
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def limit_reason(what: str, value: int, limit: int, why: str) -> list[str]:
-    """[reason] if value exceeds limit, else []."""
-    return [f"{what} = {value} exceeds {limit} ({why})"] if value > limit else []
-
-
-def dtype_reason(dtype: torch.dtype) -> str | None:
-    """Why a fast backend refuses this dtype (None if it accepts it)."""
-    if dtype == torch.float64:
-        return "float64 inputs are computed by the reference backend"
-    if dtype not in FAST_DTYPES:
-        return f"unsupported dtype {dtype}"
-    return None
+from .base import Backend
 
 
 def multiscale_inputs(sim: torch.Tensor, scales, tau: float):
@@ -51,46 +30,53 @@ def materialized_bytes(ps) -> int:
     return memory.materialized_bytes(ps[0].shape[0], [p.shape[1] for p in ps])
 
 
-class ExtensionOps:
-    """The op functions of a backend whose kernels live in a JIT-built extension module.
+class ExtensionBackend(Backend):
+    """A backend whose forward kernels live in a JIT-built extension module (`extension`, an
+    extension_build._Cached). `values` prepares v for it (the CPU kernels take float32, the CUDA
+    ones any 16/32-bit float); divergence inputs always go in as float32."""
 
-    `values` prepares v for the extension (the CPU kernels take float32, the CUDA ones any
-    16/32-bit float); divergence inputs always go in as float32.
-    """
+    extension = None
 
-    def __init__(self, module, values):
-        self._module, self._values = module, values
+    def available(self, device, dtype):
+        return self.extension.report()  # reports, never builds
+
+    def not_supported_reasons(self, op, call):
+        """A call it would run builds the extension on first use: a failed build is its reason."""
+        if op in self.ops and self.unavailable_reason(call.device, call.compute_dtype) is None:
+            failure = self.extension.failure()
+            if failure:
+                return [failure]
+        return super().not_supported_reasons(op, call)
+
+    def values(self, v):
+        return v.contiguous()
 
     @staticmethod
     def _f32(t):
         return None if t is None else t.to(torch.float32).contiguous()
 
     def pairwise_jsd(self, p, q):
-        return self._module().pairwise_jsd(self._f32(p), self._f32(q))
+        return self.extension.module().pairwise_jsd(self._f32(p), self._f32(q))
 
     def cdam_map(self, p, alpha):
-        return self._module().cdam_map(self._f32(p), float(alpha))
+        return self.extension.module().cdam_map(self._f32(p), float(alpha))
 
     def cdam_attention(self, p, v, alpha, mode, memory_budget):
         B, N, _ = p.shape
         materialize = memory.materialize(mode, memory.materialized_bytes(B, [N]), memory_budget)
-        return self._module().cdam_attention(self._f32(p), self._values(v), float(alpha), materialize).to(v.dtype)
+        return self.extension.module().cdam_attention(self._f32(p), self.values(v), float(alpha),
+                                                      materialize).to(v.dtype)
 
     def multiscale_cdam_map(self, sim, scales, tau, alpha):
         ps, idx, wts = multiscale_inputs(sim, scales, tau)
-        return self._module().multiscale_cdam_map(ps, idx, wts, sim.shape[2] * sim.shape[3], float(alpha))
+        return self.extension.module().multiscale_cdam_map(ps, idx, wts, sim.shape[2] * sim.shape[3], float(alpha))
 
     def multiscale_cdam_attention(self, sim, v, scales, tau, alpha, mode, memory_budget):
         ps, idx, wts = multiscale_inputs(sim, scales, tau)
         materialize = memory.materialize(mode, materialized_bytes(ps), memory_budget)
-        return self._module().multiscale_cdam_attention(ps, idx, wts, self._values(v), float(alpha),
-                                                        materialize).to(v.dtype)
+        return self.extension.module().multiscale_cdam_attention(ps, idx, wts, self.values(v), float(alpha),
+                                                                 materialize).to(v.dtype)
 
     def jsd_attention(self, p, v, tau, q):
-        return self._module().jsd_attention(self._f32(p), self._values(v), float(tau), self._f32(q)).to(v.dtype)
-
-    def export(self, namespace: dict) -> None:
-        """Bind the op functions as module-level names of a backend module."""
-        for name in ("pairwise_jsd", "cdam_map", "cdam_attention", "multiscale_cdam_map",
-                     "multiscale_cdam_attention", "jsd_attention"):
-            namespace[name] = getattr(self, name)
+        return self.extension.module().jsd_attention(self._f32(p), self.values(v), float(tau),
+                                                     self._f32(q)).to(v.dtype)

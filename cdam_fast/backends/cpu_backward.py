@@ -1,5 +1,6 @@
-"""Fused CPU backward of pairwise_jsd, jsd_attention and cdam_attention (csrc/cdam_cpu_backward.cpp)
-and of cdam_map and the multi-scale ops (csrc/cdam_cpu_multiscale_backward.cpp).
+"""Host side of the fused CPU backward (the CPU backend, cpu_backend.py, runs it): pairwise_jsd,
+jsd_attention and cdam_attention (csrc/cdam_cpu_backward.cpp), cdam_map and the multi-scale ops
+(csrc/cdam_cpu_multiscale_backward.cpp).
 
 Built just in time like the forward CPU extension (same flags, cache and failure handling,
 cdam_fast.backends.extension_build), as its own small module so the forward's sources stay as
@@ -12,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import constants, memory
-from ..backends import extension_build as eb
-from ..backends import cpu_backend
 from ..centring import centring_weights, log_terms, row_terms
 from ..grids import bilinear_taps_2d, class_distributions, scale_grid
-from . import reference
+from ..opdefs.multiscale import resize_vjp
+from . import extension_build as eb
+from .extension_build import cpu_extension
 
 
 def _spec() -> eb.ExtensionSpec:
@@ -39,9 +40,9 @@ multiscale_extension = eb._Cached(_multiscale_spec)
 MULTISCALE_OPS = ("cdam_map", "multiscale_cdam_map", "multiscale_cdam_attention")
 
 
-def not_supported_reasons(op: str, call) -> list[str]:
-    """Why the fused CPU backward cannot take this forward call: only a failed build (the
-    kernels index with int64 and loop over the batch, like the forward's)."""
+def failure_reasons(op: str) -> list[str]:
+    """Why the fused CPU backward of op cannot run: only a failed build (the kernels index with
+    int64 and loop over the batch, like the forward's)."""
     ext = multiscale_extension if op in MULTISCALE_OPS else extension
     why = ext.failure()
     return [f"the CPU backward extension could not be built ({why})"] if why else []
@@ -68,7 +69,8 @@ def _finish(acc, p):
     return torch.where(p > 0, constants.HALF_LN2 * acc, 0.0)
 
 
-def pairwise_jsd_backward(grad, p, q):
+def pairwise_jsd_backward(grad, p, q, need_q=True):
+    """(gp, gq); gq None when q is None or not needed (the key-side sums are then not formed)."""
     mod = extension.module()
     w = centring_weights(p, q)  # the forward's centring weights
     pp, lp = _rows(p, w)
@@ -78,14 +80,17 @@ def pairwise_jsd_backward(grad, p, q):
         g.diagonal(dim1=-2, dim2=-1).zero_()
     kT, lkT, _ = _keys(p if q is None else q, w)
     g = F.pad(g, (0, kT.shape[2] - g.shape[2])).contiguous()
-    T, U = mod.jsd_class_grads(pp, lp, kT, lkT, w, g, q is not None, memory.resolve_budget(None))
-    if q is None:
+    keys_too = q is not None and need_q
+    T, U = mod.jsd_class_grads(pp, lp, kT, lkT, w, g, keys_too, memory.resolve_budget(None))
+    if not keys_too:
         return _finish(T, p), None
     return _finish(T, p), _finish(U[:, :, :q.shape[1]].transpose(1, 2), q)
 
 
-def _attention(kind, param, grad, p, v, q, memory_budget=None):
-    """memory_budget (bytes; None: the policy's default) bounds the kernel's per-task buffers."""
+def _attention(kind, param, grad, p, v, q, need_p=True, memory_budget=None):
+    """(gp, gv, gq) of the attention ops (kind 0: jsd_attention, 1: cdam_attention); need_p
+    False: gv alone (gp, gq None), the kernel then forms no score gradient or class sums.
+    memory_budget (bytes; None: the policy's default) bounds the kernel's per-task buffers."""
     mod = extension.module()
     w = centring_weights(p, q)  # the forward's centring weights and row terms (cdam_fast/centring.py)
     pp, lp = _rows(p, w)
@@ -93,25 +98,30 @@ def _attention(kind, param, grad, p, v, q, memory_budget=None):
     kT, lkT, rk = _keys(keys, w)
     T, U, gv = mod.attention_backward(pp, lp, row_terms(p, w), kT, lkT, rk, w, v.float().contiguous(),
                                       grad.float().contiguous(), kind, float(param), q is None,
-                                      memory.resolve_budget(memory_budget))
+                                      memory.resolve_budget(memory_budget), need_p)
+    if not need_p:
+        return None, gv, None
     gk = _finish(U[:, :, :keys.shape[1]].transpose(1, 2), keys)
     if q is None:
         return _finish(T, p) + gk, gv, None
     return _finish(T, p), gv, gk
 
 
-def jsd_attention_backward(grad, p, v, q, tau, lse=None):
-    """lse is not needed: a CPU row of weights fits in cache, so the softmax and
-    Delta_i are summed exactly per row."""
-    return _attention(0, tau, grad, p, v, q)
+def jsd_attention_backward(grad, p, v, q, tau, need_p=True):
+    """(gp, gv, gq). The forward's row log-sum-exp is not needed: a CPU row of weights fits in
+    cache, so the softmax and Delta_i are summed exactly per row."""
+    return _attention(0, tau, grad, p, v, q, need_p)
 
 
-def cdam_attention_backward(grad, p, v, alpha, mode=None, memory_budget=None, stats=None):
-    """Always in bounded row chunks (mode does not matter: the chunked recompute is as fast as
-    keeping N x N here, the row statistics being local to each row, so the forward's `stats` are
-    not needed either); memory_budget bounds the per-task buffers (csrc/cdam_cpu_backward.cpp)."""
-    gp, gv, _ = _attention(1, alpha, grad, p, v, None, memory_budget)
-    return reference.unscale(gp, reference.gradient_exponent(alpha)), gv  # the kernel's G is scaled by 2^-e
+def cdam_attention_backward(grad, p, v, alpha, memory_budget=None, need_p=True):
+    """(gp, gv), always in bounded row chunks (the forward's mode does not matter: the chunked
+    recompute is as fast as keeping N x N here, the row statistics being local to each row, so
+    the forward's are not needed either); memory_budget bounds the per-task buffers
+    (csrc/cdam_cpu_backward.cpp)."""
+    gp, gv, _ = _attention(1, alpha, grad, p, v, None, need_p, memory_budget)
+    if gp is None:
+        return None, gv
+    return constants.unscale(gp, constants.gradient_exponent(alpha)), gv  # the kernel's G is scaled by 2^-e
 
 
 def _full_grid(p):
@@ -154,7 +164,7 @@ def _multiscale(sim, scales, tau, alpha, gmap=None, g=None, v=None):
     small = [hw for hw in grids_s if hw != (h, w)]
     p1 = class_distributions(x, h, w, tau) if n_full else None
     ps = [class_distributions(x, hs, ws, tau) for hs, ws in small]
-    js = [cpu_backend.pairwise_jsd(p, None) for p in ps]  # the forward's divergences of the small grids
+    js = [cpu_extension.module().pairwise_jsd(p.float().contiguous(), None) for p in ps]  # the forward's, small grids
     taps = [bilinear_taps_2d(h, w, hs, ws) for hs, ws in small]
     T, U, djs, gv = mod.multiscale_rows_backward(
         _full_grid(p1) if n_full else [], n_full / len(scales), js, [t[0].contiguous() for t in taps],
@@ -169,8 +179,8 @@ def _multiscale(sim, scales, tau, alpha, gmap=None, g=None, v=None):
     for k, ((hs, ws), p) in enumerate(zip(small, ps)):
         gp, djs[k] = _self_divergence_grad(djs[k], p), None
         gz = _softmax_vjp(p, gp, tau).transpose(1, 2).reshape(B, C, hs, ws)
-        gsim += reference._resize_vjp(gz, (h, w)).double()
-    return reference.unscale(gsim, reference.gradient_exponent(alpha)), (gv if v is not None else None)
+        gsim += resize_vjp(gz, (h, w)).double()
+    return constants.unscale(gsim, constants.gradient_exponent(alpha)), (gv if v is not None else None)
 
 
 def cdam_map_backward(grad, p, alpha):
@@ -178,7 +188,7 @@ def cdam_map_backward(grad, p, alpha):
         _full_grid(p), 1.0, [], [], [], 1.0, grad.float().contiguous(), None, None, p.shape[0], p.shape[1],
         float(alpha), MAX_CHUNK_ROWS or 0)
     gp = _finish(T, p) + _finish(U[:, :, :p.shape[1]].transpose(1, 2), p)
-    return reference.unscale(gp, reference.gradient_exponent(alpha))
+    return constants.unscale(gp, constants.gradient_exponent(alpha))
 
 
 def multiscale_cdam_map_backward(grad, sim, scales, tau, alpha):
