@@ -147,6 +147,18 @@ def test_relative_path_read_here_and_absolute_path_never_share_outputs(photos, t
         np.testing.assert_array_equal(np.asarray(Image.open(f)), expected[src], f)
 
 
+def test_names_giving_two_images_one_name_are_refused(tmp_path):
+    """names= that map two images to one output name (e.g. by stem) would let one image's files
+    overwrite the other's: refused when the stage is built, naming both."""
+    names = {"/d/a/photo.png": "photo", "/d/b/photo.png": "photo", "/d/c.png": "c"}
+    with pytest.raises(CdamInputError, match=r"'photo'.*/d/a/photo.png.*/d/b/photo.png"):
+        RaySegmenter(CLASSES, out=tmp_path / "o", names=names, **OPTIONS)
+    # spellings of one file share its name (as scripts/ray_segment.py passes them)
+    rel = os.path.relpath(tmp_path / "p.png")
+    ok = {rel: "p", str(tmp_path / "p.png"): "p", str(tmp_path / "p.png").lstrip(os.sep): "p"}
+    RaySegmenter(CLASSES, out=tmp_path / "o", names=ok, **OPTIONS)
+
+
 def test_ray_data_local_cluster(photos, tmp_path):
     ray = pytest.importorskip("ray", reason="the [ray] extra (ray[data]) is not installed")
     made = _same_stems(tmp_path / "in", photos)  # images of varying size, all named photo.*

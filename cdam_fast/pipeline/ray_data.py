@@ -71,6 +71,7 @@ class RaySegmenter:
                  root=None, **segmenter_options):
         from .segmenter import Segmenter
 
+        _check_distinct(names or {})  # before the model loads
         segmenter_options.setdefault("progress", False)
         self.segmenter = Segmenter(classes, **segmenter_options)
         self.image_column, self.path_column = image_column, path_column
@@ -159,6 +160,23 @@ def output_name(path, root=None) -> str:
             return _checked_name(Path(rel).as_posix())
     raise CdamInputError(f"image {text!r} is not below root {os.fspath(root)!r}: pass names= for it, or "
                          "another root")
+
+
+def _check_distinct(names: dict) -> None:
+    """names= must give each image its own outputs: one name for two files would let one
+    image's files overwrite the other's. Spellings of one file (relative, absolute, Ray's
+    absolute without its leading "/") may share a name, as scripts/ray_segment.py gives them."""
+    seen = {}
+    for path, name in names.items():
+        if name and not _spellings(seen.setdefault(name, path)) & _spellings(path):
+            raise CdamInputError(f"names= gives the output name {name!r} to both {str(seen[name])!r} and "
+                                 f"{str(path)!r}: each image needs its own name")
+
+
+def _spellings(path) -> set:
+    """The absolute paths a row's path may stand for (itself, or Ray's form of an absolute one)."""
+    text = os.fspath(path)
+    return {os.path.abspath(text)} | (set() if os.path.isabs(text) else {os.path.normpath(os.sep + text)})
 
 
 def _checked_name(name: str) -> str:
