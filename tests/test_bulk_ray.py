@@ -126,6 +126,39 @@ def test_two_writers_same_stem_in_process(photos, tmp_path, one_thread):
     assert not [p for p in (tmp_path / "o").rglob(".*")]  # no temporary files left
 
 
+def test_relative_path_read_here_and_absolute_path_never_share_outputs(photos, tmp_path, one_thread, monkeypatch):
+    """A row read from a relative path is the file below this process's folder, not the absolute
+    path of the same spelling (Ray's read_images form, which comes with its image): named by
+    what was read, the two files get their own outputs."""
+    folder, expected, _ = photos
+    src_here, src_abs = list(expected)[:2]
+    absolute = tmp_path / "abs" / "p.png"
+    relative = str(absolute).lstrip(os.sep)  # the same spelling, read relative to the working folder
+    here = tmp_path / "cwd"
+    for target, src in ((absolute, src_abs), (here / relative, src_here)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(src).save(target, format="PNG")
+    monkeypatch.chdir(here)
+    seg = RaySegmenter(CLASSES, out=tmp_path / "o", **OPTIONS)
+    rows = seg({"path": np.array([relative, str(absolute)], dtype=object)})
+    assert list(rows["error"]) == ["", ""]
+    assert rows["files"][0] != rows["files"][1]
+    for f, src in zip(rows["files"], (src_here, src_abs)):
+        np.testing.assert_array_equal(np.asarray(Image.open(f)), expected[src], f)
+
+
+def test_names_giving_two_images_one_name_are_refused(tmp_path):
+    """names= that map two images to one output name (e.g. by stem) would let one image's files
+    overwrite the other's: refused when the stage is built, naming both."""
+    names = {"/d/a/photo.png": "photo", "/d/b/photo.png": "photo", "/d/c.png": "c"}
+    with pytest.raises(CdamInputError, match=r"'photo'.*/d/a/photo.png.*/d/b/photo.png"):
+        RaySegmenter(CLASSES, out=tmp_path / "o", names=names, **OPTIONS)
+    # spellings of one file share its name (as scripts/ray_segment.py passes them)
+    rel = os.path.relpath(tmp_path / "p.png")
+    ok = {rel: "p", str(tmp_path / "p.png"): "p", str(tmp_path / "p.png").lstrip(os.sep): "p"}
+    RaySegmenter(CLASSES, out=tmp_path / "o", names=ok, **OPTIONS)
+
+
 def test_ray_data_local_cluster(photos, tmp_path):
     ray = pytest.importorskip("ray", reason="the [ray] extra (ray[data]) is not installed")
     made = _same_stems(tmp_path / "in", photos)  # images of varying size, all named photo.*

@@ -31,7 +31,8 @@ written under a temporary name unique to the writer in the same folder and renam
 `names[path]` where `names` gives one, else `output_name(path, root)`: the image's path
 relative to `root`, folders kept and the file's extension too (`root="photos"`:
 `photos/a/cat.jpg` -> FOLDER/a/cat.jpg_labels.png); without `root`, the whole path
-(FOLDER/home/me/photos/a/cat.jpg_labels.png). Distinct files thus never share outputs,
+(FOLDER/home/me/photos/a/cat.jpg_labels.png); a row read from a relative path (no image) is
+named by that file's absolute path. Distinct files thus never share outputs,
 whichever actor writes them (`a/cat.png` and `b/cat.png`, `cat.png` and `cat.jpg`).
 
 This module does not import ray: it is the `[ray]` extra's entry point, and the core package
@@ -70,6 +71,7 @@ class RaySegmenter:
                  root=None, **segmenter_options):
         from .segmenter import Segmenter
 
+        _check_distinct(names or {})  # before the model loads
         segmenter_options.setdefault("progress", False)
         self.segmenter = Segmenter(classes, **segmenter_options)
         self.image_column, self.path_column = image_column, path_column
@@ -90,11 +92,12 @@ class RaySegmenter:
         for i in range(n):
             where = f"row {i}" if paths is None else f"image {str(paths[i])!r}"
             try:
-                image = images[i] if images is not None and images[i] is not None else open_image(str(paths[i]))
+                read_here = images is None or images[i] is None
+                image = open_image(str(paths[i])) if read_here else images[i]
                 image = _as_array(image)
                 labels[i] = self.segmenter.predict(image, name=where)
                 if self.out is not None:
-                    files[i] = self._write(paths, i, image, labels[i])
+                    files[i] = self._write(paths, i, image, labels[i], read_here)
                 if self.shares:
                     shares[i] = np.bincount(labels[i].ravel(), minlength=shares.shape[1]) / max(labels[i].size, 1)
                 if self.overlay:
@@ -113,11 +116,14 @@ class RaySegmenter:
         return out
 
 
-    def _write(self, paths, i: int, image, labels) -> str:
+    def _write(self, paths, i: int, image, labels, read_here: bool) -> str:
         if paths is None:
             raise KeyError(f"RaySegmenter: writing files (out=...) needs the {self.path_column!r} column")
         source = str(paths[i])
-        name = _checked_name(self.names[source]) if self.names.get(source) else output_name(source, self.root)
+        # A file read here was opened relative to this process's folder: named by its absolute
+        # path, never by the absolute path of the same spelling (Ray's form, with its image).
+        named = os.path.abspath(source) if read_here else source
+        name = _checked_name(self.names[source]) if self.names.get(source) else output_name(named, self.root)
         target = fileio.output_paths([InputImage(source, name)], self.out)[0]
         partial = fileio.partial_paths(target)
         try:
@@ -154,6 +160,23 @@ def output_name(path, root=None) -> str:
             return _checked_name(Path(rel).as_posix())
     raise CdamInputError(f"image {text!r} is not below root {os.fspath(root)!r}: pass names= for it, or "
                          "another root")
+
+
+def _check_distinct(names: dict) -> None:
+    """names= must give each image its own outputs: one name for two files would let one
+    image's files overwrite the other's. Spellings of one file (relative, absolute, Ray's
+    absolute without its leading "/") may share a name, as scripts/ray_segment.py gives them."""
+    seen = {}
+    for path, name in names.items():
+        if name and not _spellings(seen.setdefault(name, path)) & _spellings(path):
+            raise CdamInputError(f"names= gives the output name {name!r} to both {str(seen[name])!r} and "
+                                 f"{str(path)!r}: each image needs its own name")
+
+
+def _spellings(path) -> set:
+    """The absolute paths a row's path may stand for (itself, or Ray's form of an absolute one)."""
+    text = os.fspath(path)
+    return {os.path.abspath(text)} | (set() if os.path.isabs(text) else {os.path.normpath(os.sep + text)})
 
 
 def _checked_name(name: str) -> str:
