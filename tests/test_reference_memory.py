@@ -5,25 +5,30 @@ import torch
 
 import cdam_fast as cf
 from cdam_fast import reference
-from cdam_fast.backends import reference_backend as rb
+from cdam_fast.opdefs import cdam as cdam_home
+from cdam_fast.opdefs import multiscale as multiscale_home
 from conftest import random_distributions, random_similarities, random_values
 
 F64 = torch.float64
+TEMPS_PER_PAIR = cdam_home.TEMPS_PER_PAIR
 
 
 @pytest.fixture
 def block_shapes(monkeypatch):
-    """Shapes of every divergence block the transform sees, and whether the whole-map path ran."""
+    """Shapes of every divergence block the transform sees, and whether the whole-map path ran
+    (patched where the op homes' bounded references look them up)."""
     seen = {"blocks": [], "whole": 0}
-    real = reference.minmax_expm1
-    monkeypatch.setattr(reference, "minmax_expm1", lambda j, alpha: seen["blocks"].append(tuple(j.shape)) or real(j, alpha))
-    for name in ("cdam_attention", "multiscale_cdam_attention"):
-        whole = getattr(reference, name)
-        monkeypatch.setattr(reference, name, lambda *a, _w=whole, **k: seen.__setitem__("whole", seen["whole"] + 1) or _w(*a, **k))
+    real = cdam_home.minmax_expm1
+    spy = lambda j, alpha: seen["blocks"].append(tuple(j.shape)) or real(j, alpha)  # noqa: E731
+    for home in (cdam_home, multiscale_home):
+        monkeypatch.setattr(home, "minmax_expm1", spy)
+    for home, name in ((cdam_home, "cdam_attention"), (multiscale_home, "multiscale_cdam_attention")):
+        whole = getattr(home, name)
+        monkeypatch.setattr(home, name, lambda *a, _w=whole, **k: seen.__setitem__("whole", seen["whole"] + 1) or _w(*a, **k))
     return seen
 
 
-@pytest.mark.parametrize("budget,rows", [(0, 1), (rb.TEMPS_PER_PAIR * 13 * 8 * 4, 4)])
+@pytest.mark.parametrize("budget,rows", [(0, 1), (TEMPS_PER_PAIR * 13 * 8 * 4, 4)])
 def test_cdam_attention_recompute_is_blockwise_and_exact(gen, block_shapes, budget, rows):
     p, v = random_distributions(gen, 2, 13, 5, dtype=F64), random_values(gen, 2, 13, 3, dtype=F64)
     want = reference.cdam_attention(p, v, 10.0)
@@ -44,7 +49,7 @@ def test_auto_over_budget_also_bounds_memory(gen, block_shapes):
     assert block_shapes["whole"] == 1  # an explicit materialize evaluates the whole map
 
 
-@pytest.mark.parametrize("budget", [0, rb.TEMPS_PER_PAIR * 42 * 8 * 5])
+@pytest.mark.parametrize("budget", [0, TEMPS_PER_PAIR * 42 * 8 * 5])
 def test_multiscale_recompute_is_blockwise_and_exact(gen, block_shapes, budget):
     sim, v = random_similarities(gen, 2, 5, 7, 6, dtype=F64), random_values(gen, 2, 42, 3, dtype=F64)
     scales = (1.0, 0.5, 0.75, 0.25)
@@ -53,7 +58,7 @@ def test_multiscale_recompute_is_blockwise_and_exact(gen, block_shapes, budget):
     block_shapes["whole"] = 0
     got = cf.multiscale_cdam_attention(sim, v, scales, mode="recompute", memory_budget=budget, backend="reference")
     assert block_shapes["whole"] == 0
-    assert max(b[-2] for b in block_shapes["blocks"]) == max(1, budget // (rb.TEMPS_PER_PAIR * 42 * 8))
+    assert max(b[-2] for b in block_shapes["blocks"]) == max(1, budget // (TEMPS_PER_PAIR * 42 * 8))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
 
 
