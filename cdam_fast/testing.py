@@ -67,7 +67,12 @@ def random_similarities(gen: torch.Generator, *shape: int, dtype=torch.float32, 
 
 # --- backward fuzz cases ---------------------------------------------------------------------------
 
-FUZZ_OPS = ("jsd_attention", "pairwise_jsd", "cdam_attention")
+FUZZ_OPS = ("jsd_attention", "pairwise_jsd", "cdam_attention", "cdam_map", "multiscale_cdam_map",
+            "multiscale_cdam_attention")
+MULTISCALE_FUZZ_OPS = ("multiscale_cdam_map", "multiscale_cdam_attention")
+# the paper's seven, one scale, a repeated full grid, unordered, and grids that shrink to 1 patch a side
+FUZZ_SCALE_SETS = ((1.0, 0.25, 0.37, 0.5, 0.63, 0.75, 0.87), (1.0,), (0.5,), (1.0, 1.0, 0.6), (0.6, 1.0, 0.35),
+                   (0.25, 0.3))
 
 
 def draw(seed: int, op: str, dtype: torch.dtype) -> dict:
@@ -76,6 +81,8 @@ def draw(seed: int, op: str, dtype: torch.dtype) -> dict:
     def pick(xs):
         return xs[torch.randint(len(xs), (1,), generator=gen).item()]
 
+    if op in MULTISCALE_FUZZ_OPS:
+        return _draw_multiscale(gen, pick, seed, op, dtype)
     B, N, M = pick([1, 2]), pick([1, 2, 3, 6, 9, 17, 23]), pick([1, 2, 3, 5, 9, 18, 33])
     C, D = pick([1, 2, 3, 5, 9, 21]), pick([1, 2, 3, 7, 20])
     sharp = pick([0.3, 1.0, 3.0, 6.0])
@@ -87,20 +94,49 @@ def draw(seed: int, op: str, dtype: torch.dtype) -> dict:
                 alpha=pick([0.5, 3.0, 10.0, 40.0]), vscale=pick([1e-2, 1.0, 30.0]), gscale=pick([1e-2, 1.0, 30.0]))
     # CDAM: no one-hot rows (their ties at J = ln 2 are broken differently per precision)
     p = random_distributions(gen, B, N, C, dtype=dtype, sharpness=sharp, zeros=zeros,
-                             one_hot=one_hot and op != "cdam_attention")
+                             one_hot=one_hot and op not in ("cdam_attention", "cdam_map"))
     q = None
     if use_q:
         q = random_distributions(gen, B, M, C, dtype=dtype, sharpness=sharp, zeros=zeros, one_hot=one_hot)
     v = (random_values(gen, B, M, D, dtype=torch.float64) * case["vscale"]).to(dtype)
-    out_shape = (B, N, M) if op == "pairwise_jsd" else (B, N, D)
+    out_shape = (B, N, M) if op in ("pairwise_jsd", "cdam_map") else (B, N, D)
     g = (random_values(gen, *out_shape, dtype=torch.float64) * case["gscale"]).to(dtype)
     case.update(p=p, q=q, v=v, g=g)
     return case
 
 
+def _draw_multiscale(gen, pick, seed, op, dtype) -> dict:
+    """Odd grids (h != w, down to 1 x 1), every scale set of FUZZ_SCALE_SETS."""
+    B, h, w = pick([1, 2]), pick([1, 2, 3, 5, 7, 11]), pick([1, 2, 4, 6, 9])
+    C, D = pick([1, 2, 3, 5, 9, 21]), pick([1, 2, 3, 7])
+    case = dict(seed=seed, B=B, N=h * w, M=h * w, C=C, D=D, h=h, w=w, scales=pick(list(FUZZ_SCALE_SETS)),
+                spread=pick([0.03, 0.1, 0.3]), tau=pick([0.05, 0.1, 0.3]), alpha=pick([0.5, 3.0, 10.0, 40.0]),
+                vscale=pick([1e-2, 1.0, 30.0]), gscale=pick([1e-2, 1.0, 30.0]), q=None)
+    case["sim"] = random_similarities(gen, B, C, h, w, dtype=dtype, spread=case["spread"])
+    case["v"] = (random_values(gen, B, h * w, D, dtype=torch.float64) * case["vscale"]).to(dtype)
+    out_shape = (B, h * w, h * w) if op == "multiscale_cdam_map" else (B, h * w, D)
+    case["g"] = (random_values(gen, *out_shape, dtype=torch.float64) * case["gscale"]).to(dtype)
+    return case
+
+
 def describe(case: dict) -> str:
-    keys = ("seed", "B", "N", "M", "C", "D", "sharp", "use_q", "tau", "alpha", "vscale", "gscale")
-    return " ".join(f"{k}={case[k]}" for k in keys)
+    keys = ("seed", "B", "N", "M", "C", "D", "sharp", "use_q", "h", "w", "scales", "tau", "alpha", "vscale", "gscale")
+    return " ".join(f"{k}={case[k]}" for k in keys if k in case)
+
+
+def _public_grads(op: str, backend: str, inputs: dict, g: torch.Tensor, case: dict) -> dict:
+    """Gradients through the public op's registered autograd (the backward its forward selects)."""
+    import cdam_fast as cf
+    leaves = {k: x.detach().requires_grad_() for k, x in inputs.items()}
+    if op == "cdam_map":
+        out = cf.cdam_map(leaves["p"], case["alpha"], backend=backend)
+    elif op == "multiscale_cdam_map":
+        out = cf.multiscale_cdam_map(leaves["sim"], case["scales"], case["tau"], case["alpha"], backend=backend)
+    else:
+        out = cf.multiscale_cdam_attention(leaves["sim"], leaves["v"], case["scales"], case["tau"], case["alpha"],
+                                           mode="recompute", backend=backend)
+    got = torch.autograd.grad(out, list(leaves.values()), g)
+    return dict(zip(leaves, got))
 
 
 def grads(op: str, backend: str, case: dict, dtype: torch.dtype | None = None, device="cpu") -> dict:
@@ -109,7 +145,12 @@ def grads(op: str, backend: str, case: dict, dtype: torch.dtype | None = None, d
     def t(x):
         return None if x is None else (x if dtype is None else x.to(dtype)).to(device)
 
+    if op in MULTISCALE_FUZZ_OPS:
+        names = ("sim",) if op == "multiscale_cdam_map" else ("sim", "v")
+        return _public_grads(op, backend, {k: t(case[k]) for k in names}, t(case["g"]), case)
     p, q, v, g = t(case["p"]), t(case["q"]), t(case["v"]), t(case["g"])
+    if op == "cdam_map":
+        return _public_grads(op, backend, {"p": p}, g, case)
     ops = torch.ops.cdam_fast
     has_q = q is not None
     # (grad, the forward's arguments, backend, validate=False: the values are checked as for a

@@ -1,7 +1,8 @@
 """Fuzz the fused backward passes against the float64 reference formulas.
 
 Seeded random small shapes, scales and dtypes for jsd_attention (with and without q),
-pairwise_jsd and cdam_attention; every backend that runs here (triton through the interpreter
+pairwise_jsd, cdam_attention, cdam_map and the multi-scale ops (odd grids, scale sets
+shrinking to one patch); every backend that runs here (triton through the interpreter
 without a GPU, cpu) and the reference evaluated at the input dtype are compared with the
 float64 reference, gradient by gradient. The error of a gradient is max |got - expected| /
 max |expected|, reported as a multiple of the tests' GRAD_TOL (cdam_fast/testing.py) for the
