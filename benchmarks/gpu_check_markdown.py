@@ -196,7 +196,7 @@ def _backward_rows(bench) -> list[tuple]:
             target = f"<= {limit:g}: " + ("n/a" if ratio is None else "yes" if ratio <= limit else "no")
         ref = reference.get(r["case"])
         speedup = _f(ref / step) + "x" if ref and step and r["impl"] != "reference" else "-"
-        status = r["status"] if f is None or f["status"] == "ok" else f"forward: {f['status']}"
+        status = r["status"] if r["status"] != "ok" or f is None or f["status"] == "ok" else f"forward: {f['status']}"
         out.append((r["case"][:-len(suffix)], r["impl"], _mode(r), _f(fwd), _f(step), _f(ratio), target, speedup,
                     status))
     return out
