@@ -17,6 +17,7 @@ from cdam_fast.opspec import OP_NAMES as OPS
 PIPELINE = "pipeline"
 PAPER_N, PAPER_C = 784, 101
 BACKWARD = "backward"  # the tag of a forward + backward case (benchmarks/backward.py times it)
+BACKWARD_LABEL = "fwd+bwd"  # what Case.label() appends for such a case
 BACKWARD_OPS = ("pairwise_jsd", "cdam_attention", "jsd_attention", "multiscale_cdam_attention")
 
 
@@ -50,7 +51,7 @@ class Case:
         if self.dtype != "float32":
             parts.append(self.dtype)
         if is_backward(self):
-            parts.append("fwd+bwd")
+            parts.append(BACKWARD_LABEL)
         return " ".join(parts)
 
 

@@ -1,6 +1,6 @@
 """The GPU acceptance check (``scripts/gpu_check.sh``): versions, correctness on the device,
-the headline speed table and a kernel profile in about 6 minutes, each stage in its own
-process with its own time limit, results written as they arrive.
+the headline speed table (forwards, then forward + backward) and a kernel profile in about 6
+minutes, each stage in its own process with its own time limit, results written as they arrive.
 
     python -m cdam_fast.benchmarks.gpu_check [--out DIR] [--dry-run] [--stages LIST] [--budget-s S]
     python -m cdam_fast.benchmarks.gpu_check --update-results DIR/results.json   # into benchmarks/RESULTS.md

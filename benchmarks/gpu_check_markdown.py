@@ -2,6 +2,8 @@
 summary, and the splice that puts the block between RESULTS.md's gpu-check markers."""
 from __future__ import annotations
 
+from .cases import BACKWARD_LABEL
+from .gpu_check_plan import BACKWARD_RATIO_TARGET, BACKWARD_RATIO_TARGETS
 from .gpu_check_results import OUTCOMES
 
 BEGIN = "<!-- gpu-check:begin -->"
@@ -164,7 +166,40 @@ def _speed(results) -> list[str]:
         rows.append((r["image"], r["impl"], _f(r["median_ms"]), _f(r["images_per_s"]),
                      _f(x["published"]) + "x" if "published" in x else "-", r["status"]))
     lines += _table(("image", "impl", "median ms", "images/s", "x published", "status"), rows)
+
+    lines += ["", f"### Forward + backward (target: backward <= {BACKWARD_RATIO_TARGET:g}x the forward for the "
+              f"attention ops, <= {BACKWARD_RATIO_TARGETS['multiscale_cdam_attention']:g}x for the multi-scale op)",
+              "", "backward = (forward + backward) - forward; x reference = autograd through the reference's "
+              "forward + backward over this row's.", ""]
+    lines += _table(("case", "impl", "mode", "forward ms", "fwd + bwd ms", "backward / forward", "target",
+                     "x reference", "status"), _backward_rows(bench))
     return lines + ["", command, ""]
+
+
+def _backward_rows(bench) -> list[tuple]:
+    """Each fwd+bwd row of the "backward" group beside the forward row of its shape, impl and mode."""
+    suffix = f" {BACKWARD_LABEL}"
+    rows = [r for r in bench if r["group"] == "backward"]
+    forward = {(r["case"], r["impl"], r["mode"]): r for r in rows if not r["case"].endswith(suffix)}
+    reference = {r["case"]: r["median_ms"] for r in rows if r["impl"] == "reference" and r["status"] == "ok"}
+    out = []
+    for r in rows:
+        if not r["case"].endswith(suffix):
+            continue
+        f = forward.get((r["case"][:-len(suffix)], r["impl"], r["mode"]))
+        fwd = f["median_ms"] if f and f["status"] == "ok" else None
+        step = r["median_ms"] if r["status"] == "ok" else None
+        ratio = (step - fwd) / fwd if fwd and step else None
+        target = "-"
+        if r["kind"] == "backend":
+            limit = BACKWARD_RATIO_TARGETS.get(r["op"], BACKWARD_RATIO_TARGET)
+            target = f"<= {limit:g}: " + ("n/a" if ratio is None else "yes" if ratio <= limit else "no")
+        ref = reference.get(r["case"])
+        speedup = _f(ref / step) + "x" if ref and step and r["impl"] != "reference" else "-"
+        status = r["status"] if r["status"] != "ok" or f is None or f["status"] == "ok" else f"forward: {f['status']}"
+        out.append((r["case"][:-len(suffix)], r["impl"], _mode(r), _f(fwd), _f(step), _f(ratio), target, speedup,
+                    status))
+    return out
 
 
 def _modes_rows(bench) -> list[tuple]:

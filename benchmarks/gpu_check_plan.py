@@ -8,7 +8,8 @@ possible rerun included), so the check aims at ~6 minutes of work:
 2. ``build`` (in the background from the start): the device's compiled extension (``cuda`` on a
    GPU, ``cpu`` in a CPU dry run), timed; abandoned with the reason past BUILD_LIMIT_S.
 3. ``tests:*``: small named pytest selections (below), not the suite.
-4. ``speed``: the headline table (HEADLINE), through the benchmark suite's runner.
+4. ``speed``: the headline table (HEADLINE), through the benchmark suite's runner; its forward
+   cases first, then forward + backward (training step) pairs, then the torch.compile baselines.
 5. ``profile``: torch.profiler's kernel table for the paper's crop.
 
 Backward tests join by file name: any ``tests/test_*backward*.py``, ``test_*autograd*.py`` or
@@ -16,9 +17,9 @@ Backward tests join by file name: any ``tests/test_*backward*.py``, ``test_*auto
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .cases import PIPELINE, Case
+from .cases import BACKWARD, PIPELINE, Case
 
 # ------------------------------------------------------------------ time (seconds)
 
@@ -94,7 +95,8 @@ class Headline:
 
     group names the report's table: "sfu" (divergence kernels vs the SFU limit), "modes"
     (materialize vs recompute), "baselines" (fused vs published / torch.compile / reference),
-    "lowmem" (N = 65536), "pipeline" (images/s).
+    "lowmem" (N = 65536), "pipeline" (images/s), "backward" (each shape's forward and its
+    forward + backward, paired in the report).
     """
     group: str
     case: Case
@@ -113,6 +115,27 @@ DRY_JSD = Case("jsd_attention", N=64, C=101, D=32)
 COMPILE_NOTE = "skipped: dry run (torch.compile of the formula takes tens of seconds on CPU)"
 PIPELINE_MODEL, DRY_PIPELINE_MODEL = "ViT-B-16", "ViT-S-32"
 
+# The training step: backward time (forward + backward minus forward) over the forward time.
+BACKWARD_RATIO_TARGET = 2.5
+BACKWARD_RATIO_TARGETS = {"multiscale_cdam_attention": 3.0}  # per op, where it differs
+
+
+def _forward_and_backward(case: Case, dry: Case) -> tuple:
+    """The forward and the forward + backward (benchmarks/backward.py: the case tagged BACKWARD) of
+    one shape, beside autograd through the reference (the baseline "reference" times that)."""
+    return tuple(Headline("backward", replace(case, tags=tags), replace(dry, tags=tags), baselines=("reference",))
+                 for tags in ((), (BACKWARD,)))
+
+
+# After the forward cases, before the compile baselines: losing them to the time limit costs less
+# than losing a forward row, more than losing torch.compile. The crop at B = 4, not 16: autograd
+# through the reference keeps ~N^2 C' x 7.5 scales floats per image (~30 GB at B = 4).
+BACKWARD_HEADLINE = (
+    *_forward_and_backward(replace(CROP, B=4, modes=("auto",)), replace(DRY_CROP, B=1, modes=("auto",))),
+    *_forward_and_backward(Case("cdam_attention", N=4096, C=101, D=64), Case("cdam_attention", N=64, C=101, D=16)),
+    *_forward_and_backward(Case("jsd_attention", N=4096, C=101, D=64), Case("jsd_attention", N=64, C=101, D=16)),
+)
+
 HEADLINE = (
     Headline("sfu", Case("pairwise_jsd", N=4096, C=101), Case("pairwise_jsd", N=64, C=101)),
     Headline("sfu", Case("cdam_attention", N=4096, C=101, D=64, modes=BOTH),
@@ -130,6 +153,7 @@ HEADLINE = (
              triton_only=True),
     Headline("pipeline", Case(PIPELINE, C=21, image=(480, 640)), Case(PIPELINE, C=21, image=(448, 448)),
              baselines=("published",), triton_only=True),
+    *BACKWARD_HEADLINE,
     Headline("baselines", CROP, None, baselines=("compile",), fast=False, dry_note=COMPILE_NOTE),
     Headline("baselines", JSD_4096, None, baselines=("compile",), fast=False, dry_note=COMPILE_NOTE),
 )

@@ -94,6 +94,11 @@ def test_results_json_structure(dry_run):
     assert any(r["impl"] == "compile" and r["status"] == plan.COMPILE_NOTE for r in bench)
     assert any(r["group"] == "pipeline" and r["impl"] == "published" and r["images_per_s"] for r in bench)
     assert all(r["command"].startswith("scripts/gpu_check.sh --dry-run") for r in bench)
+    steps = [r for r in bench if r["group"] == "backward" and r["case"].endswith(" fwd+bwd")]
+    for op in ("multiscale_cdam_attention", "cdam_attention", "jsd_attention"):  # forward + backward, timed
+        for impl in ("cpu", "reference"):
+            assert any(r["op"] == op and r["impl"] == impl and r["status"] == "ok" and r["median_ms"]
+                       for r in steps), (op, impl)
     assert results["profile"]["rows"] and results["profile"]["backend"] == "cpu"
     assert (out / "profile.txt").read_text().strip()
 
@@ -106,11 +111,15 @@ def test_markdown_block(dry_run):
     assert "DRY RUN" in block
     headings = ["### Failures (0)", "### Not run", "### Correctness on the device", "### Roofline",
                 "### Divergence kernels vs the SFU limit", "### Fused CDAM attention vs baselines",
-                "### Materialize vs recompute", "### Low-memory mode", "### Pipeline per image", "### Kernel profile"]
+                "### Materialize vs recompute", "### Low-memory mode", "### Pipeline per image", "### Forward + backward",
+                "### Kernel profile"]
     positions = [block.find(h) for h in headings]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), list(zip(headings, positions))
     assert "| tests:triton |" in block and "Command: `scripts/gpu_check.sh --dry-run" in block
     assert "(dry run: collected " in block  # the gpu-only selection is collected, not run, on CPU
+    for case in ("multiscale_cdam_attention B=1 N=49 C=101 D=16", "cdam_attention B=1 N=64 C=101 D=16",
+                 "jsd_attention B=1 N=64 C=101 D=16"):  # forward ms and fwd + bwd ms both measured
+        assert re.search(rf"^\| {case} \| cpu \| (auto|-) \| [0-9.e+-]+ \| [0-9.e+-]+ \| ", block, re.M), case
 
 
 def test_console_summary_says_what_ok_hides(dry_run):
@@ -196,6 +205,31 @@ def test_render_speedups_mode_verdict_and_failures_first():
     assert "| crop | triton | auto | 2 | 0.1 | 1 | 50x | 3.5x | - | ok |" in text
     assert f"| {case} | triton | 2 | 3 | 2.1 | materialize | yes | 1 / 1 |" in text
     assert "| crop | cuda | auto | n/a |" in text and "error: RuntimeError: boom |" in text
+
+
+def test_render_backward_table_pairs_each_step_with_its_forward():
+    crop, att = "multiscale_cdam_attention B=4 N=784 C=101 D=768", "jsd_attention B=1 N=4096 C=101 D=64"
+    bench = [
+        _rec(crop, "triton", "backend", "auto", 10.0, group="backward"),
+        _rec(crop + " fwd+bwd", "triton", "backend", "auto", 35.0, group="backward"),
+        _rec(crop, "reference", "baseline", "", 100.0, group="backward"),
+        _rec(crop + " fwd+bwd", "reference", "baseline", "", 350.0, group="backward"),
+        _rec(att, "triton", "backend", "", 2.0, group="backward"),
+        _rec(att + " fwd+bwd", "triton", "backend", "", 8.0, group="backward"),
+        _rec(att, "cuda", "backend", "", None, status="OOM", group="backward"),
+        _rec(att + " fwd+bwd", "cuda", "backend", "", 9.0, group="backward"),
+        _rec(att + " fwd+bwd", "triton", "backend", "", 1.0, group="sfu"),  # another group: not paired
+    ]
+    text = md.render(_results(bench))
+    section = text[text.index("### Forward + backward"):text.index("### Kernel profile")]
+    assert "<= 2.5x the forward for the attention ops, <= 3x for the multi-scale op" in section
+    # backward = 35 - 10 = 25 ms = 2.5x the forward (multi-scale target 3); 350 / 35 = 10x the reference
+    assert f"| {crop} | triton | auto | 10 | 35 | 2.5 | <= 3: yes | 10x | ok |" in section
+    assert f"| {crop} | reference | - | 100 | 350 | 2.5 | - | - | ok |" in section
+    # (8 - 2) / 2 = 3 > 2.5; no reference row for this shape
+    assert f"| {att} | triton | - | 2 | 8 | 3 | <= 2.5: no | - | ok |" in section
+    assert f"| {att} | cuda | - | n/a | 9 | n/a | <= 2.5: n/a | - | forward: OOM |" in section
+    assert section.count(f"| {att} | triton |") == 1 and "fwd+bwd |" not in section
 
 
 def test_splice_replaces_only_the_marked_section():
