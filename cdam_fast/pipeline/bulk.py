@@ -337,18 +337,27 @@ def _segment_item(item, paths, image, error, seg, folder: RunFolder, rank: int):
             raise error
         labels = seg.predict(image, name=f"image {item.path!r}")
         fileio.write_outputs(seg, item.path, np.asarray(image), labels, partial)
-        folder.append({**record, "status": "done", "error": None, "seconds": round(time.perf_counter() - t0, 3)})
-        try:  # after the record: a file the manifest lists is either complete or absent
-            fileio.publish(partial, paths)
-        except Exception:
-            fileio.discard(paths)  # listed, so ours: none of a half-published image stays
-            raise
+        publish_recorded(folder, record, partial, paths, round(time.perf_counter() - t0, 3))
     except Exception as e:  # one bad image never stops the shard (a newer "failed" record overrides "done")
         fileio.discard(partial)
         message = error_message(e)
         folder.append({**record, "status": "failed", "error": message, "seconds": round(time.perf_counter() - t0, 3)})
         return False, _line(item.path, message)
     return True, fileio.summary_line(item.path, labels, seg, paths)
+
+
+def publish_recorded(folder: RunFolder, record: dict, partial, paths, seconds: float) -> None:
+    """Record an image done, then rename its partial files into place (after the record: a file
+    the manifest lists is either complete or absent). A failed rename removes the image's files,
+    partial and listed (listed, so ours: none of a half-published image stays), and raises for
+    the caller to record the failure (a newer "failed" record overrides "done")."""
+    folder.append({**record, "status": "done", "error": None, "seconds": seconds})
+    try:
+        fileio.publish(partial, paths)
+    except Exception:
+        fileio.discard(partial)
+        fileio.discard(paths)
+        raise
 
 
 def _discard_other_configuration(folder: RunFolder) -> None:

@@ -164,23 +164,17 @@ def run(args, *, classes, settings, make_segmenter, prog: str = "cdam-fast segme
                 if not dist.is_main:
                     continue
                 seconds = round(time.perf_counter() - t0, 3)
+                if error is None:
+                    class_counts, partial = result
+                    try:
+                        bulk.publish_recorded(folder, record, partial, paths, seconds)
+                    except Exception as e:  # noqa: BLE001 - a failed rename costs only this image
+                        error = bulk.error_message(e)
                 if error is not None:
                     counts.failed += 1
                     folder.append({**record, "status": "failed", "error": error, "seconds": seconds})
                     if i not in early:
                         tqdm.write(f"{prog}: error: {bulk._line(item.path, error)}", file=sys.stderr)
-                    continue
-                class_counts, partial = result
-                folder.append({**record, "status": "done", "error": None, "seconds": seconds})
-                try:  # after the record: a file the manifest lists is either complete or absent
-                    fileio.publish(partial, paths)
-                except Exception as e:  # noqa: BLE001 - a failed rename costs only this image
-                    fileio.discard(partial)
-                    fileio.discard(paths)
-                    counts.failed += 1
-                    error = bulk.error_message(e)
-                    folder.append({**record, "status": "failed", "error": error, "seconds": seconds})
-                    tqdm.write(f"{prog}: error: {bulk._line(item.path, error)}", file=sys.stderr)
                     continue
                 if not args.keep_bands:
                     store.remove()
