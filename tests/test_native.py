@@ -1,7 +1,8 @@
 """Native-resolution mode (Segmenter(scale=...), cdam-fast segment --native): the tap assembly
 against the protocol's dense matrices, streamed (band by band, from disk) == in-memory labels
 to the bit, GeoTIFF tags carried, Pillow's limit, global tiles, bounded memory, resume after a
-kill -9 and torchrun sharding of the bands."""
+kill -9, and the bands sharded over torchrun ranks and over Ray actors (in-process
+and on a local Ray cluster)."""
 import json
 import os
 import signal
@@ -280,6 +281,56 @@ def test_ray_actors_share_the_bands(tiny, geotiff, tmp_path, band_log, one_threa
     paths, _ = segment_file(seg, path, tmp_path, progress=False)
     assert band_log == []  # nothing recomputed
     assert np.array_equal(tifffile.imread(paths.labels), seg.predict(image))
+
+
+
+def test_ray_actors_refuse_a_store_prepared_for_other_options(tiny, geotiff, tmp_path, band_log, one_thread):
+    """An actor whose options differ from the driver's (here alpha), or that runs before
+    band_tasks, reports the row as failed naming why and adds no band: bands of another
+    configuration would otherwise be mixed silently into the driver's labels."""
+    from cdam_fast.pipeline.ray_bands import RayBandSegmenter, band_tasks
+
+    path, _ = geotiff
+    options = dict(model=tiny, pretrained=None, templates="single", background=None, crop=224, stride=160,
+                   window_batch=4, cache_dir=False, scale=1.0)
+    batch = {"path": np.array([str(path)], dtype=object), "name": np.array(["scene"], dtype=object),
+             "band": np.array([0], dtype=np.int64)}
+    early = RayBandSegmenter(CLASSES, out=tmp_path, **options)(batch)["error"][0]
+    assert "no band store has been prepared" in early and "band_tasks" in early
+    band_tasks(_segmenter(tiny, scale=1.0, stride=160), [path], tmp_path)
+    other = RayBandSegmenter(CLASSES, out=tmp_path, **{**options, "alpha": 3.0})(batch)["error"][0]
+    assert "another configuration" in other and "settings.alpha" in other, other
+    assert band_log == [] and not list((tmp_path / ".bands" / "scene").glob("band*.npy"))
+    assert RayBandSegmenter(CLASSES, out=tmp_path, **options)(batch)["error"][0] == ""  # the driver's options
+    assert band_log == [0]
+
+def test_ray_data_local_cluster_bands(tiny, geotiff, tmp_path, band_log, one_thread):
+    """On a local 2-CPU Ray cluster, two actors compute the bands of one image through Ray Data;
+    segment_file then only assembles, and the label TIFF is byte-identical to a one-process run's."""
+    ray = pytest.importorskip("ray", reason="the [ray] extra (ray[data]) is not installed")
+    from cdam_fast.pipeline.ray_bands import RayBandSegmenter, band_tasks
+
+    path, _ = geotiff
+    seg = _segmenter(tiny, scale=1.0, stride=160)
+    one, _ = segment_file(seg, path, tmp_path / "one", progress=False)
+    band_log.clear()
+    rows = band_tasks(seg, [path], tmp_path / "ray")
+    assert [r["band"] for r in rows] == list(range(7))
+    options = dict(model=tiny, pretrained=None, templates="single", background=None, crop=224, stride=160,
+                   window_batch=4, cache_dir=False, scale=1.0)  # the driver's segmenter, its weights pickled
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        # one band per batch and two actors of half a CPU each (single-threaded, as this process is)
+        done = ray.data.from_items(rows).map_batches(
+            RayBandSegmenter, fn_constructor_kwargs={"classes": CLASSES, "out": str(tmp_path / "ray"), **options},
+            batch_size=1, concurrency=2, num_cpus=0.5).take_all()
+    finally:
+        ray.shutdown()
+    assert sorted(r["band"] for r in done) == list(range(7)) and [r["error"] for r in done] == [""] * 7
+    assert band_log == []  # every band was computed by the actors, in their own processes
+    two, _ = segment_file(seg, path, tmp_path / "ray", progress=False)
+    assert band_log == []  # nothing recomputed: the assembly read the actors' bands
+    assert two.labels.read_bytes() == one.labels.read_bytes()
 
 
 _PEAKS = """

@@ -100,3 +100,17 @@ def test_masked_classes_give_finite_outputs_and_gradients(backend, gen, mode):
         assert err <= 1e-4 * max(w.abs().max().item(), 1e-3), f"{name} {mode}: {what} off by {err:.3g}"
     assert (got[1].cpu()[sim.isneginf()] == 0).all()  # a masked entry moves no probability
 
+
+
+def test_a_position_with_every_class_masked_is_nan_in_its_batch_element_only(backend, gen):
+    """Every class -inf at one position leaves it no distribution: its batch element is NaN (as
+    for a NaN input), never a plausible finite map, and the other element is unchanged."""
+    name, dev = backend
+    sim, v = _masked_inputs(gen)
+    sim[0, :, 2, 3] = -math.inf
+    out = cf.multiscale_cdam_attention(sim.float().to(dev), v.float().to(dev), (1.0, 0.5), memory_budget=BUDGET,
+                                       backend=name, validate=False).double().cpu()
+    alone = cf.multiscale_cdam_attention(sim[1:].float().to(dev), v[1:].float().to(dev), (1.0, 0.5),
+                                         memory_budget=BUDGET, backend=name, validate=False).double().cpu()
+    assert torch.isnan(out[0]).any(), f"{name}: an all-masked position gave a finite map"
+    assert torch.equal(out[1:], alone), f"{name}: the other batch element changed"

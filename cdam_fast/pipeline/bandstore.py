@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..validation import CdamInputError
+
 STORE_FOLDER = ".bands"
 _CONFIG = "store.json"
 
@@ -45,13 +47,16 @@ class BandStore:
     def _path(self, band: int) -> Path:
         return self.folder / f"band{band:06d}.npy"
 
+    def _stored(self):
+        try:
+            return json.loads((self.folder / _CONFIG).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
     def prepare(self) -> None:
         """Create the folder; discard bands that belong to anything else (one process, first)."""
         cfg = self.folder / _CONFIG
-        try:
-            stored = json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError):
-            stored = None
+        stored = self._stored()
         for stale in self.folder.glob(".band*.part.npy"):  # a killed writer's (no writer runs yet)
             stale.unlink(missing_ok=True)
         if stored != self.config:
@@ -61,6 +66,19 @@ class BandStore:
             tmp = cfg.with_name(f".{_CONFIG}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.config, indent=1, sort_keys=True) + "\n")
             tmp.replace(cfg)
+
+    def check(self) -> None:
+        """For a worker about to add bands to a store another process prepared: refuse when the
+        store belongs to something else (the worker's options or input file differ from the
+        driver's), naming what differs, so that no band of another configuration is mixed in."""
+        stored = self._stored()
+        if stored is None:
+            raise CdamInputError(f"no band store has been prepared in {str(self.folder)!r}: "
+                                 "run band_tasks (or the segment command) on the driver first")
+        if stored != self.config:
+            raise CdamInputError(f"the band store in {str(self.folder)!r} was prepared for another configuration "
+                                 f"(differs in: {', '.join(_differences(stored, self.config))}); "
+                                 "give the workers the driver's Segmenter options and input file")
 
     def done(self, band: int) -> bool:
         return self._path(band).exists()
@@ -86,6 +104,14 @@ class BandStore:
             self.folder.parent.rmdir()  # OUT/.bands, when no other image's bands are left
         except OSError:
             pass
+
+
+def _differences(a, b, prefix: str = "") -> list:
+    """The dotted keys at which two JSON values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".") or "everything"]
 
 
 __all__ = ["BandStore", "STORE_FOLDER", "identity_of"]

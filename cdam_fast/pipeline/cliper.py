@@ -58,6 +58,7 @@ from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .images import to_pixels
 from .segmenter import ImageResult, Segmenter, _assembler, _Prepared
 from .text import parse_classes, read_class_file, resolve_templates
+from .visualize import label_dtype
 from .windows import SHORT_SIDE, whole_layout
 
 COMPENSATIONS = (None, "sd")
@@ -659,8 +660,7 @@ class CliperSegmenter(Segmenter):
             mn = torch.stack([result.assembler.rows_apply(half, a, b).amin(dim=(1, 2)) for a, b in chunks]).amin(0)
             out = torch.cat([self._cliper_label(result.assembler.rows_apply(half, a, b), mx, mn, result.class_scores)
                              for a, b in chunks])
-        dtype = np.uint8 if len(self.classes) <= 256 else np.int64
-        return out.cpu().numpy().astype(dtype)
+        return out.cpu().numpy().astype(label_dtype(len(self.classes)))
 
     def _cliper_label(self, maps, mx, mn, scores) -> torch.Tensor:
         """CLIPer's labelling of rows of the full-size maps [C, r, W] (channel 0 unused):

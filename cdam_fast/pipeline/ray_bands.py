@@ -17,7 +17,9 @@
 Each row is one band of one image ({"path", "name", "band"}); an actor computes it exactly as
 `segment_file` would (the same window batches), and stores it in the band store under OUT, so
 the labels equal a one-process run's to the bit. A band that fails is reported in the row's
-`error` column; `segment_file` recomputes whatever is missing. This module does not import ray.
+`error` column; `segment_file` recomputes whatever is missing. Actors must get the driver's
+Segmenter options: an actor whose options (or input file) differ from those band_tasks prepared
+the store for reports its rows as failed, naming what differs, and adds no band. This module does not import ray.
 """
 from __future__ import annotations
 
@@ -62,9 +64,16 @@ class RayBandSegmenter:
         if self._open is None or self._open[0] != path:
             if self._open is not None:
                 self._open[1].close()
+                self._open = None
             raster = open_raster(path, self.max_pixels)
-            p = native.plan(self.segmenter, raster.height, raster.width, f"image {path!r}")
-            self._open = (path, raster, p, BandStore.for_image(self.out, name, store_config(self.segmenter, raster, p)))
+            try:
+                p = native.plan(self.segmenter, raster.height, raster.width, f"image {path!r}")
+                store = BandStore.for_image(self.out, name, store_config(self.segmenter, raster, p))
+                store.check()  # the store band_tasks prepared on the driver, for these very options
+            except Exception:
+                raster.close()
+                raise
+            self._open = (path, raster, p, store)
         return self._open[1:]
 
     def __call__(self, batch):

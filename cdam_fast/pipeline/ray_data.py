@@ -6,7 +6,7 @@
     ds = ray.data.read_images("photos/", include_paths=True, mode="RGB")   # or from_items([{"path": p}, ...])
     ds = ds.map_batches(RaySegmenter, fn_constructor_kwargs={"classes": "background,cat,sofa", "shares": True},
                         batch_size=8, concurrency=2, num_gpus=1)         # as Ray expects; num_gpus=0 on CPU
-    for row in ds.iter_rows(): ...   # row["path"], row["labels"] ([H, W] uint8), row["shares"], row["error"]
+    for row in ds.iter_rows(): ...   # row["path"], row["labels"] ([H, W] class indices), row["shares"], row["error"]
 
 Ray builds one RaySegmenter per actor (`concurrency` actors), so the model and the text
 embeddings are loaded once per actor, then called on batches in Ray Data's formats: a dict of

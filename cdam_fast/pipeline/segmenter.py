@@ -35,6 +35,7 @@ from .model import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_WEIGHTS_SEED, ClipB
 from .pamr import pamr
 from .presets import PAMR_DILATIONS, POS_INTERPOLATIONS, RESIZES, SYNONYM_RULES, check_choice
 from .text import TextEmbedder, atp_prompts, parse_classes, resolve_templates
+from .visualize import label_dtype
 from .windows import CROP, LONG_SIDE_MAX, SHORT_SIDE, STRIDE, Assembler, global_size, protocol_size, \
     sliding_layout, whole_layout
 
@@ -381,8 +382,7 @@ class Segmenter:
         """[H, W] class indices (uint8 for up to 256 classes, else int64) of one result, built
         in row chunks so that [C, H, W] logits of a large image are never all in memory."""
         if self.scale is not None:
-            return native.label_map(self, result).cpu().numpy().astype(np.uint8 if len(self.classes) <= 256
-                                                                           else np.int64)
+            return native.label_map(self, result).cpu().numpy().astype(label_dtype(len(self.classes)))
         H, W = result.original
         if self.pamr_steps and result.pixels is not None:  # PAMR needs the whole logits map
             out = bg.label(self._full_logits(result), result.threshold, self.logit_scale, self.owner)
@@ -391,8 +391,7 @@ class Segmenter:
             rows = max(1, _LABEL_CHUNK // max(1, half.shape[0] * W))
             out = torch.cat([bg.label(result.assembler.rows_apply(half, a, a + rows), result.threshold,
                                       self.logit_scale, self.owner) for a in range(0, H, rows)])
-        dtype = np.uint8 if len(self.classes) <= 256 else np.int64
-        return out.cpu().numpy().astype(dtype)
+        return out.cpu().numpy().astype(label_dtype(len(self.classes)))
 
     def predict(self, image, name: str | None = None) -> np.ndarray:
         """[H, W] class indices at the input's size (uint8 up to 256 classes, else int64). name:

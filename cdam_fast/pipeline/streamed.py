@@ -29,6 +29,7 @@ from .bandstore import BandStore, identity_of
 from .fileio import OutputPaths
 from .inputs import InputImage, unique_names
 from .rasters import GEO_TAGS, Raster, open_raster
+from .visualize import PALETTE_CLASSES, label_dtype
 
 #: What each image gets in native mode: OUT/<name><suffix>, in OutputPaths order.
 NATIVE_SUFFIXES = {"labels": "_labels.tif", "overlay": "_preview.png", "classes": "_classes.json"}
@@ -114,7 +115,7 @@ def label_chunks(seg, raster: Raster, p: native.NativePlan, store: BandStore):
     H, W = p.original
     channels = int(np.load(store._path(0), mmap_mode="r").shape[1])
     pixels_fn = lambda a, b: native.original_rows(seg, raster.read, a, b)  # noqa: E731 - PAMR's image
-    dtype = np.uint8 if len(seg.classes) <= 256 else np.uint16
+    dtype = label_dtype(len(seg.classes), np.uint16)
     for a, b, logits in native.logit_chunks(seg, H, W, channels, bands.rows, pixels_fn):
         yield a, b, native.label_rows(seg, logits, threshold).cpu().numpy().astype(dtype)
 
@@ -169,10 +170,10 @@ def write_labels_tiff(path, chunks, size: tuple, classes: int, geo: dict, on_row
     from .visualize import palette
 
     H, W = size
-    dtype = np.uint8 if classes <= 256 else np.uint16
+    dtype = label_dtype(classes, np.uint16)
     options = {}
     if dtype == np.uint8:
-        options = dict(photometric="palette", colormap=palette(256).T.astype(np.uint16) * 257)
+        options = dict(photometric="palette", colormap=palette(PALETTE_CLASSES).T.astype(np.uint16) * 257)
     else:
         options = dict(photometric="minisblack")
     extratags = [(code, int(t), int(count), value, True) for code, (t, count, value) in sorted(geo.items())]

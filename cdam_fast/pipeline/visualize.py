@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+PALETTE_CLASSES = 256  # class counts a one-byte label map (and the palette) hold
+
 _MIN_FONT = 11  # legend text height, pixels, on small images
 _PAD = 6
 
@@ -21,6 +23,12 @@ def palette(n: int) -> np.ndarray:
             code >>= 3
         out[i] = (r, g, b)
     return out
+
+
+def label_dtype(n_classes: int, wide=np.int64):
+    """The dtype of a label map of n_classes: uint8 up to PALETTE_CLASSES, else `wide` (int64 in
+    memory, uint16 in files)."""
+    return np.uint8 if n_classes <= PALETTE_CLASSES else wide
 
 
 def colorize(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -44,11 +52,11 @@ def save_labels(labels: np.ndarray, path, n_classes: int | None = None, palette_
         raise ValueError(f"label values must lie in [0, {n_classes}), got [{int(labels.min())}, {top}]")
     if n_classes > 1 << 16:
         raise ValueError(f"a label PNG holds at most 65536 classes, got {n_classes}")
-    if n_classes > 256:
+    if label_dtype(n_classes, np.uint16) == np.uint16:
         Image.fromarray(labels.astype(np.uint16)).save(path, format="PNG")
     elif palette_colours:
         im = Image.fromarray(labels.astype(np.uint8), mode="L").convert("P")
-        im.putpalette(palette(256).reshape(-1).tolist())
+        im.putpalette(palette(PALETTE_CLASSES).reshape(-1).tolist())
         im.save(path, format="PNG")
     else:
         Image.fromarray(labels.astype(np.uint8), mode="L").save(path, format="PNG")
