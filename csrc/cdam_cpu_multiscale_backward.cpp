@@ -8,7 +8,7 @@
 //    min-max / expm1 adjoint G_i, its class sums (row_class_sums: row side and key side);
 //  * each smaller scale: the upsampled row J_up,i from the held n_s x n_s divergences (the
 //    forward's taps: along keys once per chunk, then the row's four query taps), its adjoint G_i,
-//    and the query side of the pair-upsampling adjoint (four axpys into per-thread
+//    and the query side of the pair-upsampling adjoint (four axpys into per-worker
 //    [source rows, N] buffers); after the chunk the key side (the transposed key taps) lands in
 //    dJ_s [n_s, n_s]. No N x N map is ever formed;
 //  * the row of M (the scales' A rows / S, evaluated as the forward does), for gv = M^T g.
@@ -58,21 +58,38 @@ float max_lanes(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
 }
 
-// Dynamically balanced parallel loop over [begin, end) in blocks (rows of unequal cost).
+// The per-worker buffers below (key-side class sums and a row's logs, C x Mp floats each, and
+// the smaller scales' query-side adjoints) are the only memory that grows with the thread
+// count. They are bounded by the memory policy's budget (cdam_fast/memory.py, passed as
+// buffer_budget bytes; negative: no bound): at most min(threads, budget / per_worker_bytes)
+// workers, at least one. last_buffer_bytes() reports the most one call of the last backward
+// allocated for them.
+std::atomic<int64_t> g_buffer_bytes{0};
+
+int64_t worker_count(int64_t buffer_budget, int64_t per_worker_bytes) {
+  int64_t workers = at::get_num_threads();
+  if (buffer_budget >= 0) workers = std::min(workers, buffer_budget / std::max<int64_t>(per_worker_bytes, 1));
+  return std::max<int64_t>(workers, 1);
+}
+
+int64_t last_buffer_bytes() { return g_buffer_bytes.load(); }
+
+// Dynamically balanced parallel loop over [begin, end) in blocks (rows of unequal cost), on at
+// most `workers` workers; f(slot, begin, end) gets a slot in [0, workers) that no other worker
+// holds at the same time (the index of its buffers).
 template <class F>
-void parallel_blocks(int64_t begin, int64_t end, int64_t block, const F& f) {
+void parallel_blocks(int64_t begin, int64_t end, int64_t block, int64_t workers, const F& f) {
   if (end <= begin) return;
   const int64_t blocks = (end - begin + block - 1) / block;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
+  const int64_t threads = std::min<int64_t>({int64_t(at::get_num_threads()), blocks, workers});
   if (threads <= 1) {
     f(0, begin, end);
     return;
   }
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    const int64_t tid = at::get_thread_num();
+  at::parallel_for(0, threads, 1, [&](int64_t slot, int64_t) {
     for (int64_t k = next.fetch_add(1); k < blocks; k = next.fetch_add(1))
-      f(tid, begin + k * block, std::min(end, begin + (k + 1) * block));
+      f(slot, begin + k * block, std::min(end, begin + (k + 1) * block));
   });
 }
 
@@ -170,7 +187,7 @@ struct SmallScale {
   int64_t ns;
   int64_t a0 = 0, a1 = 0;  // source rows of the current chunk
   std::vector<float> keyed;  // [a1 - a0, N]: J_s upsampled along keys
-  std::vector<float> dkeyed;  // [threads, a1 - a0, N]: per-thread query-side adjoint
+  std::vector<float> dkeyed;  // [workers, a1 - a0, N]: per-worker query-side adjoint
 };
 
 // Source rows [a0, a1) of the small grid that full-grid rows [i0, i1) read.
@@ -184,23 +201,25 @@ std::pair<int64_t, int64_t> source_rows(const int32_t* idx, int64_t ns, int64_t 
   return {a0, std::max(a0, a1)};
 }
 
-// Rows per chunk: the forward's bound on [R, N] buffers, halved while the per-thread query-side
+// The most source rows of the smaller scales (summed) that one chunk of R full-grid rows reads.
+int64_t worst_source_rows(int64_t N, const std::vector<SmallScale>& small, int64_t R) {
+  int64_t worst = 0;
+  for (int64_t i0 = 0; i0 < N; i0 += R) {
+    int64_t rows = 0;
+    for (const SmallScale& s : small) {
+      const auto [a0, a1] = source_rows(s.idx, s.ns, i0, std::min(N, i0 + R));
+      rows += a1 - a0;
+    }
+    worst = std::max(worst, rows);
+  }
+  return worst;
+}
+
+// Rows per chunk: the forward's bound on [R, N] buffers, halved while the per-worker query-side
 // adjoints of the smaller scales (their source rows x N) exceed it too.
 int64_t chunk_rows(int64_t N, const std::vector<SmallScale>& small) {
   int64_t R = std::max<int64_t>(1, std::min<int64_t>(N, kChunkFloats / std::max<int64_t>(N, 1)));
-  while (R > 1) {
-    int64_t worst = 0;
-    for (int64_t i0 = 0; i0 < N; i0 += R) {
-      int64_t rows = 0;
-      for (const SmallScale& s : small) {
-        const auto [a0, a1] = source_rows(s.idx, s.ns, i0, std::min(N, i0 + R));
-        rows += a1 - a0;
-      }
-      worst = std::max(worst, rows);
-    }
-    if (worst * N <= kChunkFloats) break;
-    R /= 2;
-  }
+  while (R > 1 && worst_source_rows(N, small, R) * N > kChunkFloats) R /= 2;
   return R;
 }
 
@@ -210,12 +229,13 @@ int64_t chunk_rows(int64_t N, const std::vector<SmallScale>& small) {
 // The map's gradient comes as gmap [B, N, N], or as g [B, N, D] with v [B, N, D] (dM = g v^T;
 // then gv = M^T g is returned). Returns (T [B, N, C], U [B, C, Mp] of the full-grid scale
 // (empty without one), dJ of each smaller scale [B, n_s, n_s], gv (empty without v)), float32.
-// max_rows > 0 caps the rows per chunk (tests: several chunks at small N).
+// max_rows > 0 caps the rows per chunk (tests: several chunks at small N); buffer_budget bounds
+// the per-worker buffers (see worker_count).
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multiscale_rows_backward(
     const std::vector<at::Tensor>& full, double full_weight, const std::vector<at::Tensor>& Js,
     const std::vector<at::Tensor>& idx, const std::vector<at::Tensor>& wts, double small_weight,
     const c10::optional<at::Tensor>& gmap, const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& v,
-    int64_t B, int64_t N, double alpha, int64_t max_rows) {
+    int64_t B, int64_t N, double alpha, int64_t max_rows, int64_t buffer_budget) {
   TORCH_CHECK(full.empty() || full.size() == 7, "full: p, lp, rp, kT, lkT, rk, w");
   TORCH_CHECK(Js.size() == idx.size() && Js.size() == wts.size(), "one tap set per smaller scale");
   TORCH_CHECK(gmap.has_value() != (g.has_value() && v.has_value()), "give gmap, or g and v");
@@ -230,7 +250,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
   const int64_t D = attention ? v->size(2) : 0;
   at::Tensor gv = attention ? at::zeros({B, N, D}, opts) : at::zeros({0}, opts);
   const Transform full_tf(alpha, full_weight), small_tf(alpha, small_weight);
-  const int64_t threads = at::get_num_threads();
 
   std::vector<SmallScale> small(Js.size());
   for (size_t s = 0; s < Js.size(); ++s) {
@@ -241,7 +260,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
   const int64_t R = max_rows > 0 ? std::min(max_rows, chunk_rows(N, small)) : chunk_rows(N, small);
   at::Tensor GV = attention ? at::empty({R, N}, opts) : at::Tensor();
   at::Tensor W = attention ? at::empty({R, N}, opts) : at::Tensor();
-  std::vector<float> u_local(has_full ? threads * C * Mp : 0);
+  // per worker: key-side sums and a row's logs (C x Mp each), three rows of the row's width and
+  // the query-side adjoints of the smaller scales' source rows of the worst chunk
+  const int64_t width = has_full ? Mp : N;
+  const int64_t per_worker = int64_t(sizeof(float)) * (2 * C * Mp + 3 * width + worst_source_rows(N, small, R) * N);
+  const int64_t workers = worker_count(buffer_budget, per_worker);
+  g_buffer_bytes = workers * per_worker;
+  std::vector<float> u_local(has_full ? workers * C * Mp : 0);
   // exact logs of tiny sums only where some entry needs them (cdam_cpu_backward_rows.h)
   const auto logs_of_row = has_full && (cdam_bwd::has_tiny(full[0]) || cdam_bwd::has_tiny(full[3]))
                                ? cdam_bwd::row_logs<true> : cdam_bwd::row_logs<false>;
@@ -270,8 +295,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
         std::tie(s.a0, s.a1) = source_rows(s.idx, s.ns, i0, i1);
         const int64_t na = s.a1 - s.a0;
         s.keyed.resize(na * N);
-        s.dkeyed.assign(threads * na * N, 0.f);
-        parallel_blocks(0, na, 4, [&](int64_t, int64_t begin, int64_t end) {
+        s.dkeyed.assign(workers * na * N, 0.f);
+        parallel_blocks(0, na, 4, workers, [&](int64_t, int64_t begin, int64_t end) {
           for (int64_t a = begin; a < end; ++a) {
             const float* src = s.J + (s.a0 + a) * s.ns;
             float* dst = s.keyed.data() + a * N;
@@ -283,8 +308,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
           }
         });
       }
-      parallel_blocks(0, nr, 4, [&](int64_t tid, int64_t begin, int64_t end) {
-        const int64_t width = has_full ? Mp : N;
+      parallel_blocks(0, nr, 4, workers, [&](int64_t tid, int64_t begin, int64_t end) {
         std::vector<float> logs(C * Mp), jrow(width), part(width), grow(width, 0.f);
         float* ut = has_full ? u_local.data() + tid * C * Mp : nullptr;
         for (int64_t r = begin; r < end; ++r) {
@@ -338,13 +362,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
           }
         }
       });
-      // key side of the pair-upsampling adjoint: dJ_s[a, ik[k, u]] += wk[k, u] sum_threads dkeyed[a, k]
+      // key side of the pair-upsampling adjoint: dJ_s[a, ik[k, u]] += wk[k, u] sum_workers dkeyed[a, k]
       for (SmallScale& s : small) {
         const int64_t na = s.a1 - s.a0;
-        parallel_blocks(0, na, 1, [&](int64_t, int64_t begin, int64_t end) {
+        parallel_blocks(0, na, 1, workers, [&](int64_t, int64_t begin, int64_t end) {
           for (int64_t a = begin; a < end; ++a) {
             float* row = s.dkeyed.data() + a * N;
-            for (int64_t t = 1; t < threads; ++t) {
+            for (int64_t t = 1; t < workers; ++t) {
               const float* other = s.dkeyed.data() + (t * na + a) * N;
               for (int64_t k = 0; k < N; ++k) row[k] += other[k];
             }
@@ -366,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
     if (has_full) {
       float* Ub = U.data_ptr<float>() + b * C * Mp;
       at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t t = 0; t < threads; ++t)
+        for (int64_t t = 0; t < workers; ++t)
           for (int64_t k = begin; k < end; ++k) Ub[k] += u_local[t * C * Mp + k];
       });
     }
@@ -377,16 +401,21 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
 // pairwise_jsd(p)'s gradient sums for the score gradient G [B, n, n] (the diagonal passes none),
 // each unordered pair once: row i takes G_ij + G_ji for the keys j > i. p [B, n, C], lp its log
 // terms, kT / lkT [B, C, Mp] the same rows class-major and zero-padded. Returns T [B, n, C] (row
-// side) and U [B, C, Mp] (key side): the gradient is their sum.
+// side) and U [B, C, Mp] (key side): the gradient is their sum. buffer_budget: as for
+// multiscale_rows_backward (worker_count).
 std::vector<at::Tensor> jsd_self_class_grads(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& kT,
-                                             const at::Tensor& lkT, const at::Tensor& w, const at::Tensor& G) {
+                                             const at::Tensor& lkT, const at::Tensor& w, const at::Tensor& G,
+                                             int64_t buffer_budget) {
   const int64_t B = p.size(0), n = p.size(1), C = p.size(2), Mp = kT.size(2);
   TORCH_CHECK(Mp >= n && Mp % kLanes == 0, "jsd_self_class_grads: keys must be padded to a multiple of ", kLanes);
   TORCH_CHECK(G.size(1) == n && G.size(2) == n && G.is_contiguous(), "jsd_self_class_grads: G must be [B, n, n]");
   at::Tensor T = at::zeros({B, n, C}, p.options());
   at::Tensor U = at::zeros({B, C, Mp}, p.options());
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> u_local(threads * C * Mp);
+  // per worker: key-side sums (C x Mp), a row of symmetrised G (Mp) and the row-side sums (C lanes)
+  const int64_t per_worker = int64_t(sizeof(float)) * (C * Mp + Mp) + C * int64_t(sizeof(Vec));
+  const int64_t workers = worker_count(buffer_budget, per_worker);
+  g_buffer_bytes = std::max(g_buffer_bytes.load(), workers * per_worker);  // after the row pass's
+  std::vector<float> u_local(workers * C * Mp);
   const bool tiny = cdam_bwd::has_tiny(p) || cdam_bwd::has_tiny(kT);
   for (int64_t b = 0; b < B; ++b) {
     const float* pb = p.data_ptr<float>() + b * n * C;
@@ -397,7 +426,7 @@ std::vector<at::Tensor> jsd_self_class_grads(const at::Tensor& p, const at::Tens
     const float* Gb = G.data_ptr<float>() + b * n * n;
     float* Tb = T.data_ptr<float>() + b * n * C;
     std::fill(u_local.begin(), u_local.end(), 0.f);
-    parallel_blocks(0, n, 4, [&](int64_t tid, int64_t begin, int64_t end) {
+    parallel_blocks(0, n, 4, workers, [&](int64_t tid, int64_t begin, int64_t end) {
       float* ut = u_local.data() + tid * C * Mp;
       std::vector<Vec> tacc(C);
       std::vector<float> sym(Mp);
@@ -425,7 +454,7 @@ std::vector<at::Tensor> jsd_self_class_grads(const at::Tensor& p, const at::Tens
     });
     float* Ub = U.data_ptr<float>() + b * C * Mp;
     at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < threads; ++t)
+      for (int64_t t = 0; t < workers; ++t)
         for (int64_t k = begin; k < end; ++k) Ub[k] += u_local[t * C * Mp + k];
     });
   }
@@ -441,8 +470,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one pass over the full-grid rows: the full scale's class sums, the smaller scales' dJ, gv", py::arg("full"),
         py::arg("full_weight"), py::arg("Js"), py::arg("idx"), py::arg("wts"), py::arg("small_weight"),
         py::arg("gmap"), py::arg("g"), py::arg("v"), py::arg("B"), py::arg("N"), py::arg("alpha"),
-        py::arg("max_rows") = 0, nogil);
+        py::arg("max_rows") = 0, py::arg("buffer_budget") = -1, nogil);
   m.def("jsd_self_class_grads", &jsd_self_class_grads,
         "per-class gradient sums of sum_{i<j} G_ij J(p_i, p_j), each pair once", py::arg("p"), py::arg("lp"),
-        py::arg("kT"), py::arg("lkT"), py::arg("w"), py::arg("G"), nogil);
+        py::arg("kT"), py::arg("lkT"), py::arg("w"), py::arg("G"), py::arg("buffer_budget") = -1, nogil);
+  m.def("last_buffer_bytes", &last_buffer_bytes,
+        "bytes of per-worker buffers of the last backward (the most of one call)");
 }

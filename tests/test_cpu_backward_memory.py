@@ -4,13 +4,15 @@ policy's budget: at most min(threads, budget / per-task bytes) tasks, at least o
 (csrc/cdam_cpu_backward.cpp, task_count). At 64 threads, C = 1000 and M = 16k they used to take
 ~4 GB each, whatever the budget. The extension reports the bytes it allocated
 (last_buffer_bytes); the gradients are the same whatever the task count, up to the float32
-rounding of the key-side sums (summed in another order)."""
+rounding of the key-side sums (summed in another order). The fused backward of cdam_map and
+the multi-scale ops (csrc/cdam_cpu_multiscale_backward.cpp) bounds its per-worker buffers the
+same way."""
 import pytest
 import torch
 
 import cdam_fast as cf
 from cdam_fast import memory
-from conftest import random_distributions, random_values, usable_backend
+from conftest import random_distributions, random_similarities, random_values, usable_backend
 
 THREADS = 4
 N, C, D = 40, 5, 3
@@ -33,6 +35,12 @@ def _buffer_bytes():
     return cpu_backward.extension.module().last_buffer_bytes()
 
 
+def _close_up_to_order(a, b):
+    """float32 sums taken in another order: off by about the largest entry's rounding."""
+    err, top = (a - b).abs().max().item(), b.abs().max().item()
+    assert err <= 1e-6 * top, f"off by {err:.3g}, largest entry {top:.3g}"
+
+
 def _grads(fn, inputs, g):
     leaves = [t.clone().requires_grad_(True) for t in inputs]
     return torch.autograd.grad(fn(*leaves), leaves, g)
@@ -49,7 +57,7 @@ def test_cdam_attention_backward_buffers_follow_memory_budget(cpu_threads, gen, 
     assert _buffer_bytes() == tasks * per_task <= budget
     unbounded = _grads(fn(1 << 40), [p, v], g)
     assert _buffer_bytes() == THREADS * per_task
-    torch.testing.assert_close(got[0], unbounded[0], rtol=1e-5, atol=1e-6)
+    _close_up_to_order(got[0], unbounded[0])
     assert torch.equal(got[1], unbounded[1])  # A^T g does not use the buffers
 
 
@@ -76,4 +84,46 @@ def test_budget_from_the_environment(cpu_threads, gen, monkeypatch, op):
     got = _grads(fn, inputs, g)
     assert _buffer_bytes() == per_task
     for a, b in zip(got, unbounded):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        _close_up_to_order(a, b)
+
+
+def _ms_buffer_bytes():
+    from cdam_fast.backends import cpu_backward
+
+    return cpu_backward.multiscale_extension.module().last_buffer_bytes()
+
+
+H, W = 5, 8  # the full grid of the multi-scale cases: N = 40 tokens, keys padded to MP
+
+
+@pytest.mark.parametrize("tasks", [1, 2, THREADS])
+def test_multiscale_backward_buffers_follow_memory_budget(cpu_threads, gen, tasks):
+    """Per worker: key-side sums and a row's logs (C x Mp each), three Mp rows, and the query-side
+    adjoint of the smaller grid's source rows of a chunk (one chunk here: all n_s of them) x N."""
+    from cdam_fast.grids import scale_grid
+
+    hs, ws = scale_grid(H, W, 0.5)
+    per_worker = (2 * C * MP + 3 * MP + hs * ws * H * W) * F32
+    budget = tasks * per_worker + per_worker // 2
+    sim, v, g = random_similarities(gen, 1, C, H, W), random_values(gen, 1, H * W, D), random_values(gen, 1, H * W, D)
+    fn = lambda b: lambda s, v: cf.multiscale_cdam_attention(s, v, (1.0, 0.5), mode="recompute",  # noqa: E731
+                                                             memory_budget=b, backend="cpu")
+    got = _grads(fn(budget), [sim, v], g)
+    assert _ms_buffer_bytes() == tasks * per_worker <= budget
+    unbounded = _grads(fn(1 << 40), [sim, v], g)
+    assert _ms_buffer_bytes() == THREADS * per_worker
+    for a, b in zip(got, unbounded):
+        _close_up_to_order(a, b)
+
+
+def test_cdam_map_backward_buffers_follow_the_budget_from_the_environment(cpu_threads, gen, monkeypatch):
+    """cdam_map has no memory_budget argument: its fused backward takes the policy's default."""
+    per_worker = (2 * C * MP + 3 * MP) * F32
+    p = random_distributions(gen, 1, N, C)
+    g = torch.randn(1, N, N, generator=gen)
+    unbounded = _grads(lambda p: cf.cdam_map(p, backend="cpu"), [p], g)
+    assert _ms_buffer_bytes() == THREADS * per_worker
+    monkeypatch.setenv(memory.BUDGET_ENV, str(per_worker))
+    got = _grads(lambda p: cf.cdam_map(p, backend="cpu"), [p], g)
+    assert _ms_buffer_bytes() == per_worker
+    _close_up_to_order(got[0], unbounded[0])

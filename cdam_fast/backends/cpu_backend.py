@@ -47,7 +47,8 @@ class CpuBackend(ExtensionBackend):
 
     def multiscale_cdam_attention_backward(self, grad, sim, v, scales, tau, alpha, mode, memory_budget, *, needs=None,
                                            stats=None):
-        return cpu_backward.multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha)
+        return cpu_backward.multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha,
+                                                               memory_budget=memory_budget)
 
     def jsd_attention_backward(self, grad, p, v, tau, q, *, needs=None, stats=None):
         need_pq = needs is None or needs[0] or (q is not None and needs[2])

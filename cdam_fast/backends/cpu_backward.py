@@ -132,13 +132,14 @@ def _full_grid(p):
     return [pp, lp, row_terms(p, w), kT, lkT, rk, w]
 
 
-def _self_divergence_grad(G, p):
+def _self_divergence_grad(G, p, budget=-1):
     """Gradient of sum_ij G_ij J(p_i, p_j) in p (float32; the diagonal passes none), each
-    unordered pair's logarithms taken once (G_ij + G_ji above the diagonal, formed in the kernel)."""
+    unordered pair's logarithms taken once (G_ij + G_ji above the diagonal, formed in the kernel).
+    budget: bytes for the kernel's per-worker buffers (negative: no bound)."""
     w = centring_weights(p, None)
     pp, lp = _rows(p, w)
     kT, lkT, _ = _keys(p, w)
-    T, U = multiscale_extension.module().jsd_self_class_grads(pp, lp, kT, lkT, w, G.contiguous())
+    T, U = multiscale_extension.module().jsd_self_class_grads(pp, lp, kT, lkT, w, G.contiguous(), budget)
     return _finish(T + U[:, :, :p.shape[1]].transpose(1, 2), p)
 
 
@@ -151,10 +152,12 @@ def _softmax_vjp(ps, gps, tau):
 MAX_CHUNK_ROWS = None
 
 
-def _multiscale(sim, scales, tau, alpha, gmap=None, g=None, v=None):
+def _multiscale(sim, scales, tau, alpha, gmap=None, g=None, v=None, memory_budget=None):
     """(gradient of sim in float64, gv or None) of the multi-scale map with incoming map gradient
     gmap, or of the attention op with g and v. One pass over the full grid's rows (the kernel);
-    then per smaller scale the divergence, softmax and resize adjoints on its small grid."""
+    then per smaller scale the divergence, softmax and resize adjoints on its small grid.
+    memory_budget (bytes; None: the policy's default) bounds the kernels' per-worker buffers."""
+    budget = memory.resolve_budget(memory_budget)
     mod = multiscale_extension.module()
     x = sim.float()
     B, C, h, w = x.shape
@@ -170,14 +173,14 @@ def _multiscale(sim, scales, tau, alpha, gmap=None, g=None, v=None):
         _full_grid(p1) if n_full else [], n_full / len(scales), js, [t[0].contiguous() for t in taps],
         [t[1].contiguous() for t in taps], 1.0 / len(scales), None if gmap is None else gmap.float().contiguous(),
         None if g is None else g.float().contiguous(), None if v is None else v.float().contiguous(), B, N,
-        float(alpha), MAX_CHUNK_ROWS or 0)
+        float(alpha), MAX_CHUNK_ROWS or 0, budget)
     del js  # the smaller grids' divergences are not needed past the row pass
     gsim = torch.zeros(x.shape, dtype=torch.float64)
     if n_full:
         gp1 = _finish(T, p1) + _finish(U[:, :, :N].transpose(1, 2), p1)
         gsim += _softmax_vjp(p1, gp1, tau).transpose(1, 2).reshape(B, C, h, w).double()
     for k, ((hs, ws), p) in enumerate(zip(small, ps)):
-        gp, djs[k] = _self_divergence_grad(djs[k], p), None
+        gp, djs[k] = _self_divergence_grad(djs[k], p, budget), None
         gz = _softmax_vjp(p, gp, tau).transpose(1, 2).reshape(B, C, hs, ws)
         gsim += resize_vjp(gz, (h, w)).double()
     return constants.unscale(gsim, constants.gradient_exponent(alpha)), (gv if v is not None else None)
@@ -186,7 +189,7 @@ def _multiscale(sim, scales, tau, alpha, gmap=None, g=None, v=None):
 def cdam_map_backward(grad, p, alpha):
     T, U, _, _ = multiscale_extension.module().multiscale_rows_backward(
         _full_grid(p), 1.0, [], [], [], 1.0, grad.float().contiguous(), None, None, p.shape[0], p.shape[1],
-        float(alpha), MAX_CHUNK_ROWS or 0)
+        float(alpha), MAX_CHUNK_ROWS or 0, memory.resolve_budget(None))
     gp = _finish(T, p) + _finish(U[:, :, :p.shape[1]].transpose(1, 2), p)
     return constants.unscale(gp, constants.gradient_exponent(alpha))
 
@@ -196,6 +199,7 @@ def multiscale_cdam_map_backward(grad, sim, scales, tau, alpha):
 
 
 def multiscale_cdam_attention_backward(grad, sim, v, scales, tau, alpha, mode=None, memory_budget=None):
-    """mode and memory_budget do not matter: the pass is always in bounded row chunks, holding only
-    the smaller grids' divergences and their gradients besides O(N (C + D))."""
-    return _multiscale(sim, scales, tau, alpha, g=grad, v=v)
+    """mode does not matter: the pass is always in bounded row chunks, holding only the smaller
+    grids' divergences and their gradients besides O(N (C + D)); memory_budget bounds the
+    per-worker buffers (threads x C x N floats without a bound)."""
+    return _multiscale(sim, scales, tau, alpha, g=grad, v=v, memory_budget=memory_budget)
