@@ -7,13 +7,16 @@ import triton.language as tl
 
 from .. import constants
 from ..centring import log_terms
-from .common import log2_sum
+from .common import OLD_TRITON, log2_sum
 
 NUM_WARPS = 4  # the divergence-only kernels (pairwise gradient, LSE)
 # (BM, BN, BD) and warps of the attention gradient kernels on GPU: the largest tiles that compile
 # spill-free for sm_90 (tests/test_autograd_compile.py); the key side also holds w^T and the
-# value-gradient product, so it walks 32 queries at a time with 16-wide D chunks.
-QUERY_TILES, KEY_TILES, ATTN_WARPS = (64, 64, 32), (32, 64, 16), 8
+# value-gradient product, so it walks 32 queries at a time with 16-wide D chunks. Triton before
+# 3.8 spills four query-side kernels at BM = 64 (76-456 bytes per thread; 3.6 measured,
+# docs/compatibility.md) and none at BM = 32, which there uses mma.sync instead of wgmma.
+QUERY_TILES = (32, 64, 32) if OLD_TRITON else (64, 64, 32)
+KEY_TILES, ATTN_WARPS = (32, 64, 16), 8
 
 
 @triton.jit

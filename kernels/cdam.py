@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .. import constants
-from .common import blocks, cdam_transform, fast_log, flat_grid, jsd_tile, merge_row_extremes, poly_logs, product, \
-    tile_ids, value_tiles
+from .common import OLD_TRITON, blocks, cdam_transform, fast_log, flat_grid, jsd_tile, merge_row_extremes, poly_logs, \
+    product, tile_ids, value_tiles
 
 
 @triton.jit
@@ -148,8 +148,9 @@ def cdam_product_kernel(pT, rp, wc, jfull, js_flat, js_off, js_n, taps_idx, taps
 # product kernels spill on sm_90 (checked by tests/test_kernels_compile.py).
 NUM_WARPS = 8
 # The multi-scale row statistics (gather code + a full-grid divergence tile in one kernel) spill
-# with 64 x 64 tiles on sm_90 (64-bit gather rows, NaN tracking); 64 x 32 tiles do not.
-ROW_STATS_BN_MULTI = 32
+# with 64 x 64 tiles on sm_90 (64-bit gather rows, NaN tracking); 64 x 32 tiles do not, except
+# on Triton before 3.8 (4 bytes per thread reading stored divergences), where 64 x 16 do not.
+ROW_STATS_BN_MULTI = 16 if OLD_TRITON else 32
 
 
 class ScaleSet:

@@ -10,6 +10,7 @@ contiguous vector load. Launch grids are one-dimensional (tile_ids), so no batch
 meets the 65535 limit of grid axes y and z.
 """
 import os
+import re
 
 import triton
 import triton.language as tl
@@ -17,6 +18,11 @@ import triton.language as tl
 from .. import constants
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton before 3.8 (3.6 measured: its ptxas 12.8) allocates registers differently: a few tiles
+# that compile spill-free on sm_90 with 3.8 spill there, so the tile choices below and in
+# backward_common.py / cdam.py take narrower tiles for it (tests/test_kernels_compile.py and
+# tests/test_autograd_compile.py check both; docs/compatibility.md).
+OLD_TRITON = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2]) < (3, 8)
 HALF_LN2 = tl.constexpr(constants.HALF_LN2)
 LN2 = tl.constexpr(constants.LN2)
 # Rows whose divergences span less than this many nats are constant (spec 2.6): A = 1.
@@ -203,13 +209,15 @@ def product(a, v_base, rows, D, n0, d0, acc, V_IS_FP32: tl.constexpr, BN: tl.con
 
 def value_tiles(D: int, v_is_fp32: bool, reads_j: bool, multi: bool = False, poly: bool = False) -> tuple[int, int, int]:
     """(BM, BN, BD) of a kernel that multiplies weights with V, on GPU: the largest tiles that
-    compile spill-free on sm_90 with both Triton 3.6 (ptxas 12.8) and 3.8 (tests/test_kernels_compile.py;
-    the register allocation differs between the two, so every choice was checked on both).
+    compile spill-free on sm_90 with the installed Triton (tests/test_kernels_compile.py; the
+    register allocation differs between 3.6 and 3.8, see OLD_TRITON, and both are checked).
 
     A kernel that recomputes J does so once per BD columns of V, so wide 16-bit V gets BD = 256
     (half the logs of BD = 128 at D = 768). Kernels reading a stored J, splitting fp32 V into
     3xTF32, gathering bilinear taps (multi-scale) or evaluating polynomial logs hold more live
-    values and take narrower tiles to stay out of local memory.
+    values and take narrower tiles to stay out of local memory; so does every kernel recomputing
+    J on Triton before 3.8, where 64 x 64 spilled in fp16 jsd_attention and in cdam_product's
+    small-alpha transform (32 / 44 bytes per thread).
     """
     if reads_j:
         return (32, 64, 128) if v_is_fp32 else (64, 32, 128)
@@ -218,7 +226,7 @@ def value_tiles(D: int, v_is_fp32: bool, reads_j: bool, multi: bool = False, pol
         return 32, 64, 256 if wide else 128
     if wide:
         return 64, 32, 256
-    return (64, 32, 128) if poly else (64, 64, 128)
+    return (64, 32, 128) if poly or OLD_TRITON else (64, 64, 128)
 
 
 def poly_logs() -> int:
