@@ -157,9 +157,21 @@ def test_geotiff_tags_carried(tiny, geotiff, tmp_path):
     assert abs(sum(c["share"] for c in mapping["classes"]) - 1) < 1e-9
     preview = Image.open(paths.overlay)
     assert preview.height == 1100 and preview.width > 1500  # below the preview size: 1:1, plus legend
-    small, _ = segment_file(seg, path, tmp_path / "small", preview_side=150, progress=False)
+    from cdam_fast.pipeline import visualize
+
+    legends, real = [], visualize.class_shares
+    visualize.class_shares = lambda labels, names, counts=None: legends.append(real(labels, names, counts)) or \
+        legends[-1]
+    try:
+        small, _ = segment_file(seg, path, tmp_path / "small", preview_side=150, progress=False)
+    finally:
+        visualize.class_shares = real
     assert json.loads(small.classes.read_text())["preview"] == {"width": 150, "height": 110}
     assert Image.open(small.overlay).width < 400  # the preview and its legend, not a full-size overlay
+    # the legend's shares are the full-size map's, not the 150 x 110 preview's
+    full = np.bincount(tifffile.imread(small.labels).ravel(), minlength=3) / (1100 * 1500)
+    assert [(i, share) for i, _, share in legends[-1]] == [(i, full[i]) for i in np.argsort(-full, kind="stable")
+                                                           if full[i] > 0]
 
 
 def test_pillow_limit_is_explicit(tmp_path):

@@ -211,7 +211,7 @@ def assemble(seg, raster: Raster, p: native.NativePlan, store: BandStore, paths:
     finally:
         if bar is not None:
             bar.close()
-    overlay(preview.image, preview.labels, seg.class_names).save(paths.overlay, format="PNG")
+    overlay(preview.image, preview.labels, seg.class_names, counts=counts).save(paths.overlay, format="PNG")
     mapping = fileio.class_mapping(seg, raster.path, (W, H))
     for entry, n in zip(mapping["classes"], counts):
         entry["share"] = float(n) / (H * W)

@@ -67,18 +67,21 @@ def legend_font_size(height: int, width: int) -> int:
     return max(_MIN_FONT, round(max(height, width) / 45))
 
 
-def class_shares(labels: np.ndarray, class_names) -> list:
-    """[(class index, name, fraction of pixels)] of the classes present, largest first."""
-    counts = np.bincount(labels.ravel(), minlength=len(class_names))
+def class_shares(labels: np.ndarray, class_names, counts=None) -> list:
+    """[(class index, name, fraction of pixels)] of the classes present, largest first; counts:
+    the pixel count of every class, when known exactly (else counted in labels)."""
+    counts = np.bincount(labels.ravel(), minlength=len(class_names)) if counts is None else np.asarray(counts)
+    total = max(int(counts.sum()), 1)
     order = np.argsort(-counts, kind="stable")
-    return [(int(i), class_names[i], counts[i] / labels.size) for i in order if counts[i] > 0]
+    return [(int(i), class_names[i], counts[i] / total) for i in order if counts[i] > 0]
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, class_names, alpha: float = 0.5):
+def overlay(image: np.ndarray, labels: np.ndarray, class_names, alpha: float = 0.5, counts=None):
     """A PIL image: the input blended with the colour-coded labels, and a legend on the right
-    listing the classes present (colour, name, share of the image). Names in any script are
-    drawn with a font that has their glyphs (fonts.py); characters no installed font has are
-    named once in a warning."""
+    listing the classes present (colour, name, share of the image; counts: the full-size map's
+    pixel count per class, for a down-scaled preview). Names in any script are drawn with a font
+    that has their glyphs (fonts.py); characters no installed font has are named once in a
+    warning."""
     from PIL import Image, ImageDraw
 
     from .fonts import legend_font
@@ -90,7 +93,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names, alpha: float = 0
     font = legend_font(size)
     row, pad = round(1.6 * size), max(_PAD, size // 2)
     colours = palette(len(class_names))
-    entries = class_shares(labels, list(class_names))
+    entries = class_shares(labels, list(class_names), counts)
     texts = [f"{name} {100 * share:.1f}%" for _, name, share in entries]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = max((font.length(probe, t) for t in texts), default=0)
