@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..validation import CdamInputError
-from .images import to_pixels
+from .images import check_dtype, to_pixels
 
 #: GeoTIFF georeferencing tags (code -> name) copied onto the label map.
 GEO_TAGS = {33550: "ModelPixelScale", 33922: "ModelTiepoint", 34264: "ModelTransformation",
@@ -38,6 +38,17 @@ GDAL_TAGS = {42112: "GDAL_METADATA", 42113: "GDAL_NODATA"}
 TIFF_EXTENSIONS = (".tif", ".tiff")
 NPY_EXTENSIONS = (".npy",)
 _HIGHRES_EXTRA = "pip install 'cdam-fast[highres]' (tifffile)"
+_CODECS_HINT = ("LZW, JPEG, JPEG2000, ZSTD and WebP TIFFs need imagecodecs: pip install "
+                "'cdam-fast[highres-codecs]'")
+
+
+def check_format(path: str, dtype, samples: int) -> None:
+    """Refuse, when a file is opened, pixels that read() would refuse band by band: the sample
+    type (images.check_dtype) and the samples per pixel (1: grey, 3: RGB, 4: RGBA)."""
+    what = f"image file {path!r}"
+    if samples not in (1, 3, 4):
+        raise CdamInputError(f"{what} has {samples} samples per pixel; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+    check_dtype(dtype, what)
 
 
 def pillow_limit() -> int:
@@ -85,6 +96,7 @@ class ArrayRaster(Raster):
     def __init__(self, array: np.ndarray, path: str = "<array>"):
         if array.ndim not in (2, 3):
             raise CdamInputError(f"{path}: expected [H, W] or [H, W, C], got shape {array.shape}")
+        check_format(path, array.dtype, array.shape[2] if array.ndim == 3 else 1)
         super().__init__(path, int(array.shape[0]), int(array.shape[1]))
         self.array = array
 
@@ -151,12 +163,29 @@ class TiffRaster(Raster):
             page = self._tf.pages[0]
         except Exception as e:  # noqa: BLE001 - any parse failure is this file's
             raise CdamInputError(f"cannot read TIFF file {path!r}: {e}") from e
-        if page.imagedepth != 1 or (page.samplesperpixel > 1 and page.planarconfig != 1):
+        try:
+            self._open(path, page, tifffile.TIFF)
+        except BaseException:
             self._tf.close()
+            raise
+        self._cache = {}  # segment row -> decoded [seg_h, W(, S)]: the last one (bands go down the image)
+
+    def _open(self, path: str, page, TIFF) -> None:
+        """The page's size and layout, checked as far as that needs no decoding (a bad file is
+        refused here, not after its first bands were computed)."""
+        if page.imagedepth != 1 or (page.samplesperpixel > 1 and page.planarconfig != 1):
             raise CdamInputError(f"TIFF file {path!r}: planar-separate or volumetric images are not supported; "
                                  "rewrite it with interleaved (contiguous) samples")
-        self._page = page
         H, W = int(page.imagelength), int(page.imagewidth)
+        if H < 1 or W < 1:
+            raise CdamInputError(f"TIFF file {path!r} has no pixels ({W}x{H}, W x H)")
+        if page.dtype is None:
+            raise CdamInputError(f"TIFF file {path!r}: samples of {page.bitspersample} bits in sample format "
+                                 f"{int(page.sampleformat)} are not supported")
+        check_format(path, page.dtype, int(page.samplesperpixel))
+        if page.compression not in TIFF.DECOMPRESSORS:
+            raise CdamInputError(f"TIFF file {path!r} uses {page.compression.name} compression: {_CODECS_HINT}")
+        self._page = page
         tags = {t.code: t for t in page.tags.values()}
         geo = {c: (tags[c].dtype, tags[c].count, tags[c].value) for c in GEO_TAGS if c in tags}
         gdal = {name: str(tags[c].value).strip("\x00 ") for c, name in GDAL_TAGS.items() if c in tags}
@@ -164,10 +193,37 @@ class TiffRaster(Raster):
         if page.is_tiled:
             self._seg_h, self._seg_w = int(page.tilelength), int(page.tilewidth)
         else:
-            self._seg_h, self._seg_w = int(page.rowsperstrip or H), W
-        self._seg_h = min(self._seg_h, H) or H
-        self._across = -(-W // self._seg_w)
-        self._cache = {}  # segment row -> decoded [seg_h, W(, S)]: the last one (bands go down the image)
+            self._seg_h, self._seg_w = int(page.rowsperstrip), W
+        self._seg_h = min(self._seg_h, H)
+        self._check_segments(page)
+
+    def _check_segments(self, page) -> None:
+        """The tile / strip table against the image size and the file's length (truncated files)."""
+        kind = "tile" if page.is_tiled else "strip"
+        if self._seg_h < 1 or self._seg_w < 1:
+            raise CdamInputError(f"TIFF file {self.path!r} is corrupt: {kind}s of {self._seg_w}x{self._seg_h} pixels")
+        self._across = -(-self.width // self._seg_w)
+        needed = -(-self.height // self._seg_h) * self._across
+        offsets, counts = np.asarray(page.dataoffsets, np.int64), np.asarray(page.databytecounts, np.int64)
+        if min(len(offsets), len(counts)) < needed:
+            raise CdamInputError(f"TIFF file {self.path!r} is corrupt: it lists {min(len(offsets), len(counts))} "
+                                 f"{kind}s where a {self.width}x{self.height} image in {kind}s of "
+                                 f"{self._seg_w}x{self._seg_h} needs {needed}")
+        offsets, counts = offsets[:needed], counts[:needed]
+        end, size = int((offsets + counts)[counts > 0].max(initial=0)), int(self._tf.filehandle.size)
+        if end > size:
+            raise CdamInputError(f"TIFF file {self.path!r} is truncated: its pixel data runs to byte {end:,} but the "
+                                 f"file has {size:,} bytes")
+        if int(page.compression) == 1:  # uncompressed: each segment's size is known
+            rows = np.full(needed, self._seg_h, np.int64)
+            if not page.is_tiled:  # the last strip may be shorter
+                rows = np.minimum(rows, self.height - np.arange(needed) * self._seg_h)
+            need = rows * ((self._seg_w * page.samplesperpixel * page.bitspersample + 7) // 8)
+            short = np.nonzero((counts > 0) & (counts < need))[0]
+            if len(short):
+                i = int(short[0])
+                raise CdamInputError(f"TIFF file {self.path!r} is corrupt: uncompressed {kind} {i} holds "
+                                     f"{int(counts[i]):,} bytes where its {int(rows[i])} rows need {int(need[i]):,}")
 
     def _segment_row(self, sr: int) -> np.ndarray:
         if sr in self._cache:
@@ -186,10 +242,10 @@ class TiffRaster(Raster):
             try:
                 segment, _, _ = page.decode(fh.read(count), index, jpegtables=page.jpegtables,
                                             jpegheader=page.jpegheader)
-            except Exception as e:  # noqa: BLE001 - e.g. a codec that needs imagecodecs
-                raise CdamInputError(f"cannot decode TIFF file {self.path!r} ({page.compression.name} compression): "
-                                     f"{e}; LZW, JPEG, JPEG2000, ZSTD and WebP TIFFs need imagecodecs: pip install "
-                                     "'cdam-fast[highres-codecs]'") from e
+            except Exception as e:  # noqa: BLE001 - corrupt data, or a codec that needs imagecodecs
+                why = _CODECS_HINT if isinstance(e, (KeyError, ImportError)) else "the file is corrupt"
+                raise CdamInputError(f"cannot decode TIFF file {self.path!r} ({page.compression.name} compression, "
+                                     f"segment {index}): {e}; {why}") from e
             segment = segment.reshape(segment.shape[-3:]) if samples > 1 else segment.reshape(segment.shape[-3:-1])
             x0 = tx * self._seg_w
             w = min(self._seg_w, self.width - x0)
