@@ -19,8 +19,10 @@ float data in [0, 1]) and the georeferencing tags to carry to the outputs.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,24 +124,37 @@ class PillowRaster(ArrayRaster):
         from .images import _to_rgb
 
         limit = pillow_limit() if max_pixels is None else int(max_pixels)
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = limit  # Pillow's guard at our limit for this call; restored below
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below instead
-                im = Image.open(path)
-            with im:
+            with decoding_limit(path, limit), Image.open(path) as im:
                 w, h = im.size
                 if w * h > limit:
                     raise CdamInputError(_too_large(path, w, h, limit))
                 array = np.asarray(_to_rgb(ImageOps.exif_transpose(im), path))
-        except Image.DecompressionBombError as e:
-            raise CdamInputError(_too_large(path, None, None, limit)) from e
+        except CdamInputError:
+            raise
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise CdamInputError(f"cannot read image file {path!r}: {e}") from e
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
         super().__init__(array, path)
+
+
+@contextmanager
+def decoding_limit(path: str, limit: int):
+    """Pillow's decompression-bomb guard at `limit` pixels within the block, restored after; its
+    refusal (Pillow's own, or images.py's message wrapping it) becomes _too_large's message."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller checks the limit
+            yield
+    except Exception as e:
+        if isinstance(e, Image.DecompressionBombError) or isinstance(e.__cause__, Image.DecompressionBombError):
+            raise CdamInputError(_too_large(path, None, None, limit)) from e
+        raise
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
 
 
 def _too_large(path, w, h, limit) -> str:
@@ -268,6 +283,9 @@ class TiffRaster(Raster):
 def open_raster(path, max_pixels: int | None = None) -> Raster:
     """A Raster of an image file (see the module doc), or a CdamInputError naming it."""
     path = os.fspath(path)
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral)
+                                   or max_pixels < 1):
+        raise CdamInputError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
     if not os.path.exists(path):
         raise CdamInputError(f"image file {path!r} does not exist")
     if not os.path.isfile(path):
@@ -280,5 +298,5 @@ def open_raster(path, max_pixels: int | None = None) -> Raster:
     return PillowRaster(path, max_pixels)
 
 
-__all__ = ["ArrayRaster", "GEO_TAGS", "NpyRaster", "PillowRaster", "Raster", "TiffRaster", "open_raster",
-           "pillow_limit"]
+__all__ = ["ArrayRaster", "GEO_TAGS", "NpyRaster", "PillowRaster", "Raster", "TiffRaster", "check_format",
+           "decoding_limit", "open_raster", "pillow_limit"]
