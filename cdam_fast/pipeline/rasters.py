@@ -34,6 +34,14 @@ from .images import check_dtype, to_pixels
 #: GeoTIFF georeferencing tags (code -> name) copied onto the label map.
 GEO_TAGS = {33550: "ModelPixelScale", 33922: "ModelTiepoint", 34264: "ModelTransformation",
             34735: "GeoKeyDirectory", 34736: "GeoDoubleParams", 34737: "GeoAsciiParams"}
+#: What GeoTIFF specifies for each: (TIFF type, in words, the value counts allowed); a tag that
+#: breaks it is refused (copied, it would misplace or break the label map in GIS tools).
+_GEO_FORMAT = {33550: (12, "3 doubles", lambda n, v: n == 3),
+               33922: (12, "6 K doubles", lambda n, v: n > 0 and n % 6 == 0),
+               34264: (12, "16 doubles", lambda n, v: n == 16),
+               34735: (3, "4 (1 + its key count) shorts", lambda n, v: n >= 4 and n % 4 == 0 and n >= 4 * (1 + v[3])),
+               34736: (12, "doubles", lambda n, v: n > 0),
+               34737: (2, "ASCII text", lambda n, v: True)}
 #: GDAL's tags: recorded in the class mapping, not copied (the input's nodata value and band
 #: metadata describe the image's pixels, not class indices: nodata 0 would mask class 0).
 GDAL_TAGS = {42112: "GDAL_METADATA", 42113: "GDAL_NODATA"}
@@ -51,6 +59,11 @@ def check_format(path: str, dtype, samples: int) -> None:
     if samples not in (1, 3, 4):
         raise CdamInputError(f"{what} has {samples} samples per pixel; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
     check_dtype(dtype, what)
+
+
+def _text(value) -> str:
+    """A GDAL tag's text (bytes when tifffile could not parse it, e.g. stored as BYTE)."""
+    return (value.decode("latin-1") if isinstance(value, bytes) else str(value)).strip("\x00 ")
 
 
 def pillow_limit() -> int:
@@ -203,7 +216,13 @@ class TiffRaster(Raster):
         self._page = page
         tags = {t.code: t for t in page.tags.values()}
         geo = {c: (tags[c].dtype, tags[c].count, tags[c].value) for c in GEO_TAGS if c in tags}
-        gdal = {name: str(tags[c].value).strip("\x00 ") for c, name in GDAL_TAGS.items() if c in tags}
+        for code, (dtype, count, value) in geo.items():
+            kind, expected, ok = _GEO_FORMAT[code]
+            if int(dtype) != kind or not ok(count, value):
+                raise CdamInputError(f"TIFF file {path!r}: its GeoTIFF tag {GEO_TAGS[code]} is malformed ({count} "
+                                     f"value(s) of TIFF type {getattr(dtype, 'name', dtype)}; GeoTIFF specifies "
+                                     f"{expected}); repair or remove the tag (it is copied onto the label map)")
+        gdal = {name: _text(tags[c].value) for c, name in GDAL_TAGS.items() if c in tags}
         super().__init__(path, H, W, geo, gdal)
         if page.is_tiled:
             self._seg_h, self._seg_w = int(page.tilelength), int(page.tilewidth)
