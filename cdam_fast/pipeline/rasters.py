@@ -211,6 +211,15 @@ class TiffRaster(Raster):
             raise CdamInputError(f"TIFF file {path!r}: samples of {page.bitspersample} bits in sample format "
                                  f"{int(page.sampleformat)} are not supported")
         check_format(path, page.dtype, int(page.samplesperpixel))
+        photometric = int(page.photometric) if 262 in page.tags else 1  # no PhotometricInterpretation: as stored
+        if photometric not in (1, 2, 3) and not (photometric == 6 and int(page.compression) in (6, 7)):
+            raise CdamInputError(f"TIFF file {path!r}: photometric interpretation {page.photometric.name} is not "
+                                 "supported (grey, RGB, palette and JPEG's YCbCr are); convert it to RGB or greyscale")
+        self._palette = None  # a palette TIFF's colours [N, 3] uint8, as Pillow maps them
+        if photometric == 3:
+            if page.colormap is None:
+                raise CdamInputError(f"TIFF file {path!r} is corrupt: a palette image without a colour map")
+            self._palette = np.ascontiguousarray(np.asarray(page.colormap).T // 256).astype(np.uint8)
         if page.compression not in TIFF.DECOMPRESSORS:
             raise CdamInputError(f"TIFF file {path!r} uses {page.compression.name} compression: {_CODECS_HINT}")
         self._page = page
@@ -293,7 +302,8 @@ class TiffRaster(Raster):
         parts = [self._segment_row(sr) for sr in range(first, last + 1)]
         block = parts[0] if len(parts) == 1 else np.concatenate(parts)
         offset = first * self._seg_h
-        return block[start - offset:stop - offset]
+        block = block[start - offset:stop - offset]
+        return block if self._palette is None else np.take(self._palette, block, axis=0, mode="clip")
 
     def close(self):
         self._tf.close()
