@@ -66,27 +66,6 @@ def run(args) -> int:
         return 130
 
 
-def check_output_folder(out) -> None:
-    """A CdamInputError when --out cannot be created or written (below a file, on a read-only
-    or virtual file system), found by creating and removing a probe folder in its nearest
-    existing ancestor, so that it fails before the model loads."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    path = Path(out).expanduser()
-    base = path
-    while not base.exists() and base.parent != base:
-        base = base.parent
-    if not base.is_dir():
-        raise CdamInputError(f"--out {str(out)!r} cannot be created: {str(base)!r} is a file, not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".cdam-probe-", dir=base))
-    except OSError as e:
-        raise CdamInputError(f"--out {str(out)!r} cannot be created or written: {str(base)!r}: "
-                             f"{e.strerror or e}") from None
-
-
 def check_backend(backend: str, device) -> None:
     """A BackendUnavailableError when an explicit --backend cannot run on the run's device."""
     import torch
@@ -133,6 +112,7 @@ def _classes(args):
 
 def _run(args) -> int:
     from . import bulk
+    from .fileio import check_output_folder
     from .model import check_device
     from .segmenter import resolve_dtype
 

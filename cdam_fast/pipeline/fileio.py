@@ -87,6 +87,27 @@ def discard(partial: OutputPaths) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def check_output_folder(out, option: str = "--out") -> None:
+    """A CdamInputError naming `option` when the output folder `out` cannot be created or written
+    (below a file, on a read-only or virtual file system), found by creating and removing a
+    probe folder in its nearest existing ancestor, so that it fails before the model loads."""
+    import tempfile
+
+    from ..validation import CdamInputError
+
+    path = Path(out).expanduser()
+    base = path
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise CdamInputError(f"{option} {str(out)!r} cannot be created: {str(base)!r} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cdam-probe-", dir=base))
+    except OSError as e:
+        raise CdamInputError(f"{option} {str(out)!r} cannot be created or written: {str(base)!r}: "
+                             f"{e.strerror or e}") from None
+
+
 def model_patch_size(model: str) -> tuple | None:
     """(ph, pw) of an open_clip model from its config, without building it (None if unknown)."""
     from .model import _open_clip

@@ -72,6 +72,15 @@ def image_size(path) -> tuple:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+def check_dtype(dtype, what: str) -> None:
+    """A CdamInputError unless numpy `dtype` holds pixels to_pixels reads: uint8, uint16, bool or
+    float (either byte order); raised when a file is opened, before its pixels are read."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "b" or (dtype.kind == "u" and dtype.itemsize <= 2) or (dtype.kind == "f" and dtype.itemsize <= 8):
+        return
+    raise CdamInputError(f"{what} must be uint8, uint16 or float, got {dtype.name if dtype.kind in 'iuc' else dtype}")
+
+
 def _from_uint_or_float(t: torch.Tensor, what: str) -> torch.Tensor:
     if t.dtype == torch.uint8:
         return t.float() / 255.0
@@ -111,6 +120,9 @@ def to_pixels(image, what: str = "image") -> torch.Tensor:
         if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
             raise CdamInputError(f"{what}: numpy images are channels-last [H, W, 3]; got shape {image.shape}"
                                  + (" (looks channels-first: use arr.transpose(1, 2, 0))" if image.shape[0] in (1, 3) else ""))
+        check_dtype(image.dtype, what)
+        if not image.dtype.isnative:  # e.g. a big-endian file: torch reads native byte order only
+            image = image.astype(image.dtype.newbyteorder("="))
         if image.ndim == 3:
             image = image[..., :3]
             image = np.ascontiguousarray(image).transpose(2, 0, 1)

@@ -29,6 +29,7 @@ scores) and SD compensation are whole-image methods and are refused.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -50,6 +51,8 @@ def check_scale(scale):
     """None (the published protocol) or a positive finite float."""
     if scale is None:
         return None
+    if isinstance(scale, numbers.Real) and not isinstance(scale, (int, float, bool)):
+        scale = float(scale)  # numpy scalars and other real number types
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise CdamInputError(f"scale must be a positive number (1.0: native resolution) or None, got {scale!r}")
     return float(scale)
@@ -141,13 +144,24 @@ def _plan(original, patch, mode, scale, crop, stride, global_tokens) -> NativePl
                       resize_taps(size[1], W) if scaled else None, asm)
 
 
+def check_size(height: int, width: int, patch: tuple, scale: float, what: str = "image", model: str = "") -> None:
+    """A CdamInputError unless the image holds one patch, at its size and at the scale (no model
+    needed: the CLI checks file headers with it before the model loads)."""
+    ph, pw = patch
+    if height < ph or width < pw:
+        raise CdamInputError(f"{what} is {width}x{height} pixels (W x H), smaller than one {pw}x{ph} patch"
+                             + (f" of {model}" if model else ""))
+    h, w = native_size(height, width, scale)
+    if h < ph or w < pw:
+        raise CdamInputError(f"{what} ({width}x{height}, W x H) at scale {scale:g} is {w}x{h}: smaller than one "
+                             f"{pw}x{ph} patch; use a larger scale")
+
+
 def plan(seg, height: int, width: int, what: str = "image") -> NativePlan:
     """The native plan of an H x W image for segmenter `seg`, or a CdamInputError."""
     check_supported(seg)
     ph, pw = seg.backbone.patch_size
-    if height < ph or width < pw:
-        raise CdamInputError(f"{what} is {width}x{height} pixels (W x H), smaller than one {pw}x{ph} patch of "
-                             f"{seg.backbone.name}")
+    check_size(height, width, (ph, pw), seg.scale, what, seg.backbone.name)
     p = _plan((height, width), (ph, pw), seg.mode, seg.scale, seg.crop, seg.stride, seg.global_tokens)
     if p.layout.window[0] < ph or p.layout.window[1] < pw:
         raise CdamInputError(f"{what} ({width}x{height}, W x H) at scale {seg.scale:g} is {p.size[1]}x{p.size[0]}: "
@@ -301,4 +315,4 @@ def full_logits(seg, result) -> torch.Tensor:
 
 
 __all__ = ["DEFAULT_GLOBAL_TOKENS", "NativePlan", "TapAssembler", "ThresholdPool", "band_logits", "check_scale",
-           "label_map", "native_layout", "native_size", "plan"]
+           "check_size", "label_map", "native_layout", "native_size", "plan"]

@@ -63,21 +63,23 @@ def segmenter_options(args) -> dict:
     return {"scale": scale, "global_tokens": native.check_global_tokens(args.global_tokens)}
 
 
-def _header_check(path: str, max_pixels, patch) -> None:
-    """Readable, within the decoding limit and at least one patch, from the header (no model)."""
+def _header_check(path: str, max_pixels, patch, scale: float) -> None:
+    """Readable, within the decoding limit and at least one patch at the scale, from the header
+    (no model)."""
     from .images import image_size
-    from .rasters import NPY_EXTENSIONS, TIFF_EXTENSIONS, _too_large, open_raster, pillow_limit
+    from .rasters import NPY_EXTENSIONS, TIFF_EXTENSIONS, _too_large, decoding_limit, open_raster, pillow_limit
 
     if path.lower().endswith(TIFF_EXTENSIONS + NPY_EXTENSIONS):
         with open_raster(path) as r:
             H, W = r.size
     else:
-        W, H = image_size(path)
         limit = pillow_limit() if max_pixels is None else max_pixels
+        with decoding_limit(path, limit):  # --max-pixels raises Pillow's guard for the header too
+            W, H = image_size(path)
         if W * H > limit:
             raise CdamInputError(_too_large(path, W, H, limit))
-    if patch is not None and (H < patch[0] or W < patch[1]):
-        raise CdamInputError(f"image {path!r} is {W}x{H} pixels (W x H), smaller than one patch")
+    if patch is not None:
+        native.check_size(H, W, patch, scale, f"image {path!r}")
 
 
 def run(args, *, classes, settings, make_segmenter, prog: str = "cdam-fast segment") -> int:
@@ -113,7 +115,7 @@ def run(args, *, classes, settings, make_segmenter, prog: str = "cdam-fast segme
         early = {}
         for i in left.todo:
             try:
-                _header_check(items[i].path, args.max_pixels, patch)
+                _header_check(items[i].path, args.max_pixels, patch, settings["scale"])
             except Exception as e:  # noqa: BLE001
                 early[i] = bulk.error_message(e)
         counts = bulk.Counts(skipped=left.skipped if dist.is_main else 0)

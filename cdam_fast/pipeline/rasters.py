@@ -19,25 +19,51 @@ float data in [0, 1]) and the georeferencing tags to carry to the outputs.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..validation import CdamInputError
-from .images import to_pixels
+from .images import check_dtype, to_pixels
 
 #: GeoTIFF georeferencing tags (code -> name) copied onto the label map.
 GEO_TAGS = {33550: "ModelPixelScale", 33922: "ModelTiepoint", 34264: "ModelTransformation",
             34735: "GeoKeyDirectory", 34736: "GeoDoubleParams", 34737: "GeoAsciiParams"}
+#: What GeoTIFF specifies for each: (TIFF type, in words, the value counts allowed); a tag that
+#: breaks it is refused (copied, it would misplace or break the label map in GIS tools).
+_GEO_FORMAT = {33550: (12, "3 doubles", lambda n, v: n == 3),
+               33922: (12, "6 K doubles", lambda n, v: n > 0 and n % 6 == 0),
+               34264: (12, "16 doubles", lambda n, v: n == 16),
+               34735: (3, "4 (1 + its key count) shorts", lambda n, v: n >= 4 and n % 4 == 0 and n >= 4 * (1 + v[3])),
+               34736: (12, "doubles", lambda n, v: n > 0),
+               34737: (2, "ASCII text", lambda n, v: True)}
 #: GDAL's tags: recorded in the class mapping, not copied (the input's nodata value and band
 #: metadata describe the image's pixels, not class indices: nodata 0 would mask class 0).
 GDAL_TAGS = {42112: "GDAL_METADATA", 42113: "GDAL_NODATA"}
 TIFF_EXTENSIONS = (".tif", ".tiff")
 NPY_EXTENSIONS = (".npy",)
 _HIGHRES_EXTRA = "pip install 'cdam-fast[highres]' (tifffile)"
+_CODECS_HINT = ("LZW, JPEG, JPEG2000, ZSTD and WebP TIFFs need imagecodecs: pip install "
+                "'cdam-fast[highres-codecs]'")
+
+
+def check_format(path: str, dtype, samples: int) -> None:
+    """Refuse, when a file is opened, pixels that read() would refuse band by band: the sample
+    type (images.check_dtype) and the samples per pixel (1: grey, 3: RGB, 4: RGBA)."""
+    what = f"image file {path!r}"
+    if samples not in (1, 3, 4):
+        raise CdamInputError(f"{what} has {samples} samples per pixel; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+    check_dtype(dtype, what)
+
+
+def _text(value) -> str:
+    """A GDAL tag's text (bytes when tifffile could not parse it, e.g. stored as BYTE)."""
+    return (value.decode("latin-1") if isinstance(value, bytes) else str(value)).strip("\x00 ")
 
 
 def pillow_limit() -> int:
@@ -85,6 +111,7 @@ class ArrayRaster(Raster):
     def __init__(self, array: np.ndarray, path: str = "<array>"):
         if array.ndim not in (2, 3):
             raise CdamInputError(f"{path}: expected [H, W] or [H, W, C], got shape {array.shape}")
+        check_format(path, array.dtype, array.shape[2] if array.ndim == 3 else 1)
         super().__init__(path, int(array.shape[0]), int(array.shape[1]))
         self.array = array
 
@@ -110,24 +137,37 @@ class PillowRaster(ArrayRaster):
         from .images import _to_rgb
 
         limit = pillow_limit() if max_pixels is None else int(max_pixels)
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = limit  # Pillow's guard at our limit for this call; restored below
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below instead
-                im = Image.open(path)
-            with im:
+            with decoding_limit(path, limit), Image.open(path) as im:
                 w, h = im.size
                 if w * h > limit:
                     raise CdamInputError(_too_large(path, w, h, limit))
                 array = np.asarray(_to_rgb(ImageOps.exif_transpose(im), path))
-        except Image.DecompressionBombError as e:
-            raise CdamInputError(_too_large(path, None, None, limit)) from e
+        except CdamInputError:
+            raise
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise CdamInputError(f"cannot read image file {path!r}: {e}") from e
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
         super().__init__(array, path)
+
+
+@contextmanager
+def decoding_limit(path: str, limit: int):
+    """Pillow's decompression-bomb guard at `limit` pixels within the block, restored after; its
+    refusal (Pillow's own, or images.py's message wrapping it) becomes _too_large's message."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller checks the limit
+            yield
+    except Exception as e:
+        if isinstance(e, Image.DecompressionBombError) or isinstance(e.__cause__, Image.DecompressionBombError):
+            raise CdamInputError(_too_large(path, None, None, limit)) from e
+        raise
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
 
 
 def _too_large(path, w, h, limit) -> str:
@@ -151,23 +191,82 @@ class TiffRaster(Raster):
             page = self._tf.pages[0]
         except Exception as e:  # noqa: BLE001 - any parse failure is this file's
             raise CdamInputError(f"cannot read TIFF file {path!r}: {e}") from e
-        if page.imagedepth != 1 or (page.samplesperpixel > 1 and page.planarconfig != 1):
+        try:
+            self._open(path, page, tifffile.TIFF)
+        except BaseException:
             self._tf.close()
+            raise
+        self._cache = {}  # segment row -> decoded [seg_h, W(, S)]: the last one (bands go down the image)
+
+    def _open(self, path: str, page, TIFF) -> None:
+        """The page's size and layout, checked as far as that needs no decoding (a bad file is
+        refused here, not after its first bands were computed)."""
+        if page.imagedepth != 1 or (page.samplesperpixel > 1 and page.planarconfig != 1):
             raise CdamInputError(f"TIFF file {path!r}: planar-separate or volumetric images are not supported; "
                                  "rewrite it with interleaved (contiguous) samples")
-        self._page = page
         H, W = int(page.imagelength), int(page.imagewidth)
+        if H < 1 or W < 1:
+            raise CdamInputError(f"TIFF file {path!r} has no pixels ({W}x{H}, W x H)")
+        if page.dtype is None:
+            raise CdamInputError(f"TIFF file {path!r}: samples of {page.bitspersample} bits in sample format "
+                                 f"{int(page.sampleformat)} are not supported")
+        check_format(path, page.dtype, int(page.samplesperpixel))
+        photometric = int(page.photometric) if 262 in page.tags else 1  # no PhotometricInterpretation: as stored
+        if photometric not in (1, 2, 3) and not (photometric == 6 and int(page.compression) in (6, 7)):
+            raise CdamInputError(f"TIFF file {path!r}: photometric interpretation {page.photometric.name} is not "
+                                 "supported (grey, RGB, palette and JPEG's YCbCr are); convert it to RGB or greyscale")
+        self._palette = None  # a palette TIFF's colours [N, 3] uint8, as Pillow maps them
+        if photometric == 3:
+            if page.colormap is None:
+                raise CdamInputError(f"TIFF file {path!r} is corrupt: a palette image without a colour map")
+            self._palette = np.ascontiguousarray(np.asarray(page.colormap).T // 256).astype(np.uint8)
+        if page.compression not in TIFF.DECOMPRESSORS:
+            raise CdamInputError(f"TIFF file {path!r} uses {page.compression.name} compression: {_CODECS_HINT}")
+        self._page = page
         tags = {t.code: t for t in page.tags.values()}
         geo = {c: (tags[c].dtype, tags[c].count, tags[c].value) for c in GEO_TAGS if c in tags}
-        gdal = {name: str(tags[c].value).strip("\x00 ") for c, name in GDAL_TAGS.items() if c in tags}
+        for code, (dtype, count, value) in geo.items():
+            kind, expected, ok = _GEO_FORMAT[code]
+            if int(dtype) != kind or not ok(count, value):
+                raise CdamInputError(f"TIFF file {path!r}: its GeoTIFF tag {GEO_TAGS[code]} is malformed ({count} "
+                                     f"value(s) of TIFF type {getattr(dtype, 'name', dtype)}; GeoTIFF specifies "
+                                     f"{expected}); repair or remove the tag (it is copied onto the label map)")
+        gdal = {name: _text(tags[c].value) for c, name in GDAL_TAGS.items() if c in tags}
         super().__init__(path, H, W, geo, gdal)
         if page.is_tiled:
             self._seg_h, self._seg_w = int(page.tilelength), int(page.tilewidth)
         else:
-            self._seg_h, self._seg_w = int(page.rowsperstrip or H), W
-        self._seg_h = min(self._seg_h, H) or H
-        self._across = -(-W // self._seg_w)
-        self._cache = {}  # segment row -> decoded [seg_h, W(, S)]: the last one (bands go down the image)
+            self._seg_h, self._seg_w = int(page.rowsperstrip), W
+        self._seg_h = min(self._seg_h, H)
+        self._check_segments(page)
+
+    def _check_segments(self, page) -> None:
+        """The tile / strip table against the image size and the file's length (truncated files)."""
+        kind = "tile" if page.is_tiled else "strip"
+        if self._seg_h < 1 or self._seg_w < 1:
+            raise CdamInputError(f"TIFF file {self.path!r} is corrupt: {kind}s of {self._seg_w}x{self._seg_h} pixels")
+        self._across = -(-self.width // self._seg_w)
+        needed = -(-self.height // self._seg_h) * self._across
+        offsets, counts = np.asarray(page.dataoffsets, np.int64), np.asarray(page.databytecounts, np.int64)
+        if min(len(offsets), len(counts)) < needed:
+            raise CdamInputError(f"TIFF file {self.path!r} is corrupt: it lists {min(len(offsets), len(counts))} "
+                                 f"{kind}s where a {self.width}x{self.height} image in {kind}s of "
+                                 f"{self._seg_w}x{self._seg_h} needs {needed}")
+        offsets, counts = offsets[:needed], counts[:needed]
+        end, size = int((offsets + counts)[counts > 0].max(initial=0)), int(self._tf.filehandle.size)
+        if end > size:
+            raise CdamInputError(f"TIFF file {self.path!r} is truncated: its pixel data runs to byte {end:,} but the "
+                                 f"file has {size:,} bytes")
+        if int(page.compression) == 1:  # uncompressed: each segment's size is known
+            rows = np.full(needed, self._seg_h, np.int64)
+            if not page.is_tiled:  # the last strip may be shorter
+                rows = np.minimum(rows, self.height - np.arange(needed) * self._seg_h)
+            need = rows * ((self._seg_w * page.samplesperpixel * page.bitspersample + 7) // 8)
+            short = np.nonzero((counts > 0) & (counts < need))[0]
+            if len(short):
+                i = int(short[0])
+                raise CdamInputError(f"TIFF file {self.path!r} is corrupt: uncompressed {kind} {i} holds "
+                                     f"{int(counts[i]):,} bytes where its {int(rows[i])} rows need {int(need[i]):,}")
 
     def _segment_row(self, sr: int) -> np.ndarray:
         if sr in self._cache:
@@ -186,10 +285,10 @@ class TiffRaster(Raster):
             try:
                 segment, _, _ = page.decode(fh.read(count), index, jpegtables=page.jpegtables,
                                             jpegheader=page.jpegheader)
-            except Exception as e:  # noqa: BLE001 - e.g. a codec that needs imagecodecs
-                raise CdamInputError(f"cannot decode TIFF file {self.path!r} ({page.compression.name} compression): "
-                                     f"{e}; LZW, JPEG, JPEG2000, ZSTD and WebP TIFFs need imagecodecs: pip install "
-                                     "'cdam-fast[highres-codecs]'") from e
+            except Exception as e:  # noqa: BLE001 - corrupt data, or a codec that needs imagecodecs
+                why = _CODECS_HINT if isinstance(e, (KeyError, ImportError)) else "the file is corrupt"
+                raise CdamInputError(f"cannot decode TIFF file {self.path!r} ({page.compression.name} compression, "
+                                     f"segment {index}): {e}; {why}") from e
             segment = segment.reshape(segment.shape[-3:]) if samples > 1 else segment.reshape(segment.shape[-3:-1])
             x0 = tx * self._seg_w
             w = min(self._seg_w, self.width - x0)
@@ -203,7 +302,8 @@ class TiffRaster(Raster):
         parts = [self._segment_row(sr) for sr in range(first, last + 1)]
         block = parts[0] if len(parts) == 1 else np.concatenate(parts)
         offset = first * self._seg_h
-        return block[start - offset:stop - offset]
+        block = block[start - offset:stop - offset]
+        return block if self._palette is None else np.take(self._palette, block, axis=0, mode="clip")
 
     def close(self):
         self._tf.close()
@@ -212,6 +312,9 @@ class TiffRaster(Raster):
 def open_raster(path, max_pixels: int | None = None) -> Raster:
     """A Raster of an image file (see the module doc), or a CdamInputError naming it."""
     path = os.fspath(path)
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral)
+                                   or max_pixels < 1):
+        raise CdamInputError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
     if not os.path.exists(path):
         raise CdamInputError(f"image file {path!r} does not exist")
     if not os.path.isfile(path):
@@ -224,5 +327,5 @@ def open_raster(path, max_pixels: int | None = None) -> Raster:
     return PillowRaster(path, max_pixels)
 
 
-__all__ = ["ArrayRaster", "GEO_TAGS", "NpyRaster", "PillowRaster", "Raster", "TiffRaster", "open_raster",
-           "pillow_limit"]
+__all__ = ["ArrayRaster", "GEO_TAGS", "NpyRaster", "PillowRaster", "Raster", "TiffRaster", "check_format",
+           "decoding_limit", "open_raster", "pillow_limit"]

@@ -23,6 +23,7 @@ the store for reports its rows as failed, naming what differs, and adds no band.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +36,23 @@ from .streamed import store_config
 
 def band_tasks(seg, paths, out, names=None, max_pixels=None) -> list:
     """Prepare each image's band store in `out` (discarding stale bands) and return one row per
-    band still missing: {"path", "name", "band"} (run this once, on the driver, before the actors)."""
+    band still missing: {"path", "name", "band"} (run this once, on the driver, before the actors).
+    An image that cannot be segmented gets no rows and a warning saying why; the others go on."""
+    from .bulk import _line, error_message
+    from .fileio import check_output_folder
+
+    check_output_folder(out, "out")
     rows = []
-    for i, path in enumerate(paths):
+    for path in paths:
         name = (names or {}).get(str(path)) or Path(path).stem
-        with open_raster(path, max_pixels) as raster:
-            p = native.plan(seg, raster.height, raster.width, f"image {str(path)!r}")
-            store = BandStore.for_image(out, name, store_config(seg, raster, p))
-        store.prepare()
+        try:
+            with open_raster(path, max_pixels) as raster:
+                p = native.plan(seg, raster.height, raster.width, f"image {str(path)!r}")
+                store = BandStore.for_image(out, name, store_config(seg, raster, p))
+            store.prepare()
+        except Exception as e:  # noqa: BLE001 - one bad image never costs the others
+            warnings.warn(f"{_line(str(path), error_message(e))}; no band tasks for it", stacklevel=2)
+            continue
         rows += [{"path": str(path), "name": name, "band": r} for r in store.missing(p.bands)]
     return rows
 
@@ -64,13 +74,13 @@ class RayBandSegmenter:
         if self._open is None or self._open[0] != path:
             if self._open is not None:
                 self._open[1].close()
-                self._open = None
+                self._open = None  # closed: an image that fails to open below must not leave it in use
             raster = open_raster(path, self.max_pixels)
             try:
                 p = native.plan(self.segmenter, raster.height, raster.width, f"image {path!r}")
                 store = BandStore.for_image(self.out, name, store_config(self.segmenter, raster, p))
                 store.check()  # the store band_tasks prepared on the driver, for these very options
-            except Exception:
+            except BaseException:
                 raster.close()
                 raise
             self._open = (path, raster, p, store)

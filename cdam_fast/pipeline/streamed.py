@@ -285,10 +285,14 @@ def segment_file(seg, source, out, name: str | None = None, *, max_pixels: int |
         from ..validation import CdamInputError
 
         raise CdamInputError("segment_file needs a segmenter in native mode: Segmenter(..., scale=1.0)")
+    from .bulk import check_not_inputs
+
+    fileio.check_output_folder(out, "out")
     raster = source if isinstance(source, Raster) else open_raster(source, max_pixels)
     try:
         name = name or Path(raster.path).stem
         paths = native_output_paths([InputImage(raster.path, name)], out)[0]
+        check_not_inputs([raster.path], [paths])
         p = native.plan(seg, raster.height, raster.width, f"image {raster.path!r}")
         store = BandStore.for_image(out, name, store_config(seg, raster, p))
         counts, partial = segment_image(seg, raster, paths, store, preview_side=preview_side,
