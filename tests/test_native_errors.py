@@ -49,7 +49,8 @@ def _bad_files(folder) -> dict:
     _patched_tiff(folder / "w0.tif", {"ImageWidth": 0})
     _patched_tiff(folder / "huge.tif", {"ImageWidth": 60000, "ImageLength": 60000}, tile=(16, 16))
     _patched_tiff(folder / "huge_strip.tif", {"ImageWidth": 60000, "ImageLength": 60000, "RowsPerStrip": 60000})
-    return {"c5.tif": "5 samples per pixel", "c2.tif": "2 samples per pixel", "i8.tif": "int8",
+    tifffile.imwrite(folder / "rot.tif", IMAGE, photometric="rgb", extratags=[(274, "H", 1, 6, True)])  # 90 degrees
+    return {"rot.tif": "Orientation 6","c5.tif": "5 samples per pixel", "c2.tif": "2 samples per pixel", "i8.tif": "int8",
             "c5.npy": "5 samples per pixel", "i64.npy": "int64", "rec.npy": "must be uint8, uint16 or float",
             "trunc.tif": "truncated", "w0.tif": "0x100", "huge.tif": "corrupt",
             "huge_strip.tif": "corrupt"}
@@ -120,7 +121,7 @@ def test_malformed_geotiff_tags_are_refused(tmp_path):
             assert r.gdal == {"GDAL_NODATA": "-99"}
 
 
-def test_scale_accepts_numpy_numbers_and_refuses_tiny_scales_cleanly():
+def test_scale_accepts_numpy_numbers_and_refuses_tiny_and_huge_scales_cleanly():
     assert native.check_scale(np.float32(0.5)) == 0.5 and native.check_scale(np.int64(2)) == 2.0
     with pytest.raises(CdamInputError, match="scale must be a positive number"):
         native.check_scale(np.float64("nan"))
@@ -128,6 +129,10 @@ def test_scale_accepts_numpy_numbers_and_refuses_tiny_scales_cleanly():
         warnings.simplefilter("error")  # no division warnings on the way to the refusal
         with pytest.raises(CdamInputError, match="at scale 1e-06 is 1x1: smaller than one 16x16 patch"):
             native.check_size(300, 260, (16, 16), 1e-6, "image 'a.tif'")
+    # a huge scale is refused before planning (whose taps grow with the scaled size: a MemoryError)
+    with pytest.raises(CdamInputError, match=r"at scale 1e\+06 would be 260000000x300000000: more than 2097152"):
+        native.check_size(300, 260, (16, 16), 1e6, "image 'a.tif'")
+    native.check_size(300, 260, (16, 16), 1000.0, "image 'a.tif'")  # 260000 x 300000: allowed
 
 
 # -- with the tiny model -----------------------------------------------------------------------
@@ -211,6 +216,11 @@ def test_cli_refuses_bad_files_before_the_model_loads(tmp_path, capsys, no_model
     assert "Traceback" not in err and f"{len(files)} failed" in err
     for name in messages:
         assert name in err, name
+    # the folder itself: native mode picks up its .npy files too (the ordinary mode reads no .npy)
+    (bad / "full.tif").unlink()  # the good file the truncated one was cut from
+    assert main(_args(tmp_path / "out3", str(bad))) == 2
+    err = capsys.readouterr().err
+    assert f"{len(files)} failed" in err and all(name in err for name in messages)
     tifffile.imwrite(tmp_path / "ok.tif", IMAGE)
     assert main(_args(tmp_path / "out2", str(tmp_path / "ok.tif"), "--scale", "1e-6")) == 2
     assert "at scale 1e-06 is 1x1: smaller than one 16x16 patch" in capsys.readouterr().err

@@ -36,29 +36,30 @@ class InputImage:
     name: str  # where its outputs go, relative to the output folder, without suffix ("2024/a")
 
 
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
+def _is_image(path: str, extensions=IMAGE_EXTENSIONS) -> bool:
+    return path.lower().endswith(extensions)
 
 
 def _visible(rel: str) -> bool:
     return not any(part.startswith(".") for part in Path(rel).parts)
 
 
-def _folder(arg: str) -> list[InputImage]:
+def _folder(arg: str, extensions=IMAGE_EXTENSIONS) -> list[InputImage]:
     found = []
     for root, dirs, files in os.walk(arg, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for f in files:
-            if not f.startswith(".") and _is_image(f):
+            if not f.startswith(".") and _is_image(f, extensions):
                 found.append(os.path.relpath(os.path.join(root, f), arg))
     if not found:
-        raise CdamInputError(f"folder {arg!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise CdamInputError(f"folder {arg!r} holds no image files ({', '.join(extensions)})")
     return [InputImage(os.path.join(arg, rel), Path(rel).with_suffix("").as_posix())
             for rel in sorted(found, key=lambda r: Path(r).parts)]
 
 
-def _glob(arg: str) -> list[InputImage]:
-    paths = sorted(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p) and _is_image(p) and _visible(p))
+def _glob(arg: str, extensions=IMAGE_EXTENSIONS) -> list[InputImage]:
+    paths = sorted(p for p in glob.glob(arg, recursive=True)
+                   if os.path.isfile(p) and _is_image(p, extensions) and _visible(p))
     if not paths:
         raise CdamInputError(f"pattern {arg!r} matches no image files")
     return [InputImage(p, Path(p).stem) for p in paths]
@@ -77,17 +78,18 @@ def _list(arg: str) -> list[InputImage]:
     return [InputImage(p, Path(p).stem) for p in paths]
 
 
-def expand_inputs(args, exclude=None) -> list[InputImage]:
+def expand_inputs(args, exclude=None, extensions=IMAGE_EXTENSIONS) -> list[InputImage]:
     """The images named by the command-line INPUTS, in order, each once (see the module doc).
     exclude: a folder (the output folder) whose files folders and globs never pick up, so that
-    a rerun into a folder inside an input folder does not segment its own outputs."""
+    a rerun into a folder inside an input folder does not segment its own outputs. extensions:
+    the file names folders and globs pick up (native mode adds .npy)."""
     items, seen = [], set()
     skip = os.path.join(os.path.realpath(exclude), "") if exclude is not None else None
     for arg in map(os.fspath, args):
         if os.path.isdir(arg):
-            found = _folder(arg)
+            found = _folder(arg, extensions)
         elif any(c in arg for c in _GLOB_CHARS) and not os.path.exists(arg):
-            found = _glob(arg)
+            found = _glob(arg, extensions)
         elif arg.lower().endswith(LIST_EXTENSIONS):
             if not os.path.isfile(arg):
                 raise CdamInputError(f"list of images {arg!r} does not exist")

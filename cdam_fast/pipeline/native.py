@@ -43,6 +43,7 @@ from .windows import WindowLayout, window_starts
 
 #: Tokens of one tile in native global mode (CDAM across all of them): 64 x 64 patches.
 DEFAULT_GLOBAL_TOKENS = 4096
+MAX_SCALED_SIDE = 1 << 21  # pixels a side of the image at its scale: the plan's taps grow with it
 _LABEL_CHUNK = 1 << 22  # logits elements materialised at once while labelling (more for PAMR's halo)
 _CHUNK_ROWS = 256  # ... and at most this many rows (a tile row of the label TIFF)
 
@@ -155,6 +156,9 @@ def check_size(height: int, width: int, patch: tuple, scale: float, what: str = 
     if h < ph or w < pw:
         raise CdamInputError(f"{what} ({width}x{height}, W x H) at scale {scale:g} is {w}x{h}: smaller than one "
                              f"{pw}x{ph} patch; use a larger scale")
+    if max(h, w) > MAX_SCALED_SIDE:
+        raise CdamInputError(f"{what} ({width}x{height}, W x H) at scale {scale:g} would be {w}x{h}: more than "
+                             f"{MAX_SCALED_SIDE} pixels a side; use a smaller scale")
 
 
 def plan(seg, height: int, width: int, what: str = "image") -> NativePlan:

@@ -20,7 +20,7 @@ from ..runstore import RunFolder
 from ..validation import CdamInputError
 from . import bulk, native
 from .bandstore import BandStore
-from .inputs import expand_inputs
+from .inputs import IMAGE_EXTENSIONS, expand_inputs
 from .streamed import NATIVE_SUFFIXES, PREVIEW_SIDE, native_output_paths, segment_image, store_config, summary_line
 
 # native options that do not change what is written (left out of segment.json)
@@ -87,10 +87,10 @@ def run(args, *, classes, settings, make_segmenter, prog: str = "cdam-fast segme
 
     from ..distributed import distributed_context
     from . import fileio
-    from .rasters import open_raster
+    from .rasters import NPY_EXTENSIONS, open_raster
 
     out = Path(args.out).expanduser()
-    items = expand_inputs(args.images, exclude=out)
+    items = expand_inputs(args.images, exclude=out, extensions=IMAGE_EXTENSIONS + NPY_EXTENSIONS)
     files = native_output_paths(items, out)
     bulk.check_not_inputs(items, files)
     config = bulk.run_config(args, classes, settings)

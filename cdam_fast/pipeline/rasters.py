@@ -215,6 +215,10 @@ class TiffRaster(Raster):
         if photometric not in (1, 2, 3) and not (photometric == 6 and int(page.compression) in (6, 7)):
             raise CdamInputError(f"TIFF file {path!r}: photometric interpretation {page.photometric.name} is not "
                                  "supported (grey, RGB, palette and JPEG's YCbCr are); convert it to RGB or greyscale")
+        orientation = int(page.tags[274].value) if 274 in page.tags else 1
+        if orientation != 1:  # rows read as stored would be flipped or rotated against the labels' placement
+            raise CdamInputError(f"TIFF file {path!r} has Orientation {orientation} (1 = rows top to bottom, "
+                                 "left to right is supported): rewrite it upright first")
         self._palette = None  # a palette TIFF's colours [N, 3] uint8, as Pillow maps them
         if photometric == 3:
             if page.colormap is None:
