@@ -1,7 +1,6 @@
 """`cdam-fast segment` refuses bad arguments before reading images or loading a model, and
 `--overwrite` over another configuration's results discards them (the folder never mixes two
 configurations)."""
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +108,13 @@ def test_output_folder_that_cannot_be_created(photo, tmp_path, capsys, no_model)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only machine: Triton and CUDA cannot run")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_backend_on_a_cpu_run(photo, tmp_path, capsys, no_model, monkeypatch, backend):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter is no user's Triton
-    kernels = sys.modules.get("cdam_fast.kernels.common")  # read at import: earlier tests may have imported it
-    if kernels is not None:
-        monkeypatch.setattr(kernels, "INTERPRETED", False)
+    # The tests' interpreter is no user's Triton. The kernels read TRITON_INTERPRET once, at import:
+    # import them under the tests' setting first (importing them below, with it unset, would leave
+    # every later test in this process without the interpreter), then patch what they read.
+    from cdam_fast.kernels import common as kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
     _refused([str(photo), *ARGS, "--backend", backend, "--out", str(tmp_path / "o")], capsys,
              f"--backend {backend} cannot run on cpu")
     assert not (tmp_path / "o").exists()
