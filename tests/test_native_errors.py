@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -237,3 +238,27 @@ def test_cli_max_pixels_raises_the_header_check_too(tmp_path, capsys, monkeypatc
     with pytest.raises(_ModelLoaded):
         main(_args(tmp_path / "out", str(tmp_path / "big.png"), "--max-pixels", "20000"))
     assert Image.MAX_IMAGE_PIXELS == 5000
+
+
+def test_uncompressed_strips_are_read_by_rows_not_decoded_whole(tmp_path, monkeypatch):
+    """A file stored as one uncompressed strip (or in big-endian strips) streams a band at a time
+    from the rows' byte offsets, equal to the array; a big compressed strip warns at open."""
+    from cdam_fast.pipeline import rasters
+    from cdam_fast.pipeline.rasters import ArrayRaster
+
+    big = np.ascontiguousarray(np.concatenate([IMAGE] * 3, 0))  # 300 rows
+    wide = (np.arange(300 * 100 * 3, dtype=np.uint16).reshape(300, 100, 3) * 7)
+    tifffile.imwrite(tmp_path / "one.tif", big, photometric="rgb", rowsperstrip=300)
+    tifffile.imwrite(tmp_path / "be.tif", wide, photometric="rgb", rowsperstrip=64, byteorder=">")
+    decoded = []
+    monkeypatch.setattr(tifffile.TiffPage, "decode", lambda *a, **k: decoded.append(1) or 1 / 0)
+    for name, array in (("one.tif", big), ("be.tif", wide)):
+        with open_raster(tmp_path / name) as r:
+            for a, b in ((0, 10), (37, 201), (250, 300)):
+                assert torch.equal(r.read(a, b), ArrayRaster(array).read(a, b)), (name, a, b)
+    assert decoded == []  # no strip was decoded (the spy would have raised)
+    monkeypatch.undo()
+    tifffile.imwrite(tmp_path / "z.tif", big, photometric="rgb", rowsperstrip=300, compression="zlib")
+    monkeypatch.setattr(rasters, "_SEGMENT_WARN_BYTES", 1000)
+    with pytest.warns(UserWarning, match="z.tif.*compressed strips of 300 rows.*tiled TIFF"):
+        open_raster(tmp_path / "z.tif").close()

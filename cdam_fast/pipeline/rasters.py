@@ -48,6 +48,7 @@ GDAL_TAGS = {42112: "GDAL_METADATA", 42113: "GDAL_NODATA"}
 TIFF_EXTENSIONS = (".tif", ".tiff")
 NPY_EXTENSIONS = (".npy",)
 _HIGHRES_EXTRA = "pip install 'cdam-fast[highres]' (tifffile)"
+_SEGMENT_WARN_BYTES = 256 << 20  # decoded bytes of one compressed strip above which open warns
 _CODECS_HINT = ("LZW, JPEG, JPEG2000, ZSTD and WebP TIFFs need imagecodecs: pip install "
                 "'cdam-fast[highres-codecs]'")
 
@@ -243,6 +244,17 @@ class TiffRaster(Raster):
             self._seg_h, self._seg_w = int(page.rowsperstrip), W
         self._seg_h = min(self._seg_h, H)
         self._check_segments(page)
+        # Uncompressed strips are read a row range at a time, straight from the file, so that a file
+        # stored as one huge strip is never decoded whole; any other segment is decoded whole.
+        self._row_bytes = None
+        if not page.is_tiled and int(page.compression) == 1 and page.bitspersample in (8, 16, 32, 64) \
+                and int(page.predictor) == 1:
+            self._row_bytes = W * page.samplesperpixel * page.bitspersample // 8
+        segment_bytes = self._seg_h * W * page.samplesperpixel * np.dtype(page.dtype).itemsize
+        if self._row_bytes is None and not page.is_tiled and segment_bytes > _SEGMENT_WARN_BYTES:
+            warnings.warn(f"TIFF file {path!r} is stored in compressed strips of {self._seg_h} rows, each decoded "
+                          f"whole: {segment_bytes / 2**20:,.0f} MiB in memory at a time; rewrite it as a tiled TIFF "
+                          "(e.g. 256 x 256 tiles) to bound that", stacklevel=4)
 
     def _check_segments(self, page) -> None:
         """The tile / strip table against the image size and the file's length (truncated files)."""
@@ -301,12 +313,33 @@ class TiffRaster(Raster):
         self._cache[sr] = out
         return out
 
+    def _direct_rows(self, start, stop) -> np.ndarray:
+        """Rows [start, stop) of an uncompressed striped file, read from their byte offsets."""
+        page, fh = self._page, self._tf.filehandle
+        stored = np.dtype(page.dtype).newbyteorder(self._tf.byteorder)
+        samples = page.samplesperpixel
+        tail = (self.width, samples) if samples > 1 else (self.width,)
+        out = np.zeros((stop - start, *tail), dtype=page.dtype)
+        y = start
+        while y < stop:
+            strip = y // self._seg_h
+            end = min(stop, (strip + 1) * self._seg_h)
+            if page.databytecounts[strip]:  # else a sparse (empty) strip: zeros
+                fh.seek(page.dataoffsets[strip] + (y - strip * self._seg_h) * self._row_bytes)
+                rows = np.frombuffer(fh.read((end - y) * self._row_bytes), dtype=stored)
+                out[y - start:end - start] = rows.reshape(end - y, *tail)
+            y = end
+        return out
+
     def _rows(self, start, stop):
-        first, last = start // self._seg_h, (stop - 1) // self._seg_h
-        parts = [self._segment_row(sr) for sr in range(first, last + 1)]
-        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        offset = first * self._seg_h
-        block = block[start - offset:stop - offset]
+        if self._row_bytes is not None:
+            block = self._direct_rows(start, stop)
+        else:
+            first, last = start // self._seg_h, (stop - 1) // self._seg_h
+            parts = [self._segment_row(sr) for sr in range(first, last + 1)]
+            block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            offset = first * self._seg_h
+            block = block[start - offset:stop - offset]
         return block if self._palette is None else np.take(self._palette, block, axis=0, mode="clip")
 
     def close(self):
