@@ -215,6 +215,21 @@ int64_t worst_source_rows(int64_t N, const std::vector<SmallScale>& small, int64
   return worst;
 }
 
+// Each smaller scale's most source rows in one chunk of R rows, summed over the scales: its
+// query-side adjoint buffer keeps its largest size, so this bounds what they hold together.
+int64_t held_source_rows(int64_t N, const std::vector<SmallScale>& small, int64_t R) {
+  int64_t held = 0;
+  for (const SmallScale& s : small) {
+    int64_t most = 0;
+    for (int64_t i0 = 0; i0 < N; i0 += R) {
+      const auto [a0, a1] = source_rows(s.idx, s.ns, i0, std::min(N, i0 + R));
+      most = std::max(most, a1 - a0);
+    }
+    held += most;
+  }
+  return held;
+}
+
 // Rows per chunk: the forward's bound on [R, N] buffers, halved while the per-worker query-side
 // adjoints of the smaller scales (their source rows x N) exceed it too.
 int64_t chunk_rows(int64_t N, const std::vector<SmallScale>& small) {
@@ -261,9 +276,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
   at::Tensor GV = attention ? at::empty({R, N}, opts) : at::Tensor();
   at::Tensor W = attention ? at::empty({R, N}, opts) : at::Tensor();
   // per worker: key-side sums and a row's logs (C x Mp each), three rows of the row's width and
-  // the query-side adjoints of the smaller scales' source rows of the worst chunk
+  // the smaller scales' query-side adjoints (each at its largest over the chunks)
   const int64_t width = has_full ? Mp : N;
-  const int64_t per_worker = int64_t(sizeof(float)) * (2 * C * Mp + 3 * width + worst_source_rows(N, small, R) * N);
+  const int64_t per_worker = int64_t(sizeof(float)) * (2 * C * Mp + 3 * width + held_source_rows(N, small, R) * N);
   const int64_t workers = worker_count(buffer_budget, per_worker);
   g_buffer_bytes = workers * per_worker;
   std::vector<float> u_local(has_full ? workers * C * Mp : 0);

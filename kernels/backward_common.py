@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .. import constants
 from ..centring import log_terms
-from .common import OLD_TRITON, log2_sum
+from .common import NARROW_TILES, log2_sum
 
 NUM_WARPS = 4  # the divergence-only kernels (pairwise gradient, LSE)
 # (BM, BN, BD) and warps of the attention gradient kernels on GPU: the largest tiles that compile
@@ -15,7 +15,7 @@ NUM_WARPS = 4  # the divergence-only kernels (pairwise gradient, LSE)
 # value-gradient product, so it walks 32 queries at a time with 16-wide D chunks. Triton before
 # 3.8 spills four query-side kernels at BM = 64 (76-456 bytes per thread; 3.6 measured,
 # docs/compatibility.md) and none at BM = 32, which there uses mma.sync instead of wgmma.
-QUERY_TILES = (32, 64, 32) if OLD_TRITON else (64, 64, 32)
+QUERY_TILES = (32, 64, 32) if NARROW_TILES else (64, 64, 32)
 KEY_TILES, ATTN_WARPS = (32, 64, 16), 8
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import constants
-from .common import OLD_TRITON, blocks, cdam_transform, fast_log, flat_grid, jsd_tile, merge_row_extremes, poly_logs, \
+from .common import NARROW_TILES, blocks, cdam_transform, fast_log, flat_grid, jsd_tile, merge_row_extremes, poly_logs, \
     product, tile_ids, value_tiles
 
 
@@ -150,7 +150,7 @@ NUM_WARPS = 8
 # The multi-scale row statistics (gather code + a full-grid divergence tile in one kernel) spill
 # with 64 x 64 tiles on sm_90 (64-bit gather rows, NaN tracking); 64 x 32 tiles do not, except
 # on Triton before 3.8 (4 bytes per thread reading stored divergences), where 64 x 16 do not.
-ROW_STATS_BN_MULTI = 16 if OLD_TRITON else 32
+ROW_STATS_BN_MULTI = 16 if NARROW_TILES else 32
 
 
 class ScaleSet:

@@ -21,8 +21,21 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Triton before 3.8 (3.6 measured: its ptxas 12.8) allocates registers differently: a few tiles
 # that compile spill-free on sm_90 with 3.8 spill there, so the tile choices below and in
 # backward_common.py / cdam.py take narrower tiles for it (tests/test_kernels_compile.py and
-# tests/test_autograd_compile.py check both; docs/compatibility.md).
-OLD_TRITON = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2]) < (3, 8)
+# tests/test_autograd_compile.py check both; docs/compatibility.md). CDAM_FAST_TILES=narrow|wide
+# picks a set whatever the version (read at import: A/B timing on one GPU, tests of both sets).
+TILE_SETS = ("auto", "narrow", "wide")
+
+
+def _narrow_tiles() -> bool:
+    setting = os.environ.get("CDAM_FAST_TILES", "auto")
+    if setting not in TILE_SETS:
+        raise ValueError(f"CDAM_FAST_TILES must be one of {TILE_SETS}, got {setting!r}")
+    if setting != "auto":
+        return setting == "narrow"
+    return tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2]) < (3, 8)
+
+
+NARROW_TILES = _narrow_tiles()
 HALF_LN2 = tl.constexpr(constants.HALF_LN2)
 LN2 = tl.constexpr(constants.LN2)
 # Rows whose divergences span less than this many nats are constant (spec 2.6): A = 1.
@@ -210,7 +223,7 @@ def product(a, v_base, rows, D, n0, d0, acc, V_IS_FP32: tl.constexpr, BN: tl.con
 def value_tiles(D: int, v_is_fp32: bool, reads_j: bool, multi: bool = False, poly: bool = False) -> tuple[int, int, int]:
     """(BM, BN, BD) of a kernel that multiplies weights with V, on GPU: the largest tiles that
     compile spill-free on sm_90 with the installed Triton (tests/test_kernels_compile.py; the
-    register allocation differs between 3.6 and 3.8, see OLD_TRITON, and both are checked).
+    register allocation differs between 3.6 and 3.8, see NARROW_TILES, and both are checked).
 
     A kernel that recomputes J does so once per BD columns of V, so wide 16-bit V gets BD = 256
     (half the logs of BD = 128 at D = 768). Kernels reading a stored J, splitting fp32 V into
@@ -226,7 +239,7 @@ def value_tiles(D: int, v_is_fp32: bool, reads_j: bool, multi: bool = False, pol
         return 32, 64, 256 if wide else 128
     if wide:
         return 64, 32, 256
-    return (64, 32, 128) if poly or OLD_TRITON else (64, 64, 128)
+    return (64, 32, 128) if poly or NARROW_TILES else (64, 64, 128)
 
 
 def poly_logs() -> int:

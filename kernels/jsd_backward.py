@@ -330,7 +330,8 @@ def offline_cases() -> dict:
         cases[f"jsd_attention_lse[{tag}]"] = (
             jsd_attention_lse_kernel,
             {"pT": f32, "qT": f32, "rp": f32, "rq": f32, "wc": f32, "lse": f32, "N": i32, "M": i32, "C": i32,
-             "neg_log2e_over_tau": "fp32"}, {"SELF": self_, "POLY_LOGS": 0, **tiles}, NUM_WARPS)
+             "neg_log2e_over_tau": "fp32"},
+            {"SELF": self_, "POLY_LOGS": 0, "FAST_LOG": True, "BM": QUERY_TILES[0], "BN": QUERY_TILES[1]}, NUM_WARPS)
         for name, kernel, sig, t, need in (("query", jsd_attention_grad_query_kernel, query_sig, QUERY_TILES, None),
                                            ("key", jsd_attention_grad_key_kernel, key_sig, KEY_TILES, True),
                                            ("key_v_only", jsd_attention_grad_key_kernel, key_sig, KEY_TILES, False)):

@@ -4,7 +4,11 @@ the float64 reference's, compile / opcheck, and the errors."""
 import importlib
 import importlib.util
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ from cdam_fast import reference as ref
 from cdam_fast.opdefs import cdam as cdam_home
 from cdam_fast.opdefs import jsd_attention as jsd_attention_home
 from cdam_fast.testing import GRAD_TOL
-from conftest import random_distributions, random_similarities, random_values
+from conftest import random_distributions, random_similarities, random_values, usable_backend
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 ops = torch.ops.cdam_fast
@@ -163,6 +167,51 @@ def test_backend_gradients_match_float64_reference(backend, gen, case):
     got = _grads(fn(name), [t.to(dev) for t in inputs])
     _compare(got, expected, F32, f"{name} {case}", multiscale=case.startswith("multiscale"))
 
+
+
+def _gpu_tile_cases(gen):
+    """Shapes that span several of the GPU's tiles: 70 rows (two 64-row or three 32-row query
+    tiles), D = 40, and a 9 x 8 multi-scale grid."""
+    pc = random_distributions(gen, 1, 70, 5, one_hot=False)
+    v = random_values(gen, 1, 70, 40)
+    sim, vs = random_similarities(gen, 1, 5, 9, 8), random_values(gen, 1, 72, 40)
+    return {
+        "cdam_attention_recompute": (lambda b: lambda p, v: cf.cdam_attention(p, v, mode="recompute", backend=b),
+                                     (pc, v)),
+        "jsd_attention": (lambda b: lambda p, v: cf.jsd_attention(p, v, backend=b), (pc, v)),
+        "multiscale_cdam_attention": (lambda b: lambda s, v: cf.multiscale_cdam_attention(s, v, backend=b),
+                                      (sim, vs)),
+    }
+
+
+def test_triton_gradients_at_the_gpu_tiles(monkeypatch, gen):
+    """The backward kernels at the GPU's tile sizes (this Triton's tile set, or the one
+    CDAM_FAST_TILES names) in the interpreter, against the float64 reference."""
+    name, dev = usable_backend("triton")
+    if dev.type != "cpu":
+        pytest.skip("interpreter-only check (a GPU runs the GPU tiles in every test)")
+    monkeypatch.setenv("CDAM_FAST_INTERPRET_BLOCK", "production")
+    for case, (fn, inputs) in _gpu_tile_cases(gen).items():
+        expected = _grads(fn("reference"), [t.double() for t in inputs])
+        got = _grads(fn(name), inputs)
+        _compare(got, expected, F32, f"triton {case} at the GPU tiles", multiscale=case.startswith("multiscale"))
+
+
+def test_the_other_tile_set_computes_the_same():
+    """Triton before 3.8 gets narrower tiles (kernels/common.py, NARROW_TILES): the GPU-tile tests,
+    forward and backward, again in a process that takes the set this Triton does not."""
+    usable_backend("triton")
+    from cdam_fast.kernels import common
+
+    if not common.INTERPRETED:
+        pytest.skip("interpreter-only check")
+    other = "wide" if common.NARROW_TILES else "narrow"
+    tests = ["tests/test_autograd.py::test_triton_gradients_at_the_gpu_tiles",
+             "tests/test_kernels_numerics.py::test_triton_production_tiles"]
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                         env={**os.environ, "CDAM_FAST_TILES": other}, cwd=Path(__file__).parent.parent,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "2 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
 
 # bf16 rows are multiples of 1/256 (conftest): with few classes duplicate rows appear, whose exact
 # ties at a row's max / min rounding breaks differently per precision, so CDAM is tested in fp16.

@@ -51,7 +51,16 @@ def _bad_files(folder) -> dict:
     _patched_tiff(folder / "huge.tif", {"ImageWidth": 60000, "ImageLength": 60000}, tile=(16, 16))
     _patched_tiff(folder / "huge_strip.tif", {"ImageWidth": 60000, "ImageLength": 60000, "RowsPerStrip": 60000})
     tifffile.imwrite(folder / "rot.tif", IMAGE, photometric="rgb", extratags=[(274, "H", 1, 6, True)])  # 90 degrees
-    return {"rot.tif": "Orientation 6","c5.tif": "5 samples per pixel", "c2.tif": "2 samples per pixel", "i8.tif": "int8",
+    _patched_tiff(folder / "ph99.tif", {"PhotometricInterpretation": 99})  # codes tifffile does not know
+    _patched_tiff(folder / "cp99.tif", {"Compression": 34999})
+    tifffile.imwrite(folder / "cmap.tif", IMAGE[..., 0].copy(), photometric="palette",
+                     colormap=np.zeros((3, 256), np.uint16))
+    data = bytearray((folder / "cmap.tif").read_bytes())
+    with tifffile.TiffFile(folder / "cmap.tif") as tf:
+        struct.pack_into("<I", data, tf.pages[0].tags["ColorMap"].offset + 4, 300)  # 100 colours, not 256
+    (folder / "cmap.tif").write_bytes(bytes(data))
+    return {"rot.tif": "Orientation 6", "ph99.tif": "photometric interpretation 99", "cp99.tif": "34999 compression",
+            "cmap.tif": "colour map of 3 x 256", "c5.tif": "5 samples per pixel", "c2.tif": "2 samples per pixel", "i8.tif": "int8",
             "c5.npy": "5 samples per pixel", "i64.npy": "int64", "rec.npy": "must be uint8, uint16 or float",
             "trunc.tif": "truncated", "w0.tif": "0x100", "huge.tif": "corrupt",
             "huge_strip.tif": "corrupt"}
@@ -131,9 +140,14 @@ def test_scale_accepts_numpy_numbers_and_refuses_tiny_and_huge_scales_cleanly():
         with pytest.raises(CdamInputError, match="at scale 1e-06 is 1x1: smaller than one 16x16 patch"):
             native.check_size(300, 260, (16, 16), 1e-6, "image 'a.tif'")
     # a huge scale is refused before planning (whose taps grow with the scaled size: a MemoryError)
-    with pytest.raises(CdamInputError, match=r"at scale 1e\+06 would be 260000000x300000000: more than 2097152"):
+    with pytest.raises(CdamInputError, match=r"at scale 1e\+06 would be 2\.6e\+08x3e\+08: more than 2097152"):
         native.check_size(300, 260, (16, 16), 1e6, "image 'a.tif'")
+    with pytest.raises(CdamInputError, match="more than 2097152 pixels a side"):
+        native.check_size(300, 260, (16, 16), 1e308, "image 'a.tif'")  # beyond any int: no OverflowError
     native.check_size(300, 260, (16, 16), 1000.0, "image 'a.tif'")  # 260000 x 300000: allowed
+    native.check_size(1, 1 << 20, (1, 1), 2.0, "image 'a.tif'")  # exactly 2097152 a side: allowed
+    with pytest.raises(CdamInputError, match="more than 2097152"):
+        native.check_size(1, (1 << 20) + 1, (1, 1), 2.0, "image 'a.tif'")
 
 
 # -- with the tiny model -----------------------------------------------------------------------
@@ -260,5 +274,5 @@ def test_uncompressed_strips_are_read_by_rows_not_decoded_whole(tmp_path, monkey
     monkeypatch.undo()
     tifffile.imwrite(tmp_path / "z.tif", big, photometric="rgb", rowsperstrip=300, compression="zlib")
     monkeypatch.setattr(rasters, "_SEGMENT_WARN_BYTES", 1000)
-    with pytest.warns(UserWarning, match="z.tif.*compressed strips of 300 rows.*tiled TIFF"):
+    with pytest.warns(UserWarning, match="z.tif.*strips of 300 rows.*tiled TIFF"):
         open_raster(tmp_path / "z.tif").close()

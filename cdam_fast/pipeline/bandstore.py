@@ -77,7 +77,7 @@ class BandStore:
                                  "run band_tasks (or the segment command) on the driver first")
         if stored != self.config:
             raise CdamInputError(f"the band store in {str(self.folder)!r} was prepared for another configuration "
-                                 f"(differs in: {', '.join(_differences(stored, self.config))}); "
+                                 f"(differs in: {', '.join(_differences(stored, self.config) or ['everything'])}); "
                                  "give the workers the driver's Segmenter options and input file")
 
     def done(self, band: int) -> bool:

@@ -152,13 +152,14 @@ def check_size(height: int, width: int, patch: tuple, scale: float, what: str = 
     if height < ph or width < pw:
         raise CdamInputError(f"{what} is {width}x{height} pixels (W x H), smaller than one {pw}x{ph} patch"
                              + (f" of {model}" if model else ""))
+    if max(height, width) * scale + 0.5 >= MAX_SCALED_SIDE + 1:  # in floats: the sizes may pass any int
+        raise CdamInputError(f"{what} ({width}x{height}, W x H) at scale {scale:g} would be "
+                             f"{width * scale:.4g}x{height * scale:.4g}: more than {MAX_SCALED_SIDE} pixels a side; "
+                             "use a smaller scale")
     h, w = native_size(height, width, scale)
     if h < ph or w < pw:
         raise CdamInputError(f"{what} ({width}x{height}, W x H) at scale {scale:g} is {w}x{h}: smaller than one "
                              f"{pw}x{ph} patch; use a larger scale")
-    if max(h, w) > MAX_SCALED_SIDE:
-        raise CdamInputError(f"{what} ({width}x{height}, W x H) at scale {scale:g} would be {w}x{h}: more than "
-                             f"{MAX_SCALED_SIDE} pixels a side; use a smaller scale")
 
 
 def plan(seg, height: int, width: int, what: str = "image") -> NativePlan:

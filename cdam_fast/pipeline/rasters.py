@@ -48,7 +48,7 @@ GDAL_TAGS = {42112: "GDAL_METADATA", 42113: "GDAL_NODATA"}
 TIFF_EXTENSIONS = (".tif", ".tiff")
 NPY_EXTENSIONS = (".npy",)
 _HIGHRES_EXTRA = "pip install 'cdam-fast[highres]' (tifffile)"
-_SEGMENT_WARN_BYTES = 256 << 20  # decoded bytes of one compressed strip above which open warns
+_SEGMENT_WARN_BYTES = 256 << 20  # decoded bytes of one strip (not read by rows) above which open warns
 _CODECS_HINT = ("LZW, JPEG, JPEG2000, ZSTD and WebP TIFFs need imagecodecs: pip install "
                 "'cdam-fast[highres-codecs]'")
 
@@ -60,6 +60,11 @@ def check_format(path: str, dtype, samples: int) -> None:
     if samples not in (1, 3, 4):
         raise CdamInputError(f"{what} has {samples} samples per pixel; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
     check_dtype(dtype, what)
+
+
+def _name(code) -> str:
+    """A TIFF enum's name; tifffile keeps codes it does not know as plain ints."""
+    return getattr(code, "name", str(code))
 
 
 def _text(value) -> str:
@@ -214,7 +219,7 @@ class TiffRaster(Raster):
         check_format(path, page.dtype, int(page.samplesperpixel))
         photometric = int(page.photometric) if 262 in page.tags else 1  # no PhotometricInterpretation: as stored
         if photometric not in (1, 2, 3) and not (photometric == 6 and int(page.compression) in (6, 7)):
-            raise CdamInputError(f"TIFF file {path!r}: photometric interpretation {page.photometric.name} is not "
+            raise CdamInputError(f"TIFF file {path!r}: photometric interpretation {_name(page.photometric)} is not "
                                  "supported (grey, RGB, palette and JPEG's YCbCr are); convert it to RGB or greyscale")
         orientation = int(page.tags[274].value) if 274 in page.tags else 1
         if orientation != 1:  # rows read as stored would be flipped or rotated against the labels' placement
@@ -222,11 +227,14 @@ class TiffRaster(Raster):
                                  "left to right is supported): rewrite it upright first")
         self._palette = None  # a palette TIFF's colours [N, 3] uint8, as Pillow maps them
         if photometric == 3:
-            if page.colormap is None:
-                raise CdamInputError(f"TIFF file {path!r} is corrupt: a palette image without a colour map")
+            cmap = page.colormap
+            if page.samplesperpixel != 1 or cmap is None or np.ndim(cmap) != 2 or np.shape(cmap) != \
+                    (3, 2 ** page.bitspersample):
+                raise CdamInputError(f"TIFF file {path!r} is corrupt: a palette image needs one sample per pixel "
+                                     f"and a colour map of 3 x {2 ** page.bitspersample} entries")
             self._palette = np.ascontiguousarray(np.asarray(page.colormap).T // 256).astype(np.uint8)
         if page.compression not in TIFF.DECOMPRESSORS:
-            raise CdamInputError(f"TIFF file {path!r} uses {page.compression.name} compression: {_CODECS_HINT}")
+            raise CdamInputError(f"TIFF file {path!r} uses {_name(page.compression)} compression: {_CODECS_HINT}")
         self._page = page
         tags = {t.code: t for t in page.tags.values()}
         geo = {c: (tags[c].dtype, tags[c].count, tags[c].value) for c in GEO_TAGS if c in tags}
@@ -248,11 +256,11 @@ class TiffRaster(Raster):
         # stored as one huge strip is never decoded whole; any other segment is decoded whole.
         self._row_bytes = None
         if not page.is_tiled and int(page.compression) == 1 and page.bitspersample in (8, 16, 32, 64) \
-                and int(page.predictor) == 1:
+                and int(page.predictor) == 1 and int(page.fillorder) == 1:
             self._row_bytes = W * page.samplesperpixel * page.bitspersample // 8
         segment_bytes = self._seg_h * W * page.samplesperpixel * np.dtype(page.dtype).itemsize
         if self._row_bytes is None and not page.is_tiled and segment_bytes > _SEGMENT_WARN_BYTES:
-            warnings.warn(f"TIFF file {path!r} is stored in compressed strips of {self._seg_h} rows, each decoded "
+            warnings.warn(f"TIFF file {path!r} is stored in strips of {self._seg_h} rows, each decoded "
                           f"whole: {segment_bytes / 2**20:,.0f} MiB in memory at a time; rewrite it as a tiled TIFF "
                           "(e.g. 256 x 256 tiles) to bound that", stacklevel=4)
 
@@ -303,7 +311,7 @@ class TiffRaster(Raster):
                                             jpegheader=page.jpegheader)
             except Exception as e:  # noqa: BLE001 - corrupt data, or a codec that needs imagecodecs
                 why = _CODECS_HINT if isinstance(e, (KeyError, ImportError)) else "the file is corrupt"
-                raise CdamInputError(f"cannot decode TIFF file {self.path!r} ({page.compression.name} compression, "
+                raise CdamInputError(f"cannot decode TIFF file {self.path!r} ({_name(page.compression)} compression, "
                                      f"segment {index}): {e}; {why}") from e
             segment = segment.reshape(segment.shape[-3:]) if samples > 1 else segment.reshape(segment.shape[-3:-1])
             x0 = tx * self._seg_w
