@@ -19,9 +19,8 @@ import numpy as np
 from ..runstore import RunFolder
 from ..validation import CdamInputError
 from . import bulk, native
-from .bandstore import BandStore
 from .inputs import IMAGE_EXTENSIONS, expand_inputs
-from .streamed import NATIVE_SUFFIXES, PREVIEW_SIDE, native_output_paths, segment_image, store_config, summary_line
+from .streamed import NATIVE_SUFFIXES, PREVIEW_SIDE, native_output_paths, plan_and_store, segment_image, summary_line
 
 # native options that do not change what is written (left out of segment.json)
 _NOT_CONFIG = ("max_pixels", "keep_bands")
@@ -148,8 +147,7 @@ def run(args, *, classes, settings, make_segmenter, prog: str = "cdam-fast segme
                 if error is None:
                     try:
                         raster = open_raster(item.path, args.max_pixels)
-                        p = native.plan(seg, raster.height, raster.width, f"image {item.path!r}")
-                        store = BandStore.for_image(out, item.name, store_config(seg, raster, p, config))
+                        _, store = plan_and_store(seg, raster, out, item.name, config)
                     except Exception as e:  # noqa: BLE001
                         error = bulk.error_message(e)
                     # every rank must agree before the collective steps of segment_image

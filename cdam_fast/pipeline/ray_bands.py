@@ -28,10 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import native
-from .bandstore import BandStore
 from .rasters import open_raster
-from .streamed import store_config
+from .streamed import plan_and_store
 
 
 def band_tasks(seg, paths, out, names=None, max_pixels=None) -> list:
@@ -47,8 +45,7 @@ def band_tasks(seg, paths, out, names=None, max_pixels=None) -> list:
         name = (names or {}).get(str(path)) or Path(path).stem
         try:
             with open_raster(path, max_pixels) as raster:
-                p = native.plan(seg, raster.height, raster.width, f"image {str(path)!r}")
-                store = BandStore.for_image(out, name, store_config(seg, raster, p))
+                p, store = plan_and_store(seg, raster, out, name)
             store.prepare()
         except Exception as e:  # noqa: BLE001 - one bad image never costs the others
             warnings.warn(f"{_line(str(path), error_message(e))}; no band tasks for it", stacklevel=2)
@@ -77,8 +74,7 @@ class RayBandSegmenter:
                 self._open = None  # closed: an image that fails to open below must not leave it in use
             raster = open_raster(path, self.max_pixels)
             try:
-                p = native.plan(self.segmenter, raster.height, raster.width, f"image {path!r}")
-                store = BandStore.for_image(self.out, name, store_config(self.segmenter, raster, p))
+                p, store = plan_and_store(self.segmenter, raster, self.out, name)
                 store.check()  # the store band_tasks prepared on the driver, for these very options
             except BaseException:
                 raster.close()

@@ -29,7 +29,7 @@ from .bandstore import BandStore, identity_of
 from .fileio import OutputPaths
 from .inputs import InputImage, unique_names
 from .rasters import GEO_TAGS, Raster, open_raster
-from .visualize import PALETTE_CLASSES, label_dtype
+from .visualize import PALETTE_CLASSES, label_dtype, overlay, palette
 
 #: What each image gets in native mode: OUT/<name><suffix>, in OutputPaths order.
 NATIVE_SUFFIXES = {"labels": "_labels.tif", "overlay": "_preview.png", "classes": "_classes.json"}
@@ -58,6 +58,13 @@ def store_config(seg, raster: Raster, p: native.NativePlan, run: dict | None = N
             "window": list(p.layout.window), "rows": list(p.layout.row_starts), "cols": list(p.layout.col_starts),
             "model": [seg.backbone.name, seg.backbone.source], "settings": settings, "prompts": templates,
             "classes": [list(s) for s in seg.classes.synonyms], "run": run or {}}
+
+
+def plan_and_store(seg, raster: Raster, out, name: str, run: dict | None = None) -> tuple:
+    """(plan, band store) of an open image for output folder `out`: every entry point (segment_file,
+    the CLI, Ray's driver and its actors) plans and keys an image's bands through here, so they agree."""
+    p = native.plan(seg, raster.height, raster.width, f"image {raster.path!r}")
+    return p, BandStore.for_image(out, name, store_config(seg, raster, p, run))
 
 
 # -- step 1: bands -----------------------------------------------------------------------------
@@ -167,8 +174,6 @@ def write_labels_tiff(path, chunks, size: tuple, classes: int, geo: dict, on_row
     (as the overlay's) up to 256 classes, else 16-bit grey; `geo`: tags to copy."""
     import tifffile
 
-    from .visualize import palette
-
     H, W = size
     dtype = label_dtype(classes, np.uint16)
     options = {}
@@ -186,8 +191,6 @@ def assemble(seg, raster: Raster, p: native.NativePlan, store: BandStore, paths:
              preview_side: int = PREVIEW_SIDE, progress: bool = False) -> np.ndarray:
     """Step 2: write paths.labels (TIFF), paths.overlay (the preview PNG) and paths.classes;
     returns the pixel count of every class."""
-    from .visualize import overlay
-
     H, W = p.original
     counts = np.zeros(max(len(seg.classes), 1), dtype=np.int64)
     preview = _Preview(raster, preview_side)
@@ -293,8 +296,7 @@ def segment_file(seg, source, out, name: str | None = None, *, max_pixels: int |
         name = name or Path(raster.path).stem
         paths = native_output_paths([InputImage(raster.path, name)], out)[0]
         check_not_inputs([raster.path], [paths])
-        p = native.plan(seg, raster.height, raster.width, f"image {raster.path!r}")
-        store = BandStore.for_image(out, name, store_config(seg, raster, p))
+        _, store = plan_and_store(seg, raster, out, name)
         counts, partial = segment_image(seg, raster, paths, store, preview_side=preview_side,
                                         progress=seg.progress if progress is None else progress)
         fileio.publish(partial, paths)
@@ -307,4 +309,4 @@ def segment_file(seg, source, out, name: str | None = None, *, max_pixels: int |
 
 
 __all__ = ["NATIVE_SUFFIXES", "PREVIEW_SIDE", "assemble", "compute_bands", "label_chunks", "native_output_paths",
-           "segment_file", "segment_image", "summary_line", "write_labels_tiff"]
+           "plan_and_store", "segment_file", "segment_image", "summary_line", "write_labels_tiff"]
