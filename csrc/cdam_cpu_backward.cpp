@@ -33,29 +33,19 @@ constexpr int64_t kLanes = Vec::size();
 constexpr int64_t kLanesD = VecD::size();
 // Largest [rows, Mp] float chunk of weights and of g v^T per step: 8 MiB each.
 constexpr int64_t kChunkFloats = int64_t(1) << 21;
+using cdam_bwd::add_task_sums;
+using cdam_bwd::g_buffer_bytes;
 using cdam_bwd::has_tiny;
+using cdam_bwd::last_buffer_bytes;
 using cdam_bwd::log2_sum;
 using cdam_bwd::log2v;
 using cdam_bwd::row_class_sums;
 using cdam_bwd::row_logs;
 using cdam_bwd::sum_lanes;
+using cdam_bwd::task_count;
 
-// The per-task buffers of the passes below (key-side class sums U, C x Mp floats, and in the
-// attention backward a row's C x Mp logs) are the backward's only memory that grows with the
-// thread count (64 threads at C = 1000, M = 16k: ~4 GB each). They are bounded by the memory
-// policy's budget (cdam_fast/memory.py, passed as buffer_budget bytes; negative: no bound): rows
-// are split into `tasks` contiguous blocks, each with its own buffers, and at most
-// min(threads, budget / per_task_bytes) tasks exist, at least one (one task's buffers are the
-// least these passes need). last_buffer_bytes() reports what the last call allocated.
-std::atomic<int64_t> g_buffer_bytes{0};
-
-int64_t task_count(int64_t buffer_budget, int64_t per_task_bytes, int64_t rows) {
-  int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(rows, 1));
-  if (buffer_budget >= 0) tasks = std::min(tasks, buffer_budget / std::max<int64_t>(per_task_bytes, 1));
-  return std::max<int64_t>(tasks, 1);
-}
-
-int64_t last_buffer_bytes() { return g_buffer_bytes.load(); }
+// The passes below split their rows into `tasks` contiguous blocks, each with its own buffers,
+// as many as the memory policy's budget allows (cdam_cpu_backward_rows.h, task_count).
 
 // fn(task, begin, end) for `tasks` contiguous blocks of [i0, i1), the tasks run in parallel.
 template <typename F>
@@ -98,12 +88,7 @@ void class_terms(const float* p, const float* lp, const float* kT, const float* 
       for (int64_t c = 0; c < C; ++c) T[i * C + c] = sum_lanes(tacc[c]);
     }
   });
-  if (U) {
-    at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < tasks; ++t)
-        for (int64_t k = begin; k < end; ++k) U[k] += u_local[t * C * Mp + k];
-    });
-  }
+  if (U) add_task_sums(U, u_local, tasks, C * Mp);
 }
 
 // pairwise_jsd: given G [B, N, Mp] (zero-padded), T [B, N, C] and, if keys_too, U [B, C, Mp].
@@ -298,11 +283,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& p, const at::Tensor
       gv[b].addmm_(W.narrow(0, 0, nr).narrow(1, 0, M).t(), g_rows);
     }
     if (!need_p) continue;
-    float* Ub = U.data_ptr<float>() + b * C * Mp;
-    at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < tasks; ++t)
-        for (int64_t k = begin; k < end; ++k) Ub[k] += u_local[t * C * Mp + k];
-    });
+    add_task_sums(U.data_ptr<float>() + b * C * Mp, u_local, tasks, C * Mp);
   }
   return {T, U, gv};
 }

@@ -1,16 +1,20 @@
 // Row helpers of the CPU backward kernels, shared by cdam_cpu_backward.cpp (pairwise_jsd,
 // jsd_attention, cdam_attention) and cdam_cpu_multiscale_backward.cpp (cdam_map and the
-// multi-scale ops): the backward's log2 and the two passes over one query row's C x Mp logs.
+// multi-scale ops): the backward's log2, the two passes over one query row's C x Mp logs, and
+// the memory policy's bound on the per-task buffers.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "cdam_common.h"
 #include "cdam_cpu_math.h"
@@ -20,6 +24,31 @@ namespace cdam_bwd {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 using cdam::kClassBlock;  // J is accumulated in the forward's blocked order
+
+// The per-task buffers of the row passes (key-side class sums U, C x Mp floats, a row's C x Mp
+// logs, the multi-scale pass's query-side adjoints) are the backward's only memory that grows
+// with the thread count (64 threads at C = 1000, M = 16k: ~4 GB each). They are bounded by the
+// memory policy's budget (cdam_fast/memory.py, passed as buffer_budget bytes; negative: no
+// bound): at most min(threads, rows, budget / per_task_bytes) tasks exist, at least one (one
+// task's buffers are the least these passes need). Each extension module keeps its own count of
+// the bytes its last backward allocated for them (last_buffer_bytes).
+inline std::atomic<int64_t> g_buffer_bytes{0};
+
+inline int64_t last_buffer_bytes() { return g_buffer_bytes.load(); }
+
+inline int64_t task_count(int64_t buffer_budget, int64_t per_task_bytes, int64_t rows) {
+  int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(rows, 1));
+  if (buffer_budget >= 0) tasks = std::min(tasks, buffer_budget / std::max<int64_t>(per_task_bytes, 1));
+  return std::max<int64_t>(tasks, 1);
+}
+
+// U[k] += sum over the tasks of local[t * n + k], for k < n (the tasks' partial key-side sums).
+inline void add_task_sums(float* U, const std::vector<float>& local, int64_t tasks, int64_t n) {
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t k = begin; k < end; ++k) U[k] += local[t * n + k];
+  });
+}
 
 // log2 of max(s, kTinyMass) with the forward's inlined log2 (csrc/cdam_cpu_math.h): the same
 // logarithm of every s w as the forward, exact at powers of two, so with one class (s w = 1 and

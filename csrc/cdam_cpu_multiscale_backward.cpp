@@ -59,20 +59,13 @@ float max_lanes(const Vec& v) {
 }
 
 // The per-worker buffers below (key-side class sums and a row's logs, C x Mp floats each, and
-// the smaller scales' query-side adjoints) are the only memory that grows with the thread
-// count. They are bounded by the memory policy's budget (cdam_fast/memory.py, passed as
-// buffer_budget bytes; negative: no bound): at most min(threads, budget / per_worker_bytes)
-// workers, at least one. last_buffer_bytes() reports the most one call of the last backward
-// allocated for them.
-std::atomic<int64_t> g_buffer_bytes{0};
-
-int64_t worker_count(int64_t buffer_budget, int64_t per_worker_bytes) {
-  int64_t workers = at::get_num_threads();
-  if (buffer_budget >= 0) workers = std::min(workers, buffer_budget / std::max<int64_t>(per_worker_bytes, 1));
-  return std::max<int64_t>(workers, 1);
-}
-
-int64_t last_buffer_bytes() { return g_buffer_bytes.load(); }
+// the smaller scales' query-side adjoints) are bounded by the memory policy's budget
+// (cdam_cpu_backward_rows.h, task_count); last_buffer_bytes() reports the most one call of the
+// last backward allocated for them.
+using cdam_bwd::add_task_sums;
+using cdam_bwd::g_buffer_bytes;
+using cdam_bwd::last_buffer_bytes;
+using cdam_bwd::task_count;
 
 // Dynamically balanced parallel loop over [begin, end) in blocks (rows of unequal cost), on at
 // most `workers` workers; f(slot, begin, end) gets a slot in [0, workers) that no other worker
@@ -245,7 +238,7 @@ int64_t chunk_rows(int64_t N, const std::vector<SmallScale>& small) {
 // then gv = M^T g is returned). Returns (T [B, N, C], U [B, C, Mp] of the full-grid scale
 // (empty without one), dJ of each smaller scale [B, n_s, n_s], gv (empty without v)), float32.
 // max_rows > 0 caps the rows per chunk (tests: several chunks at small N); buffer_budget bounds
-// the per-worker buffers (see worker_count).
+// the per-worker buffers (task_count).
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multiscale_rows_backward(
     const std::vector<at::Tensor>& full, double full_weight, const std::vector<at::Tensor>& Js,
     const std::vector<at::Tensor>& idx, const std::vector<at::Tensor>& wts, double small_weight,
@@ -279,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
   // the smaller scales' query-side adjoints (each at its largest over the chunks)
   const int64_t width = has_full ? Mp : N;
   const int64_t per_worker = int64_t(sizeof(float)) * (2 * C * Mp + 3 * width + held_source_rows(N, small, R) * N);
-  const int64_t workers = worker_count(buffer_budget, per_worker);
+  const int64_t workers = task_count(buffer_budget, per_worker, N);
   g_buffer_bytes = workers * per_worker;
   std::vector<float> u_local(has_full ? workers * C * Mp : 0);
   // exact logs of tiny sums only where some entry needs them (cdam_cpu_backward_rows.h)
@@ -402,13 +395,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
       }
       if (attention) gv[b].addmm_(W.narrow(0, 0, nr).t(), g_rows);
     }
-    if (has_full) {
-      float* Ub = U.data_ptr<float>() + b * C * Mp;
-      at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t t = 0; t < workers; ++t)
-          for (int64_t k = begin; k < end; ++k) Ub[k] += u_local[t * C * Mp + k];
-      });
-    }
+    if (has_full) add_task_sums(U.data_ptr<float>() + b * C * Mp, u_local, workers, C * Mp);
   }
   return {T, U, dJs, gv};
 }
@@ -417,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor> multisca
 // each unordered pair once: row i takes G_ij + G_ji for the keys j > i. p [B, n, C], lp its log
 // terms, kT / lkT [B, C, Mp] the same rows class-major and zero-padded. Returns T [B, n, C] (row
 // side) and U [B, C, Mp] (key side): the gradient is their sum. buffer_budget: as for
-// multiscale_rows_backward (worker_count).
+// multiscale_rows_backward (task_count).
 std::vector<at::Tensor> jsd_self_class_grads(const at::Tensor& p, const at::Tensor& lp, const at::Tensor& kT,
                                              const at::Tensor& lkT, const at::Tensor& w, const at::Tensor& G,
                                              int64_t buffer_budget) {
@@ -428,7 +415,7 @@ std::vector<at::Tensor> jsd_self_class_grads(const at::Tensor& p, const at::Tens
   at::Tensor U = at::zeros({B, C, Mp}, p.options());
   // per worker: key-side sums (C x Mp), a row of symmetrised G (Mp) and the row-side sums (C lanes)
   const int64_t per_worker = int64_t(sizeof(float)) * (C * Mp + Mp) + C * int64_t(sizeof(Vec));
-  const int64_t workers = worker_count(buffer_budget, per_worker);
+  const int64_t workers = task_count(buffer_budget, per_worker, n);
   g_buffer_bytes = std::max(g_buffer_bytes.load(), workers * per_worker);  // after the row pass's
   std::vector<float> u_local(workers * C * Mp);
   const bool tiny = cdam_bwd::has_tiny(p) || cdam_bwd::has_tiny(kT);
@@ -467,11 +454,7 @@ std::vector<at::Tensor> jsd_self_class_grads(const at::Tensor& p, const at::Tens
         for (int64_t c = 0; c < C; ++c) Tb[i * C + c] = sum_lanes(tacc[c]);
       }
     });
-    float* Ub = U.data_ptr<float>() + b * C * Mp;
-    at::parallel_for(0, C * Mp, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < workers; ++t)
-        for (int64_t k = begin; k < end; ++k) Ub[k] += u_local[t * C * Mp + k];
-    });
+    add_task_sums(U.data_ptr<float>() + b * C * Mp, u_local, workers, C * Mp);
   }
   return {T, U};
 }
