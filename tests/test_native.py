@@ -66,9 +66,14 @@ def tiny():
     return load_clip(register_tiny_clip(), None, "cpu")
 
 
+def _options(tiny, **kw) -> dict:
+    """The tests' Segmenter options (also given to the Ray actors, which must get the driver's)."""
+    return {"model": tiny, "pretrained": None, "templates": "single", "progress": False, "cache_dir": False,
+            "background": None, "crop": 224, "stride": 224, "window_batch": 4, **kw}
+
+
 def _segmenter(tiny, **kw):
-    kw = {"background": None, "crop": 224, "stride": 224, "window_batch": 4, **kw}
-    return Segmenter(CLASSES, model=tiny, pretrained=None, templates="single", progress=False, cache_dir=False, **kw)
+    return Segmenter(CLASSES, **_options(tiny, **kw))
 
 
 def _photo(h, w, seed=0):
@@ -282,8 +287,7 @@ def test_ray_actors_share_the_bands(tiny, geotiff, tmp_path, band_log, one_threa
     seg = _segmenter(tiny, scale=1.0, stride=160)
     rows = band_tasks(seg, [path], tmp_path)
     assert [r["band"] for r in rows] == list(range(7))
-    options = dict(model=tiny, pretrained=None, templates="single", background=None, crop=224, stride=160,
-                   window_batch=4, cache_dir=False, scale=1.0)
+    options = _options(tiny, scale=1.0, stride=160)
     for part in (rows[:4], rows[4:]):
         actor = RayBandSegmenter(CLASSES, out=tmp_path, **options)
         batch = {k: np.array([r[k] for r in part], dtype=object if k != "band" else np.int64) for k in part[0]}
@@ -303,8 +307,7 @@ def test_ray_actors_refuse_a_store_prepared_for_other_options(tiny, geotiff, tmp
     from cdam_fast.pipeline.ray_bands import RayBandSegmenter, band_tasks
 
     path, _ = geotiff
-    options = dict(model=tiny, pretrained=None, templates="single", background=None, crop=224, stride=160,
-                   window_batch=4, cache_dir=False, scale=1.0)
+    options = _options(tiny, scale=1.0, stride=160)
     batch = {"path": np.array([str(path)], dtype=object), "name": np.array(["scene"], dtype=object),
              "band": np.array([0], dtype=np.int64)}
     early = RayBandSegmenter(CLASSES, out=tmp_path, **options)(batch)["error"][0]
@@ -328,8 +331,7 @@ def test_ray_data_local_cluster_bands(tiny, geotiff, tmp_path, band_log, one_thr
     band_log.clear()
     rows = band_tasks(seg, [path], tmp_path / "ray")
     assert [r["band"] for r in rows] == list(range(7))
-    options = dict(model=tiny, pretrained=None, templates="single", background=None, crop=224, stride=160,
-                   window_batch=4, cache_dir=False, scale=1.0)  # the driver's segmenter, its weights pickled
+    options = _options(tiny, scale=1.0, stride=160)  # the driver's segmenter, its weights pickled
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         # one band per batch and two actors of half a CPU each (single-threaded, as this process is)

@@ -157,9 +157,14 @@ def tiny():
     return load_clip(register_tiny_clip(), None, "cpu")
 
 
-def _segmenter(tiny, **kw):
-    kw = {"background": None, "crop": 64, "stride": 64, "window_batch": 4, "scale": 1.0, "cdam": False, **kw}
-    return Segmenter(CLASSES, model=tiny, pretrained=None, templates="single", progress=False, cache_dir=False, **kw)
+def _options(tiny) -> dict:
+    """The tests' Segmenter options (the Ray actors get the driver's)."""
+    return {"model": tiny, "pretrained": None, "templates": "single", "progress": False, "cache_dir": False,
+            "background": None, "crop": 64, "stride": 64, "window_batch": 4, "scale": 1.0, "cdam": False}
+
+
+def _segmenter(tiny):
+    return Segmenter(CLASSES, **_options(tiny))
 
 
 def test_segment_file_never_replaces_its_input_and_names_a_bad_out(tiny, tmp_path):
@@ -187,9 +192,7 @@ def test_ray_bands_one_bad_file_costs_nothing_else(tiny, tmp_path, one_thread):
     with pytest.warns(UserWarning, match="bad.tif.*not a TIFF"):
         rows = band_tasks(seg, [tmp_path / "g.tif", tmp_path / "bad.tif", tmp_path / "h.tif"], tmp_path / "out")
     assert [(r["name"], r["band"]) for r in rows] == [("g", 0), ("g", 1), ("h", 0), ("h", 1)]
-    actor = RayBandSegmenter(CLASSES, out=tmp_path / "out", model=tiny, pretrained=None, templates="single",
-                             background=None, crop=64, stride=64, window_batch=4, cache_dir=False, scale=1.0,
-                             cdam=False)
+    actor = RayBandSegmenter(CLASSES, out=tmp_path / "out", **_options(tiny))
     part = [rows[0], {"path": str(tmp_path / "bad.tif"), "name": "bad", "band": 0}, rows[1]]
     batch = {k: np.array([r[k] for r in part], dtype=np.int64 if k == "band" else object) for k in part[0]}
     errors = list(actor(batch)["error"])
