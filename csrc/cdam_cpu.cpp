@@ -57,14 +57,10 @@ void parallel_blocks(int64_t begin, int64_t end, int64_t block, const F& f) {
   });
 }
 
-// Horizontal reductions of one vector.
-float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
-float max_lanes(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
-float min_lanes(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, v);
-}
+// Horizontal reductions of one vector (csrc/cdam_cpu_math.h).
+using cdam::max_lanes;
+using cdam::min_lanes;
+using cdam::sum_lanes;
 
 // Inlined AVX2 log2 and exp (csrc/cdam_cpu_math.h, shared with the backward).
 using cdam::exp_nonpos;

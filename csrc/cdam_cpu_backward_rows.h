@@ -81,7 +81,7 @@ inline Vec log2_sum(const Vec& s, const Vec& w) {
 // Whether some entry of t lies in (0, kTinySum): whether the calls above need their kTiny form.
 inline bool has_tiny(const at::Tensor& t) { return ((t > 0) & (t < cdam::kTinySum)).any().item<bool>(); }
 
-inline float sum_lanes(const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); }
+using cdam::sum_lanes;
 
 // Pass 1 of one row (prow: its C probabilities): logs[c, j] = log2(s_jc w_c) for every (padded)
 // key j and J's class sum jrow[j] = sum_c s log2(s w), blocked as the forward (kClassBlock

@@ -1,8 +1,10 @@
 // Inlined vector log2 and exp of the CPU kernels, shared by the forward (cdam_cpu.cpp) and the
-// backward (cdam_cpu_backward.cpp) so that both take the same logarithm of every s w.
+// backward (cdam_cpu_backward.cpp) so that both take the same logarithm of every s w, and the
+// horizontal reductions of one vector.
 // ATen's Vec::log2 / Vec::exp are out-of-line Sleef calls, several times slower.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include "cdam_constants.h"
@@ -10,6 +12,17 @@
 namespace cdam {
 
 using VecF = at::vec::Vectorized<float>;
+
+// Horizontal reductions of one vector.
+inline float sum_lanes(const VecF& v) {
+  return at::vec::vec_reduce_all<float>([](VecF& a, VecF& b) { return a + b; }, v);
+}
+inline float max_lanes(const VecF& v) {
+  return at::vec::vec_reduce_all<float>([](VecF& a, VecF& b) { return at::vec::maximum(a, b); }, v);
+}
+inline float min_lanes(const VecF& v) {
+  return at::vec::vec_reduce_all<float>([](VecF& a, VecF& b) { return at::vec::minimum(a, b); }, v);
+}
 
 #if defined(CPU_CAPABILITY_AVX2)
 // log2 for non-negative finite floats in AVX2 registers. x = 2^e m with m rounded to the nearest

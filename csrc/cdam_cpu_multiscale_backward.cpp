@@ -51,12 +51,8 @@ constexpr int64_t kChunkFloats = int64_t(1) << 21;
 // minimum must pass no gradient at any alpha, since the host multiplies G back by 2^e ~ alpha.
 constexpr float kExpUnderflow = -86.f;
 
-float min_lanes(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, v);
-}
-float max_lanes(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
+using cdam::max_lanes;
+using cdam::min_lanes;
 
 // The per-worker buffers below (key-side class sums and a row's logs, C x Mp floats each, and
 // the smaller scales' query-side adjoints) are bounded by the memory policy's budget
